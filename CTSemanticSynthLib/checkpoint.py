@@ -1,0 +1,220 @@
+"""Model folders: ``model.safetensors`` + ``config.json`` (architecture, diffusion, classes, window, sha256).
+
+A model is found by path, by name in the bundled ``Resources/models/`` or in the cache dir
+(``$CTSYNTH_HOME/models/<name>``, default ``~/.cache/ctsynth/models/<name>``). Nothing is downloaded, and
+pickled checkpoints (``.pt``) are never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .diffusion import GaussianDiffusion
+from .errors import CheckpointError, OutputExistsError
+from .factory import create_diffusion, create_model
+from .labels import MODEL_CLASSES
+from .preprocess import WINDOW_LEVEL, WINDOW_WIDTH
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "ctsynth-model"
+FORMAT_VERSION = 1
+DEFAULT_MODEL = "demo"
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "Resources" / "models"
+
+
+def cache_dir() -> Path:
+    """``$CTSYNTH_HOME`` or ``~/.cache/ctsynth``: where user models live (``models/<name>/``)."""
+    return Path(os.environ.get("CTSYNTH_HOME", Path.home() / ".cache" / "ctsynth"))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode with its diffusion process, config and weight hash."""
+
+    model: torch.nn.Module
+    diffusion: GaussianDiffusion
+    config: dict[str, Any]
+    sha256: str
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name", self.path.name))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["model"]["image_size"])
+
+    @property
+    def conditioning(self) -> str:
+        return str(self.config["model"]["conditioning"])
+
+
+def resolve_model_path(spec: str | Path | None) -> Path:
+    """Folder for a model given as a path or a name (bundled, then cache dir); None means the demo model."""
+    spec = DEFAULT_MODEL if spec is None else spec
+    path = Path(spec).expanduser()
+    if path.suffix in {".pt", ".pth", ".ckpt", ".pkl", ".bin"}:
+        raise CheckpointError(
+            f"{path} is a pickled checkpoint, which is never loaded (it can run code); "
+            "give a model folder with model.safetensors + config.json (training/export writes one)"
+        )
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; give the model folder that holds {WEIGHTS_NAME} and {CONFIG_NAME}")
+    if len(path.parts) == 1:
+        for root in (BUNDLED_MODELS, cache_dir() / "models"):
+            if (root / str(spec)).is_dir():
+                return root / str(spec)
+    raise CheckpointError(
+        f"model '{spec}' not found: pass a model folder, or put it in {cache_dir() / 'models' / path.name} "
+        f"(or set CTSYNTH_HOME); bundled models: {', '.join(list_models()) or 'none'}"
+    )
+
+
+def list_models() -> list[str]:
+    """Names of models in the bundled folder and the cache dir."""
+    names = set()
+    for root in (BUNDLED_MODELS, cache_dir() / "models"):
+        if root.is_dir():
+            names.update(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file())
+    return sorted(names)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The validated ``config.json`` of a model folder."""
+    config_path = folder / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} is not a model folder: {CONFIG_NAME} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{config_path} is not a CTSemanticSynth model config (no \"format\": \"{FORMAT}\")")
+    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path} has format version {config['format_version']}; this ctsynth {__version__} reads up to "
+            f"{FORMAT_VERSION}: upgrade ctsynth"
+        )
+    missing = [key for key in ("model", "diffusion", "classes", "sha256") if key not in config]
+    if missing:
+        raise CheckpointError(f"{config_path} lacks {', '.join(missing)}")
+    if list(config["classes"]) != list(MODEL_CLASSES):
+        raise CheckpointError(
+            f"{config_path} was trained for classes {config['classes']}, not this version's {list(MODEL_CLASSES)}"
+        )
+    return config
+
+
+def load_model(spec: str | Path | None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load and verify a model folder (hash, config, weight names and shapes) onto ``device``."""
+    folder = resolve_model_path(spec)
+    config = read_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}")
+    digest = sha256_file(weights)
+    if digest != config["sha256"]:
+        raise CheckpointError(
+            f"{weights} is corrupt or was replaced: sha256 {digest[:12]}... but config.json says "
+            f"{str(config['sha256'])[:12]}...; re-copy the model folder"
+        )
+    try:
+        model = create_model(config["model"])
+        diffusion = create_diffusion(config["diffusion"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder / CONFIG_NAME} describes an invalid model: {exc}") from None
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights} cannot be read as safetensors ({exc})") from None
+    _check_state(model.state_dict(), state, folder)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return LoadedModel(model=model, diffusion=diffusion, config=config, sha256=digest, path=folder)
+
+
+def _check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], folder: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(found[k].shape)} vs config {tuple(expected[k].shape)})")
+        raise CheckpointError(f"weights in {folder} do not match its config.json: {'; '.join(parts)}")
+
+
+def save_model(
+    folder: str | Path,
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    *,
+    name: str,
+    extra: dict[str, Any] | None = None,
+    half: bool = False,
+    overwrite: bool = False,
+) -> str:
+    """Write a model folder atomically and return the weights' sha256.
+
+    ``model`` and ``diffusion`` must carry a JSON ``config`` dict; ``extra`` adds keys such as ``training``,
+    ``sampling`` (recommended sampler preset) or ``description``. ``half`` stores float16 weights.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise OutputExistsError(f"model folder {folder} exists; choose another name or pass --overwrite")
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_NAME))
+        digest = sha256_file(tmp / WEIGHTS_NAME)
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "library_version": __version__,
+            "classes": list(MODEL_CLASSES),
+            "window": {"level": WINDOW_LEVEL, "width": WINDOW_WIDTH},
+            "model": model.config,
+            "diffusion": diffusion.config,
+            **(extra or {}),
+            "sha256": digest,
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return digest

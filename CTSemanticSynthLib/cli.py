@@ -1,0 +1,185 @@
+"""The ``ctsynth`` command: synthesize a CT from a segmentation, inspect models, list classes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import CTSynthError, InputError
+
+EXAMPLES = """\
+examples:
+  ctsynth synth --seg case01_seg.nii.gz --out case01_synthetic.nii.gz
+  ctsynth synth --seg totalseg_output.nii.gz --labels totalseg --out syn.nii.gz --preset balanced --seed 7
+  ctsynth synth --seg case.seg.nrrd --out syn.nrrd --model ~/models/mask_guided_150k --device cuda
+  ctsynth info demo
+
+The segmentation must hold the abdominal organs (AMOS22 ids 1-15, TotalSegmentator ids, Slicer segment names,
+or any ids with a JSON mapping file). The synthetic CT is written on the segmentation's exact grid, in HU,
+with a .json provenance file beside it. Nothing is overwritten without --overwrite.
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctsynth",
+        description="Turn an abdominal CT segmentation into a synthetic CT with a conditional diffusion model.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ctsynth {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (label detection, timings)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = sub.add_parser("synth", help="synthesize a CT from a segmentation", epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    synth.add_argument("--seg", required=True, type=Path, metavar="SEG",
+                       help="segmentation: .nii/.nii.gz, .nrrd or Slicer .seg.nrrd label map")
+    synth.add_argument("--out", required=True, type=Path, metavar="OUT",
+                       help="synthetic CT to write (.nii.gz, .nii or .nrrd); OUT's .json sidecar gets the provenance")
+    synth.add_argument("--model", default=None, metavar="DIR|NAME",
+                       help="model folder or name (default: the bundled 'demo' model)")
+    synth.add_argument("--labels", default="auto", metavar="CONVENTION",
+                       help="label convention: auto (default), amos, totalseg (v2 ids), totalseg_v1, or FILE.json "
+                            "mapping {value or name: class}")
+    synth.add_argument("--body-mask", type=Path, default=None, metavar="FILE",
+                       help="patient body mask on the same grid (e.g. TotalSegmentator 'body' task); default: "
+                            "estimated from the segmentation")
+    synth.add_argument("--preset", default="fast", metavar="NAME",
+                       help="sampler preset: fast (default), balanced, paper (1000 ancestral steps, GPU)")
+    synth.add_argument("--sampler", choices=("ddim", "ancestral"), default=None, help="override the preset's sampler")
+    synth.add_argument("--steps", type=int, default=None, metavar="N", help="override the preset's number of steps")
+    synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    synth.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")
+    synth.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices sampled together (default 8)")
+    synth.add_argument("--preview", type=Path, default=None, metavar="PNG",
+                       help="also write a PNG preview (axial and coronal: segmentation | synthetic)")
+    synth.add_argument("--overwrite", action="store_true", help="replace OUT (and its .json) if they exist")
+    synth.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    info = sub.add_parser("info", help="show a model's config, classes and sha256")
+    info.add_argument("model", nargs="?", default=None, metavar="DIR|NAME", help="model folder or name (default: demo)")
+    info.add_argument("--json", action="store_true", help="print the full config.json")
+
+    sub.add_parser("classes", help="list the model classes and the accepted label conventions")
+    return parser
+
+
+def sidecar_path(out: Path) -> Path:
+    """``case.nii.gz`` -> ``case.json`` beside it."""
+    name = out.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if name.endswith(suffix):
+            return out.with_name(name[: -len(suffix)] + ".json")
+    return out.with_name(name + ".json")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .checkpoint import load_model
+    from .io import WRITE_SUFFIXES, check_output_path, read_labelmap, write_bytes, write_volume
+    from .preview import write_preview
+    from .synthesis import prepare_classes, preset_options, provenance_header, select_device, synthesize
+
+    if not args.out.name.endswith(WRITE_SUFFIXES):
+        raise InputError(f"--out {args.out}: use one of {', '.join(WRITE_SUFFIXES)}")
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    sidecar = sidecar_path(args.out)
+    for path in (args.out, sidecar, args.preview):
+        if path is not None:
+            check_output_path(path, args.overwrite)
+    seg, names = read_labelmap(args.seg)
+    body = read_labelmap(args.body_mask)[0] if args.body_mask is not None else None
+    classes, report = prepare_classes(seg, names, args.labels, body)
+    if report.unknown:
+        print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
+    device = select_device(args.device)
+    model = load_model(args.model, device=device)
+    options = preset_options(model, args.preset, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                             batch_size=args.batch_size)
+    if not args.quiet:
+        print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
+              f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
+              f"device {device}", file=sys.stderr)
+    with tqdm(total=None, unit="slice", disable=args.quiet, desc="synthesizing",
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} slices [{elapsed}<{remaining}]") as bar:
+
+        def progress(done: float, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        result = synthesize(classes, model, options, device=device, progress=progress)
+    result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
+                                   "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
+    write_volume(result.volume, args.out, metadata=provenance_header(result.provenance), overwrite=args.overwrite)
+    write_bytes(sidecar, (json.dumps(result.provenance, indent=2) + "\n").encode(), overwrite=args.overwrite)
+    if args.preview is not None:
+        write_preview(args.preview, classes, result.volume, overwrite=args.overwrite)
+    print(f"ctsynth: wrote {args.out} (+ {sidecar.name}{', ' + args.preview.name if args.preview else ''})",
+          file=sys.stderr)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+
+    model = load_model(args.model)
+    if args.json:
+        print(json.dumps(model.config, indent=2))
+        return 0
+    cfg = model.config
+    params = sum(p.numel() for p in model.model.parameters())
+    net = cfg["model"]
+    lines = [
+        f"model:        {model.name}  ({model.path})",
+        f"sha256:       {model.sha256}",
+        f"conditioning: {net['conditioning']}",
+        f"network:      U-Net {params / 1e6:.1f} M parameters, {net['image_size']}x{net['image_size']}, "
+        f"channels {net['model_channels']} x {net['channel_mult']}",
+        f"diffusion:    T={cfg['diffusion']['num_timesteps']} {cfg['diffusion']['schedule']} schedule, "
+        f"predicts {cfg['diffusion']['prediction']}, {cfg['diffusion']['loss']} loss",
+        f"window:       L{cfg['window']['level']:g} / W{cfg['window']['width']:g}",
+        f"classes:      {', '.join(cfg['classes'])}",
+    ]
+    if "description" in cfg:
+        lines.append(f"description:  {cfg['description']}")
+    if "training" in cfg:
+        lines.append(f"training:     {json.dumps(cfg['training'])}")
+    print("\n".join(lines))
+    return 0
+
+
+def _classes(_: argparse.Namespace) -> int:
+    from .labels import DISPLAY_NAMES, LABEL_CHOICES, MODEL_CLASSES
+
+    for index, (name, display) in enumerate(zip(MODEL_CLASSES, DISPLAY_NAMES)):
+        print(f"{index:3d}  {name:22s} {display}")
+    print(f"label conventions: {', '.join(LABEL_CHOICES)}, or a JSON file {{\"7\": \"liver\", \"Spleen\": \"spleen\"}}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for usage and input errors, 130 when interrupted)."""
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="ctsynth: %(levelname)s: %(message)s")
+    handler = {"synth": _synth, "info": _info, "classes": _classes}[args.command]
+    try:
+        return handler(args)
+    except CTSynthError as exc:
+        print(f"ctsynth: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctsynth: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The U-Net's configuration as data: defaults, validation, and the resolved JSON-ready dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONDITIONINGS = ("concat", "mask_encoder", "edge")
+
+
+def model_defaults() -> dict[str, Any]:
+    """Defaults for the paper's 256 x 256 model (improved-DDPM's 256 px U-Net, learned variance).
+
+    `attention_resolutions` are downsample factors (improved-diffusion's `UNetModel` convention):
+    at 256 px, (16, 32) puts attention at the 16 x 16 and 8 x 8 feature maps. `encoder_channels`
+    is the base width of the separate condition encoder ("mask_encoder" and "edge" only); None
+    resolves to half of `model_channels`.
+    """
+    return {
+        "image_size": 256,
+        "in_channels": 1,
+        "out_channels": 2,
+        "num_classes": 17,
+        "conditioning": "concat",
+        "model_channels": 128,
+        "channel_mult": [1, 1, 2, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attention_resolutions": [16, 32],
+        "num_heads": 4,
+        "dropout": 0.0,
+        "use_scale_shift_norm": True,
+        "conv_resample": True,
+        "encoder_channels": None,
+        "use_checkpoint": False,
+    }
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_ints(name: str, value: Any, allow_empty: bool) -> list[int]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"model config: {name} must be a list of positive integers, got {value!r}")
+    items = [_positive_int(name, v) for v in value]
+    if not items and not allow_empty:
+        raise ValueError(f"model config: {name} must not be empty")
+    return items
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"model config: {name} must be true or false, got {value!r}")
+    return value
+
+
+def resolve_config(**kwargs: Any) -> dict[str, Any]:
+    """Fill defaults, check every value, and return the config with lists (JSON round-trips).
+
+    Raises ValueError naming the offending key; unknown keys are rejected too.
+    """
+    cfg = model_defaults()
+    unknown = sorted(set(kwargs) - set(cfg))
+    if unknown:
+        raise ValueError(f"model config: unknown option(s) {', '.join(unknown)}; known: {', '.join(cfg)}")
+    cfg.update(kwargs)
+
+    if cfg["conditioning"] not in CONDITIONINGS:
+        raise ValueError(
+            f"model config: conditioning must be one of {', '.join(CONDITIONINGS)}, got {cfg['conditioning']!r}"
+        )
+    for key in ("image_size", "in_channels", "out_channels", "num_classes", "model_channels",
+                "num_res_blocks", "num_heads"):
+        cfg[key] = _positive_int(key, cfg[key])
+    if cfg["encoder_channels"] is None:
+        cfg["encoder_channels"] = max(1, cfg["model_channels"] // 2)
+    cfg["encoder_channels"] = _positive_int("encoder_channels", cfg["encoder_channels"])
+    for key in ("use_scale_shift_norm", "conv_resample", "use_checkpoint"):
+        cfg[key] = _flag(key, cfg[key])
+    dropout = cfg["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model config: dropout must be a number in [0, 1), got {dropout!r}")
+    cfg["dropout"] = float(dropout)
+
+    mult = cfg["channel_mult"] = _positive_ints("channel_mult", cfg["channel_mult"], allow_empty=False)
+    attn = cfg["attention_resolutions"] = list(
+        dict.fromkeys(_positive_ints("attention_resolutions", cfg["attention_resolutions"], allow_empty=True))
+    )
+    factor = 2 ** (len(mult) - 1)
+    if cfg["image_size"] % factor:
+        raise ValueError(
+            f"model config: image_size {cfg['image_size']} must be divisible by {factor} "
+            f"(2 ** (len(channel_mult) - 1) with channel_mult {mult})"
+        )
+    level_ds = {2**level: level for level in range(len(mult))}
+    for ds in attn:
+        if ds not in level_ds:
+            raise ValueError(
+                f"model config: attention_resolutions entry {ds} is not a downsample factor of this U-Net "
+                f"(one of {sorted(level_ds)})"
+            )
+        channels = cfg["model_channels"] * mult[level_ds[ds]]
+        if channels % cfg["num_heads"]:
+            raise ValueError(
+                f"model config: num_heads {cfg['num_heads']} must divide the {channels} channels "
+                f"at downsample factor {ds}"
+            )
+    return cfg

@@ -1,0 +1,180 @@
+"""Intensity window, body class, axial slice stacks at the model's size and back, semantic edge maps.
+
+Slice stacks are ``(N, H, W)`` arrays in one display orientation whatever the file's voxel order: axis 0 runs
+inferior -> superior, rows anterior -> posterior, columns patient right -> left (radiological view).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .labels import BACKGROUND, BODY, NUM_CLASSES
+
+WINDOW_LEVEL = 40.0
+WINDOW_WIDTH = 400.0
+AIR_HU = -1000
+BODY_THRESHOLD_HU = -500.0
+
+
+def hu_to_unit(hu: np.ndarray, level: float = WINDOW_LEVEL, width: float = WINDOW_WIDTH) -> np.ndarray:
+    """Window HU to [0, 1] (L40/W400: -160 HU -> 0, 240 HU -> 1), clipping outside the window."""
+    return np.clip((np.asarray(hu, dtype=np.float32) - (level - width / 2)) / width, 0.0, 1.0)
+
+
+def unit_to_hu(x: np.ndarray, level: float = WINDOW_LEVEL, width: float = WINDOW_WIDTH) -> np.ndarray:
+    """Inverse of :func:`hu_to_unit` on [0, 1]; inputs are clipped to [0, 1] first."""
+    return np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0) * width + (level - width / 2)
+
+
+@dataclass(frozen=True)
+class AxialOrientation:
+    """How a volume's (I, J, K) axes map to the slice stack: ``stack = flip(transpose(volume, axes), flips)``."""
+
+    axes: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray) -> AxialOrientation:
+        """Nearest axis permutation for the affine; works for oblique and left-handed grids (no resampling)."""
+        direction = np.asarray(affine, dtype=np.float64)[:3, :3]
+        direction = direction / np.linalg.norm(direction, axis=0, keepdims=True)
+        # stack axis 0 <- RAS z (S), axis 1 <- RAS y (rows go A -> P), axis 2 <- RAS x (columns go R -> L)
+        wanted = ((2, 1.0), (1, -1.0), (0, -1.0))
+        best, best_score = None, -np.inf
+        for perm in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
+            score = sum(abs(direction[ras, vox]) for (ras, _), vox in zip(wanted, perm))
+            if score > best_score:
+                best, best_score = perm, score
+        assert best is not None
+        flips = tuple(bool(np.sign(direction[ras, vox]) != sign) for (ras, sign), vox in zip(wanted, best))
+        return cls(axes=best, flips=flips)  # type: ignore[arg-type]
+
+    def to_stack(self, volume: np.ndarray) -> np.ndarray:
+        """Volume (I, J, K) -> stack (slices, rows, columns)."""
+        stack = np.transpose(volume, self.axes)
+        return stack[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+
+    def from_stack(self, stack: np.ndarray) -> np.ndarray:
+        """Exact inverse of :meth:`to_stack`."""
+        unflipped = stack[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+        return np.ascontiguousarray(np.transpose(unflipped, np.argsort(self.axes)))
+
+
+@dataclass(frozen=True)
+class PlaneResize:
+    """Centre-pad an (H, W) slice to a square, then resize it to ``size`` x ``size``; and the inverse."""
+
+    height: int
+    width: int
+    size: int
+
+    @property
+    def padding(self) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) padding that makes the slice square."""
+        side = max(self.height, self.width)
+        dh, dw = side - self.height, side - self.width
+        return dh // 2, dh - dh // 2, dw // 2, dw - dw // 2
+
+    def to_model(self, slices: torch.Tensor, *, labels: bool) -> torch.Tensor:
+        """(N, H, W) -> (N, size, size); labels use nearest neighbour, images antialiased bilinear. Pads with 0."""
+        top, bottom, left, right = self.padding
+        x = F.pad(slices[:, None].float(), (left, right, top, bottom))
+        if labels:
+            out = F.interpolate(x, size=(self.size, self.size), mode="nearest-exact")
+            return out[:, 0].round().to(slices.dtype)
+        out = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return out[:, 0]
+
+    def from_model(self, slices: torch.Tensor, *, labels: bool) -> torch.Tensor:
+        """(N, size, size) -> (N, H, W), the inverse resize followed by the crop."""
+        top, bottom, left, right = self.padding
+        side = max(self.height, self.width)
+        x = slices[:, None].float()
+        if labels:
+            x = F.interpolate(x, size=(side, side), mode="nearest-exact").round()
+        else:
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        out = x[:, 0, top : side - bottom, left : side - right]
+        return out.to(slices.dtype) if labels else out
+
+
+def _per_slice(mask: np.ndarray, fn) -> np.ndarray:
+    return np.stack([fn(s) if s.any() else s for s in mask]) if mask.size else mask
+
+
+def _largest_component(mask2d: np.ndarray) -> np.ndarray:
+    labelled, n = ndimage.label(mask2d)
+    if n <= 1:
+        return mask2d
+    sizes = ndimage.sum_labels(mask2d, labelled, index=np.arange(1, n + 1))
+    return labelled == (int(np.argmax(sizes)) + 1)
+
+
+def body_mask_from_ct(stack_hu: np.ndarray, threshold_hu: float = BODY_THRESHOLD_HU) -> np.ndarray:
+    """Patient body per axial slice: threshold, opening (drops the table), largest component, holes filled."""
+    structure = ndimage.generate_binary_structure(2, 1)
+
+    def one(s: np.ndarray) -> np.ndarray:
+        s = ndimage.binary_opening(s, structure=structure, iterations=2)
+        return ndimage.binary_fill_holes(_largest_component(s)) if s.any() else s
+
+    return _per_slice(np.asarray(stack_hu) > threshold_hu, one)
+
+
+def body_mask_from_labels(stack_labels: np.ndarray, *, has_outline: bool, margin_px: int = 0) -> np.ndarray:
+    """Body estimated from a segmentation alone, per axial slice.
+
+    With an outline label (body/skin) the filled union of all labels is exact. Without one the outline is
+    unknown, so the filled convex hull of all labelled structures grown by ``margin_px`` stands in for it
+    (subcutaneous fat is usually not labelled); give a real body mask where one exists.
+    """
+    union = np.asarray(stack_labels) != 0
+    if has_outline:
+        return _per_slice(union, ndimage.binary_fill_holes)
+
+    def hull(s: np.ndarray) -> np.ndarray:
+        from scipy.spatial import ConvexHull, QhullError
+
+        pts = np.argwhere(s)
+        try:
+            eq = ConvexHull(pts).equations
+        except (QhullError, ValueError):  # fewer than 3 points or collinear
+            out = s
+        else:
+            grid = np.indices(s.shape).reshape(2, -1).T
+            out = (grid @ eq[:, :2].T + eq[:, 2] <= 1e-9).all(axis=1).reshape(s.shape)
+        if margin_px > 0:
+            out = ndimage.binary_dilation(out, iterations=margin_px)
+        return out | s
+
+    return _per_slice(union, hull)
+
+
+def add_body_class(classes: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Model classes with BODY wherever the body mask is set and no organ is."""
+    out = classes.copy()
+    out[(out == BACKGROUND) & body] = BODY
+    return out
+
+
+def one_hot(classes: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """(N, H, W) integer classes -> (N, C, H, W) float one-hot."""
+    return F.one_hot(classes.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
+def semantic_edges(classes: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) classes -> (N, 1, H, W) float map, 1 where a 4-neighbour has another class."""
+    c = classes.long()
+    edge = torch.zeros_like(c, dtype=torch.bool)
+    vertical = c[:, 1:, :] != c[:, :-1, :]
+    horizontal = c[:, :, 1:] != c[:, :, :-1]
+    edge[:, 1:, :] |= vertical
+    edge[:, :-1, :] |= vertical
+    edge[:, :, 1:] |= horizontal
+    edge[:, :, :-1] |= horizontal
+    return edge[:, None].float()

@@ -1,0 +1,248 @@
+"""Segmentation volume in, synthetic CT volume (HU, int16, same grid) out: batched slice-wise diffusion sampling.
+
+Only slices that contain body or organs are sampled; voxels of the background class are air (-1000 HU). Sampled
+intensities live in the L40/W400 window, so the output lies in -160..240 HU inside the body (see README).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import LoadedModel
+from .diffusion import make_sampler, sample_loop
+from .errors import Cancelled, CTSynthError, InputError
+from .io import Volume
+from .labels import BACKGROUND, MODEL_CLASSES, NUM_CLASSES, MappingReport, resolve_adapter
+from .preprocess import (
+    AIR_HU,
+    AxialOrientation,
+    PlaneResize,
+    add_body_class,
+    body_mask_from_labels,
+    one_hot,
+    semantic_edges,
+    unit_to_hu,
+)
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[float, int], None]
+"""Called with (slices done, may be fractional; slices to sample)."""
+
+BODY_MARGIN_MM = 30.0
+"""Margin around the labelled structures that stands in for unlabelled subcutaneous fat when no body outline is
+given (best Dice, 0.94, against the CT-derived body on the bundled example)."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample. ``start_timestep`` < T-1 starts from the noised class-mean prior (SDEdit)."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    start_timestep: int | None = None
+    eta: float = 0.0
+    seed: int = 0
+    batch_size: int = 8
+
+
+DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"sampler": "ddim", "steps": 25},
+    "balanced": {"sampler": "ddim", "steps": 100},
+    "paper": {"sampler": "ancestral", "steps": 1000},
+}
+
+
+def preset_options(model: LoadedModel, preset: str, **overrides: Any) -> SamplingOptions:
+    """Options for a named preset; a model's config may redefine presets under ``sampling_presets``."""
+    presets = {**DEFAULT_PRESETS, **model.config.get("sampling_presets", {})}
+    if preset not in presets:
+        raise InputError(f"unknown preset '{preset}': use one of {', '.join(presets)}")
+    return replace(SamplingOptions(**presets[preset]), **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class SynthesisResult:
+    """The synthetic CT and a JSON-serialisable record of how it was made."""
+
+    volume: Volume
+    provenance: dict[str, Any]
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; an explicit device that is not available is an InputError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device '{name}' requested but this torch has no CUDA GPU; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' requested but it is not available; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def prepare_classes(
+    segmentation: Volume,
+    segment_names: Mapping[int, str] | None = None,
+    labels: str = "auto",
+    body_mask: Volume | None = None,
+    body_margin_mm: float = BODY_MARGIN_MM,
+) -> tuple[Volume, MappingReport]:
+    """Model classes (uint8, same grid) from a label map: organs mapped, the body class added."""
+    if not np.any(segmentation.array):
+        raise InputError("the segmentation is empty (all voxels are 0): nothing to synthesize")
+    adapter = resolve_adapter(labels, segmentation.array, segment_names)
+    mapped, report = adapter.classes(segmentation.array)
+    if not report.organs_present:
+        raise InputError(
+            f"no organ the model knows was found with the '{adapter.name}' label convention "
+            f"(label values {', '.join(map(str, np.unique(segmentation.array)[1:10].tolist()))}...); "
+            f"pass --labels amos, totalseg, totalseg_v1 or a JSON mapping file"
+        )
+    orientation = AxialOrientation.from_affine(segmentation.affine)
+    if body_mask is not None:
+        if not body_mask.same_grid(segmentation):
+            raise InputError("the body mask is not on the segmentation's grid (shape, spacing, origin, direction)")
+        body = body_mask.array != 0
+    else:
+        in_plane = [s for axis, s in enumerate(segmentation.spacing) if axis != orientation.axes[0]]
+        margin_px = int(round(body_margin_mm / float(np.mean(in_plane)))) if not report.has_outline else 0
+        stack = orientation.to_stack(segmentation.array)
+        body = orientation.from_stack(body_mask_from_labels(stack, has_outline=report.has_outline, margin_px=margin_px))
+    return Volume(add_body_class(mapped, body), segmentation.affine), report
+
+
+def synthesize(
+    classes: Volume,
+    model: LoadedModel,
+    options: SamplingOptions = SamplingOptions(),
+    *,
+    device: str | torch.device = "auto",
+    progress: ProgressCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> SynthesisResult:
+    """Sample a synthetic CT for a model-class volume (from :func:`prepare_classes`).
+
+    The same seed, options and device give the same volume. ``cancel()`` is polled every step and raises
+    :class:`Cancelled`. Raises :class:`CTSynthError` for out-of-memory with advice on the batch size.
+    """
+    if classes.array.max() >= NUM_CLASSES:
+        raise InputError(f"class volume has values >= {NUM_CLASSES}; map labels with prepare_classes first")
+    device = select_device(device) if isinstance(device, str) else device
+    model.model.to(device)
+    orientation = AxialOrientation.from_affine(classes.affine)
+    stack = orientation.to_stack(classes.array)
+    resize = PlaneResize(stack.shape[1], stack.shape[2], model.image_size)
+    active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
+    unit = np.zeros(stack.shape, dtype=np.float32)
+    sampler = make_sampler(
+        options.sampler, model.diffusion, options.steps, start_timestep=options.start_timestep,
+        **({"eta": options.eta} if options.sampler == "ddim" else {}),
+    )
+    prior = _class_prior(model) if options.start_timestep is not None else None
+    batch = max(1, int(options.batch_size))
+    try:
+        for first in range(0, len(active), batch):
+            index = active[first : first + batch]
+            small = resize.to_model(torch.from_numpy(stack[index].astype(np.int64)), labels=True)
+
+            def on_step(fraction: float, done: int = first, n: int = len(index)) -> None:
+                if progress is not None:
+                    progress(done + fraction * n, len(active))
+
+            sample = _sample_batch(small, index, model, sampler, prior, options.seed, device, cancel, on_step)
+            unit[index] = resize.from_model(sample, labels=False).numpy()
+    except torch.OutOfMemoryError:
+        raise CTSynthError(
+            f"out of memory on {device} with batch size {batch}: use --batch-size {max(1, batch // 2)} or --device cpu"
+        ) from None
+    hu = np.rint(unit_to_hu(unit))
+    hu[stack == BACKGROUND] = AIR_HU
+    volume = Volume(orientation.from_stack(hu.astype(np.int16)), classes.affine)
+    return SynthesisResult(volume, _provenance(model, options, sampler.config, device, len(active)))
+
+
+def _class_prior(model: LoadedModel) -> torch.Tensor:
+    means = model.config.get("class_means")
+    if means is None or len(means) != NUM_CLASSES:
+        raise InputError(
+            f"model '{model.name}' has no per-class mean intensities (class_means), so it cannot start from a prior: "
+            "drop the start timestep or use another preset"
+        )
+    return torch.tensor(means, dtype=torch.float32) * 2 - 1
+
+
+def _sample_batch(
+    classes: torch.Tensor,
+    slice_index: np.ndarray,
+    model: LoadedModel,
+    sampler: Any,
+    prior: torch.Tensor | None,
+    seed: int,
+    device: torch.device,
+    cancel: Callable[[], bool] | None,
+    on_step: Callable[[float], None],
+) -> torch.Tensor:
+    """Sample one batch of (B, S, S) class slices; returns (B, S, S) intensities in [0, 1] on the CPU."""
+    size = classes.shape[-1]
+    # per-slice starting noise so a slice's sample does not depend on which batch it lands in
+    noise = torch.stack([
+        torch.randn((1, size, size), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(k)))
+        for k in slice_index
+    ]).to(device)
+    generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + int(slice_index[0]) + 500_000)
+    kwargs: dict[str, torch.Tensor] = {"mask": one_hot(classes).to(device)}
+    if model.conditioning == "edge":
+        kwargs["edge"] = semantic_edges(classes).to(device)
+    x = noise if prior is None else sampler.add_noise(prior[classes][:, None].to(device), 0, noise)
+    for i, n, x, _ in sample_loop(model.model, sampler, x, kwargs, generator):
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled by the user; nothing was written")
+        on_step(i / n)
+    return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def _provenance(model: LoadedModel, options: SamplingOptions, sampler_config: dict[str, Any],
+                device: torch.device, slices: int) -> dict[str, Any]:
+    return {
+        "synthetic": True,
+        "note": "SYNTHETIC CT generated by CTSemanticSynth; not a patient image",
+        "generator": f"CTSemanticSynth {__version__}",
+        "model": model.name,
+        "model_sha256": model.sha256,
+        "conditioning": model.conditioning,
+        "sampler": sampler_config,
+        "options": asdict(options),
+        "device": str(device),
+        "slices_sampled": slices,
+        "classes": list(MODEL_CLASSES),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def provenance_header(provenance: Mapping[str, Any]) -> dict[str, str]:
+    """Header fields: a short NIfTI ``descrip`` (80 chars) and ``ctsynth_*`` keys for NRRD."""
+    options = provenance["options"]
+    descrip = (
+        f"SYNTHETIC CT {provenance['generator']} {provenance['model']} sha256:{provenance['model_sha256'][:12]} "
+        f"{options['sampler']}{options['steps']} seed{options['seed']}"
+    )
+    header = {"descrip": descrip[:80], "ctsynth_synthetic": "true"}
+    header.update({f"ctsynth_{k}": str(provenance[k]) for k in ("generator", "model", "model_sha256", "created")})
+    header["ctsynth_sampling"] = f"{options['sampler']} steps={options['steps']} start={options['start_timestep']} seed={options['seed']}"
+    return header
+

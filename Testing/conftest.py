@@ -1,0 +1,36 @@
+"""Shared fixtures: the bundled sample case and tiny randomly initialised model folders."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from CTSemanticSynthLib.checkpoint import save_model
+from CTSemanticSynthLib.diffusion import GaussianDiffusion, diffusion_defaults
+from CTSemanticSynthLib.models import UNetModel
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "Resources" / "sample"
+SAMPLE_SEG = SAMPLE / "seg_total.nii.gz"
+SAMPLE_CT = SAMPLE / "ct.nii.gz"
+
+
+def tiny_model_config(conditioning: str = "concat", image_size: int = 32) -> dict:
+    """A U-Net small enough to sample a whole volume on the CPU in seconds."""
+    return {"image_size": image_size, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+            "attention_resolutions": [2], "num_heads": 1, "conditioning": conditioning}
+
+
+def make_model_folder(folder: Path, conditioning: str = "concat", seed: int = 0, **extra) -> Path:
+    torch.manual_seed(seed)
+    model = UNetModel(**tiny_model_config(conditioning))
+    diffusion = GaussianDiffusion(**diffusion_defaults())
+    save_model(folder, model, diffusion, name=f"tiny-{conditioning}", extra=extra)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny concat model folder with class means, so the SDEdit-style prior start works too."""
+    means = [0.0] + [0.55] * 15 + [0.45]
+    return make_model_folder(tmp_path_factory.mktemp("models") / "tiny", class_means=means)

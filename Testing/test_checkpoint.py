@@ -1,0 +1,111 @@
+"""Model folders: save/load round trip, hash and config validation, lookup, refusal of pickles."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from CTSemanticSynthLib.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, resolve_model_path, save_model
+from CTSemanticSynthLib.errors import CheckpointError, OutputExistsError
+from CTSemanticSynthLib.labels import MODEL_CLASSES
+
+from conftest import make_model_folder
+
+
+@pytest.mark.parametrize("conditioning", ["concat", "mask_encoder", "edge"])
+def test_round_trip_gives_identical_outputs(tmp_path: Path, conditioning):
+    folder = make_model_folder(tmp_path / "m", conditioning)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert config["classes"] == list(MODEL_CLASSES) and config["model"]["conditioning"] == conditioning
+    loaded = load_model(folder)
+    assert loaded.sha256 == config["sha256"] and len(loaded.sha256) == 64
+    rebuilt = make_model_folder(tmp_path / "again", conditioning)  # same seed -> same weights
+    again = load_model(rebuilt)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 700])
+    kwargs = {"mask": torch.nn.functional.one_hot(torch.randint(0, 17, (2, 32, 32)), 17).permute(0, 3, 1, 2).float()}
+    if conditioning == "edge":
+        kwargs["edge"] = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x, t, **kwargs), again.model(x, t, **kwargs))
+    assert loaded.diffusion.config == again.diffusion.config
+
+
+def test_half_precision_weights_load(tmp_path: Path):
+    folder = make_model_folder(tmp_path / "full")
+    full = load_model(folder)
+    save_model(tmp_path / "half", full.model, full.diffusion, name="half", half=True)
+    half = load_model(tmp_path / "half")
+    assert (tmp_path / "half" / WEIGHTS_NAME).stat().st_size < (folder / WEIGHTS_NAME).stat().st_size * 0.6
+    assert next(half.model.parameters()).dtype == torch.float32
+
+
+def test_save_refuses_existing_folder(tmp_path: Path):
+    folder = make_model_folder(tmp_path / "m")
+    before = (folder / WEIGHTS_NAME).read_bytes()
+    loaded = load_model(folder)
+    with pytest.raises(OutputExistsError):
+        save_model(folder, loaded.model, loaded.diffusion, name="x")
+    assert (folder / WEIGHTS_NAME).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folder left behind
+
+
+def test_corrupt_weights_are_refused(tmp_path: Path):
+    folder = make_model_folder(tmp_path / "m")
+    data = bytearray((folder / WEIGHTS_NAME).read_bytes())
+    data[-10] ^= 0xFF
+    (folder / WEIGHTS_NAME).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt or was replaced"):
+        load_model(folder)
+
+
+def test_weights_from_another_architecture_are_refused(tmp_path: Path):
+    folder = make_model_folder(tmp_path / "a", "concat")
+    other = make_model_folder(tmp_path / "b", "mask_encoder")
+    shutil.copy(other / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["sha256"] = json.loads((other / CONFIG_NAME).read_text())["sha256"]
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not match its config.json"):
+        load_model(folder)
+
+
+def test_garbage_weights_and_bad_configs(tmp_path: Path):
+    folder = make_model_folder(tmp_path / "m")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    import hashlib
+
+    config["sha256"] = hashlib.sha256(b"not a safetensors file").hexdigest()
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="cannot be read as safetensors"):
+        load_model(folder)
+    for mutate, message in [
+        (lambda c: c.update(classes=c["classes"][:-1]), "trained for classes"),
+        (lambda c: c.update(format_version=99), "upgrade ctsynth"),
+        (lambda c: c["model"].update(conditioning="spade"), "invalid model"),
+        (lambda c: c.pop("sha256"), "lacks sha256"),
+    ]:
+        bad = json.loads(json.dumps(config))
+        mutate(bad)
+        (folder / CONFIG_NAME).write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=message):
+            load_model(folder)
+    (folder / CONFIG_NAME).write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(folder)
+
+
+def test_lookup_by_name_in_cache_and_clear_errors(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("CTSYNTH_HOME", str(tmp_path / "home"))
+    make_model_folder(tmp_path / "home" / "models" / "mine")
+    assert resolve_model_path("mine") == tmp_path / "home" / "models" / "mine"
+    with pytest.raises(CheckpointError, match="not found.*home/models/nothere"):
+        resolve_model_path("nothere")
+    pickle = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(1)}, pickle)
+    with pytest.raises(CheckpointError, match="pickled checkpoint"):
+        load_model(pickle)
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_model(tmp_path / "home")

@@ -1,0 +1,432 @@
+"""Tests for CTSemanticSynthLib.io: geometry round-trips, DICOM series, Slicer .seg.nrrd, errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CTSemanticSynthLib import io
+from CTSemanticSynthLib.errors import InputError, OutputExistsError
+from CTSemanticSynthLib.io import Volume
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg_example"
+
+
+def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _affine(handed: str) -> np.ndarray:
+    """Oblique affine with anisotropic spacing; 'left' flips the first voxel axis (negative determinant)."""
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation(0.35, -0.6, 0.9) @ np.diag([0.7, 1.3, 2.5])
+    if handed == "left":
+        affine[:3, 0] *= -1
+    affine[:3, 3] = [-12.5, 33.25, 101.75]
+    return affine
+
+
+def _volume(handed: str, dtype=np.int16, shape=(7, 5, 3)) -> Volume:
+    # Last axis of length 3 catches any (k, j, i) / vector-pixel confusion.
+    rng = np.random.default_rng(0)
+    return Volume(rng.integers(-1000, 2000, size=shape).astype(dtype), _affine(handed))
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- geometry conversion ---------------------------------------------------------------------------
+
+
+def test_lps_to_ras_affine_known_values():
+    affine = io.lps_to_ras_affine((1.0, 2.0, 3.0), (0.5, 2.0, 3.0), np.eye(3).ravel())
+    expected = np.array([[-0.5, 0, 0, -1], [0, -2, 0, -2], [0, 0, 3, 3], [0, 0, 0, 1]])
+    np.testing.assert_allclose(affine, expected)
+
+
+@pytest.mark.parametrize("handed", ["right", "left"])
+def test_ras_affine_to_lps_inverts(handed):
+    affine = _affine(handed)
+    origin, spacing, direction = io.ras_affine_to_lps(affine)
+    np.testing.assert_allclose(spacing, [0.7, 1.3, 2.5])
+    assert np.sign(np.linalg.det(np.reshape(direction, (3, 3)))) == (1 if handed == "right" else -1)
+    np.testing.assert_allclose(io.lps_to_ras_affine(origin, spacing, direction), affine, atol=1e-12)
+
+
+def test_sitk_conversion_keeps_ijk_order():
+    img = sitk.Image(4, 3, 2, sitk.sitkInt16)  # size (i, j, k)
+    img.SetPixel(3, 1, 0, 7)
+    vol = io.sitk_to_volume(img)
+    assert vol.shape == (4, 3, 2)
+    assert vol.array[3, 1, 0] == 7 and vol.array.sum() == 7
+    back = io.volume_to_sitk(vol)
+    assert back.GetSize() == (4, 3, 2) and back.GetPixel(3, 1, 0) == 7
+
+
+def test_volume_properties_and_same_grid():
+    vol = _volume("left")
+    np.testing.assert_allclose(vol.spacing, (0.7, 1.3, 2.5))
+    assert vol.shape == (7, 5, 3)
+    assert vol.same_grid(Volume(np.zeros(vol.shape), vol.affine + 1e-6))
+    assert not vol.same_grid(Volume(np.zeros(vol.shape), vol.affine + 1e-2))
+    assert not vol.same_grid(Volume(np.zeros((7, 5, 4)), vol.affine))
+    assert "oblique" in io.describe_geometry(vol)
+
+
+def test_sheared_affine_cannot_be_written(tmp_path):
+    affine = np.eye(4)
+    affine[0, 1] = 0.5
+    with pytest.raises(InputError, match="shear"):
+        io.write_volume(Volume(np.zeros((3, 3, 3), np.int16), affine), tmp_path / "x.nii.gz")
+
+
+# --- example data ------------------------------------------------------------------------------------
+
+
+def test_read_example_ct_and_labels_match_nibabel():
+    ct = io.read_image(EXAMPLE / "ct.nii.gz")
+    ref = nib.load(EXAMPLE / "ct.nii.gz")
+    assert ct.shape == (122, 101, 112) and ct.array.dtype == np.float32
+    np.testing.assert_allclose(ct.affine, ref.affine, atol=1e-5)
+    np.testing.assert_array_equal(ct.array, np.asarray(ref.dataobj))
+
+    seg, names = io.read_labelmap(EXAMPLE / "seg_total.nii.gz")
+    assert seg.shape == (122, 101, 112) and np.issubdtype(seg.array.dtype, np.integer)
+    assert names == {}
+    assert seg.same_grid(ct)
+    np.testing.assert_array_equal(seg.array, np.asarray(nib.load(EXAMPLE / "seg_total.nii.gz").dataobj))
+    assert {1, 2, 3, 5}.issubset(np.unique(seg.array))
+
+
+# --- round trips ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+@pytest.mark.parametrize("handed", ["right", "left"])
+def test_round_trip_keeps_geometry_values_and_dtype(tmp_path, suffix, handed):
+    vol = _volume(handed)
+    path = tmp_path / f"vol{suffix}"
+    io.write_volume(vol, path)
+    back = io.read_image(path)
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)
+    np.testing.assert_array_equal(back.array, vol.array)
+    assert sitk.ReadImage(str(path)).GetPixelID() == sitk.sitkInt16
+    if suffix.startswith(".nii"):
+        ref = nib.load(path)  # an independent reader must see the same voxels at the same places
+        np.testing.assert_allclose(ref.affine, vol.affine, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(ref.dataobj), vol.array)
+        assert ref.get_data_dtype() == np.int16
+        assert np.sign(np.linalg.det(ref.affine[:3, :3])) == (1 if handed == "right" else -1)
+
+
+@pytest.mark.parametrize("codes", [(1, 1), (1, 0), (0, 2)], ids=["qform+sform", "qform-only", "sform-only"])
+@pytest.mark.parametrize("handed", ["right", "left"])
+def test_reads_nibabel_written_nifti_like_nibabel(tmp_path, handed, codes):
+    data = _volume(handed).array
+    img = nib.Nifti1Image(data, _affine(handed))
+    img.set_qform(_affine(handed), code=codes[0])
+    img.set_sform(_affine(handed), code=codes[1])
+    nib.save(img, tmp_path / "nib.nii.gz")
+    ref = nib.load(tmp_path / "nib.nii.gz")
+    ours = io.read_image(tmp_path / "nib.nii.gz")
+    np.testing.assert_allclose(ours.affine, ref.affine, atol=1e-5)
+    np.testing.assert_array_equal(ours.array, np.asarray(ref.dataobj))
+
+
+def test_labelmap_round_trip_keeps_uint8(tmp_path):
+    labels = Volume(np.arange(7 * 5 * 3, dtype=np.uint8).reshape(7, 5, 3) % 4, _affine("left"))
+    io.write_volume(labels, tmp_path / "seg.nii.gz")
+    back, names = io.read_labelmap(tmp_path / "seg.nii.gz")
+    assert back.array.dtype == np.uint8 and names == {}
+    np.testing.assert_array_equal(back.array, labels.array)
+    np.testing.assert_allclose(back.affine, labels.affine, atol=1e-5)
+
+
+def test_float_labelmap_with_integer_values_is_accepted(tmp_path):
+    labels = Volume(np.array([0, 1, 300], np.float32)[np.arange(27) % 3].reshape(3, 3, 3), np.eye(4))
+    io.write_volume(labels, tmp_path / "seg.nrrd")
+    back, _ = io.read_labelmap(tmp_path / "seg.nrrd")
+    assert back.array.dtype == np.int16
+    np.testing.assert_array_equal(back.array, labels.array)
+
+
+# --- metadata ------------------------------------------------------------------------------------------
+
+
+def test_nifti_descrip_written_and_truncated(tmp_path):
+    descrip = "SYNTHETIC CT model=demo sha256=" + "ab" * 40
+    path = tmp_path / "ct.nii.gz"
+    io.write_volume(_volume("right"), path, metadata={"descrip": descrip, "model": "demo"})
+    stored = nib.load(path).header["descrip"].item().decode()
+    assert stored == descrip[:79]
+    assert io.read_metadata(path)["descrip"] == descrip[:79]
+
+
+def test_nrrd_metadata_in_header(tmp_path):
+    path = tmp_path / "ct.nrrd"
+    io.write_volume(_volume("right"), path, metadata={"SYNTHETIC": "1", "model": "demo v1"})
+    meta = io.read_metadata(path)
+    assert meta["SYNTHETIC"] == "1" and meta["model"] == "demo v1"
+    header = path.read_bytes().split(b"\n\n", 1)[0].decode()
+    assert "SYNTHETIC:=1" in header and "model:=demo v1" in header
+
+
+# --- DICOM ---------------------------------------------------------------------------------------------
+
+
+def _write_dicom_series(folder: Path, vol: Volume, series_uid: str, description: str) -> None:
+    img = io.volume_to_sitk(vol)
+    direction = np.reshape(img.GetDirection(), (3, 3))
+    orientation = "\\".join(f"{v:.10f}" for v in np.concatenate([direction[:, 0], direction[:, 1]]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetSize()[2]):
+        slice_ = img[:, :, k]
+        tags = {
+            "0008|0060": "CT",
+            "0008|103e": description,
+            "0010|0020": "TEST",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1.1",
+            "0020|000e": series_uid,
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": orientation,
+            "0018|0050": f"{img.GetSpacing()[2]:.6f}",
+        }
+        for tag, value in tags.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{description}_{k:03d}.dcm"))
+        writer.Execute(slice_)
+
+
+@pytest.fixture
+def dicom_case(tmp_path) -> tuple[Path, Volume]:
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation(0.0, 0.0, 0.3) @ np.diag([0.8, 0.9, 2.5])
+    affine[:3, 3] = [-100.0, 50.5, -20.25]
+    rng = np.random.default_rng(1)
+    vol = Volume(rng.integers(-1024, 1500, size=(8, 6, 5)).astype(np.int16), affine)
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    _write_dicom_series(folder, vol, "1.2.826.0.1.3680043.2.1125.1.2", "main")
+    _write_dicom_series(folder, Volume(vol.array[:, :, :2], affine), "1.2.826.0.1.3680043.2.1125.1.3", "short")
+    return folder, vol
+
+
+def test_dicom_series_read_picks_largest_series(dicom_case, caplog):
+    folder, vol = dicom_case
+    with caplog.at_level(logging.INFO, logger="CTSemanticSynthLib.io"):
+        ct = io.read_image(folder)
+    assert "2 DICOM series" in caplog.text
+    assert ct.shape == (8, 6, 5)
+    np.testing.assert_allclose(ct.affine, vol.affine, atol=1e-4)
+    np.testing.assert_array_equal(ct.array, vol.array.astype(np.float32))
+    assert io.read_metadata(folder)["0008|103e"].strip() == "main"
+
+
+def test_dicom_series_with_missing_slice_is_refused(dicom_case):
+    folder, _ = dicom_case
+    (folder / "main_002.dcm").unlink()
+    with pytest.raises(InputError, match="unevenly spaced"):
+        io.read_image(folder)
+
+
+def test_labelmap_from_dicom_folder_is_refused(dicom_case):
+    with pytest.raises(InputError, match="DICOM"):
+        io.read_labelmap(dicom_case[0])
+
+
+# --- Slicer segmentations ------------------------------------------------------------------------------
+
+
+def _segment_meta(img: sitk.Image, segments: list[tuple[str, int, int]]) -> None:
+    img.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    for n, (name, value, layer) in enumerate(segments):
+        img.SetMetaData(f"Segment{n}_ID", f"id_{name}")
+        img.SetMetaData(f"Segment{n}_Name", name)
+        img.SetMetaData(f"Segment{n}_LabelValue", str(value))
+        img.SetMetaData(f"Segment{n}_Layer", str(layer))
+
+
+def test_seg_nrrd_single_layer_names(tmp_path):
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    labels[4, 3, 2] = 2
+    vol = Volume(labels, _affine("right"))
+    img = io.volume_to_sitk(vol)
+    _segment_meta(img, [("liver", 1, 0), ("spleen", 2, 0), ("empty", 5, 0)])
+    sitk.WriteImage(img, str(tmp_path / "a.seg.nrrd"), useCompression=True)
+
+    seg, names = io.read_labelmap(tmp_path / "a.seg.nrrd")
+    assert names == {1: "liver", 2: "spleen", 5: "empty"}
+    np.testing.assert_array_equal(seg.array, labels)
+    np.testing.assert_allclose(seg.affine, vol.affine, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["list-first", "layers-last"])
+def test_seg_nrrd_two_layers_merged(tmp_path, layout, caplog):
+    layer0 = np.zeros((6, 5, 4), np.uint8)
+    layer0[0:3, :, :] = 1  # liver
+    layer0[5, 4, 3] = 2  # spleen
+    layer1 = np.zeros_like(layer0)
+    layer1[2:4, :, :] = 1  # kidney: same label value as liver, overlaps it on i == 2
+    affine = _affine("left")
+    path = tmp_path / "b.seg.nrrd"
+    if layout == "list-first":  # how Slicer writes overlapping segments: "kinds: list domain domain domain"
+        stacked = np.stack([layer0, layer1], axis=-1).transpose(2, 1, 0, 3)  # (k, j, i, layer)
+        img = sitk.GetImageFromArray(stacked, isVector=True)
+    else:
+        img = sitk.JoinSeries([io.volume_to_sitk(Volume(layer, affine)) for layer in (layer0, layer1)])
+    origin, spacing, direction = io.ras_affine_to_lps(affine)
+    dim = img.GetDimension()
+    full_direction = np.eye(dim)
+    full_direction[:3, :3] = np.reshape(direction, (3, 3))
+    img.SetOrigin(origin + (0.0,) * (dim - 3))
+    img.SetSpacing(spacing + (1.0,) * (dim - 3))
+    img.SetDirection(full_direction.ravel())
+    _segment_meta(img, [("liver", 1, 0), ("spleen", 2, 0), ("kidney", 1, 1)])
+    sitk.WriteImage(img, str(path), useCompression=True)
+    if layout == "list-first":
+        path.write_bytes(path.read_bytes().replace(b"kinds: vector", b"kinds: list", 1))
+        assert b"kinds: list domain domain domain" in path.read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger="CTSemanticSynthLib.io"):
+        seg, names = io.read_labelmap(path)
+    assert names == {1: "liver", 2: "spleen", 3: "kidney"}
+    expected = np.zeros_like(layer0)
+    expected[0:2] = 1
+    expected[5, 4, 3] = 2
+    expected[2:4] = 3  # the later segment wins the overlap
+    np.testing.assert_array_equal(seg.array, expected)
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
+    assert "overlaps" in caplog.text and "kidney" in caplog.text
+
+    with pytest.raises(InputError, match="4-D"):
+        io.read_image(path)
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist") as err:
+        io.read_image(tmp_path / "nope.nii.gz")
+    assert "nope.nii.gz" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unsupported_input_format(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    with pytest.raises(InputError, match="unsupported format"):
+        io.read_image(tmp_path / "x.png")
+
+
+def test_corrupt_file(tmp_path):
+    (tmp_path / "bad.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="cannot read"):
+        io.read_image(tmp_path / "bad.nii.gz")
+
+
+def test_float_ct_given_as_labelmap(tmp_path):
+    ct = Volume(np.linspace(-1000.5, 400.25, 60, dtype=np.float32).reshape(5, 4, 3), np.eye(4))
+    io.write_volume(ct, tmp_path / "ct.nii.gz")
+    with pytest.raises(InputError, match="intensity image, not a label map"):
+        io.read_labelmap(tmp_path / "ct.nii.gz")
+
+
+def test_int_ct_given_as_labelmap():
+    with pytest.raises(InputError, match="negative labels"):
+        io.read_labelmap(EXAMPLE / "ct.nii.gz")
+
+
+def test_4d_nifti_refused(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 3, 2, 2), np.float32), np.eye(4)), tmp_path / "x4.nii.gz")
+    with pytest.raises(InputError, match=r"is 4-D \(shape \(4, 3, 2, 2\)\); give one 3-D volume"):
+        io.read_image(tmp_path / "x4.nii.gz")
+    with pytest.raises(InputError, match="4-D"):
+        io.read_labelmap(tmp_path / "x4.nii.gz")
+
+
+def test_singleton_fourth_axis_is_3d(tmp_path):
+    data = np.arange(24, dtype=np.int16).reshape(4, 3, 2, 1)
+    nib.save(nib.Nifti1Image(data, _affine("right")), tmp_path / "x.nii.gz")
+    vol = io.read_image(tmp_path / "x.nii.gz")
+    np.testing.assert_array_equal(vol.array, data[..., 0])
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_nan_refused(tmp_path, suffix):
+    # (ITK's NIfTI reader already replaces non-finite values by 0, so NIfTI cannot reach this check.)
+    data = np.zeros((4, 3, 2), np.float32)
+    data[1, 2, 0] = np.nan
+    data[0, 0, 1] = np.inf
+    io.write_volume(Volume(data, np.eye(4)), tmp_path / f"nan{suffix}")
+    with pytest.raises(InputError, match="2 NaN or infinite voxels"):
+        io.read_image(tmp_path / f"nan{suffix}")
+
+
+def test_existing_output_not_overwritten(tmp_path):
+    path = tmp_path / "out.nii.gz"
+    io.write_volume(_volume("right"), path)
+    before = path.read_bytes()
+    other = Volume(np.zeros((7, 5, 3), np.int16), _affine("right"))
+    with pytest.raises(OutputExistsError, match="--overwrite") as err:
+        io.write_volume(other, path)
+    assert str(path) in str(err.value)
+    assert path.read_bytes() == before
+    io.write_volume(other, path, overwrite=True)
+    assert not io.read_image(path).array.any()
+    assert _files(tmp_path) == ["out.nii.gz"]
+
+
+def test_write_refusals_leave_folder_unchanged(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="unsupported format"):
+        io.write_volume(_volume("right"), tmp_path / "out.png")
+    with pytest.raises(InputError, match="does not exist"):
+        io.write_volume(_volume("right"), tmp_path / "missing" / "out.nii.gz")
+    assert _files(tmp_path) == ["keep.txt"]
+
+
+def test_failed_write_removes_temp_and_keeps_original(tmp_path, monkeypatch):
+    path = tmp_path / "out.nrrd"
+    io.write_volume(_volume("right"), path)
+    before = path.read_bytes()
+    real_write = sitk.WriteImage
+
+    def write_then_fail(image, filename, *args, **kwargs):
+        real_write(image, filename, *args, **kwargs)
+        assert Path(filename).name.startswith(".tmp-") and Path(filename).parent == tmp_path
+        raise RuntimeError("ITK ERROR: NrrdImageIO(0x1): disk full")
+
+    monkeypatch.setattr(io.sitk, "WriteImage", write_then_fail)
+    with pytest.raises(InputError, match="disk full"):
+        io.write_volume(_volume("left"), path, overwrite=True)
+    assert _files(tmp_path) == ["out.nrrd"]
+    assert path.read_bytes() == before
+
+
+def test_legacy_seg_nrrd_one_binary_segment_per_layer(tmp_path):
+    # Before Slicer 4.11 each segment had its own layer with value 1 and no LabelValue/Layer keys.
+    layers = np.zeros((2, 4, 3, 2), np.uint8)  # (layer, k, j, i)
+    layers[0, :, :, 0] = 1
+    layers[1, :, :, 1] = 1
+    img = sitk.GetImageFromArray(layers.transpose(1, 2, 3, 0), isVector=True)
+    img.SetMetaData("Segment0_Name", "liver")
+    img.SetMetaData("Segment1_Name", "spleen")
+    sitk.WriteImage(img, str(tmp_path / "old.seg.nrrd"))
+    seg, names = io.read_labelmap(tmp_path / "old.seg.nrrd")
+    assert names == {1: "liver", 2: "spleen"}
+    assert seg.shape == (2, 3, 4)
+    np.testing.assert_array_equal(seg.array[0], 1)
+    np.testing.assert_array_equal(seg.array[1], 2)

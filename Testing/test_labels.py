@@ -1,0 +1,128 @@
+"""Label table and adapters: AMOS, TotalSegmentator v1/v2, segment names, JSON files, unknown labels."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from CTSemanticSynthLib.errors import InputError
+from CTSemanticSynthLib.labels import (
+    BODY,
+    COLORS,
+    DISPLAY_NAMES,
+    MODEL_CLASSES,
+    NUM_CLASSES,
+    class_from_name,
+    json_adapter,
+    resolve_adapter,
+    segment_names_adapter,
+    totalsegmentator_adapter,
+    totalsegmentator_names,
+)
+
+AMOS_ORDER = [
+    "spleen", "kidney_right", "kidney_left", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+    "inferior_vena_cava", "pancreas", "adrenal_gland_right", "adrenal_gland_left", "duodenum", "urinary_bladder",
+    "prostate_uterus",
+]
+
+
+def test_class_table_is_amos_order_plus_body():
+    assert MODEL_CLASSES == ("background", *AMOS_ORDER, "body")
+    assert NUM_CLASSES == 17 and BODY == 16
+    assert len(COLORS) == len(DISPLAY_NAMES) == NUM_CLASSES
+    assert len(set(COLORS)) == NUM_CLASSES
+
+
+def test_totalsegmentator_tables_match_known_ids():
+    v2, v1 = totalsegmentator_names(2), totalsegmentator_names(1)
+    assert len(v2) == 117 and len(v1) == 104
+    assert (v2[15], v2[52], v2[63], v2[22], v2[19], v2[21]) == (
+        "esophagus", "aorta", "inferior_vena_cava", "prostate", "duodenum", "urinary_bladder")
+    assert (v1[42], v1[7], v1[8], v1[10], v1[56], v1[104]) == (
+        "esophagus", "aorta", "inferior_vena_cava", "pancreas", "duodenum", "urinary_bladder")
+
+
+@pytest.mark.parametrize("version, ids", [
+    (2, {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
+         7: "pancreas", 8: "adrenal_gland_right", 9: "adrenal_gland_left", 15: "esophagus", 19: "duodenum",
+         21: "urinary_bladder", 22: "prostate_uterus", 52: "aorta", 63: "inferior_vena_cava"}),
+    (1, {1: "spleen", 7: "aorta", 8: "inferior_vena_cava", 10: "pancreas", 11: "adrenal_gland_right",
+         12: "adrenal_gland_left", 42: "esophagus", 56: "duodenum", 104: "urinary_bladder"}),
+])
+def test_totalsegmentator_adapter_maps_organs_and_other_structures_to_body(version, ids):
+    adapter = totalsegmentator_adapter(version)
+    for source, name in ids.items():
+        assert MODEL_CLASSES[adapter.table[source]] == name
+    organ_targets = [c for c in adapter.table.values() if c != BODY]
+    assert len(organ_targets) == (15 if version == 2 else 14)  # v1 has no prostate
+    assert adapter.table[25 if version == 2 else 92] == BODY  # sacrum
+
+
+def test_unknown_labels_become_body_and_are_reported():
+    labels = np.zeros((4, 4, 2), dtype=np.int32)
+    labels[0, :, 0] = 6   # liver (AMOS)
+    labels[1, :2, 0] = 40  # not an AMOS id
+    labels[2, :, 1] = 99
+    mapped, report = resolve_adapter("amos", labels).classes(labels)
+    assert mapped.dtype == np.uint8
+    assert (mapped[0, :, 0] == 6).all()
+    assert (mapped[1, :2, 0] == BODY).all() and (mapped[2, :, 1] == BODY).all()
+    assert report.unknown == {40: 2, 99: 4}
+    assert report.organs_present == ("liver",)
+    assert "40 (2 voxels)" in report.unknown_message() and "99 (4 voxels)" in report.unknown_message()
+
+
+def test_auto_detects_totalsegmentator_ids_and_segment_names():
+    labels = np.array([[[0, 5, 52]]])
+    assert resolve_adapter("auto", labels).name == "totalseg"
+    assert resolve_adapter("auto", np.array([[[0, 6, 1]]])).name == "amos"
+    names = {1: "Liver", 2: "Right Kidney", 3: "Body", 4: "vertebrae_L1", 5: "arota"}
+    adapter = resolve_adapter("auto", np.array([[[0, 1, 2, 3, 4]]]), names)
+    assert adapter.name == "segment names"
+    assert [MODEL_CLASSES[adapter.table[v]] for v in (1, 2, 3, 4, 5)] == [
+        "liver", "kidney_right", "body", "body", "aorta"]
+    assert adapter.outline_values == frozenset({3})
+
+
+def test_class_from_name_synonyms():
+    assert MODEL_CLASSES[class_from_name("Gall bladder")] == "gallbladder"
+    assert MODEL_CLASSES[class_from_name("postcava")] == "inferior_vena_cava"
+    assert MODEL_CLASSES[class_from_name("prostate/uterus")] == "prostate_uterus"
+    assert class_from_name("femur_left") is None
+
+
+def test_json_adapter_values_and_names(tmp_path: Path):
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"7": "liver", "Milz": "spleen", "9": "background", "12": "body"}))
+    adapter = json_adapter(mapping, {3: "Milz"})
+    assert adapter.table == {7: 6, 3: 1, 9: 0, 12: BODY}
+    labels = np.array([[[7, 3, 9, 12, 55]]])
+    mapped, report = adapter.classes(labels)
+    assert mapped.ravel().tolist() == [6, 1, 0, BODY, BODY]
+    assert report.unknown == {55: 1}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ("[]", "non-empty JSON object"),
+    ('{"1": "kidney"}', "is not a class"),
+])
+def test_json_adapter_errors(tmp_path: Path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        json_adapter(path)
+
+
+def test_unknown_convention_and_missing_file():
+    with pytest.raises(InputError, match="unknown label convention"):
+        resolve_adapter("nnunet", np.zeros((1, 1, 1), dtype=np.int32))
+    with pytest.raises(InputError, match="not found"):
+        resolve_adapter("/nonexistent/map.json", np.zeros((1, 1, 1), dtype=np.int32))
+
+
+def test_segment_names_adapter_on_unnamed_structure():
+    adapter = segment_names_adapter({1: "spleen", 2: "tumour"})
+    assert adapter.table == {1: 1, 2: BODY}

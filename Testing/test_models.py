@@ -1,0 +1,203 @@
+"""CPU tests for the conditional diffusion U-Net (tiny configs, a few seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from CTSemanticSynthLib.models import CONDITIONINGS, UNetModel, model_defaults
+
+TINY = {
+    "image_size": 32,
+    "num_classes": 4,
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [2],
+    "num_heads": 2,
+    "encoder_channels": 8,
+}
+B, H = 2, 32
+
+
+def tiny_model(conditioning: str, seed: int = 0, **overrides: object) -> UNetModel:
+    """A tiny model whose zero-initialised layers are randomised, so every input can reach the output."""
+    torch.manual_seed(seed)
+    model = UNetModel(**{**TINY, "conditioning": conditioning, **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                nn.init.normal_(p, std=0.1)
+    return model.eval()
+
+
+def inputs(conditioning: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, TINY["num_classes"], (B, H, H), generator=g)
+    mask = nn.functional.one_hot(labels, TINY["num_classes"]).permute(0, 3, 1, 2).float()
+    kw = {
+        "x": torch.randn(B, 1, H, H, generator=g),
+        "timesteps": torch.randint(0, 1000, (B,), generator=g),
+        "mask": mask,
+    }
+    if conditioning == "edge":
+        kw["edge"] = (torch.rand(B, 1, H, H, generator=g) > 0.8).float()
+    return kw
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_output_shape_and_finite(conditioning: str) -> None:
+    model = tiny_model(conditioning)
+    out = model(**inputs(conditioning))
+    assert out.shape == (B, 2, H, H)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_config_json_round_trip(conditioning: str) -> None:
+    model = UNetModel(**{**TINY, "conditioning": conditioning})
+    config = json.loads(json.dumps(model.config))
+    assert config == model.config
+    rebuilt = UNetModel(**config)
+    assert rebuilt.config == model.config
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+    assert set(model_defaults()) == set(model.config)
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_mask_and_timestep_matter(conditioning: str) -> None:
+    model = tiny_model(conditioning)
+    kw = inputs(conditioning)
+    with torch.no_grad():
+        ref = model(**kw)
+        other_mask = model(**{**kw, "mask": inputs(conditioning, seed=2)["mask"]})
+        other_t = model(**{**kw, "timesteps": (kw["timesteps"] + 300) % 1000})
+    assert (ref - other_mask).abs().max() > 1e-3
+    assert (ref - other_t).abs().max() > 1e-3
+
+
+def test_edge_matters() -> None:
+    model = tiny_model("edge")
+    kw = inputs("edge")
+    with torch.no_grad():
+        ref = model(**kw)
+        other = model(**{**kw, "edge": 1.0 - kw["edge"]})
+    assert (ref - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("conditioning", ["mask_encoder", "edge"])
+def test_precomputed_condition_features_match(conditioning: str) -> None:
+    model = tiny_model(conditioning)
+    kw = inputs(conditioning)
+    with torch.no_grad():
+        features = model.encode_condition(kw["mask"], kw.get("edge"))
+        assert len(features) == len(TINY["channel_mult"])
+        cached = model(kw["x"], kw["timesteps"], kw["mask"], cond_features=features)
+        torch.testing.assert_close(cached, model(**kw))
+
+
+def test_scalar_and_float_timesteps() -> None:
+    model = tiny_model("concat")
+    kw = inputs("concat")
+    with torch.no_grad():
+        batch = model(**{**kw, "timesteps": torch.full((B,), 7)})
+        scalar = model(**{**kw, "timesteps": torch.tensor(7.0)})
+    torch.testing.assert_close(batch, scalar)
+
+
+def test_edge_is_required_exactly_for_edge_models() -> None:
+    kw = inputs("edge")
+    with pytest.raises(ValueError, match="edge"):
+        tiny_model("edge")(**{**kw, "edge": None})
+    with pytest.raises(ValueError, match="edge"):
+        tiny_model("concat")(**kw)
+    with pytest.raises(ValueError, match="edge"):
+        tiny_model("edge")(**{**kw, "edge": kw["edge"][:, :, :16]})
+
+
+def test_bad_inputs_raise() -> None:
+    model = tiny_model("concat")
+    kw = inputs("concat")
+    with pytest.raises(ValueError, match="mask"):
+        model(**{**kw, "mask": kw["mask"][:, :3]})
+    with pytest.raises(ValueError, match="multiples of 2"):
+        model(kw["x"][..., :31, :31], kw["timesteps"], kw["mask"][..., :31, :31])
+    with pytest.raises(ValueError, match="timesteps"):
+        model(**{**kw, "timesteps": kw["timesteps"][:1]})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"conditioning": "spade"}, "conditioning"),
+        ({"image_size": 30, "channel_mult": [1, 2, 2]}, "divisible by 4"),
+        ({"attention_resolutions": [4]}, "attention_resolutions"),
+        ({"num_heads": 3}, "num_heads"),
+        ({"model_channels": 0}, "model_channels"),
+        ({"num_res_blocks": True}, "num_res_blocks"),
+        ({"channel_mult": []}, "channel_mult"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"use_checkpoint": "yes"}, "use_checkpoint"),
+        ({"learn_sigma": True}, "unknown option"),
+    ],
+)
+def test_bad_config_raises(override: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        UNetModel(**{**TINY, **override})
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_training_steps_reduce_loss_and_reach_condition_encoder(conditioning: str) -> None:
+    torch.manual_seed(0)
+    model = UNetModel(**{**TINY, "conditioning": conditioning}).train()
+    kw = inputs(conditioning)
+    target = torch.cat([kw["mask"][:, 1:2], kw["mask"][:, 2:3]], dim=1) - 0.25
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(**kw), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    if model.cond_encoder is not None:
+        grads = [p.grad for p in model.cond_encoder.parameters()]
+        assert all(g is not None for g in grads)
+        assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+def test_gradient_checkpointing_gives_same_gradients() -> None:
+    kw = inputs("mask_encoder")
+    grads = []
+    for use_checkpoint in (False, True):
+        model = tiny_model("mask_encoder", use_checkpoint=use_checkpoint).train()
+        model(**kw).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(plain, checkpointed)
+
+
+@pytest.mark.parametrize("conditioning", ["mask_encoder", "edge"])
+def test_bf16_autocast_and_compile_without_graph_breaks(conditioning: str) -> None:
+    model = tiny_model(conditioning)
+    kw = inputs(conditioning)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**kw)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**kw), model(**kw))
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_default_256_parameter_count_is_sane(conditioning: str) -> None:
+    with torch.device("meta"):
+        model = UNetModel(conditioning=conditioning)
+    assert model.config["image_size"] == 256
+    assert 20e6 < sum(p.numel() for p in model.parameters()) < 200e6

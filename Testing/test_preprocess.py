@@ -1,0 +1,142 @@
+"""Window, orientation to the axial slice stack, model-size resizing, body masks and edge maps."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from CTSemanticSynthLib.labels import BODY
+from CTSemanticSynthLib.preprocess import (
+    AxialOrientation,
+    PlaneResize,
+    add_body_class,
+    body_mask_from_ct,
+    body_mask_from_labels,
+    hu_to_unit,
+    one_hot,
+    semantic_edges,
+    unit_to_hu,
+)
+
+
+def test_window_and_exact_inverse():
+    hu = np.array([-1000, -160, -60, 40, 240, 3000], dtype=np.float32)
+    unit = hu_to_unit(hu)
+    np.testing.assert_allclose(unit, [0, 0, 0.25, 0.5, 1, 1])
+    inside = np.linspace(-160, 240, 101, dtype=np.float32)
+    np.testing.assert_allclose(unit_to_hu(hu_to_unit(inside)), inside, atol=1e-4)
+
+
+def _affine(perm, signs, spacing=(1.0, 2.0, 3.0)):
+    a = np.zeros((4, 4))
+    for vox, (ras, sign) in enumerate(zip(perm, signs)):
+        a[ras, vox] = sign * spacing[vox]
+    a[3, 3] = 1
+    return a
+
+
+@pytest.mark.parametrize("perm", list(itertools.permutations(range(3))))
+@pytest.mark.parametrize("signs", [(1, 1, 1), (-1, -1, 1), (1, -1, -1), (-1, 1, -1)])
+def test_stack_is_display_oriented_for_every_axis_order(perm, signs):
+    affine = _affine(perm, signs)
+    shape = (5, 6, 7)
+    vol = np.arange(np.prod(shape)).reshape(shape)
+    o = AxialOrientation.from_affine(affine)
+    stack = o.to_stack(vol)
+    np.testing.assert_array_equal(o.from_stack(stack), vol)
+
+    def ras(index):
+        return (affine @ np.array([*index, 1.0]))[:3]
+
+    def voxel_of(stack_index):
+        flat = int(stack[stack_index])
+        return np.unravel_index(flat, shape)
+
+    origin = ras(voxel_of((0, 0, 0)))
+    assert ras(voxel_of((1, 0, 0)))[2] > origin[2]  # slices go superior
+    assert ras(voxel_of((0, 1, 0)))[1] < origin[1]  # rows go posterior
+    assert ras(voxel_of((0, 0, 1)))[0] < origin[0]  # columns go to the patient's left
+
+
+def test_oblique_affine_picks_nearest_axes():
+    theta = np.deg2rad(20)
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.8, 0.8, 2.5])
+    o = AxialOrientation.from_affine(affine)
+    assert o.axes == (2, 1, 0) and o.flips == (False, True, True)
+
+
+def test_plane_resize_pads_to_square_and_inverts():
+    resize = PlaneResize(height=6, width=10, size=10)
+    assert resize.padding == (2, 2, 0, 0)
+    labels = torch.randint(0, 17, (3, 6, 10))
+    small = resize.to_model(labels, labels=True)
+    assert small.shape == (3, 10, 10) and small.dtype == labels.dtype
+    assert (small[:, :2] == 0).all() and (small[:, -2:] == 0).all()
+    torch.testing.assert_close(resize.from_model(small, labels=True), labels)
+    image = torch.rand(3, 6, 10)
+    torch.testing.assert_close(resize.from_model(resize.to_model(image, labels=False), labels=False), image)
+
+
+def test_label_resize_never_invents_values():
+    labels = torch.zeros(1, 101, 122, dtype=torch.int64)
+    labels[0, 20:60, 30:90] = 6
+    labels[0, 40:45, 50:55] = 13
+    resize = PlaneResize(101, 122, 64)
+    small = resize.to_model(labels, labels=True)
+    assert set(small.unique().tolist()) == {0, 6, 13}
+    back = resize.from_model(small, labels=True)
+    assert back.shape == labels.shape
+    assert (back == labels).float().mean() > 0.98
+    image = torch.rand(2, 101, 122)
+    down_up = resize.from_model(resize.to_model(image.clone(), labels=False), labels=False)
+    assert down_up.shape == image.shape and 0 <= down_up.min() and down_up.max() <= 1
+
+
+def test_body_mask_from_ct_drops_table_and_fills_holes():
+    hu = np.full((2, 40, 40), -1000.0)
+    yy, xx = np.mgrid[:40, :40]
+    body = (yy - 18) ** 2 + (xx - 20) ** 2 < 12 ** 2
+    hu[:, body] = 30
+    hu[:, (yy - 18) ** 2 + (xx - 20) ** 2 < 3 ** 2] = -900  # air in the bowel: a hole
+    hu[:, 36, 5:35] = 200  # thin table line below the patient
+    mask = body_mask_from_ct(hu)
+    assert (mask[:, body]).all()
+    assert not mask[:, 36].any()
+    assert mask.sum() == 2 * body.sum()
+
+
+def test_body_mask_from_labels_outline_and_hull():
+    labels = np.zeros((1, 30, 30), dtype=np.int32)
+    labels[0, 5:25, 5:25] = 3  # body outline label
+    labels[0, 10:12, 10:12] = 1
+    labels[0, 12:14, 12:14] = 0  # a hole inside the outline
+    exact = body_mask_from_labels(labels, has_outline=True)
+    assert exact[0, 5:25, 5:25].all() and exact.sum() == 400
+    organs = np.zeros((1, 30, 30), dtype=np.int32)
+    organs[0, 10, 10] = organs[0, 10, 20] = organs[0, 20, 15] = 1
+    hull = body_mask_from_labels(organs, has_outline=False)
+    assert hull[0, 13, 15] and not hull[0, 25, 25]
+    grown = body_mask_from_labels(organs, has_outline=False, margin_px=3)
+    assert grown.sum() > hull.sum() and grown[0, 23, 15]
+
+
+def test_add_body_class_keeps_organs():
+    classes = np.array([[0, 6, 0, 1]], dtype=np.uint8)
+    body = np.array([[True, True, False, True]])
+    assert add_body_class(classes, body).tolist() == [[BODY, 6, 0, 1]]
+
+
+def test_one_hot_and_edges():
+    classes = torch.zeros(1, 6, 6, dtype=torch.int64)
+    classes[0, 2:4, 2:4] = 6
+    oh = one_hot(classes)
+    assert oh.shape == (1, 17, 6, 6) and torch.equal(oh.sum(1), torch.ones(1, 6, 6))
+    edges = semantic_edges(classes)
+    assert edges.shape == (1, 1, 6, 6)
+    expected = torch.zeros(6, 6)
+    expected[2:4, 1:5] = 1
+    expected[1:5, 2:4] = 1
+    torch.testing.assert_close(edges[0, 0], expected)

@@ -1,0 +1,141 @@
+"""Volume-level synthesis: geometry kept, HU rule, seeds, progress, cancel, prior start, class preparation."""
+
+import numpy as np
+import pytest
+
+from CTSemanticSynthLib.checkpoint import load_model
+from CTSemanticSynthLib.errors import Cancelled, InputError
+from CTSemanticSynthLib.io import Volume, read_labelmap
+from CTSemanticSynthLib.labels import BACKGROUND, BODY
+from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, synthesize
+
+from conftest import SAMPLE_SEG, make_model_folder
+
+FAST = SamplingOptions(sampler="ddim", steps=2, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def sample_classes():
+    seg, names = read_labelmap(SAMPLE_SEG)
+    classes, report = prepare_classes(seg, names, "totalseg")
+    return seg, classes, report
+
+
+def _cropped(volume: Volume, affine: np.ndarray | None = None) -> Volume:
+    """A 20-slice crop through the kidneys/liver, optionally placed on another affine."""
+    return Volume(np.ascontiguousarray(volume.array[:, :, 40:60]), volume.affine if affine is None else affine)
+
+
+def test_prepare_classes_on_sample(sample_classes):
+    seg, classes, report = sample_classes
+    assert classes.array.dtype == np.uint8 and classes.array.shape == seg.array.shape
+    assert np.array_equal(classes.affine, seg.affine)
+    assert set(report.organs_present) >= {"liver", "spleen", "kidney_left", "kidney_right", "aorta", "pancreas"}
+    assert report.unknown == {}
+    organ_voxels = (seg.array > 0).sum()
+    body_voxels = ((classes.array != BACKGROUND)).sum()
+    assert body_voxels > organ_voxels  # the body grows beyond the labelled structures
+    liver = seg.array == 5
+    assert (classes.array[liver] == 6).all()
+
+
+@pytest.mark.parametrize("handedness", ["oblique", "left-handed"])
+def test_output_keeps_exact_geometry(tiny_model, sample_classes, handedness):
+    _, classes, _ = sample_classes
+    if handedness == "oblique":
+        c, s = np.cos(0.3), np.sin(0.3)
+        affine = np.array([[3 * c, -3 * s, 0, -170.0], [3 * s, 3 * c, 0, 12.5], [0, 0, 2.5, 90.0], [0, 0, 0, 1]])
+    else:
+        affine = np.diag([-3.0, 3.0, 2.5, 1.0])
+    crop = _cropped(classes, affine)
+    result = synthesize(crop, load_model(tiny_model), FAST, device="cpu")
+    assert result.volume.array.shape == crop.array.shape and result.volume.array.dtype == np.int16
+    assert np.array_equal(result.volume.affine, crop.affine)
+    hu = result.volume.array
+    assert (hu[crop.array == BACKGROUND] == -1000).all()
+    inside = hu[crop.array != BACKGROUND]
+    assert inside.min() >= -160 and inside.max() <= 240
+
+
+def test_seed_reproducible_and_independent_of_batch_size(tiny_model, sample_classes):
+    model = load_model(tiny_model)
+    crop = _cropped(sample_classes[1])
+    a = synthesize(crop, model, SamplingOptions(steps=3, seed=5, batch_size=3), device="cpu").volume.array
+    b = synthesize(crop, model, SamplingOptions(steps=3, seed=5, batch_size=20), device="cpu").volume.array
+    c = synthesize(crop, model, SamplingOptions(steps=3, seed=6, batch_size=20), device="cpu").volume.array
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_progress_and_provenance(tiny_model, sample_classes):
+    crop = _cropped(sample_classes[1])
+    seen = []
+    result = synthesize(crop, load_model(tiny_model), SamplingOptions(steps=2, batch_size=8, seed=3), device="cpu",
+                        progress=lambda done, total: seen.append((done, total)))
+    totals = {t for _, t in seen}
+    assert totals == {20}
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[-1] == pytest.approx(20)
+    p = result.provenance
+    assert p["synthetic"] is True and p["model_sha256"] == load_model(tiny_model).sha256
+    assert p["options"]["seed"] == 3 and p["sampler"]["name"] == "ddim" and p["sampler"]["num_steps"] == 2
+
+
+def test_cancel_stops_sampling(tiny_model, sample_classes):
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        synthesize(_cropped(sample_classes[1]), load_model(tiny_model), FAST, device="cpu", cancel=cancel)
+    assert len(calls) == 3
+
+
+def test_prior_start_and_its_requirement(tmp_path, tiny_model, sample_classes):
+    crop = _cropped(sample_classes[1])
+    options = SamplingOptions(steps=3, start_timestep=300, batch_size=32)
+    result = synthesize(crop, load_model(tiny_model), options, device="cpu")
+    assert result.provenance["sampler"]["start_timestep"] == 300
+    plain = load_model(make_model_folder(tmp_path / "plain"))
+    with pytest.raises(InputError, match="class_means"):
+        synthesize(crop, plain, options, device="cpu")
+
+
+@pytest.mark.parametrize("conditioning", ["mask_encoder", "edge"])
+def test_other_conditionings_synthesize(tmp_path, sample_classes, conditioning):
+    model = load_model(make_model_folder(tmp_path / conditioning, conditioning))
+    crop = _cropped(sample_classes[1])
+    result = synthesize(crop, model, FAST, device="cpu")
+    assert result.volume.array.shape == crop.array.shape
+
+
+def test_model_presets(tiny_model):
+    model = load_model(tiny_model)
+    assert preset_options(model, "paper").sampler == "ancestral"
+    assert preset_options(model, "fast", steps=7).steps == 7
+    with pytest.raises(InputError, match="unknown preset"):
+        preset_options(model, "turbo")
+
+
+def test_prepare_classes_rejects_empty_unknown_and_mismatched_body(sample_classes):
+    seg = sample_classes[0]
+    with pytest.raises(InputError, match="empty"):
+        prepare_classes(Volume(np.zeros_like(seg.array), seg.affine))
+    strange = Volume(np.where(seg.array > 0, 200, 0).astype(np.uint8), seg.affine)
+    with pytest.raises(InputError, match="no organ the model knows"):
+        prepare_classes(strange, labels="amos")
+    body = Volume(np.ones(seg.array.shape, np.uint8), seg.affine @ np.diag([1, 1, 1.1, 1]))
+    with pytest.raises(InputError, match="body mask is not on the segmentation's grid"):
+        prepare_classes(seg, labels="totalseg", body_mask=body)
+
+
+def test_explicit_body_mask_defines_body(sample_classes):
+    seg = sample_classes[0]
+    body = np.zeros(seg.array.shape, np.uint8)
+    body[10:110, 10:90, :] = 1
+    classes, _ = prepare_classes(seg, labels="totalseg", body_mask=Volume(body, seg.affine))
+    outside = (body == 0) & (seg.array == 0)
+    assert (classes.array[outside] == BACKGROUND).all()
+    assert (classes.array[(body == 1) & (seg.array == 0)] == BODY).all()
