@@ -58,9 +58,13 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")
     synth.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices sampled together (default 8)")
     synth.add_argument("--preview", type=Path, default=None, metavar="PNG",
-                       help="also write a PNG preview (axial and coronal: segmentation | synthetic)")
+                       help="also write a PNG preview (axial and coronal: segmentation | synthetic | real CT)")
+    synth.add_argument("--reference-ct", type=Path, default=None, metavar="CT",
+                       help="the real CT on the same grid, shown beside the synthetic one in --preview")
     synth.add_argument("--overwrite", action="store_true", help="replace OUT (and its .json) if they exist")
     synth.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    synth.add_argument("--progress-lines", action="store_true",
+                       help="instead of a bar, print 'PROGRESS <slices done> <total>' lines on stdout (for Slicer)")
 
     info = sub.add_parser("info", help="show a model's config, classes and sha256")
     info.add_argument("model", nargs="?", default=None, metavar="DIR|NAME", help="model folder or name (default: demo)")
@@ -83,7 +87,7 @@ def _synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .checkpoint import load_model
-    from .io import WRITE_SUFFIXES, check_output_path, read_labelmap, write_bytes, write_volume
+    from .io import WRITE_SUFFIXES, check_output_path, read_image, read_labelmap, write_bytes, write_volume
     from .preview import write_preview
     from .synthesis import prepare_classes, preset_options, provenance_header, select_device, synthesize
 
@@ -97,6 +101,9 @@ def _synth(args: argparse.Namespace) -> int:
             check_output_path(path, args.overwrite)
     seg, names = read_labelmap(args.seg)
     body = read_labelmap(args.body_mask)[0] if args.body_mask is not None else None
+    reference = read_image(args.reference_ct) if args.reference_ct is not None else None
+    if reference is not None and not reference.same_grid(seg):
+        raise InputError(f"--reference-ct {args.reference_ct} is not on the segmentation's grid")
     classes, report = prepare_classes(seg, names, args.labels, body)
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
@@ -108,10 +115,12 @@ def _synth(args: argparse.Namespace) -> int:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
               f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
               f"device {device}", file=sys.stderr)
-    with tqdm(total=None, unit="slice", disable=args.quiet, desc="synthesizing",
+    with tqdm(total=None, unit="slice", disable=args.quiet or args.progress_lines, desc="synthesizing",
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} slices [{elapsed}<{remaining}]") as bar:
 
         def progress(done: float, total: int) -> None:
+            if args.progress_lines:
+                print(f"PROGRESS {done:.2f} {total}", flush=True)
             bar.total = total
             bar.n = done
             bar.refresh()
@@ -122,7 +131,7 @@ def _synth(args: argparse.Namespace) -> int:
     write_volume(result.volume, args.out, metadata=provenance_header(result.provenance), overwrite=args.overwrite)
     write_bytes(sidecar, (json.dumps(result.provenance, indent=2) + "\n").encode(), overwrite=args.overwrite)
     if args.preview is not None:
-        write_preview(args.preview, classes, result.volume, overwrite=args.overwrite)
+        write_preview(args.preview, classes, result.volume, reference, overwrite=args.overwrite)
     print(f"ctsynth: wrote {args.out} (+ {sidecar.name}{', ' + args.preview.name if args.preview else ''})",
           file=sys.stderr)
     return 0

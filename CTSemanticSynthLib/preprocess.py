@@ -178,3 +178,11 @@ def semantic_edges(classes: torch.Tensor) -> torch.Tensor:
     edge[:, :, 1:] |= horizontal
     edge[:, :, :-1] |= horizontal
     return edge[:, None].float()
+
+
+def condition_inputs(classes: torch.Tensor, conditioning: str) -> dict[str, torch.Tensor]:
+    """Model keyword inputs for (N, H, W) class slices: one-hot ``mask``, plus ``edge`` for edge-guided models."""
+    inputs = {"mask": one_hot(classes)}
+    if conditioning == "edge":
+        inputs["edge"] = semantic_edges(classes)
+    return inputs

@@ -27,8 +27,7 @@ from .preprocess import (
     PlaneResize,
     add_body_class,
     body_mask_from_labels,
-    one_hot,
-    semantic_edges,
+    condition_inputs,
     unit_to_hu,
 )
 
@@ -205,9 +204,11 @@ def _sample_batch(
         for k in slice_index
     ]).to(device)
     generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + int(slice_index[0]) + 500_000)
-    kwargs: dict[str, torch.Tensor] = {"mask": one_hot(classes).to(device)}
-    if model.conditioning == "edge":
-        kwargs["edge"] = semantic_edges(classes).to(device)
+    kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, model.conditioning).items()}
+    with torch.no_grad():  # the condition encoder does not depend on t: run it once per batch
+        features = model.model.encode_condition(**kwargs)
+    if features is not None:
+        kwargs["cond_features"] = features
     x = noise if prior is None else sampler.add_noise(prior[classes][:, None].to(device), 0, noise)
     for i, n, x, _ in sample_loop(model.model, sampler, x, kwargs, generator):
         if cancel is not None and cancel():

@@ -152,6 +152,15 @@ def test_unknown_labels_are_reported(capsys, tiny_model, tmp_path):
     assert "200 (" in err and "treated as body" in err and err.count("200 (") == 1
 
 
+def test_progress_lines_for_slicer(capsys, tiny_model, tmp_path):
+    code = main(["synth", "--seg", str(SAMPLE_SEG), "--out", str(tmp_path / "s.nii.gz"), "--model", str(tiny_model),
+                 "--steps", "2", "--batch-size", "64", "--device", "cpu", "--progress-lines"])
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and lines and all(parts[0] == "PROGRESS" for parts in lines)
+    done = [float(parts[1]) for parts in lines]
+    assert done == sorted(done) and done[-1] == pytest.approx(float(lines[-1][2]))
+
+
 def test_info_and_classes(capsys, tiny_model):
     code = main(["info", str(tiny_model)])
     out = capsys.readouterr().out

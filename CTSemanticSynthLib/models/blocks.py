@@ -15,7 +15,9 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int, use_conv: bool) -> None:
         super().__init__()
-        self.op: nn.Module = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+        self.op: nn.Module = (
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+        )
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         return self.op(x)

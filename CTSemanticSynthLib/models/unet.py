@@ -167,7 +167,9 @@ class UNetModel(nn.Module):
             raise ValueError(f"x must be [B, {cfg['in_channels']}, H, W], got {tuple(x.shape)}")
         b, _, height, width = x.shape
         if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(f"image height and width must be multiples of {self.size_multiple}, got {height}x{width}")
+            raise ValueError(
+                f"image height and width must be multiples of {self.size_multiple}, got {height}x{width}"
+            )
         if timesteps.shape not in ((), (b,)):
             raise ValueError(f"timesteps must be a scalar or have shape [{b}], got {tuple(timesteps.shape)}")
         if mask.shape != (b, cfg["num_classes"], height, width):

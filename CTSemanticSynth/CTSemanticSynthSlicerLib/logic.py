@@ -1,0 +1,518 @@
+"""The headless part of the module's Logic: MRML export/import, the background ``ctsynth`` process, review layout
+and the Dice table. Needs only ``slicer`` (MRML) and ``vtk``: no Qt, no dialogs, no ``processEvents``, so it runs
+in Slicer, in ``PythonSlicer`` and under pytest with the ``slicer-core`` package. Errors are raised as exceptions
+whose message is meant for the user.
+
+Synthesis never touches the scene until it has succeeded: inputs are exported to a temporary folder (the
+temporary export nodes are removed at once), ``ctsynth synth`` runs in its own process, and only
+:meth:`SynthesisLogic.finishSynthesis` adds or changes nodes. Cancelling kills the process tree and deletes the
+folder, so the scene stays exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import vtk
+
+import slicer
+import CTSemanticSynthLib
+from CTSemanticSynthLib.labels import COLORS, DISPLAY_NAMES, MODEL_CLASSES, normalize_name
+
+from .process import BackgroundProcess, State, pythonCommand
+from .segments import Segment, SegmentClasses, classifySegments, exportOrder, mappingJson
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTE_PREFIX = "CTSemanticSynth."
+WINDOW, LEVEL = 400.0, 40.0  # abdomen window, the model's L40/W400
+GEOMETRY_TOLERANCE_MM = 1e-3
+CLI_MODULE = "CTSemanticSynthLib.cli"
+
+
+class SynthesisError(RuntimeError):
+    """Synthesis or evaluation failed; the message is the command's own error line or says what to do."""
+
+
+def _matrix(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def _vtkMatrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            m.SetElement(i, j, float(array[i, j]))
+    return m
+
+
+@contextlib.contextmanager
+def temporaryNodes(scene):
+    """Remove every node added to ``scene`` inside the block (export helpers add colour tables, display nodes)."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in reversed([n for n in added if n.GetID() not in before]):
+            scene.RemoveNode(node)
+
+
+def writeVolume(node, path: Path) -> None:
+    """Write a volume node's image with its geometry (a storage node outside the scene: nothing is added)."""
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(True)
+    if not storage.WriteData(node):
+        raise SynthesisError(f"could not write {node.GetName()} to {path}")
+
+
+def readVolume(path: Path, labelmap: bool = False):
+    """A volume node (not in any scene) read from ``path``."""
+    node = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node) or node.GetImageData() is None:
+        raise SynthesisError(f"could not read {path}")
+    return node
+
+
+@dataclass
+class BackgroundTask:
+    """A running ``ctsynth`` command and what is needed to finish it; ``poll()``/``cancel()`` for the caller's timer."""
+
+    process: BackgroundProcess
+    workDir: Path
+    kind: str
+    inputs: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    keepFiles: bool = False
+
+    def poll(self) -> State:
+        return self.process.poll()
+
+    def cancel(self) -> None:
+        self.process.cancel()
+        self.cleanup()
+
+    def wait(self, timeout: float | None = None) -> State:
+        return self.process.wait(timeout)
+
+    def cleanup(self) -> None:
+        if not self.keepFiles:
+            shutil.rmtree(self.workDir, ignore_errors=True)
+
+
+class SynthesisLogic:
+    """Headless logic. ``pythonExecutable`` runs ``ctsynth`` (default: PythonSlicer inside Slicer, else
+    ``sys.executable``); ``environment`` adds variables for the child process (e.g. ``OMP_NUM_THREADS``)."""
+
+    def __init__(self, pythonExecutable: str | None = None, environment: dict[str, str] | None = None,
+                 tempRoot: str | None = None, keepFiles: bool = False):
+        self.pythonExecutable = pythonExecutable
+        self.environment = dict(environment or {})
+        self.tempRoot = tempRoot
+        self.keepFiles = keepFiles
+
+    # --- process environment ---------------------------------------------------------------------------------
+    @staticmethod
+    def _insideSlicerApp() -> bool:
+        return getattr(slicer, "app", None) is not None
+
+    def python(self) -> str:
+        if self.pythonExecutable:
+            return self.pythonExecutable
+        if self._insideSlicerApp():
+            found = shutil.which("PythonSlicer")
+            if found:
+                return found
+        return sys.executable
+
+    def childEnvironment(self) -> dict[str, str]:
+        """The environment Slicer was started with (inside Slicer), with the library on PYTHONPATH."""
+        env = dict(slicer.util.startupEnvironment()) if self._insideSlicerApp() else dict(os.environ)
+        libraryParent = str(Path(CTSemanticSynthLib.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (libraryParent, env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.environment)
+        return env
+
+    def _workDir(self, kind: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"CTSemanticSynth-{kind}-", dir=self.tempRoot))
+
+    # --- segments and geometry -------------------------------------------------------------------------------
+    @staticmethod
+    def segments(segmentationNode) -> list[Segment]:
+        segmentation = segmentationNode.GetSegmentation()
+        result = []
+        for i in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(i)
+            result.append(Segment(segmentation.GetNthSegmentID(i), segment.GetName(), int(segment.GetLabelValue())))
+        return result
+
+    def classifySegments(self, segmentationNode, labels: str = "auto", mappingFile: str | None = None,
+                         strict: bool = False) -> SegmentClasses:
+        if segmentationNode is None:
+            raise ValueError("select a segmentation")
+        return classifySegments(self.segments(segmentationNode), labels, mappingFile, strict)
+
+    @staticmethod
+    def geometrySource(segmentationNode, referenceVolumeNode=None):
+        """The volume whose grid the synthetic CT gets: the reference CT if given, else the segmentation's own
+        reference geometry volume (None then means the segmentation's stored reference geometry)."""
+        if referenceVolumeNode is not None:
+            return referenceVolumeNode
+        role = segmentationNode.GetReferenceImageGeometryReferenceRole()
+        node = segmentationNode.GetNodeReference(role)
+        if node is not None and node.IsA("vtkMRMLVolumeNode") and node.GetImageData() is not None:
+            return node
+        name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+        if not segmentationNode.GetSegmentation().GetConversionParameter(name):
+            raise ValueError(
+                f"segmentation '{segmentationNode.GetName()}' has no reference geometry, so the grid of the synthetic "
+                "CT is undefined: select the reference CT volume, or set the geometry in the Segmentations module "
+                "(Specify geometry)")
+        return None
+
+    def exportLabelmap(self, segmentationNode, segmentIds: list[str], referenceVolumeNode, path: Path) -> tuple[np.ndarray, tuple]:
+        """Write segments ``segmentIds`` as values 1..N on the reference grid; returns (IJKToRAS, dimensions)."""
+        scene = segmentationNode.GetScene()
+        with temporaryNodes(scene):
+            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+            ids = vtk.vtkStringArray()
+            for segmentId in segmentIds:
+                ids.InsertNextValue(segmentId)
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentationNode, ids, labelmap, referenceVolumeNode, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+            if not ok or labelmap.GetImageData() is None:
+                raise SynthesisError(f"could not export the segments of '{segmentationNode.GetName()}' to a label map")
+            writeVolume(labelmap, path)
+            return _matrix(labelmap), tuple(labelmap.GetImageData().GetDimensions())
+
+    # --- synthesis ---------------------------------------------------------------------------------------------
+    def startSynthesis(self, segmentationNode, outputVolumeNode=None, referenceVolumeNode=None, model: str | None = None,
+                       labels: str = "auto", mappingFile: str | None = None, strictLabels: bool = False,
+                       preset: str = "fast", steps: int = 0, seed: int = 0, device: str = "auto", batchSize: int = 8,
+                       outputName: str | None = None) -> BackgroundTask:
+        """Export the inputs and start ``ctsynth synth`` in the background; the scene is not changed.
+
+        ``steps`` 0 keeps the preset's. Finish with :meth:`finishSynthesis` once ``task.poll()`` says SUCCEEDED.
+        """
+        classes = self.classifySegments(segmentationNode, labels, mappingFile, strictLabels)
+        geometryNode = self.geometrySource(segmentationNode, referenceVolumeNode)
+        order = exportOrder(classes)
+        workDir = self._workDir("synth")
+        try:
+            labelsPath, mappingPath = workDir / "labels.nrrd", workDir / "labels.json"
+            ijkToRAS, dims = self.exportLabelmap(segmentationNode, [s.segmentId for s, _ in order], geometryNode, labelsPath)
+            mappingPath.write_text(mappingJson(order))
+            args = ["synth", "--seg", labelsPath, "--out", workDir / "synthetic.nrrd", "--labels", mappingPath,
+                    "--preset", preset, "--seed", int(seed), "--device", device, "--batch-size", int(batchSize)]
+            if classes.bodyOutline:
+                bodyPath = workDir / "body.nrrd"
+                bodyMatrix, bodyDims = self.exportLabelmap(
+                    segmentationNode, [s.segmentId for s in classes.bodyOutline], geometryNode, bodyPath)
+                if bodyDims != dims or not np.allclose(bodyMatrix, ijkToRAS, atol=GEOMETRY_TOLERANCE_MM):
+                    raise SynthesisError("the body outline segment could not be exported on the segmentation's grid")
+                args += ["--body-mask", bodyPath]
+            if steps:
+                args += ["--steps", int(steps)]
+            if model:
+                args += ["--model", model]
+            process = BackgroundProcess(pythonCommand(self.python(), CLI_MODULE, *map(str, args)),
+                                        env=self.childEnvironment(), cwd=str(workDir))
+        except BaseException:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        transformNode = (geometryNode or segmentationNode).GetParentTransformNode()
+        task = BackgroundTask(process, workDir, "synthesis", keepFiles=self.keepFiles, inputs={
+            "segmentationID": segmentationNode.GetID(),
+            "referenceID": referenceVolumeNode.GetID() if referenceVolumeNode else None,
+            "outputID": outputVolumeNode.GetID() if outputVolumeNode else None,
+            "outputName": outputName or f"{segmentationNode.GetName()} synthetic CT",
+            "ijkToRAS": ijkToRAS, "dimensions": dims, "output": workDir / "synthetic.nrrd",
+            "sidecar": workDir / "synthetic.json", "transformID": transformNode.GetID() if transformNode else None,
+            "unknownSegments": [s.name for s in classes.unknown]})
+        if classes.warning():
+            task.warnings.append(classes.warning())
+        process.start()
+        logger.info("CTSemanticSynth: %s", " ".join(process.args))
+        return task
+
+    def finishSynthesis(self, task: BackgroundTask):
+        """Load the finished synthesis into the output node (new, or the one chosen); returns the node."""
+        try:
+            state = task.poll()
+            if state is State.CANCELLED:
+                raise SynthesisError("synthesis was cancelled")
+            if state is not State.SUCCEEDED:
+                raise SynthesisError(f"synthesis failed: {task.process.errorMessage()}"
+                                     if state is State.FAILED else "synthesis is still running")
+            return self._loadSynthetic(task.inputs)
+        finally:
+            if task.poll().finished:
+                task.cleanup()
+
+    def _loadSynthetic(self, inputs: dict):
+        scene = slicer.mrmlScene
+        loaded = readVolume(inputs["output"])
+        dims = tuple(loaded.GetImageData().GetDimensions())
+        if dims != tuple(inputs["dimensions"]) or not np.allclose(_matrix(loaded), inputs["ijkToRAS"], atol=GEOMETRY_TOLERANCE_MM):
+            raise SynthesisError(f"the synthetic CT came back on another grid ({dims} vs {inputs['dimensions']}); "
+                                 "nothing was loaded")
+        provenance = json.loads(Path(inputs["sidecar"]).read_text())
+        node = scene.GetNodeByID(inputs["outputID"]) if inputs["outputID"] else None
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(inputs["outputName"]))
+        wasModifying = node.StartModify()
+        node.SetAndObserveImageData(loaded.GetImageData())
+        node.SetIJKToRASMatrix(_vtkMatrix(inputs["ijkToRAS"]))
+        node.SetAndObserveTransformNodeID(inputs["transformID"])
+        self._setProvenance(node, provenance, inputs)
+        node.EndModify(wasModifying)
+        self.showAbdomenWindow(node)
+        segmentation = scene.GetNodeByID(inputs["segmentationID"])
+        self.placeBeside(node, scene.GetNodeByID(inputs["referenceID"]) if inputs["referenceID"] else segmentation)
+        return node
+
+    @staticmethod
+    def _setProvenance(node, provenance: dict, inputs: dict) -> None:
+        options = provenance.get("options", {})
+        segmentation = slicer.mrmlScene.GetNodeByID(inputs["segmentationID"])
+        values = {
+            "Synthetic": "true",
+            "Note": provenance.get("note", "SYNTHETIC CT; not a patient image"),
+            "Generator": provenance.get("generator", ""),
+            "Model": provenance.get("model", ""),
+            "ModelSha256": provenance.get("model_sha256", ""),
+            "Sampler": options.get("sampler", ""),
+            "Steps": options.get("steps", ""),
+            "Seed": options.get("seed", ""),
+            "Device": provenance.get("device", ""),
+            "Created": provenance.get("created", ""),
+            "SourceSegmentation": segmentation.GetName() if segmentation else "",
+            "UnknownSegments": ", ".join(inputs.get("unknownSegments", [])),
+            "Provenance": json.dumps(provenance, sort_keys=True),
+        }
+        for key, value in values.items():
+            node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
+        node.SetDescription(f"SYNTHETIC CT - not a patient image. {values['Generator']}, model {values['Model']} "
+                            f"(sha256 {values['ModelSha256'][:12]}), {values['Sampler']} {values['Steps']} steps, "
+                            f"seed {values['Seed']}")
+
+    @staticmethod
+    def isSynthetic(node) -> bool:
+        return node is not None and node.GetAttribute(ATTRIBUTE_PREFIX + "Synthetic") == "true"
+
+    @staticmethod
+    def showAbdomenWindow(volumeNode) -> None:
+        if volumeNode.GetDisplayNode() is None:
+            volumeNode.CreateDefaultDisplayNodes()
+        display = volumeNode.GetDisplayNode()
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(WINDOW, LEVEL)
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+
+    @staticmethod
+    def placeBeside(node, original) -> None:
+        """Put ``node`` in the subject hierarchy folder/study of ``original`` (the scene root if it has none)."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+        parent = shNode.GetSceneItemID()
+        if original is not None and shNode.GetItemByDataNode(original):
+            parent = shNode.GetItemParent(shNode.GetItemByDataNode(original))
+        item = shNode.GetItemByDataNode(node)
+        if item:
+            shNode.SetItemParent(item, parent)
+        else:
+            shNode.CreateItem(parent, node)
+
+    def synthesize(self, segmentationNode, timeout: float | None = None, **kwargs):
+        """Blocking convenience for scripts and tests: start, wait, finish."""
+        task = self.startSynthesis(segmentationNode, **kwargs)
+        try:
+            task.wait(timeout)
+        except BaseException:
+            task.cancel()
+            raise
+        return self.finishSynthesis(task)
+
+    # --- review ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def setupReviewLayout(syntheticVolumeNode, segmentationNode=None, realVolumeNode=None, swap: bool = False) -> dict:
+        """Side-by-side layout: real CT (or the segmentation alone) left, synthetic right (``swap`` exchanges them),
+        linked views, segmentation outlines in both, both volumes in the abdomen window. Returns
+        ``{"Red": volumeID or None, "Yellow": ...}`` (Red is left, Yellow right)."""
+        scene = syntheticVolumeNode.GetScene()
+        sides = [realVolumeNode, syntheticVolumeNode]
+        if swap:
+            sides.reverse()
+        layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+        if layout is not None:
+            layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        shown = {}
+        for viewName, volume in zip(("Red", "Yellow"), sides):
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+                composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+                if composite.GetLayoutName() == viewName:
+                    composite.SetBackgroundVolumeID(volume.GetID() if volume else None)
+                    composite.SetForegroundVolumeID(None)
+                    composite.SetLabelVolumeID(None)
+                    composite.SetLinkedControl(True)
+            shown[viewName] = volume.GetID() if volume else None
+        for volume in (realVolumeNode, syntheticVolumeNode):
+            if volume is not None:
+                SynthesisLogic.showAbdomenWindow(volume)
+        if segmentationNode is not None:
+            if segmentationNode.GetDisplayNode() is None:
+                segmentationNode.CreateDefaultDisplayNodes()
+            display = segmentationNode.GetDisplayNode()
+            display.SetVisibility(True)
+            display.SetVisibility2DFill(False)
+            display.SetVisibility2DOutline(True)
+            display.RemoveAllViewNodeIDs()  # all views
+        return shown
+
+    # --- Dice with TotalSegmentator ----------------------------------------------------------------------------
+    def startDice(self, syntheticVolumeNode, segmentationNode, realVolumeNode=None, labels: str = "auto",
+                  mappingFile: str | None = None, device: str = "auto", fast: bool = True) -> BackgroundTask:
+        """Run TotalSegmentator on the synthetic CT (and the real one, as the ceiling) in the background and score
+        it against the input segmentation. Finish with :meth:`finishDice`."""
+        classes = self.classifySegments(segmentationNode, labels, mappingFile)
+        order = exportOrder(classes)
+        workDir = self._workDir("dice")
+        try:
+            synthetic = workDir / "synthetic.nii.gz"
+            writeVolume(syntheticVolumeNode, synthetic)
+            seg = workDir / "labels.nrrd"
+            self.exportLabelmap(segmentationNode, [s.segmentId for s, _ in order], syntheticVolumeNode, seg)
+            (workDir / "labels.json").write_text(mappingJson(order))
+            real = None
+            if realVolumeNode is not None:
+                real = workDir / "real.nii.gz"
+                writeVolume(realVolumeNode, real)
+            args = self.diceCommand(synthetic, seg, workDir / "labels.json", real, workDir / "dice.json",
+                                    workDir / "totalseg_synthetic.nii.gz", device, fast)
+            process = BackgroundProcess(pythonCommand(self.python(), CLI_MODULE, *map(str, args)),
+                                        env=self.childEnvironment(), cwd=str(workDir))
+        except BaseException:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        task = BackgroundTask(process, workDir, "dice", keepFiles=self.keepFiles, inputs={
+            "syntheticID": syntheticVolumeNode.GetID(), "json": workDir / "dice.json",
+            "totalseg": workDir / "totalseg_synthetic.nii.gz"})
+        process.start()
+        return task
+
+    @staticmethod
+    def diceCommand(synthetic: Path, seg: Path, labels: Path, real: Path | None, jsonOut: Path, segOut: Path,
+                    device: str, fast: bool) -> list:
+        # INTEGRATION POINT (issue 6): the `ctsynth evaluate` options below are this module's proposal; keep them
+        # in step with CTSemanticSynthLib/cli.py. Expected: `--json` gets {"synthetic": {"dice": {class: value},
+        # "mean": m}, "real": {...}} and `--save-seg` the TotalSegmentator result mapped to model class ids.
+        args = ["evaluate", "--synthetic", synthetic, "--seg", seg, "--labels", labels, "--json", jsonOut,
+                "--save-seg", segOut, "--device", device]
+        if real is not None:
+            args += ["--real", real]
+        if fast:
+            args.append("--fast")
+        return args
+
+    def finishDice(self, task: BackgroundTask, tableNode=None):
+        """Load the Dice results into a table node (new if None) and the TotalSegmentator segmentation; returns
+        (tableNode, segmentationNode or None)."""
+        try:
+            state = task.poll()
+            if state is not State.SUCCEEDED:
+                raise SynthesisError(f"Dice evaluation failed: {task.process.errorMessage()}"
+                                     if state is State.FAILED else f"Dice evaluation is {state.value}")
+            results = json.loads(Path(task.inputs["json"]).read_text())
+            scene = slicer.mrmlScene
+            synthetic = scene.GetNodeByID(task.inputs["syntheticID"])
+            name = synthetic.GetName() if synthetic else "synthetic CT"
+            if tableNode is None:
+                tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(f"{name} Dice"))
+            self.fillDiceTable(tableNode, results)
+            segNode = None
+            if Path(task.inputs["totalseg"]).is_file():
+                segNode = self.loadClassLabelmap(Path(task.inputs["totalseg"]), f"{name} TotalSegmentator")
+                if synthetic is not None:
+                    self.placeBeside(segNode, synthetic)
+            return tableNode, segNode
+        finally:
+            if task.poll().finished:
+                task.cleanup()
+
+    @staticmethod
+    def _diceColumns(results: dict) -> dict[str, dict[str, float]]:
+        """{column title: {class name: dice}} from the evaluate JSON (a few shapes accepted)."""
+        columns = {}
+        for key, title in (("synthetic", "Dice synthetic CT"), ("real", "Dice real CT")):
+            part = results.get(key)
+            if isinstance(part, dict):
+                dice = part.get("dice", part)
+                columns[title] = {normalize_name(k): float(v) for k, v in dice.items() if isinstance(v, (int, float))}
+        if not columns and isinstance(results.get("dice"), dict):
+            columns["Dice synthetic CT"] = {normalize_name(k): float(v) for k, v in results["dice"].items()}
+        if not columns:
+            raise SynthesisError("the Dice results file has no per-organ values")
+        return columns
+
+    @classmethod
+    def fillDiceTable(cls, tableNode, results: dict) -> None:
+        """Organ | Dice synthetic CT | [Dice real CT], one row per organ scored plus the mean."""
+        columns = cls._diceColumns(results)
+        organs = [c for c in MODEL_CLASSES if any(c in col for col in columns.values())]
+        wasModifying = tableNode.StartModify()
+        tableNode.RemoveAllColumns()
+        names = vtk.vtkStringArray()
+        names.SetName("Organ")
+        for organ in organs:
+            names.InsertNextValue(DISPLAY_NAMES[MODEL_CLASSES.index(organ)])
+        names.InsertNextValue("Mean")
+        tableNode.AddColumn(names)
+        for title, values in columns.items():
+            array = vtk.vtkDoubleArray()
+            array.SetName(title)
+            scored = [values.get(organ, float("nan")) for organ in organs]
+            for value in scored:
+                array.InsertNextValue(value)
+            array.InsertNextValue(float(np.nanmean(scored)) if np.isfinite(scored).any() else float("nan"))
+            tableNode.AddColumn(array)
+        tableNode.SetUseColumnTitleAsColumnHeader(True)
+        tableNode.SetAttribute(ATTRIBUTE_PREFIX + "DiceResults", json.dumps(results, sort_keys=True))
+        tableNode.EndModify(wasModifying)
+
+    @staticmethod
+    def loadClassLabelmap(path: Path, name: str):
+        """A segmentation node from a label map in model class ids, with the model's names and colours."""
+        scene = slicer.mrmlScene
+        loaded = readVolume(path, labelmap=True)
+        segNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+        segNode.CreateDefaultDisplayNodes()  # before the block, which removes every node it adds
+        with temporaryNodes(scene):
+            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+            labelmap.SetAndObserveImageData(loaded.GetImageData())
+            labelmap.SetIJKToRASMatrix(_vtkMatrix(_matrix(loaded)))
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segNode)
+        if not ok:
+            scene.RemoveNode(segNode)
+            raise SynthesisError(f"could not import {path} as a segmentation")
+        segmentation = segNode.GetSegmentation()
+        for i in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(i)
+            value = int(segment.GetLabelValue())
+            if 0 < value < len(MODEL_CLASSES):
+                segment.SetName(DISPLAY_NAMES[value])
+                segment.SetColor(*(c / 255.0 for c in COLORS[value]))
+        return segNode

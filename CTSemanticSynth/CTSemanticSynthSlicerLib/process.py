@@ -1,0 +1,234 @@
+"""A command run in the background: output read on a thread, progress parsed, the whole process tree killable.
+
+Nothing here imports Slicer or Qt. The owner calls :meth:`BackgroundProcess.poll` from a timer on the main
+thread (the Slicer Widget uses a ``QTimer``; tests and scripts call :meth:`BackgroundProcess.wait`).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+# "PROGRESS 12/87" (a machine-readable line) or tqdm's "... 12.5/87 slices [..." (what ctsynth prints today).
+_PROGRESS = re.compile(r"^PROGRESS\s+(\d+(?:\.\d+)?)\s*/\s*(\d+)\s*$")
+_TQDM = re.compile(r"(\d+(?:\.\d+)?)/(\d+) slices")
+_ERROR_PREFIXES = ("ctsynth: error:", "error:")
+KEEP_LINES = 400
+
+
+def parseProgress(line: str) -> tuple[float, int] | None:
+    """(done, total) from one output line, or None when the line carries no progress."""
+    match = _PROGRESS.match(line.strip()) or _TQDM.search(line)
+    if not match:
+        return None
+    done, total = float(match.group(1)), int(match.group(2))
+    return (done, total) if total > 0 else None
+
+
+def formatDuration(seconds: float) -> str:
+    """``75`` -> ``'1 min 15 s'``."""
+    seconds = int(round(max(0.0, seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class State(enum.Enum):
+    NOT_STARTED = "not started"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+
+
+class BackgroundProcess:
+    """Runs ``args``; keeps the last output lines, the latest progress and an ETA.
+
+    ``onLine`` (optional) is called on the polling thread with each new output line.
+    """
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None,
+                 onLine: Callable[[str], None] | None = None):
+        self.args = [str(a) for a in args]
+        self.env = env
+        self.cwd = cwd
+        self.onLine = onLine
+        self.state = State.NOT_STARTED
+        self.returncode: int | None = None
+        self.lines: list[str] = []
+        self.done = 0.0
+        self.total = 0
+        self._proc: subprocess.Popen | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._startTime = 0.0
+        self._progressStart: tuple[float, float] | None = None  # (time, done) of the first progress line
+
+    # --- running ---------------------------------------------------------------------------------------
+    def start(self) -> BackgroundProcess:
+        kwargs: dict = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True  # own process group: cancel kills workers too
+        self._proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=self.env, cwd=self.cwd, **kwargs)
+        self._startTime = time.monotonic()
+        self.state = State.RUNNING
+        self._thread = threading.Thread(target=self._read, name="CTSemanticSynth output", daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        """Reader thread: split the raw stream on CR and LF (tqdm redraws with CR) and queue the lines."""
+        stream = self._proc.stdout
+        pending = b""
+        while True:
+            chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(1)
+            if not chunk:
+                break
+            pending += chunk
+            parts = re.split(rb"[\r\n]", pending)
+            pending = parts.pop()
+            for part in parts:
+                if part.strip():
+                    self._queue.put(part.decode("utf-8", errors="replace").rstrip())
+        if pending.strip():
+            self._queue.put(pending.decode("utf-8", errors="replace").rstrip())
+        self._queue.put(None)  # end of output
+
+    def poll(self) -> State:
+        """Take the output that arrived since the last call; returns the state (call from one thread only)."""
+        if self.state is not State.RUNNING:
+            return self.state
+        ended = False
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                ended = True
+                break
+            self._addLine(line)
+        if ended:
+            self.returncode = self._proc.wait()
+            self.state = State.SUCCEEDED if self.returncode == 0 else State.FAILED
+        return self.state
+
+    def _addLine(self, line: str) -> None:
+        progress = parseProgress(line)
+        if progress is not None:
+            self.done, self.total = progress
+            if self._progressStart is None or self.done < self._progressStart[1]:
+                self._progressStart = (time.monotonic(), self.done)
+            if self.lines and parseProgress(self.lines[-1]) is not None:
+                self.lines[-1] = line  # keep one line per progress bar, like a terminal
+                return
+        self.lines.append(line)
+        del self.lines[:-KEEP_LINES]
+        if self.onLine is not None:
+            self.onLine(line)
+
+    def wait(self, timeout: float | None = None, interval: float = 0.1) -> State:
+        """Poll until the process ends (or ``timeout`` seconds pass; then it is cancelled and TimeoutError raised)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.poll().finished:
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(f"{self.args[0]} did not finish within {timeout:g} s and was stopped")
+            time.sleep(interval)
+        return self.state
+
+    def cancel(self) -> None:
+        """Kill the process and everything it started; the state becomes CANCELLED."""
+        if self.state is not State.RUNNING:
+            return
+        killProcessTree(self._proc)
+        try:
+            self.returncode = self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.state = State.CANCELLED
+
+    # --- reporting ---------------------------------------------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._startTime if self._startTime else 0.0
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left, from the rate since the first progress line; None until it can be estimated."""
+        if self._progressStart is None or not self.total:
+            return None
+        t0, done0 = self._progressStart
+        rate = (self.done - done0) / max(1e-6, time.monotonic() - t0)
+        return (self.total - self.done) / rate if rate > 0 else None
+
+    def statusText(self, unit: str = "slices") -> str:
+        """E.g. ``'12.0/87 slices, 2 min 03 s left'``."""
+        if not self.total:
+            return f"starting ({formatDuration(self.elapsed)})"
+        eta = self.eta
+        left = f", {formatDuration(eta)} left" if eta is not None else ""
+        return f"{self.done:.0f}/{self.total} {unit}{left}"
+
+    def errorMessage(self) -> str:
+        """The command's own error line (``ctsynth: error: ...``), else its last output lines."""
+        for line in reversed(self.lines):
+            text = line.strip()
+            for prefix in _ERROR_PREFIXES:
+                if text.startswith(prefix):
+                    return text[len(prefix):].strip()
+        tail = [line for line in self.lines[-5:] if parseProgress(line) is None]
+        return "\n".join(tail) or f"{os.path.basename(self.args[0])} exited with code {self.returncode}"
+
+
+def killProcessTree(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` and its descendants (its own process group on POSIX; ``taskkill /T`` on Windows)."""
+    if proc.poll() is not None:
+        return
+    children = []
+    try:
+        import psutil  # optional: catches children that left the process group
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:
+        pass
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
+    else:
+        try:
+            os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+    for child in children:
+        try:
+            child.kill()
+        except Exception:
+            pass
+
+
+def pythonCommand(python: str | None, module: str, *args: str) -> list[str]:
+    """``[python, '-m', module, *args]`` with ``sys.executable`` as the default interpreter."""
+    return [python or sys.executable, "-m", module, *args]

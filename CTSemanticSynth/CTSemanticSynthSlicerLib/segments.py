@@ -1,0 +1,175 @@
+"""Which model class each segment of a segmentation is: by name, by label value (AMOS / TotalSegmentator ids), or
+by a user JSON mapping. Pure Python (no Slicer), so it is tested without a scene.
+
+The Logic exports the chosen segments as values 1..N and hands ``ctsynth synth`` a JSON mapping
+``{"1": "liver", ...}`` (:func:`mappingJson`), so the command line sees exactly what this module decided.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from CTSemanticSynthLib.labels import (
+    BACKGROUND,
+    BODY,
+    BODY_OUTLINE_NAMES,
+    MODEL_CLASSES,
+    ORGANS,
+    class_from_name,
+    normalize_name,
+    totalsegmentator_names,
+)
+
+CONVENTIONS = ("auto", "amos", "totalseg", "totalseg_v1", "json")
+"""auto: segment names; amos / totalseg / totalseg_v1: segment label values; json: a mapping file."""
+
+
+class LabelMappingError(ValueError):
+    """The segments cannot be mapped to the model's classes; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    segmentId: str
+    name: str
+    labelValue: int = 0
+
+
+@dataclass(frozen=True)
+class SegmentClasses:
+    """Segments grouped for export: ``organs`` (segment, class) pairs, ``bodyOutline`` segments (a body/skin
+    outline, exported as the body mask), ``ignored`` (mapped to background) and ``unknown`` (treated as body)."""
+
+    organs: tuple[tuple[Segment, int], ...]
+    bodyOutline: tuple[Segment, ...]
+    ignored: tuple[Segment, ...]
+    unknown: tuple[Segment, ...]
+
+    @property
+    def organNames(self) -> list[str]:
+        return sorted({MODEL_CLASSES[c] for _, c in self.organs if c != BODY})
+
+    def warning(self) -> str:
+        """One line about segments treated as body tissue because nothing named them, or ''."""
+        if not self.unknown:
+            return ""
+        return f"segments not recognised, treated as body tissue: {_names(self.unknown)}"
+
+
+@lru_cache(maxsize=None)
+def _totalsegmentatorStructures() -> frozenset[str]:
+    """Normalized names of every TotalSegmentator v1/v2 'total' structure (known anatomy, body unless an organ)."""
+    return frozenset(normalize_name(n) for v in (1, 2) for n in totalsegmentator_names(v).values())
+
+
+def _valueFromName(name: str) -> int | None:
+    """'Segment_5', 'Label 5' or '5' -> 5 (Slicer names segments of an imported label map this way)."""
+    match = re.fullmatch(r"(?:segment|label)?[_\s-]*(\d+)", name.strip().lower())
+    return int(match.group(1)) if match else None
+
+
+def _classByName(name: str) -> int | None:
+    cls = class_from_name(name)
+    if cls is None and normalize_name(name) in _totalsegmentatorStructures():
+        return BODY
+    return cls
+
+
+def _idTable(convention: str) -> dict[int, int]:
+    if convention == "amos":
+        return {c: c for c in ORGANS}
+    version = 1 if convention == "totalseg_v1" else 2
+    return {v: (_classByName(n) if _classByName(n) is not None else BODY) for v, n in totalsegmentator_names(version).items()}
+
+
+def _jsonTable(path: str | Path) -> dict[str, int]:
+    """{normalized name or decimal value: class} from a mapping file ``{"Tumor": "body", "7": "liver"}``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LabelMappingError(f"label mapping file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LabelMappingError(f"label mapping file {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not data:
+        raise LabelMappingError(f"label mapping file {path} must be a JSON object {{segment name or value: class}}")
+    table = {}
+    for key, target in data.items():
+        cls = BACKGROUND if normalize_name(str(target)) == "background" else class_from_name(str(target))
+        if cls is None:
+            raise LabelMappingError(f"label mapping file {path}: '{target}' (for '{key}') is not a class; use one of "
+                                    f"{', '.join(MODEL_CLASSES)}")
+        key = str(key).strip()
+        table[key if key.isdigit() else normalize_name(key)] = cls
+    return table
+
+
+def _names(segments, limit: int = 8) -> str:
+    names = [f"'{s.name}'" for s in segments]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def classifySegments(segments: list[Segment], convention: str = "auto", mappingFile: str | Path | None = None,
+                     strict: bool = False) -> SegmentClasses:
+    """Assign a model class to every segment.
+
+    ``auto`` uses names (organ names and synonyms, TotalSegmentator structure names -> body, 'body'/'skin' ->
+    outline); ``amos``/``totalseg``/``totalseg_v1`` use label values (or the number in 'Segment_5'); ``json``
+    reads ``mappingFile`` (keys: names or values) and falls back to names. Unknown segments become body tissue
+    (reported by :meth:`SegmentClasses.warning`), or raise with ``strict``. Raises :class:`LabelMappingError` when
+    no segment is an organ the model knows.
+    """
+    if convention not in CONVENTIONS:
+        raise LabelMappingError(f"unknown label convention '{convention}': use one of {', '.join(CONVENTIONS)}")
+    if not segments:
+        raise LabelMappingError("the segmentation has no segments: nothing to synthesize")
+    if convention == "json" and not mappingFile:
+        raise LabelMappingError("label convention 'json' needs a mapping file {\"segment name or value\": \"class\"}")
+    table = _jsonTable(mappingFile) if convention == "json" else None
+    ids = _idTable(convention) if convention in ("amos", "totalseg", "totalseg_v1") else None
+    organs, outline, ignored, unknown = [], [], [], []
+    for segment in segments:
+        key = normalize_name(segment.name)
+        if table is not None:
+            cls = table.get(key, table.get(str(segment.labelValue)))
+            cls = _classByName(segment.name) if cls is None else cls
+        elif ids is not None:
+            value = segment.labelValue or _valueFromName(segment.name)
+            cls = ids.get(value) if value else None
+        else:
+            cls = _classByName(segment.name)
+        if cls is None:
+            unknown.append(segment)
+        elif cls == BACKGROUND:
+            ignored.append(segment)
+        elif cls == BODY and key in BODY_OUTLINE_NAMES:
+            outline.append(segment)
+        else:
+            organs.append((segment, cls))
+    result = SegmentClasses(tuple(organs), tuple(outline), tuple(ignored), tuple(unknown))
+    if not result.organNames:
+        how = "names" if convention in ("auto", "json") else f"'{convention}' label values"
+        raise LabelMappingError(
+            f"no segment is an organ the model knows (by {how}): {_names(segments)}. Rename the segments to organ "
+            f"names (e.g. 'liver', 'right kidney'), choose the label values convention (AMOS or TotalSegmentator ids) "
+            f"if the segments came from such a label map, or give a JSON mapping file {{\"segment name\": \"liver\"}}")
+    if strict and unknown:
+        raise LabelMappingError(
+            f"segments not recognised: {_names(unknown)}. Rename them, map them in a JSON file "
+            f"{{\"{unknown[0].name}\": \"body\"}}, or allow unknown segments (they become body tissue)")
+    return result
+
+
+def exportOrder(classes: SegmentClasses) -> list[tuple[Segment, int]]:
+    """Segments to export as values 1..N, in that order: unknown segments (body) first, then known ones, so
+    an organ drawn over another structure wins where they overlap."""
+    return [(s, BODY) for s in classes.unknown] + sorted(classes.organs, key=lambda sc: sc[1] != BODY)
+
+
+def mappingJson(order: list[tuple[Segment, int]]) -> str:
+    """The ``--labels`` file for ``ctsynth synth``: ``{"1": "liver", "2": "body", ...}``."""
+    return json.dumps({str(i + 1): MODEL_CLASSES[cls] for i, (_, cls) in enumerate(order)}, indent=1)

@@ -1,0 +1,1 @@
+"""Standalone trainer for CTSemanticSynth models: slice cache preparation, training, export."""

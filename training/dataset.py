@@ -1,0 +1,59 @@
+"""Memory-mapped access to a slice cache written by ``training.prepare``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from CTSemanticSynthLib.errors import InputError
+from CTSemanticSynthLib.labels import MODEL_CLASSES, NUM_CLASSES
+
+
+class SliceCache:
+    """The slices of one split: ``batch(indices)`` -> (images [B,1,S,S] in [-1,1], classes [B,S,S] long)."""
+
+    def __init__(self, root: str | Path, split: str) -> None:
+        root = Path(root)
+        meta_path = root / "cache.json"
+        if not meta_path.is_file():
+            raise InputError(f"{root} is not a slice cache (no cache.json): run python -m training.prepare first")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("classes") != list(MODEL_CLASSES):
+            raise InputError(f"{root} was prepared for other classes; prepare it again with this version")
+        self.image_size = int(self.meta["image_size"])
+        self._images: dict[str, np.ndarray] = {}
+        self._classes: dict[str, np.ndarray] = {}
+        self.rows: list[tuple[str, int]] = []
+        with open(root / "manifest.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                if row["split"] == split:
+                    self.rows.append((row["case"], int(row["slice"])))
+        if not self.rows:
+            raise InputError(f"{root} has no slices in split '{split}'")
+        for case in {c for c, _ in self.rows}:
+            folder = root / "cases" / case
+            self._images[case] = np.load(folder / "images.npy", mmap_mode="r")
+            self._classes[case] = np.load(folder / "classes.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images scaled to [-1, 1] (float32) and classes (int64) for the given row indices."""
+        picks = [self.rows[int(i)] for i in indices]
+        images = np.stack([self._images[c][s] for c, s in picks]).astype(np.float32)
+        classes = np.stack([self._classes[c][s] for c, s in picks]).astype(np.int64)
+        return torch.from_numpy(images * 2 - 1)[:, None], torch.from_numpy(classes)
+
+    def class_means(self, max_slices: int = 2000) -> list[float]:
+        """Mean [0,1] intensity per model class over (up to ``max_slices`` of) the split; 0 for absent classes."""
+        step = max(1, len(self) // max_slices)
+        images, classes = self.batch(list(range(0, len(self), step)))
+        unit = (images[:, 0] + 1) / 2
+        sums = torch.zeros(NUM_CLASSES).index_add_(0, classes.flatten(), unit.flatten())
+        counts = torch.bincount(classes.flatten(), minlength=NUM_CLASSES).float()
+        return [float(s / c) if c > 0 else 0.0 for s, c in zip(sums, counts)]

@@ -1,0 +1,227 @@
+"""Build a slice cache for training: windowed CT slices + model-class label slices, memory-mappable.
+
+    python -m training.prepare --amos /data/amos22 --out cache/amos256
+    python -m training.prepare --images cts/ --labels segs/ --convention totalseg --holdout-every 8 --out cache/demo
+
+Each case becomes ``OUT/cases/<id>/{images.npy (float16, [0,1]), classes.npy (uint8)}`` of shape (N, S, S),
+written atomically, so an interrupted run resumes where it stopped. ``OUT/manifest.csv`` lists every slice
+(case, slice index, split, source spacing) and ``OUT/cache.json`` the settings. Bad cases (unreadable, grid
+mismatch, no organ) are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from CTSemanticSynthLib import __version__
+from CTSemanticSynthLib.errors import CTSynthError, InputError
+from CTSemanticSynthLib.io import read_image, read_labelmap
+from CTSemanticSynthLib.labels import MODEL_CLASSES, resolve_adapter
+from CTSemanticSynthLib.preprocess import (
+    WINDOW_LEVEL,
+    WINDOW_WIDTH,
+    AxialOrientation,
+    PlaneResize,
+    add_body_class,
+    body_mask_from_ct,
+    hu_to_unit,
+)
+
+logger = logging.getLogger("training.prepare")
+AMOS_MAX_CT_ID = 500
+NIFTI = re.compile(r"(.+?)\.nii(\.gz)?$")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One CT/label pair and the split its slices go to ("train", "test", or "holdout" per slice)."""
+
+    case_id: str
+    image: Path
+    labels: Path
+    split: str
+
+
+def amos_cases(root: Path) -> list[Case]:
+    """AMOS22 CT cases (ids <= 500): training -> train, validation -> test, as in the paper."""
+    meta = root / "dataset.json"
+    if not meta.is_file():
+        raise InputError(f"{root} is not an AMOS22 folder: dataset.json is missing")
+    try:
+        data = json.loads(meta.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{meta} is not valid JSON ({exc})") from None
+    cases = []
+    for key, split in (("training", "train"), ("validation", "test")):
+        for entry in data.get(key, []):
+            image, labels = root / entry["image"], root / entry["label"]
+            match = re.search(r"(\d+)", image.name)
+            if match is None or int(match.group(1)) > AMOS_MAX_CT_ID:
+                continue  # MRI cases (ids > 500) are not CT
+            cases.append(Case(NIFTI.match(image.name).group(1) if NIFTI.match(image.name) else image.stem,
+                              image, labels, split))
+    if not cases:
+        raise InputError(f"{meta} lists no CT cases (AMOS ids <= {AMOS_MAX_CT_ID}) under training/validation")
+    return cases
+
+
+def paired_cases(images: Path, labels: Path, split: str) -> list[Case]:
+    """CT/label NIfTI pairs matched by file name."""
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise InputError(f"{folder} is not a folder")
+    cases = []
+    for image in sorted(images.iterdir()):
+        match = NIFTI.match(image.name)
+        if match is None:
+            continue
+        label = labels / image.name
+        if not label.exists():
+            logger.warning("skipping %s: no label file %s", image.name, label)
+            continue
+        cases.append(Case(match.group(1), image, label, split))
+    if not cases:
+        raise InputError(f"no CT/label NIfTI pairs with matching names in {images} and {labels}")
+    return cases
+
+
+def prepare_case(case: Case, out: Path, size: int, convention: str) -> dict:
+    """Window, add the body class, reorient and resize one case; write its arrays atomically."""
+    ct = read_image(case.image)
+    seg, names = read_labelmap(case.labels)
+    if not ct.same_grid(seg, atol=1e-3):
+        raise InputError(f"label map {case.labels} is not on the grid of CT {case.image}")
+    classes, report = resolve_adapter(convention, seg.array, names).classes(seg.array)
+    if not report.organs_present:
+        raise InputError(f"{case.labels.name} holds no organ of the model with the '{convention}' convention")
+    orientation = AxialOrientation.from_affine(ct.affine)
+    hu = orientation.to_stack(ct.array)
+    cls = add_body_class(orientation.to_stack(classes), body_mask_from_ct(hu))
+    resize = PlaneResize(hu.shape[1], hu.shape[2], size)
+    images = resize.to_model(torch.from_numpy(hu_to_unit(hu)), labels=False).clamp(0, 1).numpy().astype(np.float16)
+    small = resize.to_model(torch.from_numpy(cls.astype(np.int64)), labels=True).numpy().astype(np.uint8)
+    target = out / "cases" / case.case_id
+    tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.", dir=out / "cases"))
+    try:
+        np.save(tmp / "images.npy", images)
+        np.save(tmp / "classes.npy", small)
+        spacing = [ct.spacing[a] for a in orientation.axes]
+        info = {"case": case.case_id, "split": case.split, "slices": len(images), "spacing": spacing,
+                "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
+        (tmp / "case.json").write_text(json.dumps(info))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def is_holdout(index: int, every: int) -> bool:
+    """Whether axial slice ``index`` is held out when every ``every``-th slice is (0 = none)."""
+    return every > 0 and index % every == every // 2
+
+
+def write_manifest(out: Path, infos: list[dict], holdout_every: int) -> int:
+    """manifest.csv with one row per slice; with ``holdout_every`` k, every k-th slice of each case is 'test'."""
+    rows = 0
+    tmp = out / ".manifest.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "slice", "split", "spacing_slice", "spacing_row", "spacing_col"])
+        for info in sorted(infos, key=lambda i: i["case"]):
+            for index in range(info["slices"]):
+                split = info["split"]
+                if is_holdout(index, holdout_every):
+                    split = "test"
+                writer.writerow([info["case"], index, split, *info["spacing"]])
+                rows += 1
+    os.replace(tmp, out / "manifest.csv")
+    return rows
+
+
+def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers: int, holdout_every: int) -> dict:
+    """Prepare every case not already in the cache (in parallel); returns the cache summary."""
+    previous = out / "cache.json"
+    if previous.is_file():
+        settings = json.loads(previous.read_text())
+        for key, value in (("image_size", size), ("label_convention", convention)):
+            if settings.get(key) != value:
+                raise InputError(f"{out} was prepared with {key} {settings.get(key)!r}, not {value!r}: "
+                                 "use another --out (or delete it to start over)")
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    done, todo = [], []
+    for case in cases:
+        info_path = out / "cases" / case.case_id / "case.json"
+        (done.append(json.loads(info_path.read_text())) if info_path.is_file() else todo.append(case))
+    failed: dict[str, str] = {}
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool, \
+            tqdm(total=len(cases), initial=len(done), unit="case", desc="preparing") as bar:
+        futures = {pool.submit(prepare_case, case, out, size, convention): case for case in todo}
+        for future in as_completed(futures):
+            case = futures[future]
+            try:
+                done.append(future.result())
+            except CTSynthError as exc:
+                failed[case.case_id] = str(exc)
+                tqdm.write(f"prepare: skipped {case.case_id}: {exc}", file=sys.stderr)
+            bar.update(1)
+    slices = write_manifest(out, done, holdout_every)
+    summary = {"format": "ctsynth-slice-cache", "library_version": __version__, "image_size": size,
+               "window": {"level": WINDOW_LEVEL, "width": WINDOW_WIDTH}, "classes": list(MODEL_CLASSES),
+               "label_convention": convention, "holdout_every": holdout_every, "cases": len(done),
+               "slices": slices, "skipped": failed}
+    (out / "cache.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--amos", type=Path, help="AMOS22 folder (dataset.json, imagesTr/, labelsTr/, ...)")
+    source.add_argument("--images", type=Path, help="folder of CT NIfTI files (with --labels)")
+    parser.add_argument("--labels", type=Path, help="folder of label NIfTI files named like the CTs")
+    parser.add_argument("--convention", default="amos", help="label convention of the labels (default amos)")
+    parser.add_argument("--split", default="train", help="split for --images cases (default train)")
+    parser.add_argument("--holdout-every", type=int, default=0,
+                        help="put every k-th slice of each case in 'test' (single-patient demo); 0 = off")
+    parser.add_argument("--size", type=int, default=256, help="slice size (default 256, the paper's)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, required=True, help="cache folder (resumed when it exists)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="prepare: %(message)s")
+    try:
+        if args.amos is not None:
+            cases = amos_cases(args.amos)
+        else:
+            if args.labels is None:
+                parser.error("--images needs --labels")
+            cases = paired_cases(args.images, args.labels, args.split)
+        summary = prepare(cases, args.out, size=args.size, convention=args.convention, workers=args.workers,
+                          holdout_every=args.holdout_every)
+    except CTSynthError as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"prepare: {summary['cases']} cases, {summary['slices']} slices in {args.out}"
+          + (f"; skipped {len(summary['skipped'])}" if summary["skipped"] else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

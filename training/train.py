@@ -1,0 +1,372 @@
+"""Train a conditional diffusion model on a slice cache (single GPU, torchrun DDP, or CPU).
+
+    python -m training.train --data cache/amos256 --out runs/mask_guided --conditioning mask_encoder
+    python -m training.train --config training/configs/demo.yaml --resume
+    torchrun --nproc_per_node 4 -m training.train --data cache/amos256 --out runs/concat
+
+Every option has a default in ``train_defaults()`` (the paper's protocol); a YAML file sets any of them and
+flags override both. The run folder gets ``config.json`` (resolved), ``checkpoint.pt`` (written atomically
+every ``checkpoint_every`` iterations, with model, EMA, optimizer, scaler, step and RNG states), ``log.csv``,
+TensorBoard scalars (when ``tensorboard`` is installed), ``samples/`` grids and, at the end, ``model/`` — the
+EMA weights as a ``ctsynth`` model folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from CTSemanticSynthLib.checkpoint import save_model
+from CTSemanticSynthLib.diffusion import diffusion_defaults
+from CTSemanticSynthLib.errors import CTSynthError, InputError
+from CTSemanticSynthLib.factory import create_diffusion, create_model
+from CTSemanticSynthLib.models import model_defaults
+from CTSemanticSynthLib.preprocess import condition_inputs
+from CTSemanticSynthLib.synthesis import select_device
+
+from .dataset import SliceCache
+from .sample_grid import write_sample_grid
+from .timestep_sampler import make_timestep_sampler
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def train_defaults() -> dict[str, Any]:
+    """The paper's protocol (AMOS22, 256 px, batch 16, Adam 1e-4, 150k iterations) plus trainer settings."""
+    model = model_defaults()
+    diffusion = diffusion_defaults()
+    return {
+        "data": "", "out": "", "name": "",
+        "conditioning": model["conditioning"], "model_channels": model["model_channels"],
+        "channel_mult": model["channel_mult"], "num_res_blocks": model["num_res_blocks"],
+        "attention_resolutions": model["attention_resolutions"], "num_heads": model["num_heads"],
+        "dropout": model["dropout"], "encoder_channels": 0,
+        "schedule": diffusion["schedule"], "prediction": diffusion["prediction"], "loss": diffusion["loss"],
+        "vlb_weight": diffusion["vlb_weight"],
+        "batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "iterations": 150_000, "ema_rate": 0.9999,
+        "grad_clip": 1.0, "timestep_sampler": "uniform", "precision": "auto", "compile": False,
+        "checkpoint_every": 1000, "sample_every": 5000, "log_every": 50, "sample_steps": 25,
+        "sample_start_timestep": 0, "seed": 0, "device": "auto", "threads": 0, "half_export": False,
+    }
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
+    """Defaults <- YAML file (--config) <- flags; returns (config, parsed flags)."""
+    defaults = train_defaults()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--export-only", action="store_true",
+                        help="write OUT/model from OUT/checkpoint.pt without training (e.g. after stopping early)")
+    for key, value in defaults.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
+        elif isinstance(value, list):
+            parser.add_argument(flag, type=lambda s: [int(v) for v in s.split(",")], default=None, metavar="A,B,..")
+        else:
+            parser.add_argument(flag, type=type(value), default=None)
+    args = parser.parse_args(argv)
+    config = dict(defaults)
+    if args.config is not None:
+        config.update(_read_yaml(args.config, defaults))
+    config.update({k: v for k, v in vars(args).items() if k in defaults and v is not None})
+    for key in ("data", "out"):
+        if not config[key]:
+            raise InputError(f"--{key} is required (or set it in the --config file)")
+    return config, args
+
+
+def _read_yaml(path: Path, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Options from a YAML file, each converted to its default's type (YAML reads ``1e-4`` as a string)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise InputError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"--config {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise InputError(f"--config {path} must be a mapping of option: value")
+    unknown = sorted(set(loaded) - set(defaults))
+    if unknown:
+        raise InputError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    out = {}
+    for key, value in loaded.items():
+        kind = type(defaults[key])
+        try:
+            if kind is list:
+                out[key] = [int(v) for v in (value if isinstance(value, list) else str(value).split(","))]
+            elif kind is bool:
+                if not isinstance(value, bool):
+                    raise ValueError
+                out[key] = value
+            else:
+                out[key] = kind(value)
+        except (TypeError, ValueError):
+            raise InputError(f"--config {path}: {key}: {value!r} is not a {kind.__name__}") from None
+    return out
+
+
+def model_config(config: dict[str, Any], image_size: int) -> dict[str, Any]:
+    keys = ("conditioning", "model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+            "num_heads", "dropout")
+    out = {k: config[k] for k in keys} | {"image_size": image_size}
+    if config["encoder_channels"]:
+        out["encoder_channels"] = config["encoder_channels"]
+    return out
+
+
+def diffusion_config(config: dict[str, Any]) -> dict[str, Any]:
+    return diffusion_defaults() | {k: config[k] for k in ("schedule", "prediction", "loss", "vlb_weight")}
+
+
+class Trainer:
+    """Holds the state of one run; ``run()`` trains to ``iterations`` and exports the EMA model."""
+
+    def __init__(self, config: dict[str, Any], resume: bool) -> None:
+        self.config = config
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.device = select_device(config["device"])
+        if self.world > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self.device)
+        if config["threads"]:
+            torch.set_num_threads(int(config["threads"]))
+        self.out = Path(config["out"])
+        self.train_data = SliceCache(config["data"], "train")
+        try:
+            self.test_data: SliceCache | None = SliceCache(config["data"], "test")
+        except InputError:
+            self.test_data = None
+        self.class_means = self.train_data.class_means()
+        torch.manual_seed(config["seed"])
+        self.model = create_model(model_config(config, self.train_data.image_size)).to(self.device)
+        self.diffusion = create_diffusion(diffusion_config(config))
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"],
+                                           weight_decay=config["weight_decay"])
+        self.dtype = self._autocast_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.timesteps = make_timestep_sampler(config["timestep_sampler"], self.diffusion.num_timesteps)
+        self.generator = torch.Generator().manual_seed(config["seed"] * 1009 + self.rank)
+        self.step = 0
+        self.wall = 0.0
+        self.net: torch.nn.Module = self.model
+        if self.world > 1:
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if config["compile"]:
+            self.net = torch.compile(self.net)
+        if resume:
+            self._load()
+        elif (self.out / CHECKPOINT).exists():
+            raise InputError(f"{self.out} already holds a run: pass --resume to continue it or choose another --out")
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        precision = self.config["precision"]
+        if precision == "auto":
+            if self.device.type != "cuda":
+                return None
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "wall": self.wall, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(), "generator": self.generator.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "timesteps": self.timesteps.state_dict(), "config": json.dumps(self.config),
+        }
+
+    def save_checkpoint(self) -> None:
+        """Write checkpoint.pt atomically (temp file + rename); rank 0 only."""
+        if self.rank != 0:
+            return
+        tmp = self.out / f".{CHECKPOINT}.tmp"
+        torch.save(self._state(), tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def _load(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise InputError(f"{path} does not exist: nothing to resume or export; train first")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise InputError(f"--resume: {path} cannot be read ({type(exc).__name__}); it may be damaged") from None
+        saved = json.loads(state["config"])
+        changed = [k for k in ("conditioning", "model_channels", "channel_mult", "num_res_blocks", "schedule",
+                               "prediction", "data") if saved.get(k) != self.config[k]]
+        if changed:
+            raise InputError(f"--resume: {', '.join(changed)} differ from the saved run in {path}")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.generator.set_state(state["generator"])
+        self.timesteps.load_state_dict(state["timesteps"])
+        self.step, self.wall = int(state["step"]), float(state["wall"])
+
+    # --- training ---------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step on a random batch; returns the batch-mean losses."""
+        cfg = self.config
+        index = torch.randint(len(self.train_data), (cfg["batch_size"],), generator=self.generator)
+        images, classes = self.train_data.batch(index)
+        images = images.to(self.device)
+        t, weights = self.timesteps.sample(len(index), self.generator)
+        noise = torch.randn(images.shape, generator=self.generator).to(self.device)
+        t, weights = t.to(self.device), weights.to(self.device)
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            losses = self.diffusion.training_losses(self.net, images, t,
+                                                    {k: v.to(self.device) for k, v in condition_inputs(classes, cfg["conditioning"]).items()},
+                                                    noise)
+        self.timesteps.update(t, losses["loss"])
+        loss = (losses["loss"].float() * weights).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._update_ema()
+        self.step += 1
+        return {"loss": float(loss.detach()), "mse": float(losses["mse"].detach().mean()),
+                "vb": float(losses["vb"].detach().mean()),
+                "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        rate = min(self.config["ema_rate"], (1 + self.step) / (10 + self.step))
+        for ema, param in zip(self.ema.parameters(), self.model.parameters()):
+            ema.lerp_(param.detach(), 1 - rate)
+        for ema, buf in zip(self.ema.buffers(), self.model.buffers()):
+            ema.copy_(buf)
+
+    def run(self) -> Path:
+        """Train to ``iterations`` (checkpointing, logging, sampling), then export ``OUT/model``."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.rank == 0
+        if main:
+            (self.out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        writer = _tensorboard(self.out) if main else None
+        log_path = self.out / "log.csv"
+        new_log = not log_path.exists()
+        with open(log_path, "a", newline="") as log_file, tqdm(
+            total=cfg["iterations"], initial=self.step, unit="it", disable=not main, desc="training",
+            dynamic_ncols=True,
+        ) as bar:
+            log = csv.writer(log_file)
+            if new_log:
+                log.writerow(["step", "loss", "mse", "vb", "grad_norm", "lr", "it_per_s", "wall_s"])
+            tic, since = time.perf_counter(), self.step
+            while self.step < cfg["iterations"]:
+                metrics = self.train_step()
+                bar.update(1)
+                if self.step % cfg["log_every"] == 0 and main:
+                    now = time.perf_counter()
+                    self.wall += now - tic
+                    rate = (self.step - since) / max(now - tic, 1e-9)
+                    tic, since = now, self.step
+                    log.writerow([self.step, *(f"{metrics[k]:.6g}" for k in ("loss", "mse", "vb", "grad_norm")),
+                                  cfg["lr"], f"{rate:.4g}", f"{self.wall:.1f}"])
+                    log_file.flush()
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    if writer is not None:
+                        for key, value in metrics.items():
+                            writer.add_scalar(f"train/{key}", value, self.step)
+                if self.step % cfg["checkpoint_every"] == 0 or self.step == cfg["iterations"]:
+                    self.save_checkpoint()
+                if main and cfg["sample_every"] and self.step % cfg["sample_every"] == 0:
+                    self.write_samples()
+        if writer is not None:
+            writer.close()
+        return self.export() if main else self.out / "model"
+
+    def write_samples(self) -> Path:
+        """A grid mask | real | synthetic (EMA model) for fixed held-out (or training) slices."""
+        data = self.test_data or self.train_data
+        index = torch.linspace(0, len(data) - 1, steps=min(4, len(data))).long()
+        images, classes = data.batch(index)
+        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        write_sample_grid(path, self.ema, self.diffusion, images, classes, self.config["conditioning"],
+                          steps=self.config["sample_steps"], start_timestep=self.config["sample_start_timestep"] or None,
+                          class_means=self.class_means, device=self.device)
+        return path
+
+    def export(self) -> Path:
+        """EMA weights -> OUT/model (safetensors + config.json), with the training summary and class means."""
+        target = self.out / "model"
+        hardware = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        extra = {
+            "description": f"{self.config['conditioning']} model trained with CTSemanticSynth training/train.py",
+            "class_means": self.class_means,
+            "training": {"iterations": self.step, "batch_size": self.config["batch_size"], "lr": self.config["lr"],
+                         "data": str(self.config["data"]), "train_slices": len(self.train_data),
+                         "hardware": f"{hardware} x{self.world}", "wall_time_s": round(self.wall, 1),
+                         "ema_rate": self.config["ema_rate"]},
+        }
+        if self.config["sample_start_timestep"]:
+            extra["sampling_presets"] = {"fast": {"sampler": "ddim", "steps": self.config["sample_steps"],
+                                                  "start_timestep": self.config["sample_start_timestep"]}}
+        save_model(target, self.ema, self.diffusion, name=self.config["name"] or self.out.name, extra=extra,
+                   half=self.config["half_export"], overwrite=True)
+        return target
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, args = parse_config(argv)
+        trainer = Trainer(config, resume=args.resume or args.export_only)
+        model_dir = trainer.export() if args.export_only else trainer.run()
+    except CTSynthError as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    print(f"train: exported {model_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
