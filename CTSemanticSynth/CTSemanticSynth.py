@@ -1,4 +1,3 @@
-import logging
 import pathlib
 import random
 from typing import Annotated
@@ -20,7 +19,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CTSemanticSynthSlicerLib.logic import SynthesisLogic
-from CTSemanticSynthSlicerLib.process import State
+from CTSemanticSynthSlicerLib.process import State, formatDuration
 from CTSemanticSynthSlicerLib.segments import CONVENTIONS
 
 PRESETS = ("fast", "balanced", "paper")
@@ -97,6 +96,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._task = None
         self._swapped = False
+        self._shownModel = ()
         self._timer = qt.QTimer()
         self._timer.setInterval(500)
         self._timer.timeout.connect(self.onTimer)
@@ -117,8 +117,6 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.swapButton.connect("clicked(bool)", self.onSwapButton)
         self.ui.revealButton.connect("clicked(bool)", self.onRevealButton)
         self.ui.diceButton.connect("clicked(bool)", self.onDiceButton)
-        self.ui.modelFolderPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
-        self.ui.useBundledModelCheckBox.connect("toggled(bool)", self.updateModelInfo)
         self.ui.progressBar.hide()
         self.initializeParameterNode()
 
@@ -162,7 +160,6 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
-            self.updateModelInfo()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -179,6 +176,9 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelFolderPathLineEdit.enabled = bool(p and not p.useBundledModel)
         self.ui.mappingFilePathLineEdit.enabled = bool(p and p.labelConvention == "json")
         self.ui.seedSpinBox.enabled = bool(p and not p.randomSeed)
+        if p and self._shownModel != (p.useBundledModel, str(p.modelFolder)):
+            self._shownModel = (p.useBundledModel, str(p.modelFolder))
+            self.updateModelInfo()
 
     def _modelSpec(self):
         p = self._parameterNode
@@ -188,15 +188,17 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise ValueError(_("Choose a model folder, or tick 'Bundled demo model'."))
         return str(p.modelFolder)
 
-    def updateModelInfo(self, *args) -> None:
+    def updateModelInfo(self) -> None:
         from CTSemanticSynthSlicerLib.models import findModel, readModelCard
 
-        if not self._parameterNode:
-            return
         try:
-            self.ui.modelInfoLabel.text = readModelCard(findModel(self._modelSpec())).summary()
+            card = readModelCard(findModel(self._modelSpec()))
+            self.ui.modelInfoLabel.text = card.summary()
+            self.ui.modelInfoLabel.toolTip = _("{path}\nclasses: {classes}\nsha256 {sha}").format(
+                path=card.path, classes=", ".join(card.classes[1:]), sha=card.sha256)
         except (OSError, ValueError) as exc:
             self.ui.modelInfoLabel.text = str(exc)
+            self.ui.modelInfoLabel.toolTip = ""
 
     # --- apply / cancel and the background task ------------------------------------------------------------
     def onApplyButton(self) -> None:
@@ -255,7 +257,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     node = self.logic.finishSynthesis(task)
                     self._parameterNode.outputVolume = node
                     slicer.util.setSliceViewerLayers(background=node, fit=True)
-                    message = _("Done: '{name}' ({time}).").format(name=node.GetName(), time=process.statusText().split(",")[0])
+                    message = _("Done: '{name}' in {time}.").format(name=node.GetName(), time=formatDuration(process.elapsed))
                 else:
                     tableNode, segNode = self.logic.finishDice(task)
                     self.ui.diceTableView.setMRMLTableNode(tableNode)
@@ -292,15 +294,13 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @staticmethod
     def _setBlind(blind: bool) -> None:
-        """Hide what names the volumes: view controllers and corner annotations (best effort across versions)."""
+        """Hide what names the volumes: the view controllers and the slice views' corner annotations."""
         slicer.util.setViewControllersVisible(not blind)
-        try:
-            annotations = slicer.modules.DataProbeInstance.infoWidget.sliceAnnotations
-            annotations.sliceViewAnnotationsEnabled = 0 if blind else 1
-            annotations.updateSliceViewFromGUI()
-            slicer.util.forceRenderAllViews()
-        except AttributeError:
-            logging.debug("CTSemanticSynth: slice view annotations could not be toggled")
+        layoutManager = slicer.app.layoutManager()
+        for name in layoutManager.sliceViewNames():
+            view = layoutManager.sliceWidget(name).sliceView()
+            view.cornerAnnotation().SetVisibility(not blind)
+            view.scheduleRender()
 
     # --- Dice -----------------------------------------------------------------------------------------------
     def onDiceButton(self) -> None:
@@ -386,7 +386,8 @@ class CTSemanticSynthTest(ScriptedLoadableModuleTest):
         try:
             findModel(None)
         except FileNotFoundError as exc:
-            self.skipTest(str(exc))
+            self.delayDisplay(f"Synthesis test skipped: {exc}")
+            return
         segmentation, ijkToRAS = self._segmentation()
         logic = CTSemanticSynthLogic()
         before = slicer.mrmlScene.GetNumberOfNodes()

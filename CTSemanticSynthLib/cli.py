@@ -71,6 +71,11 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the full config.json")
 
     sub.add_parser("classes", help="list the model classes and the accepted label conventions")
+
+    from .evaluate_cli import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(sub.add_parser("evaluate", help="score a synthetic CT: HU per organ, PSNR/SSIM, "
+                                          "TotalSegmentator Dice (--totalseg), FID per plane (--fid)"))
     return parser
 
 
@@ -175,11 +180,20 @@ def _classes(_: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate_cli import run
+
+    print(run(args, progress=lambda message: print(f"ctsynth: {message}", file=sys.stderr)))
+    if args.json is not None:
+        print(f"ctsynth: wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage and input errors, 130 when interrupted)."""
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="ctsynth: %(levelname)s: %(message)s")
-    handler = {"synth": _synth, "info": _info, "classes": _classes}[args.command]
+    handler = {"synth": _synth, "info": _info, "classes": _classes, "evaluate": _evaluate}[args.command]
     try:
         return handler(args)
     except CTSynthError as exc:

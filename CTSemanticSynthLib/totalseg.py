@@ -146,17 +146,18 @@ def run_totalsegmentator(ct: Volume, *, fast: bool = True, device: str = "auto",
         if log_path is not None:
             log_path.write_text(output)
         if proc.returncode != 0 or not labels.is_file():
-            logger.debug("TotalSegmentator output:\n%s", output)
+            logger.info("TotalSegmentator output:\n%s", output)
             raise CTSynthError(f"TotalSegmentator failed (exit code {proc.returncode}): {_last_lines(output)}"
-                               + (f"; full log in {log_path}" if log_path is not None else ""))
+                               + (f"; full log in {log_path}" if log_path is not None else "; -v shows its output"))
         result, _ = read_labelmap(labels)
     if not result.same_grid(ct, atol=1e-3):
         raise CTSynthError(f"TotalSegmentator returned a label map on another grid ({result.shape} vs {ct.shape})")
     return result
 
 
-def _last_lines(text: str, n: int = 3) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+def _last_lines(text: str, n: int = 2) -> str:
+    """The last ``n`` meaningful lines of a child's output (traceback markers dropped)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not set(line.strip()) <= set("^~ ")]
     return " | ".join(lines[-n:]) if lines else "no output"
 
 

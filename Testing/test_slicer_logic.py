@@ -6,6 +6,8 @@ background process with a tiny model, and checks geometry, provenance, subject h
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ MODULE_DIR = Path(__file__).resolve().parent.parent / "CTSemanticSynth"
 sys.path.insert(0, str(MODULE_DIR))
 
 from CTSemanticSynthLib.labels import totalsegmentator_names  # noqa: E402
-from CTSemanticSynthSlicerLib.logic import ATTRIBUTE_PREFIX, SynthesisError, SynthesisLogic  # noqa: E402
+from CTSemanticSynthSlicerLib.logic import ATTRIBUTE_PREFIX, SynthesisError, SynthesisLogic, cliOptions  # noqa: E402
 from CTSemanticSynthSlicerLib.process import State  # noqa: E402
 from CTSemanticSynthSlicerLib.segments import LabelMappingError  # noqa: E402
 
@@ -193,6 +195,9 @@ def test_export_follows_the_reference_geometry(scene, logic, tmp_path):
     assert np.array_equal(ijkToRAS, matrix(ct)) and dims == ct.GetImageData().GetDimensions()
     assert node_ids(scene) == ids  # the temporary label map, colour table and display node are gone
 
+    with pytest.raises(ValueError, match="cannot receive the synthetic CT"):
+        logic.startSynthesis(segmentation, outputVolumeNode=ct, referenceVolumeNode=ct, labels="totalseg")
+
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
     empty.GetSegmentation().AddEmptySegment("liver", "liver")
     with pytest.raises(ValueError, match="no reference geometry.*reference CT"):
@@ -220,8 +225,113 @@ def test_review_layout_and_dice_table(scene, logic, tmp_path):
     assert views["Yellow"].GetBackgroundVolumeID() == real.GetID()
 
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "dice")
-    logic.fillDiceTable(table, {"synthetic": {"dice": {"liver": 0.9, "spleen": 0.7}, "mean": 0.8},
-                                "real": {"dice": {"liver": 0.95, "spleen": 0.85}}})
+    logic.fillDiceTable(table, {"totalseg": {"synthetic": {"liver": 0.9, "spleen": 0.7, "pancreas": None},
+                                             "real": {"liver": 0.95, "spleen": 0.85}, "mean_synthetic": 0.8}})
     assert table.GetNumberOfColumns() == 3 and table.GetNumberOfRows() == 3
     assert [table.GetCellText(r, 0) for r in range(3)] == ["Spleen", "Liver", "Mean"]
     assert float(table.GetCellText(2, 1)) == pytest.approx(0.8) and float(table.GetCellText(1, 2)) == pytest.approx(0.95)
+
+
+def test_command_mapping_and_body_outline(scene, tmp_path):
+    """What the background process is given: the segments as values 1..N, a JSON mapping, the body outline."""
+    true = shutil.which("true")
+    if true is None:
+        pytest.skip("needs a 'true' executable to stand in for PythonSlicer")
+    logic = SynthesisLogic(pythonExecutable=true, tempRoot=str(tmp_path), keepFiles=True)
+    segmentation = load_segmentation(scene, names="totalseg")
+    segments = segmentation.GetSegmentation()
+    segments.GetSegment(segments.GetSegmentIdBySegmentName("liver")).SetName("Liver")
+    segments.GetSegment(segments.GetSegmentIdBySegmentName("urinary_bladder")).SetName("body")
+    segments.GetSegment(segments.GetSegmentIdBySegmentName("spleen")).SetName("Milz")
+    task = logic.startSynthesis(segmentation, model="demo", preset="balanced", seed=9, steps=0)
+    task.wait(30)
+    args = task.process.args
+    assert args[1:4] == ["-m", "CTSemanticSynthLib.cli", "synth"]
+    option = lambda name: args[args.index(name) + 1]  # noqa: E731
+    assert (option("--preset"), option("--seed"), option("--model")) == ("balanced", "9", "demo")
+    assert "--steps" not in args and Path(option("--body-mask")).is_file()
+    assert set(a for a in args if a.startswith("--")) <= cliOptions("synth")
+    assert ("--progress-lines" in args) == ("--progress-lines" in cliOptions("synth"))
+    mapping = json.loads(Path(option("--labels")).read_text())
+    assert mapping["1"] == "body" and "liver" in mapping.values() and "spleen" not in mapping.values()
+    assert sorted(mapping, key=int) == [str(i) for i in range(1, len(mapping) + 1)]
+    assert "'Milz'" in task.warnings[0]
+    labels = slicer.vtkMRMLLabelMapVolumeNode()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(option("--seg"))
+    assert storage.ReadData(labels)
+    values = slicer.util.arrayFromVolume(labels)
+    liver_value = int([k for k, v in mapping.items() if v == "liver"][0])
+    reference = slicer.util.arrayFromVolume(load_volume(scene, SAMPLE_SEG, "raw"))
+    assert np.array_equal(values == liver_value, reference == 5)  # the liver voxels, on the same grid
+    with pytest.raises(SynthesisError):
+        logic.finishSynthesis(task)  # the stand-in wrote nothing
+
+
+def test_finish_dice_loads_table_and_segmentation(scene, logic, tmp_path):
+    """finishDice with the files `ctsynth evaluate` is expected to write (see SynthesisLogic.diceCommand)."""
+    from CTSemanticSynthLib.io import Volume, read_labelmap, write_volume
+    from CTSemanticSynthSlicerLib.logic import BackgroundTask
+    from CTSemanticSynthSlicerLib.process import BackgroundProcess
+
+    synthetic = load_volume(scene, SAMPLE_CT, "case01 synthetic CT")
+    work = tmp_path / "dice"
+    work.mkdir()
+    seg, _ = read_labelmap(SAMPLE_SEG)
+    amos = np.where(seg.array == 5, 6, np.where(seg.array == 1, 1, 0)).astype(np.uint8)  # liver, spleen
+    write_volume(Volume(amos, seg.affine), work / "totalseg_synthetic.nii.gz")
+    (work / "dice.json").write_text(json.dumps({"totalseg": {"synthetic": {"liver": 0.91, "spleen": 0.8}}}))
+    process = BackgroundProcess([sys.executable, "-c", "print('PROGRESS 1/1')"]).start()
+    task = BackgroundTask(process, work, "dice", inputs={"syntheticID": synthetic.GetID(), "json": work / "dice.json",
+                                                          "totalseg": work / "totalseg_synthetic.nii.gz"})
+    task.wait(30)
+    table, segmentation = logic.finishDice(task)
+    assert table.GetName() == "case01 synthetic CT Dice" and table.GetNumberOfRows() == 3
+    names = sorted(segmentation.GetSegmentation().GetNthSegment(i).GetName()
+                   for i in range(segmentation.GetSegmentation().GetNumberOfSegments()))
+    assert names == ["Liver", "Spleen"] and not work.exists()
+    assert {scene.GetNthNode(i).GetClassName() for i in range(scene.GetNumberOfNodes())} >= {"vtkMRMLTableNode"}
+    assert not scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems()
+
+
+def test_dice_command_matches_ctsynth_evaluate(tmp_path):
+    args = SynthesisLogic.diceCommand(tmp_path / "s.nii.gz", tmp_path / "l.nrrd", tmp_path / "l.json",
+                                      tmp_path / "r.nii.gz", tmp_path / "d.json", tmp_path / "t.nii.gz", "cpu", False)
+    options = {a for a in map(str, args) if a.startswith("--")}
+    assert args[0] == "evaluate" and {"--totalseg", "--real", "--full", "--json"} <= options
+    assert options <= cliOptions("evaluate")  # every option exists in the real parser
+
+
+def test_slicer_process_never_imports_torch():
+    """Everything the module runs in Slicer's own process (logic, option discovery, segments, models) is torch-free."""
+    code = (f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r})\n"
+            "import CTSemanticSynthSlicerLib.logic as logic, CTSemanticSynthSlicerLib.dependencies\n"
+            "logic.cliOptions('synth'); logic.cliOptions('evaluate')\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_left_handed_oblique_grid_is_kept_voxel_for_voxel(scene, logic, tiny_model):
+    """A left-handed, oblique grid (the case NIfTI readers get wrong) comes back unchanged, organs in place."""
+    angle = np.deg2rad(12)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    ijkToRAS = np.eye(4)
+    ijkToRAS[:3, :3] = rotation @ np.diag([4.0, 4.0, -5.0])  # det < 0: left-handed
+    ijkToRAS[:3, 3] = [-90.0, 40.0, 120.0]
+    labels = np.zeros((10, 64, 64), dtype=np.int16)  # K, J, I
+    labels[2:8, 4:20, 4:22] = 1  # "liver" in one corner: a flipped read would put it in the background
+    labels[3:7, 6:14, 26:32] = 2
+    labelmap = slicer.util.addVolumeFromArray(labels, ijkToRAS, "labels", "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "oblique")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    segmentation.GetSegmentation().GetNthSegment(0).SetName("Liver")
+    segmentation.GetSegmentation().GetNthSegment(1).SetName("Spleen")
+
+    output = logic.synthesize(segmentation, timeout=240, model=str(tiny_model), **FAST)
+    np.testing.assert_array_equal(matrix(output), matrix(labelmap))
+    hu = slicer.util.arrayFromVolume(output)
+    assert hu.shape == labels.shape
+    assert (hu[labels > 0] > -1000).all()  # organs are tissue where they were drawn ...
+    assert (hu[:, 50:, 50:] == -1000).all()  # ... and the far corner, outside the body, is air

@@ -58,7 +58,7 @@ def train_defaults() -> dict[str, Any]:
         "schedule": diffusion["schedule"], "prediction": diffusion["prediction"], "loss": diffusion["loss"],
         "vlb_weight": diffusion["vlb_weight"],
         "batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "iterations": 150_000, "ema_rate": 0.9999,
-        "grad_clip": 1.0, "timestep_sampler": "uniform", "precision": "auto", "compile": False,
+        "grad_clip": 1.0, "timestep_sampler": "uniform", "max_timestep": 0, "precision": "auto", "compile": False,
         "checkpoint_every": 1000, "sample_every": 5000, "log_every": 50, "sample_steps": 25,
         "sample_start_timestep": 0, "seed": 0, "device": "auto", "threads": 0, "half_export": False,
     }
@@ -166,7 +166,11 @@ class Trainer:
                                            weight_decay=config["weight_decay"])
         self.dtype = self._autocast_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
-        self.timesteps = make_timestep_sampler(config["timestep_sampler"], self.diffusion.num_timesteps)
+        limit = config["max_timestep"] or self.diffusion.num_timesteps
+        if not 0 < limit <= self.diffusion.num_timesteps or config["sample_start_timestep"] >= limit:
+            raise InputError(f"max_timestep {config['max_timestep']} must lie in 1..{self.diffusion.num_timesteps} "
+                             f"and exceed sample_start_timestep {config['sample_start_timestep']}")
+        self.timesteps = make_timestep_sampler(config["timestep_sampler"], limit)
         self.generator = torch.Generator().manual_seed(config["seed"] * 1009 + self.rank)
         self.step = 0
         self.wall = 0.0
@@ -332,11 +336,16 @@ class Trainer:
             "training": {"iterations": self.step, "batch_size": self.config["batch_size"], "lr": self.config["lr"],
                          "data": str(self.config["data"]), "train_slices": len(self.train_data),
                          "hardware": f"{hardware} x{self.world}", "wall_time_s": round(self.wall, 1),
-                         "ema_rate": self.config["ema_rate"]},
+                         "ema_rate": self.config["ema_rate"],
+                         "timesteps_trained": self.timesteps.num_timesteps},
         }
-        if self.config["sample_start_timestep"]:
-            extra["sampling_presets"] = {"fast": {"sampler": "ddim", "steps": self.config["sample_steps"],
-                                                  "start_timestep": self.config["sample_start_timestep"]}}
+        start, steps = self.config["sample_start_timestep"], self.config["sample_steps"]
+        if start:  # the model was made to sample from the noised class-mean prior: every preset starts there
+            extra["sampling_presets"] = {
+                "fast": {"sampler": "ddim", "steps": steps, "start_timestep": start},
+                "balanced": {"sampler": "ddim", "steps": min(start + 1, 4 * steps), "start_timestep": start},
+                "paper": {"sampler": "ancestral", "steps": start + 1, "start_timestep": start},
+            }
         save_model(target, self.ema, self.diffusion, name=self.config["name"] or self.out.name, extra=extra,
                    half=self.config["half_export"], overwrite=True)
         return target

@@ -11,7 +11,9 @@ folder, so the scene stays exactly as it was.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -57,6 +59,19 @@ def _vtkMatrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
     return m
 
 
+@functools.lru_cache(maxsize=None)
+def cliOptions(command: str) -> frozenset[str]:
+    """The option strings ``ctsynth COMMAND`` accepts, read from its parser (no torch is imported), so the module
+    uses options such as ``--progress-lines`` as soon as the command line offers them."""
+    from CTSemanticSynthLib.cli import _build_parser
+
+    parser = _build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if command not in commands:
+        return frozenset()
+    return frozenset(option for action in commands[command]._actions for option in action.option_strings)
+
+
 @contextlib.contextmanager
 def temporaryNodes(scene):
     """Remove every node added to ``scene`` inside the block (export helpers add colour tables, display nodes)."""
@@ -78,14 +93,18 @@ def writeVolume(node, path: Path) -> None:
         raise SynthesisError(f"could not write {node.GetName()} to {path}")
 
 
-def readVolume(path: Path, labelmap: bool = False):
-    """A volume node (not in any scene) read from ``path``."""
-    node = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
-    if not storage.ReadData(node) or node.GetImageData() is None:
-        raise SynthesisError(f"could not read {path}")
-    return node
+def readArray(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels in Slicer's K, J, I order, IJKToRAS) of an image file, read with the library's one LPS -> RAS
+    conversion. Slicer's own reader would flip a left-handed grid to a right-handed one (and the voxels with it)."""
+    import SimpleITK as sitk
+
+    from CTSemanticSynthLib.io import sitk_to_volume
+
+    try:
+        volume = sitk_to_volume(sitk.ReadImage(str(path)))
+    except RuntimeError as exc:
+        raise SynthesisError(f"could not read {path} ({str(exc).strip().splitlines()[-1]})") from None
+    return np.ascontiguousarray(volume.array.transpose(2, 1, 0)), volume.affine
 
 
 @dataclass
@@ -209,6 +228,10 @@ class SynthesisLogic:
 
         ``steps`` 0 keeps the preset's. Finish with :meth:`finishSynthesis` once ``task.poll()`` says SUCCEEDED.
         """
+        if outputVolumeNode is not None and (outputVolumeNode is referenceVolumeNode
+                                             or outputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode")):
+            raise ValueError(f"'{outputVolumeNode.GetName()}' cannot receive the synthetic CT (it is the reference CT or "
+                             "a label map): choose 'Create new volume' or another volume")
         classes = self.classifySegments(segmentationNode, labels, mappingFile, strictLabels)
         geometryNode = self.geometrySource(segmentationNode, referenceVolumeNode)
         order = exportOrder(classes)
@@ -226,6 +249,8 @@ class SynthesisLogic:
                 if bodyDims != dims or not np.allclose(bodyMatrix, ijkToRAS, atol=GEOMETRY_TOLERANCE_MM):
                     raise SynthesisError("the body outline segment could not be exported on the segmentation's grid")
                 args += ["--body-mask", bodyPath]
+            if "--progress-lines" in cliOptions("synth"):
+                args.append("--progress-lines")  # "PROGRESS done/total" lines; otherwise tqdm's bar is parsed
             if steps:
                 args += ["--steps", int(steps)]
             if model:
@@ -266,9 +291,9 @@ class SynthesisLogic:
 
     def _loadSynthetic(self, inputs: dict):
         scene = slicer.mrmlScene
-        loaded = readVolume(inputs["output"])
-        dims = tuple(loaded.GetImageData().GetDimensions())
-        if dims != tuple(inputs["dimensions"]) or not np.allclose(_matrix(loaded), inputs["ijkToRAS"], atol=GEOMETRY_TOLERANCE_MM):
+        voxels, ijkToRAS = readArray(inputs["output"])
+        dims = voxels.shape[::-1]
+        if dims != tuple(inputs["dimensions"]) or not np.allclose(ijkToRAS, inputs["ijkToRAS"], atol=GEOMETRY_TOLERANCE_MM):
             raise SynthesisError(f"the synthetic CT came back on another grid ({dims} vs {inputs['dimensions']}); "
                                  "nothing was loaded")
         provenance = json.loads(Path(inputs["sidecar"]).read_text())
@@ -276,8 +301,8 @@ class SynthesisLogic:
         if node is None:
             node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(inputs["outputName"]))
         wasModifying = node.StartModify()
-        node.SetAndObserveImageData(loaded.GetImageData())
-        node.SetIJKToRASMatrix(_vtkMatrix(inputs["ijkToRAS"]))
+        slicer.util.updateVolumeFromArray(node, voxels)
+        node.SetIJKToRASMatrix(_vtkMatrix(inputs["ijkToRAS"]))  # exactly the segmentation's grid
         node.SetAndObserveTransformNodeID(inputs["transformID"])
         self._setProvenance(node, provenance, inputs)
         node.EndModify(wasModifying)
@@ -417,15 +442,16 @@ class SynthesisLogic:
     @staticmethod
     def diceCommand(synthetic: Path, seg: Path, labels: Path, real: Path | None, jsonOut: Path, segOut: Path,
                     device: str, fast: bool) -> list:
-        # INTEGRATION POINT (issue 6): the `ctsynth evaluate` options below are this module's proposal; keep them
-        # in step with CTSemanticSynthLib/cli.py. Expected: `--json` gets {"synthetic": {"dice": {class: value},
-        # "mean": m}, "real": {...}} and `--save-seg` the TotalSegmentator result mapped to model class ids.
-        args = ["evaluate", "--synthetic", synthetic, "--seg", seg, "--labels", labels, "--json", jsonOut,
-                "--save-seg", segOut, "--device", device]
+        """``ctsynth evaluate --totalseg`` (CTSemanticSynthLib/evaluate_cli.py). The TotalSegmentator label map is
+        asked for only when the command offers ``--save-totalseg``."""
+        args = ["evaluate", "--synthetic", synthetic, "--seg", seg, "--labels", labels, "--totalseg",
+                "--json", jsonOut, "--device", device, "--overwrite"]
         if real is not None:
             args += ["--real", real]
-        if fast:
-            args.append("--fast")
+        if not fast:
+            args.append("--full")
+        if "--save-totalseg" in cliOptions("evaluate"):
+            args += ["--save-totalseg", segOut]
         return args
 
     def finishDice(self, task: BackgroundTask, tableNode=None):
@@ -454,24 +480,26 @@ class SynthesisLogic:
                 task.cleanup()
 
     @staticmethod
-    def _diceColumns(results: dict) -> dict[str, dict[str, float]]:
-        """{column title: {class name: dice}} from the evaluate JSON (a few shapes accepted)."""
-        columns = {}
+    def _diceColumns(results: dict) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """({column title: {class name: dice}}, {column title: mean}) from ``ctsynth evaluate --json``
+        (its "totalseg" part: {"synthetic": {organ: dice or null}, "real": ..., "mean_synthetic": ...})."""
+        results = results.get("totalseg", results)
+        columns, means = {}, {}
         for key, title in (("synthetic", "Dice synthetic CT"), ("real", "Dice real CT")):
             part = results.get(key)
             if isinstance(part, dict):
-                dice = part.get("dice", part)
-                columns[title] = {normalize_name(k): float(v) for k, v in dice.items() if isinstance(v, (int, float))}
-        if not columns and isinstance(results.get("dice"), dict):
-            columns["Dice synthetic CT"] = {normalize_name(k): float(v) for k, v in results["dice"].items()}
+                part = part.get("dice", part)
+                columns[title] = {normalize_name(k): float(v) for k, v in part.items() if isinstance(v, (int, float))}
+                if isinstance(results.get(f"mean_{key}"), (int, float)):
+                    means[title] = float(results[f"mean_{key}"])
         if not columns:
             raise SynthesisError("the Dice results file has no per-organ values")
-        return columns
+        return columns, means
 
     @classmethod
     def fillDiceTable(cls, tableNode, results: dict) -> None:
         """Organ | Dice synthetic CT | [Dice real CT], one row per organ scored plus the mean."""
-        columns = cls._diceColumns(results)
+        columns, means = cls._diceColumns(results)
         organs = [c for c in MODEL_CLASSES if any(c in col for col in columns.values())]
         wasModifying = tableNode.StartModify()
         tableNode.RemoveAllColumns()
@@ -487,7 +515,8 @@ class SynthesisLogic:
             scored = [values.get(organ, float("nan")) for organ in organs]
             for value in scored:
                 array.InsertNextValue(value)
-            array.InsertNextValue(float(np.nanmean(scored)) if np.isfinite(scored).any() else float("nan"))
+            mean = means.get(title, float(np.nanmean(scored)) if np.isfinite(scored).any() else float("nan"))
+            array.InsertNextValue(mean)
             tableNode.AddColumn(array)
         tableNode.SetUseColumnTitleAsColumnHeader(True)
         tableNode.SetAttribute(ATTRIBUTE_PREFIX + "DiceResults", json.dumps(results, sort_keys=True))
@@ -497,13 +526,13 @@ class SynthesisLogic:
     def loadClassLabelmap(path: Path, name: str):
         """A segmentation node from a label map in model class ids, with the model's names and colours."""
         scene = slicer.mrmlScene
-        loaded = readVolume(path, labelmap=True)
+        voxels, ijkToRAS = readArray(path)
         segNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
         segNode.CreateDefaultDisplayNodes()  # before the block, which removes every node it adds
         with temporaryNodes(scene):
             labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-            labelmap.SetAndObserveImageData(loaded.GetImageData())
-            labelmap.SetIJKToRASMatrix(_vtkMatrix(_matrix(loaded)))
+            slicer.util.updateVolumeFromArray(labelmap, voxels)
+            labelmap.SetIJKToRASMatrix(_vtkMatrix(ijkToRAS))
             ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segNode)
         if not ok:
             scene.RemoveNode(segNode)

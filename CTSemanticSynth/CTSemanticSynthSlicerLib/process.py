@@ -17,8 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-# "PROGRESS 12/87" (a machine-readable line) or tqdm's "... 12.5/87 slices [..." (what ctsynth prints today).
-_PROGRESS = re.compile(r"^PROGRESS\s+(\d+(?:\.\d+)?)\s*/\s*(\d+)\s*$")
+# "PROGRESS 12.5 87" (`ctsynth synth --progress-lines`; "PROGRESS 12/87" too) or tqdm's "... 12.5/87 slices [...".
+_PROGRESS = re.compile(r"^PROGRESS\s+(\d+(?:\.\d+)?)(?:\s*/\s*|\s+)(\d+)\s*$")
 _TQDM = re.compile(r"(\d+(?:\.\d+)?)/(\d+) slices")
 _ERROR_PREFIXES = ("ctsynth: error:", "error:")
 KEEP_LINES = 400
@@ -188,10 +188,19 @@ class BackgroundProcess:
     def statusText(self, unit: str = "slices") -> str:
         """E.g. ``'12.0/87 slices, 2 min 03 s left'``."""
         if not self.total:
-            return f"starting ({formatDuration(self.elapsed)})"
+            message = self.lastMessage()
+            message = message[:77] + "..." if len(message) > 80 else message
+            return f"{message or 'starting'} ({formatDuration(self.elapsed)})"
         eta = self.eta
         left = f", {formatDuration(eta)} left" if eta is not None else ""
         return f"{self.done:.0f}/{self.total} {unit}{left}"
+
+    def lastMessage(self) -> str:
+        """The latest output line that is not a progress bar, without the ``ctsynth:`` prefix."""
+        for line in reversed(self.lines):
+            if parseProgress(line) is None and "%|" not in line:
+                return line.strip().removeprefix("ctsynth:").strip()
+        return ""
 
     def errorMessage(self) -> str:
         """The command's own error line (``ctsynth: error: ...``), else its last output lines."""

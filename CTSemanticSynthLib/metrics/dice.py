@@ -15,7 +15,7 @@ from ..labels import MODEL_CLASSES, ORGANS
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """2|P ∩ R| / (|P| + |R|) of two boolean masks; NaN when both are empty."""
+    """2|P & R| / (|P| + |R|) of two boolean masks; NaN when both are empty."""
     pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
     if pred.shape != ref.shape:
         raise ValueError(f"masks differ in shape: {pred.shape} vs {ref.shape}")

@@ -24,7 +24,7 @@ FULL = {
     294: ("Dataset294_TotalSegmentator_part4_muscles_1559subj", "nnUNetTrainerNoMirroring", 1.5),
     295: ("Dataset295_TotalSegmentator_part5_ribs_1559subj", "nnUNetTrainerNoMirroring", 1.5),
 }
-PATCH = [32, 32, 32]
+PATCH = [64, 64, 64]
 
 
 def _arch() -> dict:

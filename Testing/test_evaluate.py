@@ -1,0 +1,226 @@
+"""`ctsynth evaluate` on the bundled sample and `training.evaluate` on a tiny slice cache: report files produced,
+parseable and right; resumable sampling; the errors a user can make."""
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from CTSemanticSynthLib.cli import main
+from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_volume
+from CTSemanticSynthLib.metrics import axial_unit_slices, psnr, ssim, to_model_slices
+from CTSemanticSynthLib.metrics.paper import PAPER_RESULTS
+from CTSemanticSynthLib.preprocess import AxialOrientation
+from CTSemanticSynthLib.synthesis import prepare_classes
+
+from conftest import SAMPLE_CT, SAMPLE_SEG, tiny_model_config
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def noisy_synthetic(tmp_path_factory) -> Path:
+    """Stand-in for a synthetic CT: the real one, clipped to the window, plus noise (no model needed)."""
+    ct = read_image(SAMPLE_CT)
+    noise = np.random.default_rng(0).normal(0, 25, ct.shape)
+    path = tmp_path_factory.mktemp("eval") / "syn.nii.gz"
+    write_volume(Volume(np.clip(ct.array + noise, -1000, 240).astype(np.int16), ct.affine), path)
+    return path
+
+
+def evaluate(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["evaluate", *[str(a) for a in argv]])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_report_table_and_json(capsys, tmp_path, noisy_synthetic):
+    report_path = tmp_path / "report.json"
+    code, out, err = evaluate(capsys, "--real", SAMPLE_CT, "--synthetic", noisy_synthetic, "--seg", SAMPLE_SEG,
+                              "--labels", "totalseg", "--json", report_path)
+    assert code == 0, err
+    assert "Liver" in out and "HU real" in out and "PSNR" in out and "Esophagus" not in out  # absent organ
+    report = json.loads(report_path.read_text())
+    seg, names = read_labelmap(SAMPLE_SEG)
+    ct, syn = read_image(SAMPLE_CT), read_image(noisy_synthetic)
+    liver = seg.array == 5  # TotalSegmentator v2 liver
+    windowed = np.clip(ct.array, -160, 240)  # the real CT as the model could reproduce it
+    assert report["hu_real"]["liver"]["mean"] == pytest.approx(float(windowed[liver].mean()), rel=1e-5)
+    assert report["hu_real"]["stomach"]["mean"] > float(ct.array[seg.array == 6].mean())  # gas clipped at -160
+    assert report["hu_synthetic"]["liver"]["mean"] == pytest.approx(float(syn.array[liver].mean()), rel=1e-5)
+    assert report["voxels"]["liver"] == int(liver.sum()) and report["voxels"]["esophagus"] == 0
+    classes, _ = prepare_classes(seg, names, "totalseg")
+    stack = AxialOrientation.from_affine(seg.affine).to_stack(classes.array)
+    active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
+    a = axial_unit_slices(ct.array, ct.affine, active)
+    b = axial_unit_slices(syn.array, syn.affine, active)
+    assert a.shape[1:] == (256, 256) and report["image"]["slices"] == len(active)
+    assert report["image"]["psnr"]["mean"] == pytest.approx(float(np.mean(psnr(a, b))))
+    assert report["image"]["ssim"]["mean"] == pytest.approx(float(np.mean(ssim(a, b))))
+    assert 15 < report["image"]["psnr"]["mean"] < 40 and 0 < report["image"]["ssim"]["mean"] < 1
+    assert report["inputs"]["labels"] == "totalseg" and "totalseg" not in report
+
+
+def test_cli_fid_per_plane_with_a_stand_in_feature_extractor(capsys, tmp_path, monkeypatch):
+    import CTSemanticSynthLib.metrics.inception as inception
+
+    class Means:  # cheap stand-in for Inception: the plumbing is under test, not the network
+        path, sha1 = Path("stand-in.pt"), "0"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, slices):
+            s = slices.double()
+            return torch.stack([s.mean((1, 2)), s.std((1, 2))], 1).numpy()
+
+    monkeypatch.setattr(inception, "InceptionFeatures", Means)
+    code, out, err = evaluate(capsys, "--real", SAMPLE_CT, "--synthetic", SAMPLE_CT, "--seg", SAMPLE_SEG, "--fid",
+                              "--json", tmp_path / "r.json")
+    assert code == 0, err
+    planes = json.loads((tmp_path / "r.json").read_text())["fid_per_plane"]
+    assert set(planes) == {"axial", "coronal", "sagittal"}
+    assert all(v["fid"] == pytest.approx(0.0, abs=1e-9) and v["n_real"] > 50 for v in planes.values())
+    assert "FID coronal" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["image"]["psnr"]["mean"] is None  # identical volumes: infinite PSNR is written as null
+
+
+def test_cli_refuses_bad_inputs_in_one_line(capsys, tmp_path, noisy_synthetic, monkeypatch):
+    existing = tmp_path / "exists.json"
+    existing.write_text("{}")
+    code, _, err = evaluate(capsys, "--synthetic", noisy_synthetic, "--seg", SAMPLE_SEG, "--json", existing)
+    assert code == 2 and "--overwrite" in err and err.count("\n") == 1
+    shifted = read_image(noisy_synthetic)
+    moved = tmp_path / "moved.nii.gz"
+    affine = shifted.affine.copy()
+    affine[0, 3] += 5
+    write_volume(Volume(shifted.array, affine), moved)
+    code, _, err = evaluate(capsys, "--synthetic", moved, "--seg", SAMPLE_SEG)
+    assert code == 2 and "not on the segmentation's grid" in err and err.count("\n") == 1
+    code, _, err = evaluate(capsys, "--synthetic", noisy_synthetic, "--seg", SAMPLE_SEG, "--fid")
+    assert code == 2 and "--fid needs --real" in err
+    pytest.importorskip("totalsegmentator")
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path / "no-weights"))
+    code, _, err = evaluate(capsys, "--synthetic", noisy_synthetic, "--seg", SAMPLE_SEG, "--totalseg")
+    assert code == 2 and "Dataset297_TotalSegmentator_total_3mm_1559subj" in err and str(tmp_path) in err
+
+
+# --- training/evaluate.py -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    from training.prepare import Case, prepare
+
+    out = tmp_path_factory.mktemp("cache") / "c32"
+    prepare([Case("sample", SAMPLE_CT, SAMPLE_SEG, "train")], out, size=32, convention="totalseg", workers=0,
+            holdout_every=8)
+    return out
+
+
+def _run_evaluate(out: Path, model: Path, cache: Path, *extra) -> int:
+    from training.evaluate import main as evaluate_main
+
+    return evaluate_main(["--model", f"tiny={model}", "--data", str(cache), "--out", str(out), "--max-slices", "4",
+                          "--batch-size", "3", "--steps", "2", "--device", "cpu", *map(str, extra)])
+
+
+def test_training_evaluate_writes_parseable_reports_and_resumes(tmp_path, tiny_cache, tiny_model):
+    fid_flags = [] if _have_inception() else ["--no-fid"]
+    out = tmp_path / "eval"
+    assert _run_evaluate(out, tiny_model, tiny_cache, *fid_flags) == 0
+    results = json.loads((out / "results.json").read_text())
+    model = results["models"][0]
+    assert model["name"] == "tiny" and model["n_slices"] == 4 and results["settings"]["slices"] == 4
+    assert 0 < model["ssim"] < 1 and math.isfinite(model["psnr"])
+    if not fid_flags:
+        assert model["fid"] > 0 and "kid" in model
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert rows[0]["source"] == "measured" and rows[0]["paper_method"] == "Conditional DDPM"
+    assert rows[0]["fid_paper"] == "10.56" and rows[0]["psnr_paper"] == "16.26" and rows[0]["ssim_paper"] == "0.646"
+    assert [r["method"] for r in rows[1:]] == list(PAPER_RESULTS)
+    md = (out / "results.md").read_text()
+    assert "| tiny | Conditional DDPM | 4 |" in md and "78.86" in md  # measured row + published Table 2
+    figure = out / "figure.png"
+    assert not figure.exists() or figure.read_bytes()[:4] == b"\x89PNG"
+
+    # the metric wiring: PSNR from the cached chunks and the cache itself
+    from training.dataset import SliceCache
+    from training.evaluate import select_rows
+
+    (sample_dir,) = (out / "samples").iterdir()
+    chunks = sorted(sample_dir.glob("chunk_*.npy"))
+    assert [np.load(c).shape[0] for c in chunks] == [3, 1]
+    cache = SliceCache(tiny_cache, "test")
+    images, _ = cache.batch(select_rows(len(cache), 4).tolist())
+    synthetic = np.concatenate([np.load(c) for c in chunks]).astype(np.float32)
+    expected = psnr(to_model_slices((images[:, 0] + 1) / 2), to_model_slices(torch.from_numpy(synthetic)))
+    assert model["psnr"] == pytest.approx(float(np.mean(expected)), rel=1e-6)
+
+    # resumable: existing chunks are kept, a missing one is sampled again, identically
+    stamps = {c.name: c.stat().st_mtime_ns for c in chunks}
+    first = np.load(chunks[1])
+    chunks[1].unlink()
+    assert _run_evaluate(out, tiny_model, tiny_cache, *fid_flags) == 0
+    assert chunks[0].stat().st_mtime_ns == stamps[chunks[0].name]
+    np.testing.assert_array_equal(np.load(chunks[1]), first)
+    assert json.loads((out / "results.json").read_text())["models"][0]["psnr"] == pytest.approx(model["psnr"])
+
+
+def test_training_evaluate_refuses_a_model_of_another_size(tmp_path, tiny_cache, capsys):
+    from CTSemanticSynthLib.checkpoint import save_model
+    from CTSemanticSynthLib.diffusion import GaussianDiffusion, diffusion_defaults
+    from CTSemanticSynthLib.models import UNetModel
+
+    save_model(tmp_path / "m16", UNetModel(**tiny_model_config(image_size=16)), GaussianDiffusion(**diffusion_defaults()),
+               name="m16")
+    assert _run_evaluate(tmp_path / "out", tmp_path / "m16", tiny_cache, "--no-fid") == 2
+    assert "16 px" in capsys.readouterr().err
+
+
+def _have_inception() -> bool:
+    from CTSemanticSynthLib.errors import CheckpointError
+    from CTSemanticSynthLib.metrics import resolve_inception_path
+
+    try:
+        resolve_inception_path()
+    except CheckpointError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_evaluate_with_random_weight_totalsegmentator(capsys, tmp_path, monkeypatch, tiny_cache, tiny_model):
+    """`ctsynth evaluate --totalseg` and `training.evaluate --totalseg` through the real TotalSegmentator path
+    (three TotalSegmentator runs on the sample volume: about 2 minutes on 2 CPU cores)."""
+    pytest.importorskip("totalsegmentator")
+    from data_builders.tiny_totalseg import build_tiny_totalseg
+
+    build_tiny_totalseg(tmp_path / "weights", constant_label=5)  # every voxel -> liver
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path / "weights"))
+    code, out, err = evaluate(capsys, "--synthetic", SAMPLE_CT, "--seg", SAMPLE_SEG, "--totalseg", "--device", "cpu",
+                              "--json", tmp_path / "r.json")
+    assert code == 0, err
+    ts = json.loads((tmp_path / "r.json").read_text())["totalseg"]
+    seg = read_labelmap(SAMPLE_SEG)[0].array
+    liver = np.count_nonzero(seg == 5)
+    assert ts["synthetic"]["liver"] == pytest.approx(2 * liver / (liver + seg.size))
+    assert ts["real"] is None and ts["synthetic"]["spleen"] == 0.0
+    assert "Dice syn" in out
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    os.symlink(SAMPLE_CT, images / "sample.nii.gz")
+    os.symlink(SAMPLE_SEG, labels / "sample.nii.gz")
+    assert _run_evaluate(tmp_path / "eval", tiny_model, tiny_cache, "--no-fid", "--volumes-images", images,
+                         "--volumes-labels", labels, "--convention", "totalseg", "--totalseg") == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["models"][0]["dice"]["liver"] > 0 and results["totalseg_real_ceiling"]["liver"] > 0
+    assert "real CT (ceiling)" in (tmp_path / "eval" / "results.md").read_text()

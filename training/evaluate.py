@@ -1,0 +1,368 @@
+"""Paper-style evaluation (arXiv 2312.06453, Tables 1-2): FID/KID, PSNR/SSIM and TotalSegmentator Dice.
+
+    python -m training.evaluate --model runs/mask/model --data cache/amos256 --split test --out eval/amos
+    python -m training.evaluate --model concat=runs/a/model --model mask=runs/b/model --data cache/amos256 \
+        --volumes-images amos/imagesVa --volumes-labels amos/labelsVa --convention amos --totalseg \
+        --preset paper --device cuda --out eval/amos
+
+Slices: every test slice of the cache (or ``--max-slices``, evenly spread) is sampled with each model's preset
+through ``CTSemanticSynthLib.synthesis.synthesize`` (per-slice seeds), in chunks saved under
+``OUT/samples/<model>-<key>/``, so an interrupted run resumes; a change of model, preset, steps, seed, chunk or
+slice set gets a new folder. Real and synthetic slices are compared at 256 x 256 in [0, 1] (L40/W400): PSNR and
+SSIM per slice, FID/KID over the Inception features of the sets.
+Volumes (optional): CT/label pairs are synthesized whole (cached as NIfTI under ``OUT/volumes/``), scored with
+TotalSegmentator (Dice per organ; on the real CT too, the ceiling) and with FID per plane.
+Writes ``OUT/results.{md,csv,json}`` (the paper's numbers in adjacent columns; replaced on each run) and
+``OUT/figure.png`` (mask | real | each model, and per-organ Dice bars) when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from CTSemanticSynthLib import __version__
+from CTSemanticSynthLib.checkpoint import LoadedModel, load_model
+from CTSemanticSynthLib.errors import CTSynthError, InputError
+from CTSemanticSynthLib.evaluate_cli import json_safe
+from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_bytes, write_volume
+from CTSemanticSynthLib.labels import COLORS
+from CTSemanticSynthLib.metrics import (InceptionFeatures, dice_per_organ, fid, kid, mean_dice, psnr, ssim, summarize,
+                                        to_model_slices)
+from CTSemanticSynthLib.metrics.paper import PAPER_ORGANS, csv_rows, to_csv, to_markdown
+from CTSemanticSynthLib.metrics.planes import PLANES, plane_slices
+from CTSemanticSynthLib.preprocess import AxialOrientation, body_mask_from_ct, hu_to_unit
+from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, select_device, synthesize
+from CTSemanticSynthLib.totalseg import check_totalsegmentator, run_totalsegmentator, totalseg_organs
+
+from .dataset import SliceCache
+from .prepare import paired_cases
+
+logger = logging.getLogger("training.evaluate")
+EVAL_SIZE = 256
+# A voxel grid whose axial stack is the array itself (slices, rows, columns): cached slices pass through
+# synthesize() unchanged (AxialOrientation identity, PlaneResize identity at the model size).
+STACK_AFFINE = np.array([[0.0, 0.0, -1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+@dataclass
+class Entry:
+    """One model under evaluation: its loaded weights, sampling options and sample folder."""
+
+    name: str
+    model: LoadedModel
+    options: SamplingOptions
+    folder: Path
+    volume_folder: Path
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _cached(path: Path, compute) -> np.ndarray:
+    if path.is_file():
+        return np.load(path)
+    value = compute()
+    _save_npy(path, value)
+    return value
+
+
+def select_rows(n: int, max_slices: int) -> np.ndarray:
+    """All row indices, or ``max_slices`` of them evenly spread."""
+    if max_slices <= 0 or max_slices >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max_slices).round().astype(int))
+
+
+def parse_model(spec: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` or ``PATH`` (the name then comes from the model's config)."""
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep and name and not Path(spec).exists() else (None, spec)
+
+
+def sample_chunk(entry: Entry, classes: torch.Tensor, chunk_index: int, device: torch.device) -> np.ndarray:
+    """Synthetic [0, 1] slices (float16) for a chunk of class slices [B, S, S]."""
+    volume = Volume(classes.numpy().astype(np.uint8), STACK_AFFINE)
+    options = replace(entry.options, seed=entry.options.seed * 100_003 + chunk_index)
+    result = synthesize(volume, entry.model, options, device=device)
+    return hu_to_unit(result.volume.array).astype(np.float16)
+
+
+def sample_all(entries: list[Entry], cache: SliceCache, rows: np.ndarray, chunk: int, device: torch.device) -> None:
+    """Make sure every chunk of every model is sampled (resumes from the chunk files already there)."""
+    for entry in entries:
+        todo = [c for c in range(math.ceil(len(rows) / chunk)) if not (entry.folder / f"chunk_{c:05d}.npy").is_file()]
+        done = len(rows) - sum(len(rows[c * chunk:(c + 1) * chunk]) for c in todo)
+        with tqdm(total=len(rows), initial=done, unit="slice", desc=f"sampling {entry.name}") as bar:
+            for c in todo:
+                index = rows[c * chunk:(c + 1) * chunk]
+                _, classes = cache.batch(index.tolist())
+                _save_npy(entry.folder / f"chunk_{c:05d}.npy", sample_chunk(entry, classes, c, device))
+                bar.update(len(index))
+
+
+def slice_metrics(entries: list[Entry], cache: SliceCache, rows: np.ndarray, chunk: int, out: Path,
+                  extractor: InceptionFeatures | None) -> dict[str, dict[str, Any]]:
+    """PSNR/SSIM per slice and FID/KID per model, at EVAL_SIZE, from the cached chunks."""
+    real_dir = out / "real" / f"features-{_digest([cache.rows[i] for i in rows])}-c{chunk}"
+    real_dir.mkdir(parents=True, exist_ok=True)
+    tag = extractor.sha1[:8] if extractor is not None else ""  # features of another network are not reused
+    per = {e.name: {"psnr": [], "ssim": [], "features": []} for e in entries}
+    real_features = []
+    for c in tqdm(range(math.ceil(len(rows) / chunk)), desc="metrics", unit="chunk"):
+        images, _ = cache.batch(rows[c * chunk:(c + 1) * chunk].tolist())
+        real = to_model_slices((images[:, 0] + 1) / 2, EVAL_SIZE)
+        if extractor is not None:
+            real_features.append(_cached(real_dir / f"feat_{tag}_{c:05d}.npy", lambda: extractor(real)))
+        for e in entries:
+            syn = to_model_slices(torch.from_numpy(np.load(e.folder / f"chunk_{c:05d}.npy").astype(np.float32)),
+                                  EVAL_SIZE)
+            per[e.name]["psnr"].append(psnr(real, syn))
+            per[e.name]["ssim"].append(ssim(real, syn))
+            if extractor is not None:
+                per[e.name]["features"].append(_cached(e.folder / f"feat_{tag}_{c:05d}.npy", lambda: extractor(syn)))
+    results = {}
+    for e in entries:
+        p, s = summarize(np.concatenate(per[e.name]["psnr"])), summarize(np.concatenate(per[e.name]["ssim"]))
+        r = {"n_slices": int(len(rows)), "psnr": p["mean"], "psnr_std": p["std"], "ssim": s["mean"],
+             "ssim_std": s["std"]}
+        if extractor is not None and len(rows) >= 2:
+            fr, fs = np.concatenate(real_features), np.concatenate(per[e.name]["features"])
+            r["fid"] = fid(fr, fs)
+            r["kid"], r["kid_std"] = kid(fr, fs)
+        results[e.name] = r
+    return results
+
+
+def _case_classes(ct: Volume, seg: Volume, names: dict[int, str], convention: str) -> Volume:
+    """Model classes with the body from the CT (threshold + morphology), as training.prepare makes them."""
+    orientation = AxialOrientation.from_affine(ct.affine)
+    body = orientation.from_stack(body_mask_from_ct(orientation.to_stack(ct.array)))
+    return prepare_classes(seg, names, convention, Volume(body.astype(np.uint8), seg.affine))[0]
+
+
+def _plane_features(extractor: InceptionFeatures, ct: Volume, mask: Volume, folder: Path, stem: str) -> dict:
+    return {p: _cached(folder / f"{stem}.{p}.{extractor.sha1[:8]}.npy",
+                       lambda p=p: extractor(plane_slices(ct, p, mask=mask))) for p in PLANES}
+
+
+def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: torch.device,
+                     extractor: InceptionFeatures | None) -> tuple[dict[str, dict[str, Any]], dict[str, float] | None]:
+    """Synthesize each case with each model; TotalSegmentator Dice and FID per plane. Returns (per model, ceiling)."""
+    cases = paired_cases(args.volumes_images, args.volumes_labels, "test")
+    if args.totalseg:
+        check_totalsegmentator(fast=not args.totalseg_full)
+    mode = "full" if args.totalseg_full else "fast"
+    real_dir = args.out / "volumes" / "real"
+    real_dir.mkdir(parents=True, exist_ok=True)
+    dice = {e.name: [] for e in entries}
+    ceiling: list[dict[str, float]] = []
+    feats: dict[str, dict[str, list]] = {n: {p: [] for p in PLANES} for n in ["real", *dice]}
+
+    def ts_scores(path: Path, ct: Volume, classes: Volume) -> dict[str, float]:
+        if path.is_file():
+            return {k: (math.nan if v is None else v) for k, v in json.loads(path.read_text()).items()}
+        organs = totalseg_organs(run_totalsegmentator(ct, fast=not args.totalseg_full, device=args.device))
+        scores = dice_per_organ(organs, classes.array)
+        write_bytes(path, json.dumps(json_safe(scores)).encode(), overwrite=True)
+        return scores
+
+    for case in tqdm(cases, desc="volumes", unit="case"):
+        ct, (seg, names) = read_image(case.image), read_labelmap(case.labels)
+        if not ct.same_grid(seg, atol=1e-3):
+            raise InputError(f"{case.labels} is not on the grid of {case.image}")
+        classes = _case_classes(ct, seg, names, args.convention)
+        if args.totalseg:
+            ceiling.append(ts_scores(real_dir / f"{case.case_id}.totalseg-{mode}.json", ct, classes))
+        if extractor is not None:
+            for p, f in _plane_features(extractor, ct, classes, real_dir, case.case_id).items():
+                feats["real"][p].append(f)
+        for e in entries:
+            folder = e.volume_folder
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{case.case_id}.nii.gz"
+            if not path.is_file():
+                with tqdm(desc=f"{case.case_id} {e.name}", unit="slice", leave=False) as bar:
+                    def progress(done: float, total: int) -> None:
+                        bar.total, bar.n = total, round(done, 1)
+                        bar.refresh()
+
+                    write_volume(synthesize(classes, e.model, e.options, device=device, progress=progress).volume, path)
+            syn = read_image(path)
+            if args.totalseg:
+                dice[e.name].append(ts_scores(folder / f"{case.case_id}.totalseg-{mode}.json", syn, classes))
+            if extractor is not None:
+                for p, f in _plane_features(extractor, syn, classes, folder, case.case_id).items():
+                    feats[e.name][p].append(f)
+
+    def organ_means(scores: list[dict[str, float]]) -> dict[str, float]:
+        with np.errstate(all="ignore"):
+            return {o: float(np.nanmean([s[o] for s in scores])) if any(not math.isnan(s[o]) for s in scores)
+                    else math.nan for o in scores[0]}
+
+    results: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        r: dict[str, Any] = {"n_volumes": len(cases)}
+        if args.totalseg and cases:
+            r["dice"] = organ_means(dice[e.name])
+            r["dice_mean"] = mean_dice({o: r["dice"][o] for o in PAPER_ORGANS})
+        if extractor is not None:
+            r["fid_per_plane"] = {p: fid(np.concatenate(feats["real"][p]), np.concatenate(feats[e.name][p]))
+                                  for p in PLANES}
+        results[e.name] = r
+    return results, (organ_means(ceiling) if ceiling else None)
+
+
+def write_figure(path: Path, cache: SliceCache, rows: np.ndarray, entries: list[Entry], chunk: int,
+                 measured: list[dict[str, Any]], n_rows: int) -> bool:
+    """mask | real | each model for ``n_rows`` slices, and per-organ Dice bars when measured; False if skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: %s not written (pip install matplotlib)", path.name)
+        return False
+    picks = select_rows(len(rows), n_rows)
+    with_dice = [m for m in measured if m.get("dice")]
+    fig = plt.figure(figsize=(2.2 * (2 + len(entries)), 2.2 * len(picks) + (3.0 if with_dice else 0)))
+    grid = fig.add_gridspec(len(picks) + (1 if with_dice else 0), 2 + len(entries),
+                            height_ratios=[1] * len(picks) + ([1.4] if with_dice else []))
+    colours = np.asarray(COLORS, dtype=np.uint8)
+    for r, pick in enumerate(picks):
+        images, classes = cache.batch([int(rows[pick])])
+        chunk_index, offset = divmod(int(pick), chunk)
+        panels = [("mask", colours[classes[0].numpy()]), ("real", (images[0, 0].numpy() + 1) / 2)]
+        panels += [(e.name, np.load(e.folder / f"chunk_{chunk_index:05d}.npy")[offset].astype(np.float32))
+                   for e in entries]
+        for col, (title, img) in enumerate(panels):
+            ax = fig.add_subplot(grid[r, col])
+            ax.imshow(img, cmap=None if img.ndim == 3 else "gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+    if with_dice:
+        ax = fig.add_subplot(grid[len(picks), :])
+        width = 0.8 / len(with_dice)
+        x = np.arange(len(PAPER_ORGANS))
+        for i, m in enumerate(with_dice):
+            ax.bar(x + i * width, [100 * m["dice"].get(o, math.nan) for o in PAPER_ORGANS], width, label=m["name"])
+        ax.set_xticks(x + 0.4 - width / 2, [o.replace("_", " ") for o in PAPER_ORGANS], rotation=45, ha="right",
+                      fontsize=7)
+        ax.set_ylabel("TotalSegmentator DSC (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
+                        help="model folder or name; repeat to compare models")
+    parser.add_argument("--data", type=Path, required=True, help="slice cache (training.prepare)")
+    parser.add_argument("--split", default="test", help="cache split to evaluate (default test)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (resumed when it exists)")
+    parser.add_argument("--preset", default="fast", help="sampling preset of each model: fast, balanced, paper")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16, help="slices sampled together (= chunk size)")
+    parser.add_argument("--max-slices", type=int, default=0, help="evaluate this many slices, evenly spread (0 = all)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--inception", type=Path, default=None, help="TorchScript Inception-v3 file")
+    parser.add_argument("--no-fid", action="store_true", help="skip FID/KID (no Inception file needed)")
+    parser.add_argument("--volumes-images", type=Path, help="folder of test CT NIfTI files (with --volumes-labels)")
+    parser.add_argument("--volumes-labels", type=Path, help="folder of their label maps, named like the CTs")
+    parser.add_argument("--convention", default="amos", help="label convention of --volumes-labels (default amos)")
+    parser.add_argument("--totalseg", action="store_true", help="TotalSegmentator Dice on the volumes")
+    parser.add_argument("--totalseg-full", action="store_true", help="TotalSegmentator full mode (default fast)")
+    parser.add_argument("--figure-rows", type=int, default=4, help="slices shown in figure.png")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="evaluate: %(message)s")
+    try:
+        if (args.volumes_images is None) != (args.volumes_labels is None):
+            raise InputError("--volumes-images and --volumes-labels go together")
+        if args.totalseg and args.volumes_images is None:
+            raise InputError("--totalseg needs volumes: give --volumes-images and --volumes-labels")
+        if args.batch_size < 1:
+            raise InputError("--batch-size must be at least 1")
+        device = select_device(args.device)
+        cache = SliceCache(args.data, args.split)
+        rows = select_rows(len(cache), args.max_slices)
+        entries = []
+        for spec in args.model:
+            name, path = parse_model(spec)
+            model = load_model(path, device=device)
+            if model.image_size != cache.image_size:
+                raise InputError(f"model {path} works at {model.image_size} px but {args.data} holds "
+                                 f"{cache.image_size} px slices; prepare a cache at the model's size")
+            options = preset_options(model, args.preset, steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+            key = {"sha256": model.sha256, "options": asdict(options), "split": args.split,
+                   "rows": [cache.rows[i] for i in rows], "chunk": args.batch_size, "version": 1}
+            folder = args.out / "samples" / f"{name or model.name}-{_digest(key)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "key.json").write_text(json.dumps({k: v for k, v in key.items() if k != "rows"}, indent=1))
+            volumes = args.out / "volumes" / f"{name or model.name}-{_digest([model.sha256, asdict(options)])}"
+            entries.append(Entry(name or model.name, model, options, folder, volumes))
+        if len({e.name for e in entries}) != len(entries):
+            raise InputError("two --model entries have the same name: use NAME=DIR")
+        extractor = None if args.no_fid else InceptionFeatures(args.inception, device=device)
+        sample_all(entries, cache, rows, args.batch_size, device)
+        results = slice_metrics(entries, cache, rows, args.batch_size, args.out, extractor)
+        ceiling = None
+        if args.volumes_images is not None:
+            volume_results, ceiling = evaluate_volumes(entries, args, device, extractor)
+            for name, r in volume_results.items():
+                results[name].update(r)
+        measured = [{"name": e.name, "conditioning": e.model.conditioning, "model": str(e.model.path),
+                     "sha256": e.model.sha256, "sampling": asdict(e.options), **results[e.name]} for e in entries]
+        settings = {"data": str(args.data), "split": args.split, "slices": int(len(rows)), "size": EVAL_SIZE,
+                    "preset": args.preset, "device": str(device), "library_version": __version__,
+                    "inception": None if extractor is None else {"path": str(extractor.path), "sha1": extractor.sha1},
+                    "totalseg": ("full" if args.totalseg_full else "fast") if args.totalseg else None}
+        notes = [f"{k}: {v}" for k, v in settings.items()]
+        notes.append("FID/KID from few slices are biased upward; compare only runs with the same slice count")
+        write_bytes(args.out / "results.json", (json.dumps(json_safe({"settings": settings, "models": measured,
+                    "totalseg_real_ceiling": ceiling}), indent=2) + "\n").encode(), overwrite=True)
+        write_bytes(args.out / "results.csv", to_csv(csv_rows(measured)).encode(), overwrite=True)
+        write_bytes(args.out / "results.md", to_markdown(measured, ceiling, notes).encode(), overwrite=True)
+        figure = write_figure(args.out / "figure.png", cache, rows, entries, args.batch_size, measured,
+                              args.figure_rows)
+    except CTSynthError as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"evaluate: wrote results.md, results.csv, results.json{', figure.png' if figure else ''} to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
