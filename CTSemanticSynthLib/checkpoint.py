@@ -40,9 +40,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CTSYNTH_HOME", Path.home() / ".cache" / "ctsynth"))
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
@@ -137,7 +137,7 @@ def load_model(spec: str | Path | None, device: str | torch.device = "cpu") -> L
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}")
-    digest = sha256_file(weights)
+    digest = file_digest(weights)
     if digest != config["sha256"]:
         raise CheckpointError(
             f"{weights} is corrupt or was replaced: sha256 {digest[:12]}... but config.json says "
@@ -197,7 +197,7 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_file(state, str(tmp / WEIGHTS_NAME))
-        digest = sha256_file(tmp / WEIGHTS_NAME)
+        digest = file_digest(tmp / WEIGHTS_NAME)
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

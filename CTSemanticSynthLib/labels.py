@@ -217,11 +217,11 @@ def segment_names_adapter(names: Mapping[int, str]) -> LabelAdapter:
     return _adapter_from_names("segment names", names)
 
 
-def json_adapter(path: str | Path, segment_names: Mapping[int, str] | None = None) -> LabelAdapter:
-    """User mapping file ``{source value or name: target class name}``.
+def read_label_mapping(path: str | Path) -> dict[str, int]:
+    """A user mapping file ``{source value or name: target class name}`` as ``{key: model class}``.
 
-    Keys are label values ("7") or source names, matched against the input's segment names; targets are model
-    class names or synonyms ("liver", "right kidney", "body", "background").
+    Keys are label values ("7") or source names (returned normalized); targets are model class names or
+    synonyms ("liver", "right kidney", "body", "background").
     """
     path = Path(path)
     try:
@@ -232,8 +232,7 @@ def json_adapter(path: str | Path, segment_names: Mapping[int, str] | None = Non
         raise InputError(f"label mapping file {path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not data:
         raise InputError(f"label mapping file {path} must be a non-empty JSON object {{source: target class}}")
-    values_by_name = {normalize_name(n): v for v, n in (segment_names or {}).items()}
-    table: dict[int, int] = {}
+    table: dict[str, int] = {}
     for key, target in data.items():
         cls = BACKGROUND if normalize_name(str(target)) == "background" else class_from_name(str(target))
         if cls is None:
@@ -241,11 +240,21 @@ def json_adapter(path: str | Path, segment_names: Mapping[int, str] | None = Non
                 f"label mapping file {path}: target '{target}' for '{key}' is not a class; "
                 f"use one of {', '.join(MODEL_CLASSES)}"
             )
-        if str(key).strip().isdigit():
+        key = str(key).strip()
+        table[key if key.isdigit() else normalize_name(key)] = cls
+    return table
+
+
+def json_adapter(path: str | Path, segment_names: Mapping[int, str] | None = None) -> LabelAdapter:
+    """Adapter from a mapping file (:func:`read_label_mapping`); name keys match the input's segment names."""
+    values_by_name = {normalize_name(n): v for v, n in (segment_names or {}).items()}
+    table: dict[int, int] = {}
+    for key, cls in read_label_mapping(path).items():
+        if key.isdigit():
             table[int(key)] = cls
-        elif normalize_name(str(key)) in values_by_name:
-            table[values_by_name[normalize_name(str(key))]] = cls
-    return LabelAdapter(f"json:{path.name}", table)
+        elif key in values_by_name:
+            table[values_by_name[key]] = cls
+    return LabelAdapter(f"json:{Path(path).name}", table)
 
 
 LABEL_CHOICES = ("auto", "amos", "totalseg", "totalseg_v1")

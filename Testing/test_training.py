@@ -14,7 +14,7 @@ from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.cli import main as ctsynth
 from CTSemanticSynthLib.labels import BODY, NUM_CLASSES
 
-from conftest import REPO, SAMPLE_CT, SAMPLE_SEG
+from conftest import SAMPLE_CT, SAMPLE_SEG
 
 
 from training import prepare, train  # noqa: E402

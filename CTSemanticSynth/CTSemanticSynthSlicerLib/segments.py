@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.labels import (
     BACKGROUND,
     BODY,
@@ -21,6 +22,7 @@ from CTSemanticSynthLib.labels import (
     ORGANS,
     class_from_name,
     normalize_name,
+    read_label_mapping,
     totalsegmentator_names,
 )
 
@@ -88,24 +90,10 @@ def _idTable(convention: str) -> dict[int, int]:
 
 def _jsonTable(path: str | Path) -> dict[str, int]:
     """{normalized name or decimal value: class} from a mapping file ``{"Tumor": "body", "7": "liver"}``."""
-    path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LabelMappingError(f"label mapping file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LabelMappingError(f"label mapping file {path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or not data:
-        raise LabelMappingError(f"label mapping file {path} must be a JSON object {{segment name or value: class}}")
-    table = {}
-    for key, target in data.items():
-        cls = BACKGROUND if normalize_name(str(target)) == "background" else class_from_name(str(target))
-        if cls is None:
-            raise LabelMappingError(f"label mapping file {path}: '{target}' (for '{key}') is not a class; use one of "
-                                    f"{', '.join(MODEL_CLASSES)}")
-        key = str(key).strip()
-        table[key if key.isdigit() else normalize_name(key)] = cls
-    return table
+        return read_label_mapping(path)
+    except InputError as exc:
+        raise LabelMappingError(str(exc)) from None
 
 
 def _names(segments, limit: int = 8) -> str:

