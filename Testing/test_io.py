@@ -14,7 +14,7 @@ from CTSemanticSynthLib import io
 from CTSemanticSynthLib.errors import InputError, OutputExistsError
 from CTSemanticSynthLib.io import Volume
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg_example"
+from conftest import SAMPLE as EXAMPLE
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
