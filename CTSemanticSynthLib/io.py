@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -129,9 +130,7 @@ def read_image(path: str | Path) -> Volume:
     if len(layers) != 1:
         raise InputError(f"{path} is 4-D (shape {_shape_ijkl(layers)}); give one 3-D volume")
     array = layers[0].astype(np.float32, copy=False)
-    if not np.isfinite(array).all():
-        bad = int(np.count_nonzero(~np.isfinite(array)))
-        raise InputError(f"{path} has {bad} NaN or infinite voxels; fix or replace them before using it")
+    _refuse_nonfinite(path, array)
     return Volume(array, affine)
 
 
@@ -154,6 +153,7 @@ def read_labelmap(path: str | Path) -> tuple[Volume, dict[int, str]]:
         if len(layers) != 1:
             raise InputError(f"{path} is 4-D (shape {_shape_ijkl(layers)}); give one 3-D label map")
         labels, names = layers[0], {}
+        _refuse_nonfinite(path, labels)
         _check_labels(labels, path)
     return Volume(labels.astype(_label_dtype(int(labels.max(initial=0)), path), copy=False), affine), names
 
@@ -169,6 +169,19 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise InputError(f"cannot read {path}: {_itk_reason(exc)}") from None
     return {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()
             if not reader.GetMetaData(key).startswith(_UNPRINTABLE)}
+
+
+def _refuse_nonfinite(path: Path, array: np.ndarray) -> None:
+    """InputError for NaN/inf voxels. ITK's NIfTI reader silently turns them into 0, so NIfTI files are
+    checked on disk with nibabel."""
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        img = nib.load(str(path))
+        bad = (int(np.count_nonzero(~np.isfinite(np.asanyarray(img.dataobj))))
+               if np.issubdtype(img.get_data_dtype(), np.floating) else 0)
+    else:
+        bad = int(np.count_nonzero(~np.isfinite(array))) if np.issubdtype(array.dtype, np.floating) else 0
+    if bad:
+        raise InputError(f"{path} has {bad} NaN or infinite voxels; fix or replace them before using it")
 
 
 def _checked_file(path: Path) -> Path:

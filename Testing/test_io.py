@@ -364,15 +364,26 @@ def test_singleton_fourth_axis_is_3d(tmp_path):
     np.testing.assert_array_equal(vol.array, data[..., 0])
 
 
-@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz", ".nii"])
 def test_nan_refused(tmp_path, suffix):
-    # (ITK's NIfTI reader already replaces non-finite values by 0, so NIfTI cannot reach this check.)
     data = np.zeros((4, 3, 2), np.float32)
     data[1, 2, 0] = np.nan
     data[0, 0, 1] = np.inf
-    io.write_volume(Volume(data, np.eye(4)), tmp_path / f"nan{suffix}")
+    path = tmp_path / f"nan{suffix}"
+    if suffix.startswith(".nii"):  # written by another tool: ITK's own NIfTI reader would hide the NaN as 0
+        nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    else:
+        io.write_volume(Volume(data, np.eye(4)), path)
     with pytest.raises(InputError, match="2 NaN or infinite voxels"):
-        io.read_image(tmp_path / f"nan{suffix}")
+        io.read_image(path)
+    data[data != 0] = 0
+    data[1, 2, 1] = np.nan
+    if suffix.startswith(".nii"):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    else:
+        io.write_volume(Volume(data, np.eye(4)), path, overwrite=True)
+    with pytest.raises(InputError, match="1 NaN or infinite voxels"):
+        io.read_labelmap(path)
 
 
 def test_existing_output_not_overwritten(tmp_path):
