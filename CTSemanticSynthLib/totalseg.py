@@ -176,6 +176,8 @@ class TotalSegDice:
     reference_voxels: dict[str, int] = field(default_factory=dict)
     mode: str = "fast"
     device: str = "cpu"
+    predicted_synthetic: np.ndarray | None = field(default=None, repr=False)
+    """TotalSegmentator's organs on the synthetic CT as model classes (not part of ``to_dict``)."""
 
     @property
     def mean_synthetic(self) -> float:
@@ -206,16 +208,17 @@ def totalseg_dice(synthetic: Volume, reference_classes: Volume, real: Volume | N
         if vol is not None and not vol.same_grid(reference_classes, atol=1e-3):
             raise InputError(f"the {name} CT is not on the segmentation's grid")
     scores: dict[str, dict[str, float]] = {}
+    predictions: dict[str, np.ndarray] = {}
     for name, vol in (("synthetic", synthetic), ("real", real)):
         if vol is None:
             continue
         if progress is not None:
             progress(f"TotalSegmentator on the {name} CT ({'fast' if fast else 'full'} mode)")
-        predicted = totalseg_organs(run_totalsegmentator(vol, fast=fast, device=device, timeout=timeout))
-        scores[name] = dice_per_organ(predicted, reference_classes.array)
+        predictions[name] = totalseg_organs(run_totalsegmentator(vol, fast=fast, device=device, timeout=timeout))
+        scores[name] = dice_per_organ(predictions[name], reference_classes.array)
     return TotalSegDice(synthetic=scores["synthetic"], real=scores.get("real"),
                         reference_voxels=voxel_counts(reference_classes.array), mode="fast" if fast else "full",
-                        device=totalseg_device(device))
+                        device=totalseg_device(device), predicted_synthetic=predictions["synthetic"])
 
 
 def _worker(argv: list[str] | None = None) -> int:

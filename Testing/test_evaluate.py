@@ -205,8 +205,10 @@ def test_evaluate_with_random_weight_totalsegmentator(capsys, tmp_path, monkeypa
     build_tiny_totalseg(tmp_path / "weights", constant_label=5)  # every voxel -> liver
     monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path / "weights"))
     code, out, err = evaluate(capsys, "--synthetic", SAMPLE_CT, "--seg", SAMPLE_SEG, "--totalseg", "--device", "cpu",
-                              "--json", tmp_path / "r.json")
+                              "--json", tmp_path / "r.json", "--save-totalseg", tmp_path / "ts.nii.gz")
     assert code == 0, err
+    saved, _ = read_labelmap(tmp_path / "ts.nii.gz")
+    assert saved.same_grid(read_labelmap(SAMPLE_SEG)[0]) and (saved.array == 6).all()
     ts = json.loads((tmp_path / "r.json").read_text())["totalseg"]
     seg = read_labelmap(SAMPLE_SEG)[0].array
     liver = np.count_nonzero(seg == 5)

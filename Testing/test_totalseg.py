@@ -114,7 +114,6 @@ def _case() -> tuple[Volume, Volume]:
 
 
 @needs_ts
-@pytest.mark.slow
 def test_random_weight_totalsegmentator_runs_end_to_end(tmp_path, monkeypatch):
     """The real TotalSegmentator + nnU-Net loading and inference path (about 35 s on 2 busy CPU cores)."""
     build_tiny_totalseg(tmp_path / "weights", constant_label=5)  # every voxel -> TotalSegmentator 'liver'
@@ -126,6 +125,9 @@ def test_random_weight_totalsegmentator_runs_end_to_end(tmp_path, monkeypatch):
     assert result.synthetic["spleen"] == 0.0 and np.isnan(result.synthetic["pancreas"])
     assert result.real is None and result.mode == "fast" and result.device == "cpu"
     assert result.to_dict()["synthetic"]["pancreas"] is None
+    assert result.predicted_synthetic.shape == ref.array.shape
+    assert (result.predicted_synthetic == MODEL_CLASSES.index("liver")).all()
+    assert "predicted_synthetic" not in result.to_dict()
 
 
 @needs_ts
