@@ -14,7 +14,7 @@ from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.cli import main as ctsynth
 from CTSemanticSynthLib.labels import BODY, NUM_CLASSES
 
-from conftest import SAMPLE_CT, SAMPLE_SEG
+from conftest import REPO, SAMPLE_CT, SAMPLE_SEG
 
 
 from training import prepare, train  # noqa: E402
@@ -158,6 +158,25 @@ TINY = ["--model-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1
 
 def _train(data: Path, out: Path, *extra) -> int:
     return train.main(["--data", str(data), "--out", str(out), *TINY, *[str(e) for e in extra]])
+
+
+def test_torchrun_two_cpu_processes(amos_cache, tmp_path):
+    """DistributedDataParallel over gloo: one log and one checkpoint (rank 0), a loadable model."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "training.train", "--data", str(amos_cache), "--out", str(out), *TINY, "--iterations", "3",
+         "--sample-every", "0"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("train: exported") == 1
+    rows = list(csv.reader((out / "log.csv").read_text().splitlines()))
+    assert rows[0][0] == "step" and [r[0] for r in rows[1:]] == ["1", "2", "3"]
+    assert load_model(out / "model").config["training"]["hardware"].endswith("x2")
 
 
 @pytest.mark.parametrize("conditioning", ["concat", "mask_encoder", "edge"])

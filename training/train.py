@@ -282,8 +282,8 @@ class Trainer:
         if main:
             (self.out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         writer = _tensorboard(self.out) if main else None
-        log_path = self.out / "log.csv"
-        new_log = not log_path.exists()
+        log_path = self.out / "log.csv" if main else Path(os.devnull)  # one log, written by rank 0
+        new_log = main and not log_path.exists()
         with open(log_path, "a", newline="") as log_file, tqdm(
             total=cfg["iterations"], initial=self.step, unit="it", disable=not main, desc="training",
             dynamic_ncols=True,
@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    print(f"train: exported {model_dir}", file=sys.stderr)
+    if trainer.rank == 0:
+        print(f"train: exported {model_dir}", file=sys.stderr)
     return 0
 
 
