@@ -211,6 +211,11 @@ def save_model(
             "sha256": digest,
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder; a model folder is meant to be shared
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~umask)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
