@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, OutputExistsError
+from .io import atomic_folder
 from .factory import create_diffusion, create_model
 from .labels import MODEL_CLASSES
 from .preprocess import WINDOW_LEVEL, WINDOW_WIDTH
@@ -193,9 +192,7 @@ def save_model(
     if folder.exists() and not overwrite:
         raise OutputExistsError(f"model folder {folder} exists; choose another name or pass --overwrite")
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME))
         digest = file_digest(tmp / WEIGHTS_NAME)
         config = {
@@ -211,15 +208,4 @@ def save_model(
             "sha256": digest,
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder; a model folder is meant to be shared
-        for path in tmp.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return digest

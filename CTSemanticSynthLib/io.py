@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,6 +378,27 @@ def _write_atomically(path: Path, suffix: str, write: Callable[[Path], None]) ->
         raise InputError(f"cannot write {path}: {reason}; check the folder is writable and has space") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``target``; when the block succeeds it replaces ``target`` (with the
+    usual umask permissions), and on any failure it is removed and ``target`` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~umask)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False) -> None:

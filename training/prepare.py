@@ -17,9 +17,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from tqdm import tqdm
 
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.errors import CTSynthError, InputError
-from CTSemanticSynthLib.io import read_image, read_labelmap
+from CTSemanticSynthLib.io import atomic_folder, read_image, read_labelmap
 from CTSemanticSynthLib.labels import MODEL_CLASSES, resolve_adapter
 from CTSemanticSynthLib.preprocess import (
     WINDOW_LEVEL,
@@ -115,21 +113,13 @@ def prepare_case(case: Case, out: Path, size: int, convention: str) -> dict:
     resize = PlaneResize(hu.shape[1], hu.shape[2], size)
     images = resize.to_model(torch.from_numpy(hu_to_unit(hu)), labels=False).clamp(0, 1).numpy().astype(np.float16)
     small = resize.to_model(torch.from_numpy(cls.astype(np.int64)), labels=True).numpy().astype(np.uint8)
-    target = out / "cases" / case.case_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.", dir=out / "cases"))
-    try:
+    with atomic_folder(out / "cases" / case.case_id) as tmp:
         np.save(tmp / "images.npy", images)
         np.save(tmp / "classes.npy", small)
         spacing = [ct.spacing[a] for a in orientation.axes]
         info = {"case": case.case_id, "split": case.split, "slices": len(images), "spacing": spacing,
                 "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
         (tmp / "case.json").write_text(json.dumps(info))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 
