@@ -138,7 +138,8 @@ def run_totalsegmentator(ct: Volume, *, fast: bool = True, device: str = "auto",
         cmd += ["--fast"] if fast else []
         logger.info("running TotalSegmentator (%s, device %s): %s", "fast" if fast else "full", ts_device, " ".join(cmd))
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                  timeout=timeout)
         except subprocess.TimeoutExpired:
             raise CTSynthError(f"TotalSegmentator did not finish within {timeout:g} s; use a GPU (--device cuda) "
                                "or the fast mode") from None

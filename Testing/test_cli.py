@@ -172,7 +172,7 @@ def test_info_and_classes(capsys, tiny_model):
 
 def test_console_script_help():
     exe = Path(sys.executable).with_name("ctsynth")
-    result = subprocess.run([str(exe), "synth", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(exe), "synth", "--help"], capture_output=True, text=True, encoding="utf-8", timeout=60)
     assert result.returncode == 0 and "--seg SEG" in result.stdout and "examples:" in result.stdout
-    result = subprocess.run([str(exe), "synth"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(exe), "synth"], capture_output=True, text=True, encoding="utf-8", timeout=60)
     assert result.returncode == 2 and "--seg" in result.stderr

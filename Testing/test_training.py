@@ -170,7 +170,7 @@ def test_torchrun_two_cpu_processes(amos_cache, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
          "-m", "training.train", "--data", str(amos_cache), "--out", str(out), *TINY, "--iterations", "3",
          "--sample-every", "0"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("train: exported") == 1
