@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -152,7 +152,7 @@ def synthesize(
         options.sampler, model.diffusion, options.steps, start_timestep=options.start_timestep,
         **({"eta": options.eta} if options.sampler == "ddim" else {}),
     )
-    prior = _class_prior(model) if options.start_timestep is not None else None
+    prior = _model_prior(model) if options.start_timestep is not None else None
     batch = max(1, int(options.batch_size))
     try:
         for first in range(0, len(active), batch):
@@ -163,7 +163,8 @@ def synthesize(
                 if progress is not None:
                     progress(done + fraction * n, len(active))
 
-            sample = _sample_batch(small, index, model, sampler, prior, options.seed, device, cancel, on_step)
+            sample = sample_slices(model.model, model.conditioning, sampler, small, index, seed=options.seed,
+                                   device=device, prior=prior, cancel=cancel, on_step=on_step)
             unit[index] = resize.from_model(sample, labels=False).numpy()
     except torch.OutOfMemoryError:
         raise CTSynthError(
@@ -175,28 +176,39 @@ def synthesize(
     return SynthesisResult(volume, _provenance(model, options, sampler.config, device, len(active)))
 
 
-def _class_prior(model: LoadedModel) -> torch.Tensor:
+def class_prior(class_means: Sequence[float]) -> torch.Tensor:
+    """Per-class mean intensities in [0, 1] -> the prior's values in the diffusion's [-1, 1] space."""
+    return torch.tensor(list(class_means), dtype=torch.float32) * 2 - 1
+
+
+def _model_prior(model: LoadedModel) -> torch.Tensor:
     means = model.config.get("class_means")
     if means is None or len(means) != NUM_CLASSES:
         raise InputError(
             f"model '{model.name}' has no per-class mean intensities (class_means), so it cannot start from a prior: "
             "drop the start timestep or use another preset"
         )
-    return torch.tensor(means, dtype=torch.float32) * 2 - 1
+    return class_prior(means)
 
 
-def _sample_batch(
-    classes: torch.Tensor,
-    slice_index: np.ndarray,
-    model: LoadedModel,
+def sample_slices(
+    network: torch.nn.Module,
+    conditioning: str,
     sampler: Any,
-    prior: torch.Tensor | None,
+    classes: torch.Tensor,
+    slice_index: Sequence[int],
+    *,
     seed: int,
     device: torch.device,
-    cancel: Callable[[], bool] | None,
-    on_step: Callable[[float], None],
+    prior: torch.Tensor | None = None,
+    cancel: Callable[[], bool] | None = None,
+    on_step: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
-    """Sample one batch of (B, S, S) class slices; returns (B, S, S) intensities in [0, 1] on the CPU."""
+    """Sample (B, S, S) class slices; returns (B, S, S) intensities in [0, 1] on the CPU.
+
+    ``slice_index`` seeds each slice's starting noise; ``prior`` (per-class values in [-1, 1], see
+    :func:`class_prior`) is noised to the sampler's first timestep as the start (SDEdit).
+    """
     size = classes.shape[-1]
     # per-slice starting noise so a slice's sample does not depend on which batch it lands in
     noise = torch.stack([
@@ -204,16 +216,17 @@ def _sample_batch(
         for k in slice_index
     ]).to(device)
     generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + int(slice_index[0]) + 500_000)
-    kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, model.conditioning).items()}
+    kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, conditioning).items()}
     with torch.no_grad():  # the condition encoder does not depend on t: run it once per batch
-        features = model.model.encode_condition(**kwargs)
+        features = network.encode_condition(**kwargs)
     if features is not None:
         kwargs["cond_features"] = features
     x = noise if prior is None else sampler.add_noise(prior[classes][:, None].to(device), 0, noise)
-    for i, n, x, _ in sample_loop(model.model, sampler, x, kwargs, generator):
+    for i, n, x, _ in sample_loop(network, sampler, x, kwargs, generator):
         if cancel is not None and cancel():
             raise Cancelled("cancelled by the user; nothing was written")
-        on_step(i / n)
+        if on_step is not None:
+            on_step(i / n)
     return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()
 
 

@@ -8,37 +8,32 @@ import numpy as np
 import torch
 from PIL import Image
 
-from CTSemanticSynthLib.diffusion import GaussianDiffusion, make_sampler, sample_loop
+from CTSemanticSynthLib.diffusion import GaussianDiffusion, make_sampler
 from CTSemanticSynthLib.labels import COLORS
-from CTSemanticSynthLib.preprocess import condition_inputs
+from CTSemanticSynthLib.synthesis import class_prior, sample_slices
 
 
-@torch.no_grad()
-def sample_slices(model: torch.nn.Module, diffusion: GaussianDiffusion, classes: torch.Tensor, conditioning: str,
-                  *, steps: int, start_timestep: int | None, class_means: list[float] | None,
-                  device: torch.device, seed: int = 0) -> torch.Tensor:
+def sample_grid_slices(model: torch.nn.Module, diffusion: GaussianDiffusion, classes: torch.Tensor,
+                       conditioning: str, *, steps: int, start_timestep: int | None,
+                       class_means: list[float] | None, device: torch.device, seed: int = 0) -> torch.Tensor:
     """DDIM samples [B, S, S] in [0, 1] for class slices [B, S, S]; from the noised class-mean prior if asked."""
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    if start_timestep is not None and class_means is None:
+        raise ValueError("a start timestep needs the class means")
     sampler = make_sampler("ddim", diffusion, steps, start_timestep=start_timestep)
-    kwargs = {k: v.to(device) for k, v in condition_inputs(classes, conditioning).items()}
-    x = torch.randn((len(classes), 1, *classes.shape[1:]), generator=generator).to(device)
-    if start_timestep is not None:
-        if class_means is None:
-            raise ValueError("a start timestep needs the class means")
-        prior = (torch.tensor(class_means)[classes] * 2 - 1)[:, None].to(device)
-        x = sampler.add_noise(prior, 0, x)
-    for _, _, x, _ in sample_loop(model, sampler, x, kwargs, generator):
-        pass
-    model.train()
-    return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()
+    prior = class_prior(class_means) if start_timestep is not None else None
+    model.eval()
+    try:
+        return sample_slices(model, conditioning, sampler, classes, range(len(classes)), seed=seed, device=device,
+                             prior=prior)
+    finally:
+        model.train()
 
 
 def write_sample_grid(path: Path, model: torch.nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor,
                       classes: torch.Tensor, conditioning: str, *, steps: int, start_timestep: int | None,
                       class_means: list[float] | None, device: torch.device) -> None:
     """PNG grid for real images [B, 1, S, S] in [-1, 1] and their classes [B, S, S]."""
-    synthetic = sample_slices(model, diffusion, classes, conditioning, steps=steps, start_timestep=start_timestep,
+    synthetic = sample_grid_slices(model, diffusion, classes, conditioning, steps=steps, start_timestep=start_timestep,
                               class_means=class_means, device=device)
     real = (images[:, 0] + 1) / 2
     colours = np.asarray(COLORS, dtype=np.uint8)
