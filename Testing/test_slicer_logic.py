@@ -6,6 +6,7 @@ background process with a tiny model, and checks geometry, provenance, subject h
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,11 +29,24 @@ MODULE_DIR = Path(__file__).resolve().parent.parent / "CTSemanticSynth"
 sys.path.insert(0, str(MODULE_DIR))
 
 from CTSemanticSynthLib.labels import totalsegmentator_names  # noqa: E402
-from CTSemanticSynthSlicerLib.logic import ATTRIBUTE_PREFIX, SynthesisError, SynthesisLogic, cliOptions  # noqa: E402
+from CTSemanticSynthSlicerLib.logic import (  # noqa: E402
+    ATTRIBUTE_PREFIX,
+    SynthesisError,
+    SynthesisLogic,
+    TotalSegmentatorWeightsMissing,
+)
 from CTSemanticSynthSlicerLib.process import State  # noqa: E402
 from CTSemanticSynthSlicerLib.segments import LabelMappingError  # noqa: E402
 
 FAST = {"steps": 2, "batchSize": 128, "device": "cpu"}
+
+
+def cli_options(command: str) -> set[str]:
+    """The options ``ctsynth COMMAND --help`` documents (the real command line, run as the module runs it)."""
+    result = subprocess.run([sys.executable, "-m", "CTSemanticSynthLib.cli", command, "--help"], capture_output=True,
+                            text=True, encoding="utf-8", timeout=120)
+    assert result.returncode == 0, result.stderr
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", result.stdout))
 
 
 @pytest.fixture
@@ -204,32 +218,170 @@ def test_export_follows_the_reference_geometry(scene, logic, tmp_path):
         logic.startSynthesis(empty)
 
 
-def test_review_layout_and_dice_table(scene, logic, tmp_path):
+def slice_views(scene) -> dict[str, tuple]:
+    """Slice and composite nodes as Slicer's layout creates them (Red axial, Yellow sagittal, Green coronal)."""
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    layout_logic = slicer.vtkMRMLLayoutLogic()
+    layout_logic.SetMRMLScene(scene)
+    views = {}
+    for name in ("Red", "Yellow", "Green"):
+        slice_node = next(scene.GetNthNodeByClass(i, "vtkMRMLSliceNode") for i in
+                          range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode"))
+                          if scene.GetNthNodeByClass(i, "vtkMRMLSliceNode").GetLayoutName() == name)
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(name)
+        views[name] = (slice_node, composite)
+    return views, layout_logic
+
+
+def test_review_views_share_orientation_and_link(scene, logic):
     segmentation = load_segmentation(scene)
     real = load_volume(scene, SAMPLE_CT, "real")
     synthetic = load_volume(scene, SAMPLE_CT, "synthetic")
-    layout = scene.AddNewNodeByClass("vtkMRMLLayoutNode")
-    views = {}
-    for name in ("Red", "Yellow"):
-        views[name] = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-        views[name].SetLayoutName(name)
+    views, layout_logic = slice_views(scene)
+    assert views["Yellow"][0].GetOrientation() == "Sagittal"  # Slicer's default: the bug this guards against
 
-    shown = logic.setupReviewLayout(synthetic, segmentation, real)
-    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    shown = logic.showReview(synthetic, segmentation, real)
+    assert layout_logic.GetLayoutNode().GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
     assert shown == {"Red": real.GetID(), "Yellow": synthetic.GetID()}
-    assert views["Red"].GetBackgroundVolumeID() == real.GetID() and views["Red"].GetLinkedControl()
+    for name in ("Red", "Yellow"):
+        slice_node, composite = views[name]
+        assert slice_node.GetOrientation() == "Axial" and composite.GetLinkedControl()
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(views["Red"][0].GetSliceToRAS())[:3, :3],
+                               slicer.util.arrayFromVTKMatrix(views["Yellow"][0].GetSliceToRAS())[:3, :3])
+    assert views["Red"][1].GetBackgroundVolumeID() == real.GetID()
+    assert views["Yellow"][1].GetBackgroundVolumeID() == synthetic.GetID()
     display = segmentation.GetDisplayNode()
     assert display.GetVisibility2DOutline() and not display.GetVisibility2DFill() and display.GetNumberOfViewNodeIDs() == 0
     assert real.GetDisplayNode().GetWindow() == synthetic.GetDisplayNode().GetWindow() == 400
-    assert logic.setupReviewLayout(synthetic, segmentation, real, swap=True)["Red"] == synthetic.GetID()
-    assert views["Yellow"].GetBackgroundVolumeID() == real.GetID()
+    assert real.GetDisplayNode().GetLevel() == synthetic.GetDisplayNode().GetLevel() == 40
 
+    logic.showReview(synthetic, segmentation, real, swap=True, orientation="Coronal")
+    assert [views[n][0].GetOrientation() for n in ("Red", "Yellow")] == ["Coronal", "Coronal"]
+    assert views["Red"][1].GetBackgroundVolumeID() == synthetic.GetID()
+    assert views["Yellow"][1].GetBackgroundVolumeID() == real.GetID()
+    with pytest.raises(ValueError, match="unknown orientation 'Oblique'"):
+        logic.showReview(synthetic, segmentation, real, orientation="Oblique")
+
+
+def test_blinding_hides_names_and_data_entries_and_reveal_restores_them(scene, logic):
+    segmentation = load_segmentation(scene)
+    real = load_volume(scene, SAMPLE_CT, "case01 CT")
+    synthetic = load_volume(scene, SAMPLE_CT, "case01 synthetic CT")
+    slice_views(scene)
+    with pytest.raises(ValueError, match="needs the real CT"):
+        logic.showReview(synthetic, segmentation, None, blind=True)
+    assert not logic.blinding.active and synthetic.GetName() == "case01 synthetic CT"
+
+    logic.showReview(synthetic, segmentation, real, swap=True, blind=True)
+    assert (synthetic.GetName(), real.GetName()) == ("Left volume", "Right volume")  # nothing tells them apart
+    assert synthetic.GetHideFromEditors() and real.GetHideFromEditors()  # not in the Data module / selectors
+    assert logic.blinding.active
+    logic.showReview(synthetic, segmentation, real, blind=True)  # a second review keeps the real names
+    assert (real.GetName(), synthetic.GetName()) == ("Left volume", "Right volume")
+    logic.reveal()
+    assert (real.GetName(), synthetic.GetName()) == ("case01 CT", "case01 synthetic CT")
+    assert not real.GetHideFromEditors() and not synthetic.GetHideFromEditors() and not logic.blinding.active
+    logic.showReview(synthetic, segmentation, real, blind=True)
+    logic.showReview(synthetic, segmentation, real, blind=False)  # an unblinded review ends blinding too
+    assert synthetic.GetName() == "case01 synthetic CT" and not synthetic.GetHideFromEditors()
+
+
+def test_dice_table(scene):
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "dice")
-    logic.fillDiceTable(table, {"totalseg": {"synthetic": {"liver": 0.9, "spleen": 0.7, "pancreas": None},
-                                             "real": {"liver": 0.95, "spleen": 0.85}, "mean_synthetic": 0.8}})
+    SynthesisLogic.fillDiceTable(table, {"totalseg": {"synthetic": {"liver": 0.9, "spleen": 0.7, "pancreas": None},
+                                                      "real": {"liver": 0.95, "spleen": 0.85}, "mean_synthetic": 0.8}})
     assert table.GetNumberOfColumns() == 3 and table.GetNumberOfRows() == 3
     assert [table.GetCellText(r, 0) for r in range(3)] == ["Spleen", "Liver", "Mean"]
     assert float(table.GetCellText(2, 1)) == pytest.approx(0.8) and float(table.GetCellText(1, 2)) == pytest.approx(0.95)
+
+
+def test_empty_segmentation_and_other_grid_are_refused_and_the_scene_is_unchanged(scene, logic, tmp_path):
+    segmentation = load_segmentation(scene, names="totalseg")
+    ct = load_volume(scene, SAMPLE_CT, "case01 CT")
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "other CT")
+    slicer.util.updateVolumeFromArray(other, np.zeros((40, 50, 60), dtype=np.int16))
+    other.SetSpacing(1.0, 1.0, 2.0)
+    ids = node_ids(scene)
+    with pytest.raises(ValueError, match="'case01 organs' is on another grid than reference CT 'other CT'"):
+        logic.startSynthesis(segmentation, referenceVolumeNode=other)
+    ct_shifted = load_volume(scene, SAMPLE_CT, "shifted CT")
+    origin = ct_shifted.GetOrigin()
+    ct_shifted.SetOrigin(origin[0] + 1.5, origin[1], origin[2])  # same size and spacing, half a voxel off
+    with pytest.raises(ValueError, match="another grid than reference CT 'shifted CT'"):
+        logic.startSynthesis(segmentation, referenceVolumeNode=ct_shifted)
+    scene.RemoveNode(ct_shifted)
+    assert node_ids(scene) == ids and list(tmp_path.iterdir()) == []
+
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    empty.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    empty.GetSegmentation().AddEmptySegment("liver", "liver")
+    empty.GetSegmentation().AddEmptySegment("spleen", "spleen")
+    ids = node_ids(scene)
+    with pytest.raises(ValueError, match="segmentation 'drawn' is empty"):
+        logic.startSynthesis(empty, referenceVolumeNode=ct)
+    assert node_ids(scene) == ids and list(tmp_path.iterdir()) == []  # no node, no temporary folder left
+    bare = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "bare")
+    bare.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    with pytest.raises(LabelMappingError, match="no segments"):
+        logic.startSynthesis(bare)
+
+
+def test_model_card_comes_from_the_library(scene, logic, tiny_model):
+    """`ctsynth info --json` finds and checks the model in the background process; its errors are passed on."""
+    task = logic.startModelInfo(str(tiny_model))
+    task.wait(120)
+    config = logic.finishModelInfo(task)
+    assert config["sha256"] == json.loads((tiny_model / "config.json").read_text())["sha256"]
+    assert logic.modelSummary(config).startswith("tiny-concat (concat, 32x32), 16 classes")
+    task = logic.startModelInfo("no-such-model")
+    task.wait(120)
+    with pytest.raises(SynthesisError, match="model 'no-such-model' not found"):
+        logic.finishModelInfo(task)
+
+
+def test_reader_study_case_from_files_is_shown_blinded_and_removed(scene, logic, tmp_path):
+    from CTSemanticSynthSlicerLib.reader_study import ReaderStudy, casesFromFolder
+
+    case_dir = tmp_path / "study" / "case01"
+    case_dir.mkdir(parents=True)
+    shutil.copy(SAMPLE_CT, case_dir / "real.nii.gz")
+    shutil.copy(SAMPLE_CT, case_dir / "synthetic.nii.gz")
+    shutil.copy(SAMPLE_SEG, case_dir / "seg.nii.gz")
+    views, _ = slice_views(scene)
+    ids = node_ids(scene)
+    study = ReaderStudy(tmp_path / "answers.csv", casesFromFolder(tmp_path / "study"), "R1", seed=0)
+    _, case, side = study.current()
+    added = logic.showStudyCase(case, side, "Sagittal")
+    shown = {"left": views["Red"][1].GetBackgroundVolumeID(), "right": views["Yellow"][1].GetBackgroundVolumeID()}
+    assert shown[side] == added[1].GetID()  # the synthetic CT is on the planned side
+    assert {scene.GetNodeByID(i).GetName() for i in shown.values()} == {"Left volume", "Right volume"}
+    assert all(scene.GetNodeByID(i).GetHideFromEditors() for i in shown.values())
+    assert [views[n][0].GetOrientation() for n in ("Red", "Yellow")] == ["Sagittal", "Sagittal"]
+    assert added[2].IsA("vtkMRMLSegmentationNode") and added[2].GetSegmentation().GetNumberOfSegments() > 0
+    np.testing.assert_allclose(matrix(added[0]), reference_matrix()[0], atol=1e-9)  # the file's geometry
+    logic.endStudyCase(added)
+    assert node_ids(scene) == ids  # the case's volumes, segmentation and their display nodes are gone
+    assert not logic.blinding.active
+    assert logic.studyTable(study.summary()).GetCellText(0, 1) == "0"
+
+
+def test_reader_study_cases_from_the_scene(scene, logic, tiny_model):
+    segmentation = load_segmentation(scene)
+    with pytest.raises(ValueError, match="no synthetic CT made with a reference CT"):
+        logic.casesFromScene(scene)
+    real = load_volume(scene, SAMPLE_CT, "case01 CT")
+    synthetic = logic.synthesize(segmentation, timeout=240, model=str(tiny_model), referenceVolumeNode=real,
+                                 labels="totalseg", **FAST)
+    cases = logic.casesFromScene(scene)
+    assert [(c.real, c.synthetic, c.segmentation) for c in cases] == [(real.GetID(), synthetic.GetID(),
+                                                                       segmentation.GetID())]
+    volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    added = logic.showStudyCase(cases[0], "left")
+    assert added == [] and synthetic.GetName() in ("Left volume", "Right volume")
+    logic.endStudyCase(added)  # the scene's own nodes stay, with their names
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
+    assert (synthetic.GetName(), real.GetName()) == ("case01 organs synthetic CT", "case01 CT")
 
 
 def test_command_mapping_and_body_outline(scene, tmp_path):
@@ -250,8 +402,7 @@ def test_command_mapping_and_body_outline(scene, tmp_path):
     option = lambda name: args[args.index(name) + 1]  # noqa: E731
     assert (option("--preset"), option("--seed"), option("--model")) == ("balanced", "9", "demo")
     assert "--steps" not in args and Path(option("--body-mask")).is_file()
-    assert set(a for a in args if a.startswith("--")) <= cliOptions("synth")
-    assert ("--progress-lines" in args) == ("--progress-lines" in cliOptions("synth"))
+    assert "--progress-lines" in args and set(a for a in args if a.startswith("--")) <= cli_options("synth")
     mapping = json.loads(Path(option("--labels")).read_text())
     assert mapping["1"] == "body" and "liver" in mapping.values() and "spleen" not in mapping.values()
     assert sorted(mapping, key=int) == [str(i) for i in range(1, len(mapping) + 1)]
@@ -299,14 +450,14 @@ def test_dice_command_matches_ctsynth_evaluate(tmp_path):
                                       tmp_path / "r.nii.gz", tmp_path / "d.json", tmp_path / "t.nii.gz", "cpu", False)
     options = {a for a in map(str, args) if a.startswith("--")}
     assert args[0] == "evaluate" and {"--totalseg", "--real", "--full", "--json"} <= options
-    assert options <= cliOptions("evaluate")  # every option exists in the real parser
+    assert "--save-totalseg" in options and options <= cli_options("evaluate")  # all exist in the real command
 
 
 def test_slicer_process_never_imports_torch():
-    """Everything the module runs in Slicer's own process (logic, option discovery, segments, models) is torch-free."""
+    """Everything the module runs in Slicer's own process (logic, segments, review, reader study) is torch-free."""
     code = (f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r})\n"
-            "import CTSemanticSynthSlicerLib.logic as logic, CTSemanticSynthSlicerLib.dependencies\n"
-            "logic.cliOptions('synth'); logic.cliOptions('evaluate')\n"
+            "import CTSemanticSynthSlicerLib.logic, CTSemanticSynthSlicerLib.dependencies\n"
+            "import CTSemanticSynthSlicerLib.reader_study, CTSemanticSynthSlicerLib.review\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,6 +1,7 @@
 """Static checks of the Slicer extension (no Slicer needed): the .ui has every widget the module uses, the CMake
-lists name every file (and only existing ones), the module keeps the template's shape, and the module-side
-helpers that need no Slicer (background process, segment classes) work."""
+lists name every file (and only existing ones), the Extensions Index metadata, every third-party import is shipped by
+Slicer or listed in Resources/requirements.txt, the module keeps the template's shape and refuses old Slicer, and
+the module-side helpers that need no Slicer (background process, segment classes) work."""
 
 import ast
 import re
@@ -50,7 +51,7 @@ def _parameter_fields() -> dict[str, str]:
 
 
 WIDGET_FOR_TYPE = [("vtkMRML", "qMRMLNodeComboBox"), ("pathlib.Path", "ctkPathLineEdit"), ("bool", "QCheckBox"),
-                   ("Annotated[str, Choice", "QComboBox"), ("Annotated[int", "QSpinBox")]
+                   ("Annotated[str, Choice", "QComboBox"), ("Annotated[int", "QSpinBox"), ("str", "QLineEdit")]
 
 
 def test_parameter_names_in_the_ui_are_parameter_node_fields_of_a_matching_widget_type():
@@ -84,7 +85,7 @@ def test_module_file_has_the_template_shape():
     assert "import torch" not in text and "processEvents" not in text
 
 
-@pytest.mark.parametrize("name", ["logic.py", "process.py", "segments.py", "models.py"])
+@pytest.mark.parametrize("name", ["logic.py", "process.py", "segments.py", "review.py", "reader_study.py"])
 def test_headless_helpers_import_no_gui_and_no_torch(name):
     tree = ast.parse((HELPERS / name).read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -124,12 +125,86 @@ def test_module_cmake_lists_every_module_file():
 
 def test_extension_cmake():
     text = (REPO / "CMakeLists.txt").read_text()
-    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL"):
         assert re.search(rf'set\(EXTENSION_{key} "[^"]+"\)', text), key
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', text).group(1)
+    assert re.fullmatch(r"[^(),]+ \([^()]+\)(, [^(),]+ \([^()]+\))*", contributors), "use 'Name (Organisation)'"
+    assert "Slicer 5.10" in re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', text).group(1)
     assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch TotalSegmentator"\)', text)
     assert "add_subdirectory(CTSemanticSynthLib)" in text and "add_subdirectory(CTSemanticSynth)" in text
     assert "WITH_SUBDIR" in (LIBRARY / "CMakeLists.txt").read_text()
     assert "WITH_GENERIC_TESTS" in (MODULE / "CMakeLists.txt").read_text()
+
+
+def test_extension_urls_point_at_files_in_the_repository():
+    """The Extensions Index shows the icon (and screenshots) from these URLs: each must be a file the repository has."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    files = re.findall(r"https://raw\.githubusercontent\.com/[^/\s\"]+/[^/\s\"]+/[^/\s\"]+/([^\s\"]+)", text)
+    assert files, "the icon URL is missing"
+    missing = [f for f in files if not (REPO / f).is_file()]
+    assert not missing, f"CMakeLists.txt points at files the repository does not have: {missing}"
+
+
+def test_license_file_is_the_project_license():
+    license_text = (REPO / "LICENSE.txt").read_text()
+    assert re.search(r'^license = \{ text = "Apache-2.0" \}$', (REPO / "pyproject.toml").read_text(), re.M)
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text  # the full text, not a pointer
+
+
+def test_target_slicer_is_stated_and_older_slicer_is_refused_before_any_newer_syntax():
+    text = MODULE_PY.read_text()
+    ast.parse(text, feature_version=(3, 9))  # Slicer 5.8 (Python 3.9) can read the file up to the check
+    tree = ast.parse(text)
+    guard = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "SUPPORTED")
+    check = next(n for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "SUPPORTED")
+    assert ast.unparse(check.value) == "sys.version_info >= (3, 12)"
+    top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [ast.unparse(n) for n in top_level if "CTSemanticSynth" in ast.unparse(n)], "helpers imported unguarded"
+    assert any("CTSemanticSynthSlicerLib" in ast.unparse(n) for n in guard.body)
+    assert "Slicer 5.10" in text and "Slicer 5.10" in (REPO / "README.md").read_text()
+
+
+# --- dependencies ------------------------------------------------------------------------------------------------
+SHIPPED_BY_SLICER = {"numpy", "scipy", "SimpleITK", "PIL", "requests", "pydicom", "packaging",  # Slicer's Python
+                     "slicer", "qt", "ctk", "vtk", "mrml"}
+FROM_EXTENSIONS = {"torch": "PyTorch", "PyTorchUtils": "PyTorch", "totalsegmentator": "TotalSegmentator",
+                   "nnunetv2": "TotalSegmentator"}  # EXTENSION_DEPENDS "PyTorch TotalSegmentator"
+OWN_PACKAGES = {"CTSemanticSynthLib", "CTSemanticSynthSlicerLib", "CTSemanticSynth"}
+DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "yaml": "pyyaml"}  # import name -> pip name
+
+
+def third_party_imports(roots: list[Path]) -> dict[str, set[str]]:
+    """{top-level module: files importing it} for every import (also inside functions) under ``roots``."""
+    found: dict[str, set[str]] = {}
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in OWN_PACKAGES:
+                        found.setdefault(top, set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+def requirement_names(path: Path) -> set[str]:
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return {re.split(r"[<>=!~;\[ ]", line)[0].lower() for line in lines if line}
+
+
+def test_every_import_is_shipped_by_slicer_or_listed_in_requirements():
+    listed = requirement_names(MODULE / "Resources" / "requirements.txt")
+    imports = third_party_imports([LIBRARY, MODULE])
+    unlisted = {name: sorted(files) for name, files in imports.items()
+                if name not in SHIPPED_BY_SLICER | set(FROM_EXTENSIONS) and DISTRIBUTION.get(name, name).lower() not in listed}
+    assert not unlisted, f"add to CTSemanticSynth/Resources/requirements.txt (a fresh Slicer lacks them): {unlisted}"
+    unused = listed - {DISTRIBUTION.get(name, name).lower() for name in imports}
+    assert not unused, f"requirements.txt lists packages nothing imports: {sorted(unused)}"
+    assert not listed & {"torch", "totalsegmentator", "nnunetv2"}, "these come from the PyTorch/TotalSegmentator extensions"
+    depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text()).group(1).split()
+    assert set(FROM_EXTENSIONS.values()) <= set(depends)
 
 
 def test_icon_is_a_128_pixel_png():
@@ -145,8 +220,7 @@ def test_progress_parsing_and_eta():
 
     assert parseProgress("PROGRESS 12/87") == (12.0, 87)
     assert parseProgress("PROGRESS 48.32 112") == (48.32, 112)  # ctsynth synth --progress-lines
-    assert parseProgress("synthesizing:  14%|#4   | 12.5/87 slices [00:03<00:20]") == (12.5, 87)
-    assert parseProgress("synthesizing:   0%|  | 0.0/None slices [00:00<?]") is None
+    assert parseProgress("synthesizing:  14%|#4   | 12.5/87 slices [00:03<00:20]") is None  # only --progress-lines
     assert parseProgress("ctsynth: wrote out.nrrd") is None
     assert formatDuration(75) == "1 min 15 s" and formatDuration(7300) == "2 h 01 min"
 
@@ -154,14 +228,14 @@ def test_progress_parsing_and_eta():
 def test_background_process_reports_progress_and_errors():
     from CTSemanticSynthSlicerLib.process import BackgroundProcess, State
 
-    script = ("import sys, time\nfor i in range(1, 4):\n    sys.stderr.write(f'\\rbar {i}.0/3 slices [x]'); "
+    script = ("import sys, time\nfor i in range(1, 4):\n    sys.stderr.write(f'PROGRESS {i}.0 3\\r'); "
               "sys.stderr.flush(); time.sleep(0.05)\nprint('\\nctsynth: error: --seg x.nii: file not found', "
               "file=sys.stderr)\nsys.exit(2)")
     process = BackgroundProcess([sys.executable, "-c", script]).start()
     assert process.wait(30) is State.FAILED and process.returncode == 2
     assert (process.done, process.total) == (3.0, 3) and process.fraction == 1.0
     assert process.errorMessage() == "--seg x.nii: file not found"
-    assert sum("slices" in line for line in process.lines) == 1  # one line per progress bar
+    assert sum("PROGRESS" in line for line in process.lines) == 1  # one line per progress bar
 
 
 def test_cancel_kills_the_whole_process_tree(tmp_path):
@@ -221,13 +295,3 @@ def test_segment_classes_by_name_value_and_json(tmp_path):
     mapping.write_text('{"Tumor": "kidney"}')
     with pytest.raises(LabelMappingError, match="'kidney'.*not a class"):
         classifySegments(segments, "json", mapping)
-
-
-def test_model_card_is_read_without_torch(tiny_model):
-    from CTSemanticSynthSlicerLib.models import findModel, readModelCard
-
-    card = readModelCard(findModel(str(tiny_model)))
-    assert card.name == "tiny-concat" and card.imageSize == 32 and len(card.sha256) == 64
-    assert "tiny-concat" in card.summary()
-    with pytest.raises(FileNotFoundError, match="model 'no-such-model' not found"):
-        findModel("no-such-model")

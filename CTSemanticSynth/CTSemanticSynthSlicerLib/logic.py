@@ -11,13 +11,12 @@ folder, so the scene stays exactly as it was.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -31,18 +30,25 @@ import CTSemanticSynthLib
 from CTSemanticSynthLib.labels import COLORS, DISPLAY_NAMES, MODEL_CLASSES, normalize_name
 
 from .process import BackgroundProcess, State, pythonCommand
+from .reader_study import StudyCase, StudySummary
+from .review import Blinding, setupReviewLayout, showAbdomenWindow
 from .segments import Segment, SegmentClasses, classifySegments, exportOrder, mappingJson
 
 logger = logging.getLogger(__name__)
 
 ATTRIBUTE_PREFIX = "CTSemanticSynth."
-WINDOW, LEVEL = 400.0, 40.0  # abdomen window, the model's L40/W400
 GEOMETRY_TOLERANCE_MM = 1e-3
 CLI_MODULE = "CTSemanticSynthLib.cli"
+TOTALSEG_DOWNLOAD_MODULE = "totalsegmentator.bin.totalseg_download_weights"  # TotalSegmentator 2.x's own command
+WEIGHTS_MISSING = "TotalSegmentator weights for the"  # how `ctsynth evaluate --totalseg` says they are missing
 
 
 class SynthesisError(RuntimeError):
     """Synthesis or evaluation failed; the message is the command's own error line or says what to do."""
+
+
+class TotalSegmentatorWeightsMissing(SynthesisError):
+    """TotalSegmentator's weights are not on this computer (the message says where they go)."""
 
 
 def _matrix(node) -> np.ndarray:
@@ -57,19 +63,6 @@ def _vtkMatrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
         for j in range(4):
             m.SetElement(i, j, float(array[i, j]))
     return m
-
-
-@functools.lru_cache(maxsize=None)
-def cliOptions(command: str) -> frozenset[str]:
-    """The option strings ``ctsynth COMMAND`` accepts, read from its parser (no torch is imported), so the module
-    uses options such as ``--progress-lines`` as soon as the command line offers them."""
-    from CTSemanticSynthLib.cli import _build_parser
-
-    parser = _build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    if command not in commands:
-        return frozenset()
-    return frozenset(option for action in commands[command]._actions for option in action.option_strings)
 
 
 @contextlib.contextmanager
@@ -143,6 +136,7 @@ class SynthesisLogic:
         self.environment = dict(environment or {})
         self.tempRoot = tempRoot
         self.keepFiles = keepFiles
+        self.blinding = Blinding()
 
     # --- process environment ---------------------------------------------------------------------------------
     @staticmethod
@@ -204,8 +198,43 @@ class SynthesisLogic:
                 "(Specify geometry)")
         return None
 
+    @staticmethod
+    def segmentationGeometry(segmentationNode) -> tuple[np.ndarray, tuple] | None:
+        """(IJKToRAS, dimensions) of the segmentation's stored reference geometry, or None when it has none."""
+        name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+        serialized = segmentationNode.GetSegmentation().GetConversionParameter(name)
+        if not serialized:
+            return None
+        image = slicer.vtkOrientedImageData()
+        slicer.vtkSegmentationConverter.DeserializeImageGeometry(serialized, image)
+        m = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(m)
+        extent = image.GetExtent()
+        ijkToRAS = np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+        ijkToRAS[:3, 3] = ijkToRAS[:3, :3] @ np.array(extent[::2], dtype=float) + ijkToRAS[:3, 3]  # extent start
+        return ijkToRAS, tuple(extent[2 * i + 1] - extent[2 * i] + 1 for i in range(3))
+
+    def checkGeometry(self, segmentationNode, referenceVolumeNode) -> None:
+        """Refuse a reference CT whose grid differs from the segmentation's own (resampling the organs silently would
+        move their borders)."""
+        if referenceVolumeNode is None:
+            return
+        if referenceVolumeNode.GetImageData() is None:
+            raise ValueError(f"reference CT '{referenceVolumeNode.GetName()}' has no image data")
+        own = self.segmentationGeometry(segmentationNode)
+        reference = (_matrix(referenceVolumeNode), tuple(referenceVolumeNode.GetImageData().GetDimensions()))
+        if own is not None and (own[1] != reference[1]
+                                or not np.allclose(own[0], reference[0], atol=GEOMETRY_TOLERANCE_MM)):
+            raise ValueError(
+                f"segmentation '{segmentationNode.GetName()}' is on another grid than reference CT "
+                f"'{referenceVolumeNode.GetName()}' (size {own[1]} vs {reference[1]}, or spacing, origin or "
+                "direction differ): select the CT the segmentation was made on, clear 'Reference CT' to synthesize "
+                "on the segmentation's own grid, or resample the segmentation to this CT (Segment Editor: "
+                "Specify geometry)")
+
     def exportLabelmap(self, segmentationNode, segmentIds: list[str], referenceVolumeNode, path: Path) -> tuple[np.ndarray, tuple]:
-        """Write segments ``segmentIds`` as values 1..N on the reference grid; returns (IJKToRAS, dimensions)."""
+        """Write segments ``segmentIds`` as values 1..N on the reference grid; returns (IJKToRAS, dimensions).
+        Raises ValueError when the segments hold no voxel there."""
         scene = segmentationNode.GetScene()
         with temporaryNodes(scene):
             labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
@@ -216,6 +245,9 @@ class SynthesisLogic:
                 segmentationNode, ids, labelmap, referenceVolumeNode, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
             if not ok or labelmap.GetImageData() is None:
                 raise SynthesisError(f"could not export the segments of '{segmentationNode.GetName()}' to a label map")
+            if not slicer.util.arrayFromVolume(labelmap).any():
+                raise ValueError(f"segmentation '{segmentationNode.GetName()}' is empty (its organ segments have no "
+                                 "voxels on the output grid): paint or load the organs first")
             writeVolume(labelmap, path)
             return _matrix(labelmap), tuple(labelmap.GetImageData().GetDimensions())
 
@@ -233,6 +265,7 @@ class SynthesisLogic:
             raise ValueError(f"'{outputVolumeNode.GetName()}' cannot receive the synthetic CT (it is the reference CT or "
                              "a label map): choose 'Create new volume' or another volume")
         classes = self.classifySegments(segmentationNode, labels, mappingFile, strictLabels)
+        self.checkGeometry(segmentationNode, referenceVolumeNode)
         geometryNode = self.geometrySource(segmentationNode, referenceVolumeNode)
         order = exportOrder(classes)
         workDir = self._workDir("synth")
@@ -241,7 +274,8 @@ class SynthesisLogic:
             ijkToRAS, dims = self.exportLabelmap(segmentationNode, [s.segmentId for s, _ in order], geometryNode, labelsPath)
             mappingPath.write_text(mappingJson(order))
             args = ["synth", "--seg", labelsPath, "--out", workDir / "synthetic.nrrd", "--labels", mappingPath,
-                    "--preset", preset, "--seed", int(seed), "--device", device, "--batch-size", int(batchSize)]
+                    "--preset", preset, "--seed", int(seed), "--device", device, "--batch-size", int(batchSize),
+                    "--progress-lines"]
             if classes.bodyOutline:
                 bodyPath = workDir / "body.nrrd"
                 bodyMatrix, bodyDims = self.exportLabelmap(
@@ -249,8 +283,6 @@ class SynthesisLogic:
                 if bodyDims != dims or not np.allclose(bodyMatrix, ijkToRAS, atol=GEOMETRY_TOLERANCE_MM):
                     raise SynthesisError("the body outline segment could not be exported on the segmentation's grid")
                 args += ["--body-mask", bodyPath]
-            if "--progress-lines" in cliOptions("synth"):
-                args.append("--progress-lines")  # "PROGRESS done/total" lines; otherwise tqdm's bar is parsed
             if steps:
                 args += ["--steps", int(steps)]
             if model:
@@ -306,7 +338,7 @@ class SynthesisLogic:
         node.SetAndObserveTransformNodeID(inputs["transformID"])
         self._setProvenance(node, provenance, inputs)
         node.EndModify(wasModifying)
-        self.showAbdomenWindow(node)
+        showAbdomenWindow(node)
         segmentation = scene.GetNodeByID(inputs["segmentationID"])
         self.placeBeside(node, scene.GetNodeByID(inputs["referenceID"]) if inputs["referenceID"] else segmentation)
         return node
@@ -327,6 +359,8 @@ class SynthesisLogic:
             "Device": provenance.get("device", ""),
             "Created": provenance.get("created", ""),
             "SourceSegmentation": segmentation.GetName() if segmentation else "",
+            "SourceSegmentationID": inputs["segmentationID"],
+            "ReferenceVolumeID": inputs["referenceID"] or "",
             "UnknownSegments": ", ".join(inputs.get("unknownSegments", [])),
             "Provenance": json.dumps(provenance, sort_keys=True),
         }
@@ -339,15 +373,6 @@ class SynthesisLogic:
     @staticmethod
     def isSynthetic(node) -> bool:
         return node is not None and node.GetAttribute(ATTRIBUTE_PREFIX + "Synthetic") == "true"
-
-    @staticmethod
-    def showAbdomenWindow(volumeNode) -> None:
-        if volumeNode.GetDisplayNode() is None:
-            volumeNode.CreateDefaultDisplayNodes()
-        display = volumeNode.GetDisplayNode()
-        display.AutoWindowLevelOff()
-        display.SetWindowLevel(WINDOW, LEVEL)
-        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
 
     @staticmethod
     def placeBeside(node, original) -> None:
@@ -373,40 +398,161 @@ class SynthesisLogic:
         return self.finishSynthesis(task)
 
     # --- review ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def setupReviewLayout(syntheticVolumeNode, segmentationNode=None, realVolumeNode=None, swap: bool = False) -> dict:
-        """Side-by-side layout: real CT (or the segmentation alone) left, synthetic right (``swap`` exchanges them),
-        linked views, segmentation outlines in both, both volumes in the abdomen window. Returns
-        ``{"Red": volumeID or None, "Yellow": ...}`` (Red is left, Yellow right)."""
-        scene = syntheticVolumeNode.GetScene()
-        sides = [realVolumeNode, syntheticVolumeNode]
-        if swap:
-            sides.reverse()
-        layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
-        if layout is not None:
-            layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-        shown = {}
-        for viewName, volume in zip(("Red", "Yellow"), sides):
-            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
-                composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-                if composite.GetLayoutName() == viewName:
-                    composite.SetBackgroundVolumeID(volume.GetID() if volume else None)
-                    composite.SetForegroundVolumeID(None)
-                    composite.SetLabelVolumeID(None)
-                    composite.SetLinkedControl(True)
-            shown[viewName] = volume.GetID() if volume else None
-        for volume in (realVolumeNode, syntheticVolumeNode):
-            if volume is not None:
-                SynthesisLogic.showAbdomenWindow(volume)
-        if segmentationNode is not None:
-            if segmentationNode.GetDisplayNode() is None:
-                segmentationNode.CreateDefaultDisplayNodes()
-            display = segmentationNode.GetDisplayNode()
-            display.SetVisibility(True)
-            display.SetVisibility2DFill(False)
-            display.SetVisibility2DOutline(True)
-            display.RemoveAllViewNodeIDs()  # all views
+    def showReview(self, syntheticVolumeNode, segmentationNode=None, realVolumeNode=None, swap: bool = False,
+                   orientation: str = "Axial", blind: bool = False) -> dict[str, str | None]:
+        """Side-by-side review (see :func:`review.setupReviewLayout`); ``blind`` also hides the volumes' names and
+        Data module entries until :meth:`reveal` (refused without a real CT: an empty side gives the answer away)."""
+        if blind and realVolumeNode is None:
+            raise ValueError("blind review needs the real CT: select it as 'Reference CT'")
+        self.blinding.restore()
+        shown = setupReviewLayout(syntheticVolumeNode, segmentationNode, realVolumeNode, swap, orientation)
+        if blind:
+            scene = syntheticVolumeNode.GetScene()
+            self.blinding.blind(scene.GetNodeByID(shown["Red"]), scene.GetNodeByID(shown["Yellow"]))
         return shown
+
+    def reveal(self) -> None:
+        """End blinding: the volumes get their names back and reappear in the Data module."""
+        self.blinding.restore()
+
+    # --- model card (read by the library in the background process: Slicer's own process never imports torch) ----
+    def startModelInfo(self, model: str | None = None) -> BackgroundTask:
+        """Start ``ctsynth info [MODEL] --json``: the library finds the model (path, bundled or cache) and checks it."""
+        args = ["info"] + ([model] if model else []) + ["--json"]
+        process = BackgroundProcess(pythonCommand(self.python(), CLI_MODULE, *args), env=self.childEnvironment())
+        return BackgroundTask(process.start(), self._workDir("info"), "info", keepFiles=self.keepFiles)
+
+    @staticmethod
+    def finishModelInfo(task: BackgroundTask) -> dict:
+        """The model's config (name, model, classes, sha256, ...); raises SynthesisError with the library's message."""
+        try:
+            if task.poll() is not State.SUCCEEDED:
+                raise SynthesisError(task.process.errorMessage() if task.poll() is State.FAILED
+                                     else f"the model check is {task.poll().value}")
+            text = "\n".join(task.process.lines)
+            try:
+                return json.loads(text[text.index("{"):text.rindex("}") + 1])
+            except ValueError:
+                raise SynthesisError(f"unexpected output of ctsynth info: {text[-300:]}") from None
+        finally:
+            task.cleanup()
+
+    @staticmethod
+    def modelSummary(config: dict) -> str:
+        """Two lines for the panel: name, conditioning, size, classes; sha256."""
+        net = config["model"]
+        return (f"{config.get('name', '?')} ({net['conditioning']}, {net['image_size']}x{net['image_size']}), "
+                f"{len(config['classes']) - 1} classes\nsha256 {config['sha256'][:16]}...")
+
+    # --- reader study ------------------------------------------------------------------------------------------
+    @classmethod
+    def casesFromScene(cls, scene) -> list[StudyCase]:
+        """A reader-study case for each synthetic CT in the scene whose reference (real) CT is still there."""
+        cases = []
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+            real = scene.GetNodeByID(node.GetAttribute(ATTRIBUTE_PREFIX + "ReferenceVolumeID") or "")
+            if cls.isSynthetic(node) and real is not None:
+                segmentation = scene.GetNodeByID(node.GetAttribute(ATTRIBUTE_PREFIX + "SourceSegmentationID") or "")
+                cases.append(StudyCase(node.GetName(), real.GetID(), node.GetID(),
+                                       segmentation.GetID() if segmentation else ""))
+        if not cases:
+            raise ValueError("the scene has no synthetic CT made with a reference CT: synthesize with 'Reference CT' "
+                             "set, or choose a study folder")
+        return cases
+
+    @classmethod
+    def loadStudyCase(cls, case: StudyCase) -> tuple[list, tuple]:
+        """(nodes added to the scene, (real, synthetic, segmentation or None)) for a case given as files or node IDs."""
+        scene = slicer.mrmlScene
+        if scene.GetNodeByID(case.real) is not None:
+            nodes = tuple(scene.GetNodeByID(i) if i else None for i in (case.real, case.synthetic, case.segmentation))
+            return [], nodes
+        added = []
+        try:
+            added += [cls.loadVolumeFile(Path(case.real), "Study volume"),
+                      cls.loadVolumeFile(Path(case.synthetic), "Study volume")]
+            added.append(cls.loadClassLabelmap(Path(case.segmentation), "Study segmentation")
+                         if case.segmentation else None)
+        except BaseException:
+            cls.removeNodes(added)
+            raise
+        return [n for n in added if n is not None], tuple(added)
+
+    def showStudyCase(self, case: StudyCase, syntheticSide: str, orientation: str = "Axial") -> list:
+        """Load a reader-study case (files) or take it from the scene (node IDs) and show it blinded, the synthetic
+        CT on ``syntheticSide``; returns the nodes added (for :meth:`endStudyCase`)."""
+        added, (real, synthetic, segmentation) = self.loadStudyCase(case)
+        try:
+            self.showReview(synthetic, segmentation, real, swap=syntheticSide == "left", orientation=orientation,
+                            blind=True)
+        except BaseException:
+            self.removeNodes(added)
+            raise
+        return added
+
+    def endStudyCase(self, added: list) -> None:
+        """Unblind and remove the nodes :meth:`showStudyCase` added."""
+        self.reveal()
+        self.removeNodes(added)
+
+    @staticmethod
+    def loadVolumeFile(path: Path, name: str):
+        """A scalar volume node from a file, its geometry kept exactly (the library's LPS -> RAS conversion)."""
+        scene = slicer.mrmlScene
+        voxels, ijkToRAS = readArray(path)
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+        slicer.util.updateVolumeFromArray(node, voxels)
+        node.SetIJKToRASMatrix(_vtkMatrix(ijkToRAS))
+        return node
+
+    @staticmethod
+    def studyTable(summary: StudySummary, tableNode=None):
+        """The reader study's summary (quantity, value) in a table node (a new one if None)."""
+        scene = slicer.mrmlScene
+        if tableNode is None:
+            tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("Reader study summary"))
+        wasModifying = tableNode.StartModify()
+        tableNode.RemoveAllColumns()
+        for index, title in enumerate(("Quantity", "Value")):
+            column = vtk.vtkStringArray()
+            column.SetName(title)
+            for row in summary.rows():
+                column.InsertNextValue(row[index])
+            tableNode.AddColumn(column)
+        tableNode.SetUseColumnTitleAsColumnHeader(True)
+        tableNode.EndModify(wasModifying)
+        return tableNode
+
+    @staticmethod
+    def segmentationFromArray(labels: np.ndarray, ijkToRAS: np.ndarray, name: str, segmentNames=()):
+        """A segmentation node from a label array (K, J, I) on the grid ``ijkToRAS``; segments in label order get
+        ``segmentNames``."""
+        scene = slicer.mrmlScene
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        segmentation.CreateDefaultDisplayNodes()
+        with temporaryNodes(scene):
+            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+            slicer.util.updateVolumeFromArray(labelmap, labels)
+            labelmap.SetIJKToRASMatrix(_vtkMatrix(ijkToRAS))
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+        if not ok:
+            scene.RemoveNode(segmentation)
+            raise SynthesisError(f"could not import the labels of '{name}' as a segmentation")
+        for i, segmentName in enumerate(segmentNames):
+            segmentation.GetSegmentation().GetNthSegment(i).SetName(segmentName)
+        return segmentation
+
+    @staticmethod
+    def removeNodes(nodes) -> None:
+        """Remove nodes from their scene together with their display and storage nodes."""
+        for node in (n for n in nodes if n is not None and n.GetScene() is not None):
+            scene = node.GetScene()
+            helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] + [node.GetStorageNode()]
+            for helper in (h for h in helpers if h is not None):
+                scene.RemoveNode(helper)
+            scene.RemoveNode(node)
 
     # --- Dice with TotalSegmentator ----------------------------------------------------------------------------
     def startDice(self, syntheticVolumeNode, segmentationNode, realVolumeNode=None, labels: str = "auto",
@@ -442,16 +588,13 @@ class SynthesisLogic:
     @staticmethod
     def diceCommand(synthetic: Path, seg: Path, labels: Path, real: Path | None, jsonOut: Path, segOut: Path,
                     device: str, fast: bool) -> list:
-        """``ctsynth evaluate --totalseg`` (CTSemanticSynthLib/evaluate_cli.py). The TotalSegmentator label map is
-        asked for only when the command offers ``--save-totalseg``."""
+        """``ctsynth evaluate --totalseg`` (CTSemanticSynthLib/evaluate_cli.py), keeping TotalSegmentator's label map."""
         args = ["evaluate", "--synthetic", synthetic, "--seg", seg, "--labels", labels, "--totalseg",
-                "--json", jsonOut, "--device", device, "--overwrite"]
+                "--json", jsonOut, "--device", device, "--overwrite", "--save-totalseg", segOut]
         if real is not None:
             args += ["--real", real]
         if not fast:
             args.append("--full")
-        if "--save-totalseg" in cliOptions("evaluate"):
-            args += ["--save-totalseg", segOut]
         return args
 
     def finishDice(self, task: BackgroundTask, tableNode=None):
@@ -459,6 +602,8 @@ class SynthesisLogic:
         (tableNode, segmentationNode or None)."""
         try:
             state = task.poll()
+            if state is State.FAILED and task.process.errorMessage().startswith(WEIGHTS_MISSING):
+                raise TotalSegmentatorWeightsMissing(task.process.errorMessage())
             if state is not State.SUCCEEDED:
                 raise SynthesisError(f"Dice evaluation failed: {task.process.errorMessage()}"
                                      if state is State.FAILED else f"Dice evaluation is {state.value}")
@@ -478,6 +623,32 @@ class SynthesisLogic:
         finally:
             if task.poll().finished:
                 task.cleanup()
+
+    def startWeightsDownload(self, fast: bool = True) -> BackgroundTask:
+        """Let TotalSegmentator download the weights of its 'total' task with its own command (any 2.x version);
+        only after the user agreed, and only when :meth:`isOnline`."""
+        args = pythonCommand(self.python(), TOTALSEG_DOWNLOAD_MODULE, "-t", "total_fast" if fast else "total")
+        process = BackgroundProcess(args, env=self.childEnvironment())
+        return BackgroundTask(process.start(), self._workDir("weights"), "weights", keepFiles=self.keepFiles)
+
+    @staticmethod
+    def finishWeightsDownload(task: BackgroundTask) -> None:
+        """Raise SynthesisError with TotalSegmentator's message unless the download succeeded."""
+        try:
+            if task.poll() is not State.SUCCEEDED:
+                raise SynthesisError(f"TotalSegmentator's weight download {task.poll().value}: "
+                                     f"{task.process.errorMessage()}")
+        finally:
+            task.cleanup()
+
+    @staticmethod
+    def isOnline(host: str = "github.com", timeout: float = 3.0) -> bool:
+        """Whether a connection to ``host`` (where TotalSegmentator's weights are) can be opened."""
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return True
+        except OSError:
+            return False
 
     @staticmethod
     def _diceColumns(results: dict) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
@@ -525,18 +696,8 @@ class SynthesisLogic:
     @staticmethod
     def loadClassLabelmap(path: Path, name: str):
         """A segmentation node from a label map in model class ids, with the model's names and colours."""
-        scene = slicer.mrmlScene
         voxels, ijkToRAS = readArray(path)
-        segNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
-        segNode.CreateDefaultDisplayNodes()  # before the block, which removes every node it adds
-        with temporaryNodes(scene):
-            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-            slicer.util.updateVolumeFromArray(labelmap, voxels)
-            labelmap.SetIJKToRASMatrix(_vtkMatrix(ijkToRAS))
-            ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segNode)
-        if not ok:
-            scene.RemoveNode(segNode)
-            raise SynthesisError(f"could not import {path} as a segmentation")
+        segNode = SynthesisLogic.segmentationFromArray(voxels, ijkToRAS, slicer.mrmlScene.GenerateUniqueName(name))
         segmentation = segNode.GetSegmentation()
         for i in range(segmentation.GetNumberOfSegments()):
             segment = segmentation.GetNthSegment(i)

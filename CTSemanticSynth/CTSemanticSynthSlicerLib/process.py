@@ -17,16 +17,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-# "PROGRESS 12.5 87" (`ctsynth synth --progress-lines`; "PROGRESS 12/87" too) or tqdm's "... 12.5/87 slices [...".
+# "PROGRESS 12.5 87" (`ctsynth synth --progress-lines`; "PROGRESS 12/87" too).
 _PROGRESS = re.compile(r"^PROGRESS\s+(\d+(?:\.\d+)?)(?:\s*/\s*|\s+)(\d+)\s*$")
-_TQDM = re.compile(r"(\d+(?:\.\d+)?)/(\d+) slices")
 _ERROR_PREFIXES = ("ctsynth: error:", "error:")
 KEEP_LINES = 400
 
 
 def parseProgress(line: str) -> tuple[float, int] | None:
     """(done, total) from one output line, or None when the line carries no progress."""
-    match = _PROGRESS.match(line.strip()) or _TQDM.search(line)
+    match = _PROGRESS.match(line.strip())
     if not match:
         return None
     done, total = float(match.group(1)), int(match.group(2))
@@ -217,13 +216,6 @@ def killProcessTree(proc: subprocess.Popen) -> None:
     """Kill ``proc`` and its descendants (its own process group on POSIX; ``taskkill /T`` on Windows)."""
     if proc.poll() is not None:
         return
-    children = []
-    try:
-        import psutil  # optional: catches children that left the process group
-
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except Exception:
-        pass
     if os.name == "nt":
         subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
     else:
@@ -231,11 +223,6 @@ def killProcessTree(proc: subprocess.Popen) -> None:
             os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             proc.kill()
-    for child in children:
-        try:
-            child.kill()
-        except Exception:
-            pass
 
 
 def pythonCommand(python: str | None, module: str, *args: str) -> list[str]:
