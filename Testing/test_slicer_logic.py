@@ -4,6 +4,7 @@ Loads the bundled sample segmentation the way Slicer does (segmentation storage 
 background process with a tiny model, and checks geometry, provenance, subject hierarchy, cancel and errors.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -486,3 +487,51 @@ def test_left_handed_oblique_grid_is_kept_voxel_for_voxel(scene, logic, tiny_mod
     assert hu.shape == labels.shape
     assert (hu[labels > 0] > -1000).all()  # organs are tissue where they were drawn ...
     assert (hu[:, 50:, 50:] == -1000).all()  # ... and the far corner, outside the body, is air
+
+
+def dice_case(scene):
+    """A 36 x 32 x 24 CT at 3 mm with a liver and a spleen segmented (TotalSegmentator's fast grid)."""
+    ct = np.full((24, 32, 36), -1000, dtype=np.int16)  # K, J, I
+    ct[4:20, 6:26, 6:30] = 40
+    labels = np.zeros(ct.shape, dtype=np.int16)
+    labels[6:18, 8:20, 8:28] = 1
+    labels[8:14, 21:25, 10:16] = 2
+    ijk_to_ras = np.diag([-3.0, -3.0, 3.0, 1.0])
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case synthetic CT")
+    slicer.util.updateVolumeFromArray(volume, ct)
+    volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
+    segmentation = SynthesisLogic.segmentationFromArray(labels, ijk_to_ras, "organs", ("liver", "spleen"))
+    return volume, segmentation, labels
+
+
+@pytest.mark.skipif(importlib.util.find_spec("totalsegmentator") is None, reason="TotalSegmentator is not installed")
+def test_dice_offline_missing_weights_then_tiny_random_weights(scene, tmp_path):
+    """The Dice button's logic with the installed TotalSegmentator, offline: missing weights are their own error (the
+    Widget offers TotalSegmentator's download only when online); with the tiny random-weight model (every voxel
+    'liver') the table holds the Dice computed by hand."""
+    from data_builders.tiny_totalseg import build_tiny_totalseg
+
+    synthetic, segmentation, labels = dice_case(scene)
+    env = {"OMP_NUM_THREADS": "1", "TOTALSEG_WEIGHTS_PATH": str(tmp_path / "no-weights")}
+    offline = SynthesisLogic(environment=env, tempRoot=str(tmp_path))
+    ids = node_ids(scene)
+    task = offline.startDice(synthetic, segmentation, device="cpu")
+    assert task.wait(300) is State.FAILED
+    with pytest.raises(TotalSegmentatorWeightsMissing, match="no-weights"):
+        offline.finishDice(task)
+    assert node_ids(scene) == ids and not task.workDir.exists()
+    command = offline.weightsDownloadCommand(fast=True)  # never run here: it would download
+    assert command[1:] == ["-m", "totalsegmentator.bin.totalseg_download_weights", "-t", "total_fast"]
+    assert importlib.util.find_spec(command[2]) is not None  # TotalSegmentator's own public command
+
+    build_tiny_totalseg(tmp_path / "weights", constant_label=5)  # TotalSegmentator v2 id 5: liver
+    logic = SynthesisLogic(environment={**env, "TOTALSEG_WEIGHTS_PATH": str(tmp_path / "weights")},
+                           tempRoot=str(tmp_path))
+    task = logic.startDice(synthetic, segmentation, device="cpu")
+    assert task.wait(600) is State.SUCCEEDED, task.process.lines[-20:]
+    table, predicted = logic.finishDice(task)
+    rows = {table.GetCellText(r, 0): float(table.GetCellText(r, 1)) for r in range(table.GetNumberOfRows())}
+    liver = np.count_nonzero(labels == 1)
+    assert rows["Liver"] == pytest.approx(2 * liver / (liver + labels.size), abs=1e-6) and rows["Spleen"] == 0.0
+    segments = predicted.GetSegmentation()
+    assert [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())] == ["Liver"]

@@ -624,11 +624,13 @@ class SynthesisLogic:
             if task.poll().finished:
                 task.cleanup()
 
+    def weightsDownloadCommand(self, fast: bool = True) -> list[str]:
+        """TotalSegmentator's own download command (any 2.x version) for the weights of its 'total' task."""
+        return pythonCommand(self.python(), TOTALSEG_DOWNLOAD_MODULE, "-t", "total_fast" if fast else "total")
+
     def startWeightsDownload(self, fast: bool = True) -> BackgroundTask:
-        """Let TotalSegmentator download the weights of its 'total' task with its own command (any 2.x version);
-        only after the user agreed, and only when :meth:`isOnline`."""
-        args = pythonCommand(self.python(), TOTALSEG_DOWNLOAD_MODULE, "-t", "total_fast" if fast else "total")
-        process = BackgroundProcess(args, env=self.childEnvironment())
+        """Let TotalSegmentator download its weights; only after the user agreed, and only when :meth:`isOnline`."""
+        process = BackgroundProcess(self.weightsDownloadCommand(fast), env=self.childEnvironment())
         return BackgroundTask(process.start(), self._workDir("weights"), "weights", keepFiles=self.keepFiles)
 
     @staticmethod
