@@ -404,11 +404,12 @@ class SynthesisLogic:
         Data module entries until :meth:`reveal` (refused without a real CT: an empty side gives the answer away)."""
         if blind and realVolumeNode is None:
             raise ValueError("blind review needs the real CT: select it as 'Reference CT'")
-        self.blinding.restore()
         shown = setupReviewLayout(syntheticVolumeNode, segmentationNode, realVolumeNode, swap, orientation)
-        if blind:
+        if blind:  # (ends an earlier blinding first)
             scene = syntheticVolumeNode.GetScene()
             self.blinding.blind(scene.GetNodeByID(shown["Red"]), scene.GetNodeByID(shown["Yellow"]))
+        else:
+            self.blinding.restore()
         return shown
 
     def reveal(self) -> None:
