@@ -31,6 +31,7 @@ TOO_OLD = _("CT Semantic Synthesis needs 3D Slicer 5.10 or newer (Python 3.12); 
 if SUPPORTED:
     from CTSemanticSynthSlicerLib.dependencies import installedVersion
     from CTSemanticSynthSlicerLib.logic import SynthesisError, SynthesisLogic, TotalSegmentatorWeightsMissing
+    from CTSemanticSynthSlicerLib.nodes import segmentationFromArray
     from CTSemanticSynthSlicerLib.process import State, formatDuration
     from CTSemanticSynthSlicerLib.reader_study import ReaderStudy, casesFromFolder
     from CTSemanticSynthSlicerLib.review import ORIENTATIONS
@@ -475,7 +476,7 @@ class CTSemanticSynthTest(ScriptedLoadableModuleTest):
         labels = np.zeros((24, 48, 48), dtype=np.int16)  # K, J, I
         labels[4:20, 8:30, 6:26], labels[6:16, 10:22, 30:42], labels[8:14, 30:40, 10:20] = 1, 2, 3
         ijkToRAS = np.array([[-1.5, 0, 0, 40], [0, -1.5, 0, 30], [0, 0, 2.5, -20], [0, 0, 0, 1]])
-        segmentation = logic.segmentationFromArray(labels, ijkToRAS, "organs", ("liver", "spleen", "right kidney"))
+        segmentation = segmentationFromArray(labels, ijkToRAS, "organs", ("liver", "spleen", "right kidney"))
         before = slicer.mrmlScene.GetNumberOfNodes()
         task = logic.startSynthesis(segmentation, steps=2, seed=1, device="cpu")
         task.cancel()

@@ -36,6 +36,7 @@ from CTSemanticSynthSlicerLib.logic import (  # noqa: E402
     SynthesisLogic,
     TotalSegmentatorWeightsMissing,
 )
+from CTSemanticSynthSlicerLib.nodes import segmentationFromArray  # noqa: E402
 from CTSemanticSynthSlicerLib.process import State  # noqa: E402
 from CTSemanticSynthSlicerLib.segments import LabelMappingError  # noqa: E402
 
@@ -500,7 +501,7 @@ def dice_case(scene):
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case synthetic CT")
     slicer.util.updateVolumeFromArray(volume, ct)
     volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
-    segmentation = SynthesisLogic.segmentationFromArray(labels, ijk_to_ras, "organs", ("liver", "spleen"))
+    segmentation = segmentationFromArray(labels, ijk_to_ras, "organs", ("liver", "spleen"))
     return volume, segmentation, labels
 
 

@@ -85,7 +85,7 @@ def test_module_file_has_the_template_shape():
     assert "import torch" not in text and "processEvents" not in text
 
 
-@pytest.mark.parametrize("name", ["logic.py", "process.py", "segments.py", "review.py", "reader_study.py"])
+@pytest.mark.parametrize("name", ["logic.py", "nodes.py", "process.py", "segments.py", "review.py", "reader_study.py"])
 def test_headless_helpers_import_no_gui_and_no_torch(name):
     tree = ast.parse((HELPERS / name).read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

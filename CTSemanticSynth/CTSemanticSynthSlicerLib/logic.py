@@ -11,7 +11,6 @@ folder, so the scene stays exactly as it was.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,6 +28,17 @@ import slicer
 import CTSemanticSynthLib
 from CTSemanticSynthLib.labels import COLORS, DISPLAY_NAMES, MODEL_CLASSES, normalize_name
 
+from .nodes import (
+    SynthesisError,
+    nodeIJKToRAS,
+    loadVolumeFile,
+    readArray,
+    removeNodes,
+    segmentationFromArray,
+    temporaryNodes,
+    vtkMatrix,
+    writeVolume,
+)
 from .process import BackgroundProcess, State, pythonCommand
 from .reader_study import StudyCase, StudySummary
 from .review import Blinding, setupReviewLayout, showAbdomenWindow
@@ -43,61 +53,8 @@ TOTALSEG_DOWNLOAD_MODULE = "totalsegmentator.bin.totalseg_download_weights"  # T
 WEIGHTS_MISSING = "TotalSegmentator weights for the"  # how `ctsynth evaluate --totalseg` says they are missing
 
 
-class SynthesisError(RuntimeError):
-    """Synthesis or evaluation failed; the message is the command's own error line or says what to do."""
-
-
 class TotalSegmentatorWeightsMissing(SynthesisError):
     """TotalSegmentator's weights are not on this computer (the message says where they go)."""
-
-
-def _matrix(node) -> np.ndarray:
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
-
-
-def _vtkMatrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    m = vtk.vtkMatrix4x4()
-    for i in range(4):
-        for j in range(4):
-            m.SetElement(i, j, float(array[i, j]))
-    return m
-
-
-@contextlib.contextmanager
-def temporaryNodes(scene):
-    """Remove every node added to ``scene`` inside the block (export helpers add colour tables, display nodes)."""
-    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-    try:
-        yield
-    finally:
-        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
-        for node in reversed([n for n in added if n.GetID() not in before]):
-            scene.RemoveNode(node)
-
-
-def writeVolume(node, path: Path) -> None:
-    """Write a volume node's image with its geometry (a storage node outside the scene: nothing is added)."""
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
-    storage.SetUseCompression(True)
-    if not storage.WriteData(node):
-        raise SynthesisError(f"could not write {node.GetName()} to {path}")
-
-
-def readArray(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(voxels in Slicer's K, J, I order, IJKToRAS) of an image file, read with the library's one LPS -> RAS
-    conversion. Slicer's own reader would flip a left-handed grid to a right-handed one (and the voxels with it)."""
-    import SimpleITK as sitk
-
-    from CTSemanticSynthLib.io import sitk_to_volume
-
-    try:
-        volume = sitk_to_volume(sitk.ReadImage(str(path)))
-    except RuntimeError as exc:
-        raise SynthesisError(f"could not read {path} ({str(exc).strip().splitlines()[-1]})") from None
-    return np.ascontiguousarray(volume.array.transpose(2, 1, 0)), volume.affine
 
 
 @dataclass
@@ -222,7 +179,7 @@ class SynthesisLogic:
         if referenceVolumeNode.GetImageData() is None:
             raise ValueError(f"reference CT '{referenceVolumeNode.GetName()}' has no image data")
         own = self.segmentationGeometry(segmentationNode)
-        reference = (_matrix(referenceVolumeNode), tuple(referenceVolumeNode.GetImageData().GetDimensions()))
+        reference = (nodeIJKToRAS(referenceVolumeNode), tuple(referenceVolumeNode.GetImageData().GetDimensions()))
         if own is not None and (own[1] != reference[1]
                                 or not np.allclose(own[0], reference[0], atol=GEOMETRY_TOLERANCE_MM)):
             raise ValueError(
@@ -249,7 +206,7 @@ class SynthesisLogic:
                 raise ValueError(f"segmentation '{segmentationNode.GetName()}' is empty (its organ segments have no "
                                  "voxels on the output grid): paint or load the organs first")
             writeVolume(labelmap, path)
-            return _matrix(labelmap), tuple(labelmap.GetImageData().GetDimensions())
+            return nodeIJKToRAS(labelmap), tuple(labelmap.GetImageData().GetDimensions())
 
     # --- synthesis ---------------------------------------------------------------------------------------------
     def startSynthesis(self, segmentationNode, outputVolumeNode=None, referenceVolumeNode=None, model: str | None = None,
@@ -334,7 +291,7 @@ class SynthesisLogic:
             node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(inputs["outputName"]))
         wasModifying = node.StartModify()
         slicer.util.updateVolumeFromArray(node, voxels)
-        node.SetIJKToRASMatrix(_vtkMatrix(inputs["ijkToRAS"]))  # exactly the segmentation's grid
+        node.SetIJKToRASMatrix(vtkMatrix(inputs["ijkToRAS"]))  # exactly the segmentation's grid
         node.SetAndObserveTransformNodeID(inputs["transformID"])
         self._setProvenance(node, provenance, inputs)
         node.EndModify(wasModifying)
@@ -471,12 +428,12 @@ class SynthesisLogic:
             return [], nodes
         added = []
         try:
-            added += [cls.loadVolumeFile(Path(case.real), "Study volume"),
-                      cls.loadVolumeFile(Path(case.synthetic), "Study volume")]
+            added += [loadVolumeFile(Path(case.real), "Study volume"),
+                      loadVolumeFile(Path(case.synthetic), "Study volume")]
             added.append(cls.loadClassLabelmap(Path(case.segmentation), "Study segmentation")
                          if case.segmentation else None)
         except BaseException:
-            cls.removeNodes(added)
+            removeNodes(added)
             raise
         return [n for n in added if n is not None], tuple(added)
 
@@ -488,24 +445,14 @@ class SynthesisLogic:
             self.showReview(synthetic, segmentation, real, swap=syntheticSide == "left", orientation=orientation,
                             blind=True)
         except BaseException:
-            self.removeNodes(added)
+            removeNodes(added)
             raise
         return added
 
     def endStudyCase(self, added: list) -> None:
         """Unblind and remove the nodes :meth:`showStudyCase` added."""
         self.reveal()
-        self.removeNodes(added)
-
-    @staticmethod
-    def loadVolumeFile(path: Path, name: str):
-        """A scalar volume node from a file, its geometry kept exactly (the library's LPS -> RAS conversion)."""
-        scene = slicer.mrmlScene
-        voxels, ijkToRAS = readArray(path)
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
-        slicer.util.updateVolumeFromArray(node, voxels)
-        node.SetIJKToRASMatrix(_vtkMatrix(ijkToRAS))
-        return node
+        removeNodes(added)
 
     @staticmethod
     def studyTable(summary: StudySummary, tableNode=None):
@@ -524,36 +471,6 @@ class SynthesisLogic:
         tableNode.SetUseColumnTitleAsColumnHeader(True)
         tableNode.EndModify(wasModifying)
         return tableNode
-
-    @staticmethod
-    def segmentationFromArray(labels: np.ndarray, ijkToRAS: np.ndarray, name: str, segmentNames=()):
-        """A segmentation node from a label array (K, J, I) on the grid ``ijkToRAS``; segments in label order get
-        ``segmentNames``."""
-        scene = slicer.mrmlScene
-        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-        segmentation.CreateDefaultDisplayNodes()
-        with temporaryNodes(scene):
-            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-            slicer.util.updateVolumeFromArray(labelmap, labels)
-            labelmap.SetIJKToRASMatrix(_vtkMatrix(ijkToRAS))
-            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
-            ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
-        if not ok:
-            scene.RemoveNode(segmentation)
-            raise SynthesisError(f"could not import the labels of '{name}' as a segmentation")
-        for i, segmentName in enumerate(segmentNames):
-            segmentation.GetSegmentation().GetNthSegment(i).SetName(segmentName)
-        return segmentation
-
-    @staticmethod
-    def removeNodes(nodes) -> None:
-        """Remove nodes from their scene together with their display and storage nodes."""
-        for node in (n for n in nodes if n is not None and n.GetScene() is not None):
-            scene = node.GetScene()
-            helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] + [node.GetStorageNode()]
-            for helper in (h for h in helpers if h is not None):
-                scene.RemoveNode(helper)
-            scene.RemoveNode(node)
 
     # --- Dice with TotalSegmentator ----------------------------------------------------------------------------
     def startDice(self, syntheticVolumeNode, segmentationNode, realVolumeNode=None, labels: str = "auto",
@@ -700,7 +617,7 @@ class SynthesisLogic:
     def loadClassLabelmap(path: Path, name: str):
         """A segmentation node from a label map in model class ids, with the model's names and colours."""
         voxels, ijkToRAS = readArray(path)
-        segNode = SynthesisLogic.segmentationFromArray(voxels, ijkToRAS, slicer.mrmlScene.GenerateUniqueName(name))
+        segNode = segmentationFromArray(voxels, ijkToRAS, slicer.mrmlScene.GenerateUniqueName(name))
         segmentation = segNode.GetSegmentation()
         for i in range(segmentation.GetNumberOfSegments()):
             segment = segmentation.GetNthSegment(i)
