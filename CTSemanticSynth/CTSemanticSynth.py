@@ -145,6 +145,8 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             task.cancel()
         self._timer.stop()
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.reveal()
 
     def enter(self) -> None:
         if SUPPORTED:
@@ -160,7 +162,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._task is not None:
             self._task.cancel()
             self._endTask(_("Cancelled: the scene was closed."))
-        self.logic.reveal()
+        self.logic.reveal()  # the scene and its nodes go; the study's answers are in the CSV already
         self._study, self._studyNodes = None, []
         self._setBlindGui(False)
         self.setParameterNode(None)
@@ -380,8 +382,8 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStartStudy(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not start the reader study.")):
-            if str(p.studyCsv) in ("", "."):
-                raise ValueError(_("Choose the answers file (CSV)."))
+            if "." in (str(p.studyCsv), "" if p.studyFromScene else str(p.studyFolder)):
+                raise ValueError(_("Choose the case folder (or 'Cases from the scene') and the answers file (CSV)."))
             cases = self.logic.casesFromScene(slicer.mrmlScene) if p.studyFromScene else casesFromFolder(p.studyFolder)
             self._study = ReaderStudy(p.studyCsv, cases, p.readerName, p.studySeed)
             self._showStudyCase()
