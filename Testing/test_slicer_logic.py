@@ -365,7 +365,10 @@ def test_reader_study_case_from_files_is_shown_blinded_and_removed(scene, logic,
     logic.endStudyCase(added)
     assert node_ids(scene) == ids  # the case's volumes, segmentation and their display nodes are gone
     assert not logic.blinding.active
-    assert logic.studyTable(study.summary()).GetCellText(0, 1) == "0"
+    table = logic.studyTable(study.summary())
+    assert (table.GetCellText(0, 0), table.GetCellText(0, 1)) == ("cases answered", "0")
+    study.answer(side, 2, 4)
+    assert logic.studyTable(study.summary()) is table and table.GetCellText(2, 1) == "1.000"  # updated in place
 
 
 def test_reader_study_cases_from_the_scene(scene, logic, tiny_model):

@@ -456,10 +456,12 @@ class SynthesisLogic:
 
     @staticmethod
     def studyTable(summary: StudySummary, tableNode=None):
-        """The reader study's summary (quantity, value) in a table node (a new one if None)."""
+        """The reader study's summary (quantity, value) in ``tableNode``, else in the scene's "Reader study summary"
+        table (made once)."""
         scene = slicer.mrmlScene
-        if tableNode is None:
-            tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("Reader study summary"))
+        name = "Reader study summary"
+        tableNode = (tableNode or scene.GetFirstNode(name, "vtkMRMLTableNode")
+                     or scene.AddNewNodeByClass("vtkMRMLTableNode", name))
         wasModifying = tableNode.StartModify()
         tableNode.RemoveAllColumns()
         for index, title in enumerate(("Quantity", "Value")):
