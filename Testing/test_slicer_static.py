@@ -26,7 +26,7 @@ def ui_widgets() -> dict[str, ET.Element]:
 
 
 def cmake_list(cmake: Path, variable: str) -> list[str]:
-    text = cmake.read_text()
+    text = cmake.read_text(encoding="utf-8")
     name = re.search(r"set\(MODULE_NAME\s+(\S+)\)", text).group(1)
     body = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S).group(1)
     return [t.replace("${MODULE_NAME}", name) for t in body.split() if not t.startswith("#")]
@@ -38,13 +38,13 @@ def python_files(root: Path) -> set[str]:
 
 # --- the .ui and the Python code agree ------------------------------------------------------------------------
 def test_every_widget_the_module_uses_is_in_the_ui():
-    used = set(re.findall(r"\bself\.ui\.(\w+)", MODULE_PY.read_text()))
+    used = set(re.findall(r"\bself\.ui\.(\w+)", MODULE_PY.read_text(encoding="utf-8")))
     missing = used - set(ui_widgets())
     assert used and not missing, f"CTSemanticSynth.py uses widgets missing from the .ui: {sorted(missing)}"
 
 
 def _parameter_fields() -> dict[str, str]:
-    tree = ast.parse(MODULE_PY.read_text())
+    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CTSemanticSynthParameterNode")
     assert any(ast.unparse(d) == "parameterNodeWrapper" for d in cls.decorator_list)
     return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
@@ -77,7 +77,7 @@ def test_mrml_widgets_get_the_scene():
 
 # --- template shape and import rules --------------------------------------------------------------------------
 def test_module_file_has_the_template_shape():
-    text = MODULE_PY.read_text()
+    text = MODULE_PY.read_text(encoding="utf-8")
     assert len(text.splitlines()) < 500
     classes = [n.name for n in ast.parse(text).body if isinstance(n, ast.ClassDef)]
     assert classes == ["CTSemanticSynth", "CTSemanticSynthParameterNode", "CTSemanticSynthWidget",
@@ -87,11 +87,11 @@ def test_module_file_has_the_template_shape():
 
 @pytest.mark.parametrize("name", ["logic.py", "nodes.py", "process.py", "segments.py", "review.py", "reader_study.py"])
 def test_headless_helpers_import_no_gui_and_no_torch(name):
-    tree = ast.parse((HELPERS / name).read_text())
+    tree = ast.parse((HELPERS / name).read_text(encoding="utf-8"))
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
     assert not roots & {"qt", "ctk", "torch", "PyTorchUtils"}, f"{name} imports {roots & {'qt', 'ctk', 'torch'}}"
-    assert not re.search(r"processEvents\(", (HELPERS / name).read_text())
+    assert not re.search(r"processEvents\(", (HELPERS / name).read_text(encoding="utf-8"))
 
 
 # --- CMake lists ------------------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_module_cmake_lists_every_module_file():
 
 
 def test_extension_cmake():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL"):
         assert re.search(rf'set\(EXTENSION_{key} "[^"]+"\)', text), key
     contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', text).group(1)
@@ -132,13 +132,13 @@ def test_extension_cmake():
     assert "Slicer 5.10" in re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', text).group(1)
     assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch TotalSegmentator"\)', text)
     assert "add_subdirectory(CTSemanticSynthLib)" in text and "add_subdirectory(CTSemanticSynth)" in text
-    assert "WITH_SUBDIR" in (LIBRARY / "CMakeLists.txt").read_text()
-    assert "WITH_GENERIC_TESTS" in (MODULE / "CMakeLists.txt").read_text()
+    assert "WITH_SUBDIR" in (LIBRARY / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "WITH_GENERIC_TESTS" in (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
 def test_extension_urls_point_at_files_in_the_repository():
     """The Extensions Index shows the icon (and screenshots) from these URLs: each must be a file the repository has."""
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     files = re.findall(r"https://raw\.githubusercontent\.com/[^/\s\"]+/[^/\s\"]+/[^/\s\"]+/([^\s\"]+)", text)
     assert files, "the icon URL is missing"
     missing = [f for f in files if not (REPO / f).is_file()]
@@ -146,14 +146,14 @@ def test_extension_urls_point_at_files_in_the_repository():
 
 
 def test_license_file_is_the_project_license():
-    license_text = (REPO / "LICENSE.txt").read_text()
-    assert re.search(r'^license = \{ text = "Apache-2.0" \}$', (REPO / "pyproject.toml").read_text(), re.M)
+    license_text = (REPO / "LICENSE.txt").read_text(encoding="utf-8")
+    assert re.search(r'^license = \{ text = "Apache-2.0" \}$', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M)
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert "END OF TERMS AND CONDITIONS" in license_text  # the full text, not a pointer
 
 
 def test_target_slicer_is_stated_and_older_slicer_is_refused_before_any_newer_syntax():
-    text = MODULE_PY.read_text()
+    text = MODULE_PY.read_text(encoding="utf-8")
     ast.parse(text, feature_version=(3, 9))  # Slicer 5.8 (Python 3.9) can read the file up to the check
     tree = ast.parse(text)
     guard = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "SUPPORTED")
@@ -162,7 +162,7 @@ def test_target_slicer_is_stated_and_older_slicer_is_refused_before_any_newer_sy
     top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert not [ast.unparse(n) for n in top_level if "CTSemanticSynth" in ast.unparse(n)], "helpers imported unguarded"
     assert any("CTSemanticSynthSlicerLib" in ast.unparse(n) for n in guard.body)
-    assert "Slicer 5.10" in text and "Slicer 5.10" in (REPO / "README.md").read_text()
+    assert "Slicer 5.10" in text and "Slicer 5.10" in (REPO / "README.md").read_text(encoding="utf-8")
 
 
 # --- dependencies ------------------------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def third_party_imports(roots: list[Path]) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for root in roots:
         for path in sorted(root.rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                     [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else [])
                 for name in names:
@@ -190,7 +190,7 @@ def third_party_imports(roots: list[Path]) -> dict[str, set[str]]:
 
 
 def requirement_names(path: Path) -> set[str]:
-    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    lines = [line.split("#")[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
     return {re.split(r"[<>=!~;\[ ]", line)[0].lower() for line in lines if line}
 
 
@@ -203,7 +203,7 @@ def test_every_import_is_shipped_by_slicer_or_listed_in_requirements():
     unused = listed - {DISTRIBUTION.get(name, name).lower() for name in imports}
     assert not unused, f"requirements.txt lists packages nothing imports: {sorted(unused)}"
     assert not listed & {"torch", "totalsegmentator", "nnunetv2"}, "these come from the PyTorch/TotalSegmentator extensions"
-    depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text()).group(1).split()
+    depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text(encoding="utf-8")).group(1).split()
     assert set(FROM_EXTENSIONS.values()) <= set(depends)
 
 
@@ -247,10 +247,10 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
               f"open({str(pidfile)!r}, 'w').write(str(child.pid))\nprint('PROGRESS 0/1', flush=True)\ntime.sleep(60)")
     process = BackgroundProcess([sys.executable, "-c", script]).start()
     deadline = time.monotonic() + 30
-    while not pidfile.exists() or not pidfile.read_text():
+    while not pidfile.exists() or not pidfile.read_text(encoding="utf-8"):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    child = int(pidfile.read_text())
+    child = int(pidfile.read_text(encoding="utf-8"))
     process.cancel()
     assert process.poll() is State.CANCELLED
     for _ in range(50):  # the orphaned grandchild is reaped by init; give it a moment

@@ -29,7 +29,7 @@ def _satisfied(requirement: str) -> bool:
 
 
 def readRequirements(path: str | Path) -> list[str]:
-    lines = Path(path).read_text().splitlines()
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 

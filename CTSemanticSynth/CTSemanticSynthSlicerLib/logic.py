@@ -285,7 +285,7 @@ class SynthesisLogic:
         if dims != tuple(inputs["dimensions"]) or not np.allclose(ijkToRAS, inputs["ijkToRAS"], atol=GEOMETRY_TOLERANCE_MM):
             raise SynthesisError(f"the synthetic CT came back on another grid ({dims} vs {inputs['dimensions']}); "
                                  "nothing was loaded")
-        provenance = json.loads(Path(inputs["sidecar"]).read_text())
+        provenance = json.loads(Path(inputs["sidecar"]).read_text(encoding="utf-8"))
         node = scene.GetNodeByID(inputs["outputID"]) if inputs["outputID"] else None
         if node is None:
             node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(inputs["outputName"]))
@@ -527,7 +527,7 @@ class SynthesisLogic:
             if state is not State.SUCCEEDED:
                 raise SynthesisError(f"Dice evaluation failed: {task.process.errorMessage()}"
                                      if state is State.FAILED else f"Dice evaluation is {state.value}")
-            results = json.loads(Path(task.inputs["json"]).read_text())
+            results = json.loads(Path(task.inputs["json"]).read_text(encoding="utf-8"))
             scene = slicer.mrmlScene
             synthetic = scene.GetNodeByID(task.inputs["syntheticID"])
             name = synthetic.GetName() if synthetic else "synthetic CT"
