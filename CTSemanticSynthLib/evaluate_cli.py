@@ -116,7 +116,7 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
         if fid:
             from .metrics.inception import InceptionFeatures
             from .metrics.planes import per_plane_fid
-            from .synthesis import select_device
+            from .device import select_device
 
             features = InceptionFeatures(inception, device=select_device(device))
             if progress is not None:

@@ -17,8 +17,10 @@ import torch
 
 from . import __version__
 from .checkpoint import LoadedModel
-from .diffusion import make_sampler, sample_loop
+from .device import select_device
+from .diffusion import SAMPLERS, make_sampler, sample_loop
 from .errors import Cancelled, CTSynthError, InputError
+from .factory import create_diffusion
 from .io import Volume
 from .labels import BACKGROUND, MODEL_CLASSES, NUM_CLASSES, MappingReport, resolve_adapter
 from .preprocess import (
@@ -60,12 +62,34 @@ DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_options(model: LoadedModel, preset: str, **overrides: Any) -> SamplingOptions:
-    """Options for a named preset; a model's config may redefine presets under ``sampling_presets``."""
-    presets = {**DEFAULT_PRESETS, **model.config.get("sampling_presets", {})}
+MAX_SEED = 2**32 - 1
+"""Seeds are 0..2**32-1: each slice's generator is seeded with seed * 1_000_003 + slice, which must stay below
+torch's 2**64 limit."""
+
+
+def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> SamplingOptions:
+    """Checked options for a named preset of a model's ``config`` (which may redefine presets under
+    ``sampling_presets``); ``overrides`` that are not None replace the preset's values.
+
+    Cheap (no weights needed): call it before loading the model. Every bad value is an InputError naming it.
+    """
+    presets = {**DEFAULT_PRESETS, **config.get("sampling_presets", {})}
     if preset not in presets:
         raise InputError(f"unknown preset '{preset}': use one of {', '.join(presets)}")
-    return replace(SamplingOptions(**presets[preset]), **{k: v for k, v in overrides.items() if v is not None})
+    options = replace(SamplingOptions(**presets[preset]), **{k: v for k, v in overrides.items() if v is not None})
+    if options.sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler '{options.sampler}': use one of {', '.join(SAMPLERS)}")
+    if not 0 <= options.seed <= MAX_SEED:
+        raise InputError(f"--seed {options.seed} is out of range: use 0..{MAX_SEED}")
+    if options.batch_size < 1:
+        raise InputError(f"--batch-size {options.batch_size} must be at least 1")
+    try:
+        make_sampler(options.sampler, create_diffusion(config["diffusion"]), options.steps,
+                     start_timestep=options.start_timestep)
+    except ValueError as exc:
+        raise InputError(f"--steps {options.steps} does not fit preset '{preset}' of model "
+                         f"'{config.get('name', '?')}': {exc}") from None
+    return options
 
 
 @dataclass
@@ -74,24 +98,6 @@ class SynthesisResult:
 
     volume: Volume
     provenance: dict[str, Any]
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; an explicit device that is not available is an InputError."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device '{name}' requested but this torch has no CUDA GPU; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise InputError("device 'mps' requested but it is not available; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def prepare_classes(
@@ -225,6 +231,9 @@ def sample_slices(
     for i, n, x, _ in sample_loop(network, sampler, x, kwargs, generator):
         if cancel is not None and cancel():
             raise Cancelled("cancelled by the user; nothing was written")
+        if not torch.isfinite(x).all():  # never let NaN reach the int16 cast (it becomes 0 HU)
+            raise CTSynthError(f"the model's output became NaN or infinite at sampling step {i} of {n}; nothing "
+                               "was written (the model may be broken: check it with 'ctsynth info')")
         if on_step is not None:
             on_step(i / n)
     return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()

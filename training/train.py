@@ -36,7 +36,7 @@ from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.factory import create_diffusion, create_model
 from CTSemanticSynthLib.models import model_defaults
 from CTSemanticSynthLib.preprocess import condition_inputs
-from CTSemanticSynthLib.synthesis import select_device
+from CTSemanticSynthLib.device import select_device
 
 from .dataset import SliceCache
 from .sample_grid import write_sample_grid
