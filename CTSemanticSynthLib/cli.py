@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 from pathlib import Path
 
 from . import __version__
@@ -26,8 +27,15 @@ with a .json provenance file beside it. Nothing is overwritten without --overwri
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one ``ctsynth: error:`` line (exit 2), like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"ctsynth: error: {message} (see '{self.prog} --help')\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ctsynth",
         description="Turn an abdominal CT segmentation into a synthetic CT with a conditional diffusion model.",
         epilog=EXAMPLES,
@@ -47,7 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="model folder or name (default: the bundled 'demo' model)")
     synth.add_argument("--labels", default="auto", metavar="CONVENTION",
                        help="label convention: auto (default), amos, totalseg (v2 ids), totalseg_v1, or FILE.json "
-                            "mapping {value or name: class}")
+                            "mapping {value or name: class}; auto refuses ids 5-15 without higher ids, which mean "
+                            "different organs in AMOS and TotalSegmentator (see 'ctsynth classes')")
     synth.add_argument("--body-mask", type=Path, default=None, metavar="FILE",
                        help="patient body mask on the same grid (e.g. TotalSegmentator 'body' task); default: "
                             "estimated from the segmentation")
@@ -92,15 +101,21 @@ def sidecar_path(out: Path) -> Path:
 def _synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .checkpoint import load_model
+    from .checkpoint import load_model, read_config, resolve_model_path
+    from .device import select_device
     from .io import WRITE_SUFFIXES, check_output_path, read_image, read_labelmap, write_bytes, write_volume
+    from .labels import check_convention
     from .preview import write_preview
-    from .synthesis import prepare_classes, preset_options, provenance_header, select_device, synthesize
+    from .synthesis import prepare_classes, preset_options, provenance_header, synthesize
 
     if not args.out.name.endswith(WRITE_SUFFIXES):
         raise InputError(f"--out {args.out}: use one of {', '.join(WRITE_SUFFIXES)}")
-    if args.batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
+    # every option is checked before any volume or weight is read
+    device = select_device(args.device)
+    model_folder = resolve_model_path(args.model)
+    options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
+                             seed=args.seed, batch_size=args.batch_size)
+    check_convention(args.labels)
     sidecar = sidecar_path(args.out)
     for path in (args.out, sidecar, args.preview):
         if path is not None:
@@ -113,10 +128,7 @@ def _synth(args: argparse.Namespace) -> int:
     classes, report = prepare_classes(seg, names, args.labels, body)
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
-    device = select_device(args.device)
-    model = load_model(args.model, device=device)
-    options = preset_options(model, args.preset, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                             batch_size=args.batch_size)
+    model = load_model(model_folder, device=device)
     if not args.quiet:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
               f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
@@ -173,11 +185,12 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _classes(_: argparse.Namespace) -> int:
-    from .labels import DISPLAY_NAMES, LABEL_CHOICES, MODEL_CLASSES
+    from .labels import AUTO_RULE, DISPLAY_NAMES, LABEL_CHOICES, MODEL_CLASSES
 
     for index, (name, display) in enumerate(zip(MODEL_CLASSES, DISPLAY_NAMES)):
         print(f"{index:3d}  {name:22s} {display}")
     print(f"label conventions: {', '.join(LABEL_CHOICES)}, or a JSON file {{\"7\": \"liver\", \"Spleen\": \"spleen\"}}")
+    print(AUTO_RULE)
     return 0
 
 
