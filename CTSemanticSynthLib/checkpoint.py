@@ -24,7 +24,7 @@ from .errors import CheckpointError, OutputExistsError
 from .io import atomic_folder
 from .factory import create_diffusion, create_model
 from .labels import MODEL_CLASSES
-from .models.config import resolve_config
+from .models.config import model_defaults, resolve_config
 from .preprocess import WINDOW_LEVEL, WINDOW_WIDTH
 
 CONFIG_NAME = "config.json"
@@ -136,7 +136,7 @@ def _field(config: dict[str, Any], key: str, kind: type | tuple[type, ...], wher
         raise _FieldError(f"field '{name}' is missing")
     value = config[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+    if (isinstance(value, bool) and bool not in kinds and object not in kinds) or not isinstance(value, kinds):
         names = " or ".join("number" if k in (int, float) else _JSON_NAMES.get(k, k.__name__) for k in kinds)
         raise _FieldError(f"field '{name}' must be a {names}, not {json.dumps(value)[:40]}")
     return value
@@ -162,8 +162,11 @@ def _check_config(config: dict[str, Any]) -> None:
     window = _field(config, "window", dict)
     for key in ("level", "width"):
         _field(window, key, (int, float), "window.")
+    model = _field(config, "model", dict)
+    for key in model_defaults():  # save_model writes every key: a missing one would silently become a default
+        _field(model, key, object, "model.")
     try:
-        resolve_config(**_field(config, "model", dict))
+        resolve_config(**model)
     except (TypeError, ValueError) as exc:
         raise _FieldError(f"field 'model': {exc}") from None
     diffusion = _field(config, "diffusion", dict)
@@ -171,7 +174,9 @@ def _check_config(config: dict[str, Any]) -> None:
     if unknown:
         raise _FieldError(f"field 'diffusion' has unknown key(s) {', '.join(unknown)}")
     for key, default in diffusion_defaults().items():
-        if key in diffusion and default is not None:
+        if default is None:
+            _field(diffusion, key, object, "diffusion.")
+        else:
             _field(diffusion, key, (int, float) if isinstance(default, float) else type(default), "diffusion.")
     try:
         create_diffusion(diffusion)

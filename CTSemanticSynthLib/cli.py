@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 from pathlib import Path
 
@@ -98,11 +99,46 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(name + ".json")
 
 
-def _synth(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _note(message: str) -> None:
+    print(f"ctsynth: note: {message}", file=sys.stderr)
 
+
+PROGRESS_LINE_PERCENT = 5
+"""When stderr is not a terminal (a log file, a pipe), progress is one line per this many percent."""
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[float, int], None]]:
+    """A progress display for (slices done, total): a tqdm bar on a terminal, else a line every few percent."""
+    if quiet:
+        yield lambda done, total: None
+    elif sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=None, unit="slice", desc="synthesizing", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                  "{n:.1f}/{total} slices [{elapsed}<{remaining}]") as bar:
+
+            def update(done: float, total: int) -> None:
+                bar.total, bar.n = total, done
+                bar.refresh()
+
+            yield update
+    else:
+        shown = [-1]
+
+        def line(done: float, total: int) -> None:
+            percent = int(100 * done / max(total, 1)) // PROGRESS_LINE_PERCENT * PROGRESS_LINE_PERCENT
+            if percent > shown[0]:
+                shown[0] = percent
+                print(f"ctsynth: synthesizing {percent}% ({done:.0f}/{total} slices)", file=sys.stderr, flush=True)
+
+        yield line
+
+
+def _synth(args: argparse.Namespace) -> int:
     from .checkpoint import load_model, read_config, resolve_model_path
     from .device import select_device
+    from .grid import onto_grid
     from .io import WRITE_SUFFIXES, check_output_path, read_image, read_labelmap, write_bytes, write_volume
     from .labels import check_convention
     from .preview import write_preview
@@ -121,10 +157,12 @@ def _synth(args: argparse.Namespace) -> int:
         if path is not None:
             check_output_path(path, args.overwrite)
     seg, names = read_labelmap(args.seg)
-    body = read_labelmap(args.body_mask)[0] if args.body_mask is not None else None
-    reference = read_image(args.reference_ct) if args.reference_ct is not None else None
-    if reference is not None and not reference.same_grid(seg):
-        raise InputError(f"--reference-ct {args.reference_ct} is not on the segmentation's grid")
+    body = reference = None
+    if args.body_mask is not None:
+        body = onto_grid(read_labelmap(args.body_mask)[0], seg, "mask", f"--body-mask {args.body_mask}", _note)
+    if args.reference_ct is not None:
+        reference = onto_grid(read_image(args.reference_ct), seg, "image", f"--reference-ct {args.reference_ct}",
+                              _note)
     classes, report = prepare_classes(seg, names, args.labels, body)
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
@@ -133,15 +171,14 @@ def _synth(args: argparse.Namespace) -> int:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
               f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
               f"device {device}", file=sys.stderr)
-    with tqdm(total=None, unit="slice", disable=args.quiet or args.progress_lines, desc="synthesizing",
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} slices [{elapsed}<{remaining}]") as bar:
+    if args.progress_lines and sys.stdout is None:
+        raise InputError("--progress-lines writes to stdout, which is closed")
+    with _progress(args.quiet or args.progress_lines) as bar:
 
         def progress(done: float, total: int) -> None:
             if args.progress_lines:
                 print(f"PROGRESS {done:.2f} {total}", flush=True)
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+            bar(done, total)
 
         result = synthesize(classes, model, options, device=device, progress=progress)
     result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
@@ -205,20 +242,33 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage and input errors, 130 when interrupted)."""
+    if sys.stderr is None:  # started with stderr closed (2>&-): messages are lost, but nothing crashes
+        sys.stderr = open(os.devnull, "w")
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="ctsynth: %(levelname)s: %(message)s")
     handler = {"synth": _synth, "info": _info, "classes": _classes, "evaluate": _evaluate}[args.command]
     try:
         return handler(args)
     except CTSynthError as exc:
-        print(f"ctsynth: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except KeyboardInterrupt:
-        print("ctsynth: interrupted; nothing was written", file=sys.stderr)
+        _error("interrupted; nothing was written", prefix="ctsynth: ")
         return 130
-    except BrokenPipeError:  # stdout closed early (e.g. `ctsynth info | head`): not an error worth a traceback
+    except BrokenPipeError:  # stdout closed early: fine for `ctsynth info | head`, an error when it is the channel
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        if args.command != "synth":
+            return 0
+        _error("stdout was closed while progress lines were written to it; nothing was written")
+        return 2
+
+
+def _error(message: str, prefix: str = "ctsynth: error: ") -> None:
+    """One line on stderr; a stderr that is gone (a closed pipe) is no reason to crash."""
+    try:
+        print(f"{prefix}{message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ BAD_CONFIGS = [
     (lambda c: c["diffusion"].update(schedule="wobbly"), "field 'diffusion'.*wobbly"),
     (lambda c: c["diffusion"].update(speed=3), "field 'diffusion' has unknown key.*speed"),
     (lambda c: c.pop("diffusion"), "field 'diffusion' is missing"),
+    (lambda c: c["model"].pop("image_size"), "field 'model.image_size' is missing"),
+    (lambda c: c["diffusion"].pop("prediction"), "field 'diffusion.prediction' is missing"),
     (lambda c: c.pop("sha256"), "field 'sha256' is missing"),
     (lambda c: c.update(sha256=12), "field 'sha256' must be a string"),
     (lambda c: c.pop("window"), "field 'window' is missing"),
