@@ -28,15 +28,15 @@ with a .json provenance file beside it. Nothing is overwritten without --overwri
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors as one ``ctsynth: error:`` line (exit 2), like every other mistake."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise InputError, so the caller prints them as one ``error:`` line (exit 2)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"ctsynth: error: {message} (see '{self.prog} --help')\n")
+        raise InputError(f"{message} (see '{self.prog} --help')")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="ctsynth",
         description="Turn an abdominal CT segmentation into a synthetic CT with a conditional diffusion model.",
         epilog=EXAMPLES,
@@ -244,7 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage and input errors, 130 when interrupted)."""
     if sys.stderr is None:  # started with stderr closed (2>&-): messages are lost, but nothing crashes
         sys.stderr = open(os.devnull, "w")
-    args = _build_parser().parse_args(argv)
+    try:
+        args = _build_parser().parse_args(argv)
+    except InputError as exc:
+        _error(str(exc))
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="ctsynth: %(levelname)s: %(message)s")
     handler = {"synth": _synth, "info": _info, "classes": _classes, "evaluate": _evaluate}[args.command]
     try:
