@@ -228,15 +228,26 @@ def sample_slices(
     if features is not None:
         kwargs["cond_features"] = features
     x = noise if prior is None else sampler.add_noise(prior[classes][:, None].to(device), 0, noise)
-    for i, n, x, _ in sample_loop(network, sampler, x, kwargs, generator):
+    for i, n, x, _ in sample_loop(_finite_outputs(network), sampler, x, kwargs, generator):
         if cancel is not None and cancel():
             raise Cancelled("cancelled by the user; nothing was written")
-        if not torch.isfinite(x).all():  # never let NaN reach the int16 cast (it becomes 0 HU)
-            raise CTSynthError(f"the model's output became NaN or infinite at sampling step {i} of {n}; nothing "
-                               "was written (the model may be broken: check it with 'ctsynth info')")
         if on_step is not None:
             on_step(i / n)
     return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def _finite_outputs(network: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """``network`` that raises CTSynthError on a NaN/inf output: samplers clamp x0, which would hide it, and NaN
+    would reach the int16 cast as 0 HU."""
+
+    def forward(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        out = network(x, t, **kwargs)
+        if not torch.isfinite(out).all():
+            raise CTSynthError(f"the model's output became NaN or infinite while sampling (timestep {int(t[0])}); "
+                               "nothing was written: the model may be broken, or try --device cpu")
+        return out
+
+    return forward
 
 
 def _provenance(model: LoadedModel, options: SamplingOptions, sampler_config: dict[str, Any],
