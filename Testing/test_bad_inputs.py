@@ -287,6 +287,16 @@ def test_progress_off_a_terminal_is_a_line_every_few_percent(capsys, case, tiny_
     assert 2 <= len(progress) <= 21 and progress[-1].startswith("ctsynth: synthesizing 100%")
 
 
+def test_progress_lines_every_five_percent_however_many_updates(capsys):
+    from CTSemanticSynthLib.cli import _progress
+
+    with _progress(quiet=False) as bar:  # capsys: stderr is not a terminal
+        for tenth in range(1001):
+            bar(tenth / 10, 100)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split()[2] for line in lines] == [f"{p}%" for p in range(0, 101, 5)]
+
+
 def _ctsynth(*argv, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "CTSemanticSynthLib.cli", *map(str, argv)], cwd=REPO, env=env,

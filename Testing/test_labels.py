@@ -1,6 +1,7 @@
 """Label table and adapters: AMOS, TotalSegmentator v1/v2, segment names, JSON files, unknown labels."""
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,11 @@ def test_huge_label_values_map_without_a_huge_table():
     labels[0] = 6
     labels[1, 0] = np.iinfo(np.int32).max
     labels[2, 1] = 1
+    tracemalloc.start()
     mapped, report = resolve_adapter("amos", labels).classes(labels)  # a lookup table would need 2 GiB
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10 * 2**20
     assert (mapped[0] == 6).all() and (mapped[1, 0] == BODY).all() and (mapped[2, 1] == 1).all()
     assert (mapped[2, 0] == 0).all() and report.unknown == {np.iinfo(np.int32).max: 5}
     assert report.organs_present == ("spleen", "liver")
