@@ -193,6 +193,10 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> str:
 
     select_device(args.device)  # options first: a bad one is refused before any file is read
     check_convention(args.labels)
+    if args.fid:
+        from .metrics.inception import resolve_inception_path
+
+        resolve_inception_path(args.inception)
     for path in (args.json, args.save_totalseg):
         if path is not None:
             check_output_path(path, args.overwrite)

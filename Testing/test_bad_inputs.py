@@ -139,6 +139,7 @@ def test_options_are_checked_before_the_segmentation_is_read(capsys, tiny_model,
     (["--device", "meta"], "device 'meta'"),
     (["--labels", "weird"], "unknown label convention"),
     (["--bogus"], "unrecognized arguments"),
+    (["--fid", "--real", SAMPLE_CT, "--inception", "/nonexistent/inception.pt"], "/nonexistent/inception.pt"),
 ])
 def test_bad_evaluate_option_is_one_line(capsys, case, tmp_path, flags, needle):
     code, _, err = run(capsys, "evaluate", "--synthetic", tmp_path / "missing.nii.gz", "--seg", case["seg"], *flags,

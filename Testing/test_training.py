@@ -261,6 +261,8 @@ def _one_line_error(capsys, code: int, *needles: str) -> None:
     (["--compile", "maybe"], "--compile"),
     (["--device", "meta"], "device 'meta'"),
     (["--batch-size", "two"], "--batch-size"),
+    (["--seed", str(2**64)], f"--seed {2**64}"),
+    (["--seed", "-1"], "--seed -1"),
 ])
 def test_error_bad_training_flag_is_one_line_and_makes_no_folder(amos_cache, tmp_path, capsys, flags, needle):
     _one_line_error(capsys, _train(amos_cache, tmp_path / "run", *flags), needle)

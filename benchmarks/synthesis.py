@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from CTSemanticSynthLib.checkpoint import load_model  # noqa: E402
-from CTSemanticSynthLib.io import read_labelmap  # noqa: E402
 from CTSemanticSynthLib.device import select_device  # noqa: E402
+from CTSemanticSynthLib.io import read_labelmap  # noqa: E402
 from CTSemanticSynthLib.synthesis import prepare_classes, preset_options, synthesize  # noqa: E402
 
 SAMPLE = REPO / "Resources" / "sample" / "seg_total.nii.gz"

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.checkpoint import LoadedModel, load_model
+from CTSemanticSynthLib.device import select_device
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.evaluate_cli import json_safe
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_bytes, write_volume
@@ -44,7 +45,6 @@ from CTSemanticSynthLib.metrics import (InceptionFeatures, dice_per_organ, fid, 
 from CTSemanticSynthLib.metrics.paper import PAPER_ORGANS, csv_rows, to_csv, to_markdown
 from CTSemanticSynthLib.metrics.planes import PLANES, plane_slices
 from CTSemanticSynthLib.preprocess import AxialOrientation, body_mask_from_ct, hu_to_unit
-from CTSemanticSynthLib.device import select_device
 from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, synthesize
 from CTSemanticSynthLib.totalseg import check_totalsegmentator, run_totalsegmentator, totalseg_organs
 

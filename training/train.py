@@ -32,13 +32,14 @@ from tqdm import tqdm
 
 from CTSemanticSynthLib.checkpoint import save_model
 from CTSemanticSynthLib.cli import OneLineParser
+from CTSemanticSynthLib.device import select_device
 from CTSemanticSynthLib.diffusion import diffusion_defaults
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.factory import create_diffusion, create_model
 from CTSemanticSynthLib.models import model_defaults
 from CTSemanticSynthLib.models.config import resolve_config
 from CTSemanticSynthLib.preprocess import condition_inputs
-from CTSemanticSynthLib.device import select_device
+from CTSemanticSynthLib.synthesis import MAX_SEED
 
 from .dataset import SliceCache
 from .sample_grid import write_sample_grid
@@ -125,6 +126,8 @@ def check_config(config: dict[str, Any]) -> None:
     for key in ("lr", "grad_clip"):
         if not config[key] > 0:
             raise InputError(f"--{_flag(key)} {config[key]} must be greater than 0")
+    if config["seed"] > MAX_SEED:
+        raise InputError(f"--seed {config['seed']} is out of range: use 0..{MAX_SEED}")
     if not 0 <= config["ema_rate"] < 1:
         raise InputError(f"--ema-rate {config['ema_rate']} must lie in [0, 1)")
     for key, choices in (("precision", PRECISIONS), ("timestep_sampler", TIMESTEP_SAMPLERS)):
