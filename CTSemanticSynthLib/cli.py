@@ -9,8 +9,8 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import NoReturn
 from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .errors import CTSynthError, InputError
@@ -152,6 +152,8 @@ def _synth(args: argparse.Namespace) -> int:
     options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
                              seed=args.seed, batch_size=args.batch_size)
     check_convention(args.labels)
+    if args.progress_lines and sys.stdout is None:
+        raise InputError("--progress-lines writes to stdout, which is closed")
     sidecar = sidecar_path(args.out)
     for path in (args.out, sidecar, args.preview):
         if path is not None:
@@ -171,8 +173,6 @@ def _synth(args: argparse.Namespace) -> int:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
               f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
               f"device {device}", file=sys.stderr)
-    if args.progress_lines and sys.stdout is None:
-        raise InputError("--progress-lines writes to stdout, which is closed")
     with _progress(args.quiet or args.progress_lines) as bar:
 
         def progress(done: float, total: int) -> None:
@@ -240,39 +240,64 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Diagnostics:
+    """stderr that goes quiet, instead of raising, when it is closed or its reader has gone (a closed pipe)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream if stream is not None else open(os.devnull, "w")
+
+    def _quiet(self) -> None:
+        self._stream = open(os.devnull, "w")
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self._quiet()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._quiet()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage and input errors, 130 when interrupted)."""
-    if sys.stderr is None:  # started with stderr closed (2>&-): messages are lost, but nothing crashes
-        sys.stderr = open(os.devnull, "w")
+    stderr, sys.stderr = sys.stderr, _Diagnostics(sys.stderr)
+    try:
+        return _run(argv)
+    finally:
+        sys.stderr = stderr
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         args = _build_parser().parse_args(argv)
     except InputError as exc:
-        _error(str(exc))
+        print(f"ctsynth: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="ctsynth: %(levelname)s: %(message)s")
     handler = {"synth": _synth, "info": _info, "classes": _classes, "evaluate": _evaluate}[args.command]
     try:
         return handler(args)
     except CTSynthError as exc:
-        _error(str(exc))
+        print(f"ctsynth: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _error("interrupted; nothing was written", prefix="ctsynth: ")
+        print("ctsynth: interrupted; nothing was written", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early: fine for `ctsynth info | head`, an error when it is the channel
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if args.command != "synth":
             return 0
-        _error("stdout was closed while progress lines were written to it; nothing was written")
+        print("ctsynth: error: stdout was closed while progress lines were written to it; nothing was written",
+              file=sys.stderr)
         return 2
-
-
-def _error(message: str, prefix: str = "ctsynth: error: ") -> None:
-    """One line on stderr; a stderr that is gone (a closed pipe) is no reason to crash."""
-    try:
-        print(f"{prefix}{message}", file=sys.stderr, flush=True)
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

@@ -315,10 +315,15 @@ def test_closed_stdout_in_progress_lines_mode_is_an_error(case, tiny_model, tmp_
     assert not out.exists() and not out.with_suffix("").with_suffix(".json").exists()
 
 
-def test_closed_stderr_does_not_crash(case, tiny_model, tmp_path):
+@pytest.mark.parametrize("how", ["closed", "reader gone"])
+def test_closed_stderr_does_not_crash(case, tiny_model, tmp_path, how):
     out = tmp_path / "syn.nii.gz"
-    args = [a for a in synth_args(case, tiny_model, out) if a != "-q"]
-    child = _ctsynth(*args, stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))
+    args = [a for a in synth_args(case, tiny_model, out) if a != "-q"]  # progress lines go to stderr
+    if how == "closed":
+        child = _ctsynth(*args, stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))
+    else:
+        child = _ctsynth(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        child.stderr.close()
     stdout = child.stdout.read().decode("utf-8")
     assert child.wait(timeout=300) == 0 and stdout == ""
     assert nib.load(out).shape == nib.load(case["seg"]).shape
