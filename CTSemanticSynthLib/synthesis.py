@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .checkpoint import LoadedModel
 from .device import select_device
-from .diffusion import SAMPLERS, make_sampler, sample_loop
+from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
 from .errors import Cancelled, CTSynthError, InputError
 from .factory import create_diffusion
 from .io import Volume
@@ -84,12 +84,17 @@ def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> 
     if options.batch_size < 1:
         raise InputError(f"--batch-size {options.batch_size} must be at least 1")
     try:
-        make_sampler(options.sampler, create_diffusion(config["diffusion"]), options.steps,
-                     start_timestep=options.start_timestep)
+        options_sampler(options, create_diffusion(config["diffusion"]))
     except ValueError as exc:
-        raise InputError(f"--steps {options.steps} does not fit preset '{preset}' of model "
+        raise InputError(f"--steps {options.steps} (eta {options.eta}) does not fit preset '{preset}' of model "
                          f"'{config.get('name', '?')}': {exc}") from None
     return options
+
+
+def options_sampler(options: SamplingOptions, diffusion: GaussianDiffusion) -> Sampler:
+    """The sampler ``options`` describe, its timesteps set (ValueError for steps, start or eta out of range)."""
+    return make_sampler(options.sampler, diffusion, options.steps, start_timestep=options.start_timestep,
+                        **({"eta": options.eta} if options.sampler == "ddim" else {}))
 
 
 @dataclass
@@ -154,10 +159,7 @@ def synthesize(
     resize = PlaneResize(stack.shape[1], stack.shape[2], model.image_size)
     active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
     unit = np.zeros(stack.shape, dtype=np.float32)
-    sampler = make_sampler(
-        options.sampler, model.diffusion, options.steps, start_timestep=options.start_timestep,
-        **({"eta": options.eta} if options.sampler == "ddim" else {}),
-    )
+    sampler = options_sampler(options, model.diffusion)
     prior = _model_prior(model) if options.start_timestep is not None else None
     batch = max(1, int(options.batch_size))
     try:

@@ -174,6 +174,16 @@ def test_malformed_config_is_one_line_naming_the_field(capsys, case, tiny_model,
     assert out == ""
 
 
+def test_preset_with_negative_eta_is_refused_before_sampling(capsys, case, tiny_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / CONFIG_NAME).read_text())
+    config["sampling_presets"] = {"fast": {"sampler": "ddim", "steps": 4, "eta": -1}}
+    (model / CONFIG_NAME).write_text(json.dumps(config))
+    code, _, err = run(capsys, *synth_args(case, model, tmp_path / "syn.nii.gz", steps=None))
+    assert_one_error(code, err, "eta must be >= 0", tmp_path)
+
+
 @pytest.fixture(scope="module")
 def overflowing_model(tmp_path_factory) -> Path:
     """Finite weights whose output overflows to inf: the failure only shows while sampling."""
