@@ -17,7 +17,7 @@ from .errors import CTSynthError, InputError
 
 EXAMPLES = """\
 examples:
-  ctsynth synth --seg case01_seg.nii.gz --out case01_synthetic.nii.gz
+  ctsynth synth --seg amos_0001_labels.nii.gz --labels amos --out amos_0001_synthetic.nii.gz
   ctsynth synth --seg totalseg_output.nii.gz --labels totalseg --out syn.nii.gz --preset balanced --seed 7
   ctsynth synth --seg case.seg.nrrd --out syn.nrrd --model ~/models/mask_guided_150k --device cuda
   ctsynth info demo
@@ -59,8 +59,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             "mapping {value or name: class}; auto refuses ids 5-15 without higher ids, which mean "
                             "different organs in AMOS and TotalSegmentator (see 'ctsynth classes')")
     synth.add_argument("--body-mask", type=Path, default=None, metavar="FILE",
-                       help="patient body mask on the same grid (e.g. TotalSegmentator 'body' task); default: "
-                            "estimated from the segmentation")
+                       help="patient body mask (e.g. TotalSegmentator 'body' task); on another grid it is reordered "
+                            "or resampled (nearest) onto the segmentation's; default: estimated from the segmentation")
     synth.add_argument("--preset", default="fast", metavar="NAME",
                        help="sampler preset: fast (default), balanced, paper (1000 ancestral steps, GPU)")
     synth.add_argument("--sampler", choices=("ddim", "ancestral"), default=None, help="override the preset's sampler")
@@ -71,7 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--preview", type=Path, default=None, metavar="PNG",
                        help="also write a PNG preview (axial and coronal: segmentation | synthetic | real CT)")
     synth.add_argument("--reference-ct", type=Path, default=None, metavar="CT",
-                       help="the real CT on the same grid, shown beside the synthetic one in --preview")
+                       help="the real CT, shown beside the synthetic one in --preview; on another grid it is "
+                            "reordered or resampled (linear) onto the segmentation's")
     synth.add_argument("--overwrite", action="store_true", help="replace OUT (and its .json) if they exist")
     synth.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     synth.add_argument("--progress-lines", action="store_true",

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seg", required=True, type=Path, metavar="SEG",
                         help="the segmentation SYN was made from (same grid)")
     parser.add_argument("--real", type=Path, default=None, metavar="CT",
-                        help="the real CT on the same grid: enables PSNR/SSIM and the TotalSegmentator ceiling")
+                        help="the real CT (another grid is reordered or resampled onto SEG's): enables PSNR/SSIM and "
+                             "the TotalSegmentator ceiling")
     parser.add_argument("--labels", default="auto", metavar="CONVENTION",
                         help="label convention of SEG: auto (default), amos, totalseg, totalseg_v1 or FILE.json")
     parser.add_argument("--totalseg", action="store_true",
