@@ -314,8 +314,7 @@ def resolve_adapter(spec: str, labels: np.ndarray, segment_names: Mapping[int, s
 
 def _unambiguous_small_ids(labels: np.ndarray, top: int) -> LabelAdapter:
     """The AMOS adapter for ids 0..15 that every convention reads alike; InputError naming each reading otherwise."""
-    present = np.flatnonzero(np.bincount(labels.ravel().astype(np.int64), minlength=top + 1))
-    present = present[present > 0].tolist()
+    present = [v for v in range(1, top + 1) if np.any(labels == v)]  # no int64 copy of a large volume
     readings = {"AMOS": [MODEL_CLASSES[v] for v in present]}
     for version in (2, 1):
         table = totalsegmentator_names(version)
