@@ -19,11 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, diffusion_defaults
 from .errors import CheckpointError, OutputExistsError
 from .io import atomic_folder
 from .factory import create_diffusion, create_model
 from .labels import MODEL_CLASSES
+from .models.config import model_defaults, resolve_config
 from .preprocess import WINDOW_LEVEL, WINDOW_WIDTH
 
 CONFIG_NAME = "config.json"
@@ -104,7 +105,10 @@ def list_models() -> list[str]:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """The validated ``config.json`` of a model folder."""
+    """The validated ``config.json`` of a model folder (cheap: no weights are read).
+
+    Every field the library uses is checked for presence and type; a bad one is a CheckpointError naming it.
+    """
     config_path = folder / CONFIG_NAME
     try:
         config = json.loads(config_path.read_text())
@@ -114,19 +118,88 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{config_path} is not a CTSemanticSynth model config (no \"format\": \"{FORMAT}\")")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{config_path} has format version {config['format_version']}; this ctsynth {__version__} reads up to "
-            f"{FORMAT_VERSION}: upgrade ctsynth"
-        )
-    missing = [key for key in ("model", "diffusion", "classes", "sha256") if key not in config]
-    if missing:
-        raise CheckpointError(f"{config_path} lacks {', '.join(missing)}")
-    if list(config["classes"]) != list(MODEL_CLASSES):
-        raise CheckpointError(
-            f"{config_path} was trained for classes {config['classes']}, not this version's {list(MODEL_CLASSES)}"
-        )
+    try:
+        _check_config(config)
+    except _FieldError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
     return config
+
+
+class _FieldError(Exception):
+    """A config.json field that is missing or has the wrong type or value (message starts with its name)."""
+
+
+def _field(config: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    """``config[key]`` when present and of ``kind`` (bool is never a number)."""
+    name = f"{where}{key}"
+    if key not in config:
+        raise _FieldError(f"field '{name}' is missing")
+    value = config[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds and object not in kinds) or not isinstance(value, kinds):
+        names = " or ".join("number" if k in (int, float) else _JSON_NAMES.get(k, k.__name__) for k in kinds)
+        raise _FieldError(f"field '{name}' must be a {names}, not {json.dumps(value)[:40]}")
+    return value
+
+
+_JSON_NAMES = {str: "string", dict: "JSON object", list: "list", bool: "true/false", type(None): "null"}
+_PRESET_FIELDS = {"sampler": str, "steps": int, "start_timestep": (int, type(None)), "eta": (int, float)}
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    version = _field(config, "format_version", int)
+    if not 1 <= version <= FORMAT_VERSION:
+        raise _FieldError(f"field 'format_version' is {version}; this ctsynth {__version__} reads versions 1.."
+                          f"{FORMAT_VERSION}{': upgrade ctsynth' if version > FORMAT_VERSION else ''}")
+    if not isinstance(config.get("name", ""), str):
+        raise _FieldError("field 'name' must be a string")
+    classes = _field(config, "classes", list)
+    if classes != list(MODEL_CLASSES):
+        raise _FieldError(f"field 'classes' is {classes}, not this version's {list(MODEL_CLASSES)}")
+    sha = _field(config, "sha256", str)
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise _FieldError("field 'sha256' must be 64 lower-case hex digits")
+    window = _field(config, "window", dict)
+    for key in ("level", "width"):
+        _field(window, key, (int, float), "window.")
+    model = _field(config, "model", dict)
+    for key in model_defaults():  # save_model writes every key: a missing one would silently become a default
+        _field(model, key, object, "model.")
+    try:
+        resolve_config(**model)
+    except (TypeError, ValueError) as exc:
+        raise _FieldError(f"field 'model': {exc}") from None
+    diffusion = _field(config, "diffusion", dict)
+    unknown = sorted(set(diffusion) - set(diffusion_defaults()) - {"betas", "use_timesteps"})
+    if unknown:
+        raise _FieldError(f"field 'diffusion' has unknown key(s) {', '.join(unknown)}")
+    for key, default in diffusion_defaults().items():
+        if default is None:
+            _field(diffusion, key, object, "diffusion.")
+        else:
+            _field(diffusion, key, (int, float) if isinstance(default, float) else type(default), "diffusion.")
+    try:
+        create_diffusion(diffusion)
+    except (TypeError, ValueError) as exc:
+        raise _FieldError(f"field 'diffusion': {exc}") from None
+    means = config.get("class_means")
+    if means is not None and (not isinstance(means, list) or len(means) != len(MODEL_CLASSES) or not all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 1 for m in means)):
+        raise _FieldError(f"field 'class_means' must be a list of {len(MODEL_CLASSES)} numbers in 0..1")
+    presets = config.get("sampling_presets", {})
+    if not isinstance(presets, dict):
+        raise _FieldError("field 'sampling_presets' must be a JSON object {preset name: options}")
+    for preset, options in presets.items():
+        where = f"sampling_presets.{preset}."
+        if not isinstance(options, dict):
+            raise _FieldError(f"field '{where[:-1]}' must be a JSON object")
+        unknown = sorted(set(options) - set(_PRESET_FIELDS))
+        if unknown:
+            raise _FieldError(f"field '{where[:-1]}' has unknown key(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(_PRESET_FIELDS)}")
+        for key, kind in _PRESET_FIELDS.items():
+            if key in options:
+                _field(options, key, kind, where)
 
 
 def load_model(spec: str | Path | None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -152,6 +225,10 @@ def load_model(spec: str | Path | None, device: str | torch.device = "cpu") -> L
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} cannot be read as safetensors ({exc})") from None
     _check_state(model.state_dict(), state, folder)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{weights} holds NaN or infinite weights ({len(bad)} tensor(s), e.g. {bad[0]}): "
+                              "the model is broken; re-export it from a good training checkpoint")
     model.load_state_dict(state)
     model.to(device).eval()
     return LoadedModel(model=model, diffusion=diffusion, config=config, sha256=digest, path=folder)

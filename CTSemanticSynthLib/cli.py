@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .errors import CTSynthError, InputError
 
 EXAMPLES = """\
 examples:
-  ctsynth synth --seg case01_seg.nii.gz --out case01_synthetic.nii.gz
+  ctsynth synth --seg amos_0001_labels.nii.gz --labels amos --out amos_0001_synthetic.nii.gz
   ctsynth synth --seg totalseg_output.nii.gz --labels totalseg --out syn.nii.gz --preset balanced --seed 7
   ctsynth synth --seg case.seg.nrrd --out syn.nrrd --model ~/models/mask_guided_150k --device cuda
   ctsynth info demo
@@ -26,8 +28,15 @@ with a .json provenance file beside it. Nothing is overwritten without --overwri
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise InputError, so the caller prints them as one ``error:`` line (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(f"{message} (see '{self.prog} --help')")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ctsynth",
         description="Turn an abdominal CT segmentation into a synthetic CT with a conditional diffusion model.",
         epilog=EXAMPLES,
@@ -47,10 +56,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="model folder or name (default: the bundled 'demo' model)")
     synth.add_argument("--labels", default="auto", metavar="CONVENTION",
                        help="label convention: auto (default), amos, totalseg (v2 ids), totalseg_v1, or FILE.json "
-                            "mapping {value or name: class}")
+                            "mapping {value or name: class}; auto refuses ids 5-15 without higher ids, which mean "
+                            "different organs in AMOS and TotalSegmentator (see 'ctsynth classes')")
     synth.add_argument("--body-mask", type=Path, default=None, metavar="FILE",
-                       help="patient body mask on the same grid (e.g. TotalSegmentator 'body' task); default: "
-                            "estimated from the segmentation")
+                       help="patient body mask (e.g. TotalSegmentator 'body' task); on another grid it is reordered "
+                            "or resampled (nearest) onto the segmentation's; default: estimated from the segmentation")
     synth.add_argument("--preset", default="fast", metavar="NAME",
                        help="sampler preset: fast (default), balanced, paper (1000 ancestral steps, GPU)")
     synth.add_argument("--sampler", choices=("ddim", "ancestral"), default=None, help="override the preset's sampler")
@@ -61,7 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--preview", type=Path, default=None, metavar="PNG",
                        help="also write a PNG preview (axial and coronal: segmentation | synthetic | real CT)")
     synth.add_argument("--reference-ct", type=Path, default=None, metavar="CT",
-                       help="the real CT on the same grid, shown beside the synthetic one in --preview")
+                       help="the real CT, shown beside the synthetic one in --preview; on another grid it is "
+                            "reordered or resampled (linear) onto the segmentation's")
     synth.add_argument("--overwrite", action="store_true", help="replace OUT (and its .json) if they exist")
     synth.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     synth.add_argument("--progress-lines", action="store_true",
@@ -89,47 +100,86 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(name + ".json")
 
 
-def _synth(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _note(message: str) -> None:
+    print(f"ctsynth: note: {message}", file=sys.stderr)
 
-    from .checkpoint import load_model
+
+PROGRESS_LINE_PERCENT = 5
+"""When stderr is not a terminal (a log file, a pipe), progress is one line per this many percent."""
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[float, int], None]]:
+    """A progress display for (slices done, total): a tqdm bar on a terminal, else a line every few percent."""
+    if quiet:
+        yield lambda done, total: None
+    elif sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=None, unit="slice", desc="synthesizing", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                  "{n:.1f}/{total} slices [{elapsed}<{remaining}]") as bar:
+
+            def update(done: float, total: int) -> None:
+                bar.total, bar.n = total, done
+                bar.refresh()
+
+            yield update
+    else:
+        shown = [-1]
+
+        def line(done: float, total: int) -> None:
+            percent = int(100 * done / max(total, 1)) // PROGRESS_LINE_PERCENT * PROGRESS_LINE_PERCENT
+            if percent > shown[0]:
+                shown[0] = percent
+                print(f"ctsynth: synthesizing {percent}% ({done:.0f}/{total} slices)", file=sys.stderr, flush=True)
+
+        yield line
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model, read_config, resolve_model_path
+    from .device import select_device
+    from .grid import onto_grid
     from .io import WRITE_SUFFIXES, check_output_path, read_image, read_labelmap, write_bytes, write_volume
+    from .labels import check_convention
     from .preview import write_preview
-    from .synthesis import prepare_classes, preset_options, provenance_header, select_device, synthesize
+    from .synthesis import prepare_classes, preset_options, provenance_header, synthesize
 
     if not args.out.name.endswith(WRITE_SUFFIXES):
         raise InputError(f"--out {args.out}: use one of {', '.join(WRITE_SUFFIXES)}")
-    if args.batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
+    # every option is checked before any volume or weight is read
+    device = select_device(args.device)
+    model_folder = resolve_model_path(args.model)
+    options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
+                             seed=args.seed, batch_size=args.batch_size)
+    check_convention(args.labels)
+    if args.progress_lines and sys.stdout is None:
+        raise InputError("--progress-lines writes to stdout, which is closed")
     sidecar = sidecar_path(args.out)
     for path in (args.out, sidecar, args.preview):
         if path is not None:
             check_output_path(path, args.overwrite)
     seg, names = read_labelmap(args.seg)
-    body = read_labelmap(args.body_mask)[0] if args.body_mask is not None else None
-    reference = read_image(args.reference_ct) if args.reference_ct is not None else None
-    if reference is not None and not reference.same_grid(seg):
-        raise InputError(f"--reference-ct {args.reference_ct} is not on the segmentation's grid")
+    body = reference = None
+    if args.body_mask is not None:
+        body = onto_grid(read_labelmap(args.body_mask)[0], seg, "mask", f"--body-mask {args.body_mask}", _note)
+    if args.reference_ct is not None:
+        reference = onto_grid(read_image(args.reference_ct), seg, "image", f"--reference-ct {args.reference_ct}",
+                              _note)
     classes, report = prepare_classes(seg, names, args.labels, body)
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
-    device = select_device(args.device)
-    model = load_model(args.model, device=device)
-    options = preset_options(model, args.preset, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                             batch_size=args.batch_size)
+    model = load_model(model_folder, device=device)
     if not args.quiet:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
               f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
               f"device {device}", file=sys.stderr)
-    with tqdm(total=None, unit="slice", disable=args.quiet or args.progress_lines, desc="synthesizing",
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} slices [{elapsed}<{remaining}]") as bar:
+    with _progress(args.quiet or args.progress_lines) as bar:
 
         def progress(done: float, total: int) -> None:
             if args.progress_lines:
                 print(f"PROGRESS {done:.2f} {total}", flush=True)
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+            bar(done, total)
 
         result = synthesize(classes, model, options, device=device, progress=progress)
     result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
@@ -173,11 +223,12 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _classes(_: argparse.Namespace) -> int:
-    from .labels import DISPLAY_NAMES, LABEL_CHOICES, MODEL_CLASSES
+    from .labels import AUTO_RULE, DISPLAY_NAMES, LABEL_CHOICES, MODEL_CLASSES
 
     for index, (name, display) in enumerate(zip(MODEL_CLASSES, DISPLAY_NAMES)):
         print(f"{index:3d}  {name:22s} {display}")
     print(f"label conventions: {', '.join(LABEL_CHOICES)}, or a JSON file {{\"7\": \"liver\", \"Spleen\": \"spleen\"}}")
+    print(AUTO_RULE)
     return 0
 
 
@@ -190,9 +241,47 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Diagnostics:
+    """stderr that goes quiet, instead of raising, when it is closed or its reader has gone (a closed pipe)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream if stream is not None else open(os.devnull, "w")
+
+    def _quiet(self) -> None:
+        self._stream = open(os.devnull, "w")
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self._quiet()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._quiet()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage and input errors, 130 when interrupted)."""
-    args = _build_parser().parse_args(argv)
+    stderr, sys.stderr = sys.stderr, _Diagnostics(sys.stderr)
+    try:
+        return _run(argv)
+    finally:
+        sys.stderr = stderr
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    try:
+        args = _build_parser().parse_args(argv)
+    except InputError as exc:
+        print(f"ctsynth: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="ctsynth: %(levelname)s: %(message)s")
     handler = {"synth": _synth, "info": _info, "classes": _classes, "evaluate": _evaluate}[args.command]
     try:
@@ -203,9 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ctsynth: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # stdout closed early (e.g. `ctsynth info | head`): not an error worth a traceback
+    except BrokenPipeError:  # stdout closed early: fine for `ctsynth info | head`, an error when it is the channel
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        if args.command != "synth":
+            return 0
+        print("ctsynth: error: stdout was closed while progress lines were written to it; nothing was written",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

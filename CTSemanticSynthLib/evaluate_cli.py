@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seg", required=True, type=Path, metavar="SEG",
                         help="the segmentation SYN was made from (same grid)")
     parser.add_argument("--real", type=Path, default=None, metavar="CT",
-                        help="the real CT on the same grid: enables PSNR/SSIM and the TotalSegmentator ceiling")
+                        help="the real CT (another grid is reordered or resampled onto SEG's): enables PSNR/SSIM and "
+                             "the TotalSegmentator ceiling")
     parser.add_argument("--labels", default="auto", metavar="CONVENTION",
                         help="label convention of SEG: auto (default), amos, totalseg, totalseg_v1 or FILE.json")
     parser.add_argument("--totalseg", action="store_true",
@@ -116,7 +117,7 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
         if fid:
             from .metrics.inception import InceptionFeatures
             from .metrics.planes import per_plane_fid
-            from .synthesis import select_device
+            from .device import select_device
 
             features = InceptionFeatures(inception, device=select_device(device))
             if progress is not None:
@@ -185,9 +186,18 @@ def format_report(report: dict[str, Any]) -> str:
 def run(args: argparse.Namespace, progress: Progress | None = None) -> str:
     """Read the inputs, evaluate, write ``--json``; returns the text report."""
     from .cli import sidecar_path
+    from .device import select_device
+    from .grid import onto_grid
     from .io import check_output_path, read_image, read_labelmap, write_bytes
+    from .labels import check_convention
     from .synthesis import prepare_classes
 
+    select_device(args.device)  # options first: a bad one is refused before any file is read
+    check_convention(args.labels)
+    if args.fid:
+        from .metrics.inception import resolve_inception_path
+
+        resolve_inception_path(args.inception)
     for path in (args.json, args.save_totalseg):
         if path is not None:
             check_output_path(path, args.overwrite)
@@ -200,8 +210,9 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> str:
 
         check_totalsegmentator(fast=not args.full)
     seg, names = read_labelmap(args.seg)
-    synthetic = read_image(args.synthetic)
-    real = read_image(args.real) if args.real is not None else None
+    note = None if progress is None else (lambda message: progress(f"note: {message}"))
+    synthetic = onto_grid(read_image(args.synthetic), seg, "image", f"--synthetic {args.synthetic}", note)
+    real = None if args.real is None else onto_grid(read_image(args.real), seg, "image", f"--real {args.real}", note)
     classes, mapping = prepare_classes(seg, names, args.labels)
     report = evaluate_case(synthetic, classes, real, totalseg=args.totalseg, fast=not args.full, fid=args.fid,
                            inception=args.inception, device=args.device, progress=progress,

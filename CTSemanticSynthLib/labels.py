@@ -141,20 +141,19 @@ class LabelAdapter:
     outline_values: frozenset[int] = frozenset()
 
     def classes(self, labels: np.ndarray) -> tuple[np.ndarray, MappingReport]:
-        """Map a label array to model classes (uint8); unknown non-zero values become BODY and are reported."""
+        """Map a label array to model classes (uint8); unknown non-zero values become BODY and are reported.
+
+        Values are looked up by ``searchsorted`` in the sorted distinct values, so a huge label (2**31-1) costs
+        nothing extra. An intensity image (more than MAX_DISTINCT_LABELS distinct values) is refused.
+        """
         values, counts = np.unique(labels, return_counts=True)
-        lut = np.full(int(values.max()) + 1 if values.size else 1, BODY, dtype=np.uint8)
-        lut[0] = BACKGROUND
-        unknown: dict[int, int] = {}
-        for value, count in zip(values.tolist(), counts.tolist()):
-            if value == 0:
-                continue
-            if value in self.table:
-                lut[value] = self.table[value]
-            else:
-                unknown[value] = count
-        mapped = lut[labels]
-        present = sorted(set(np.unique(mapped).tolist()) - {BACKGROUND, BODY})
+        _refuse_intensity_image(values)
+        targets = np.array([BACKGROUND if v == 0 else self.table.get(v, BODY) for v in values.tolist()], np.uint8)
+        mapped = np.zeros(labels.shape, np.uint8)
+        for i in range(len(labels)):  # slice by slice: searchsorted's index array is 8 bytes a voxel
+            mapped[i] = targets[np.searchsorted(values, labels[i])]
+        unknown = {v: n for v, n in zip(values.tolist(), counts.tolist()) if v != 0 and v not in self.table}
+        present = sorted(set(targets.tolist()) - {BACKGROUND, BODY})
         report = MappingReport(
             adapter=self.name,
             organs_present=tuple(MODEL_CLASSES[c] for c in present),
@@ -164,6 +163,21 @@ class LabelAdapter:
         if unknown:
             logger.info(report.unknown_message())
         return mapped, report
+
+
+MAX_DISTINCT_LABELS = 255
+"""More distinct values than this and a file is an intensity image, not a label map (TotalSegmentator's largest
+task has 117 labels; any real CT, in whatever integer type, has hundreds to thousands of distinct values)."""
+
+
+def _refuse_intensity_image(values: np.ndarray) -> None:
+    nonzero = values[values != 0]
+    if nonzero.size > MAX_DISTINCT_LABELS:
+        raise InputError(
+            f"the segmentation has {nonzero.size} distinct values ({nonzero.min()} to {nonzero.max()}), so it looks "
+            f"like an intensity image (a CT?) rather than a label map (at most {MAX_DISTINCT_LABELS} labels); "
+            "give the segmentation file"
+        )
 
 
 @dataclass(frozen=True)
@@ -259,29 +273,56 @@ def json_adapter(path: str | Path, segment_names: Mapping[int, str] | None = Non
 
 LABEL_CHOICES = ("auto", "amos", "totalseg", "totalseg_v1")
 
+AUTO_RULE = (
+    "'auto' reads segment names when the file has them (Slicer .seg.nrrd); otherwise ids above 15 as "
+    "TotalSegmentator v2, and ids 1-4 (the same organs in every convention) as AMOS. Ids 5-15 with nothing above "
+    "mean different organs in AMOS and TotalSegmentator (e.g. its --roi_subset output), so auto refuses them: "
+    "pass --labels amos, totalseg or totalseg_v1"
+)
+
+
+def check_convention(spec: str) -> None:
+    """InputError unless ``spec`` is a known convention or a readable JSON mapping file (cheap: no volume)."""
+    if spec in LABEL_CHOICES:
+        return
+    if not spec.lower().endswith(".json"):
+        raise InputError(f"unknown label convention '{spec}': use one of {', '.join(LABEL_CHOICES)} or a .json file")
+    read_label_mapping(spec)
+
 
 def resolve_adapter(spec: str, labels: np.ndarray, segment_names: Mapping[int, str] | None = None) -> LabelAdapter:
-    """Adapter for ``spec`` ('auto', 'amos', 'totalseg', 'totalseg_v1' or a JSON file path).
-
-    'auto' uses segment names when the file has them, else TotalSegmentator v2 ids when any value exceeds 15,
-    else AMOS ids. The choice is logged; pass the convention explicitly when the input is ambiguous.
-    """
-    segment_names = segment_names or {}
+    """Adapter for ``spec`` ('auto', 'amos', 'totalseg', 'totalseg_v1' or a JSON file path); see AUTO_RULE."""
+    check_convention(spec)
     if spec == "amos":
         return amos_adapter()
     if spec == "totalseg":
         return totalsegmentator_adapter(2)
     if spec == "totalseg_v1":
         return totalsegmentator_adapter(1)
-    if spec == "auto":
-        if segment_names:
-            adapter = segment_names_adapter(segment_names)
-        elif labels.size and int(labels.max()) > max(ORGANS):
-            adapter = totalsegmentator_adapter(2)
-        else:
-            adapter = amos_adapter()
-        logger.info("label convention detected: %s", adapter.name)
-        return adapter
-    if spec.lower().endswith(".json"):
+    if spec != "auto":
         return json_adapter(spec, segment_names)
-    raise InputError(f"unknown label convention '{spec}': use one of {', '.join(LABEL_CHOICES)} or a .json file")
+    top = int(labels.max()) if labels.size else 0
+    if segment_names:
+        adapter = segment_names_adapter(segment_names)
+    elif top > max(ORGANS):
+        adapter = totalsegmentator_adapter(2)
+    else:
+        adapter = _unambiguous_small_ids(labels, top)
+    logger.info("label convention detected: %s", adapter.name)
+    return adapter
+
+
+def _unambiguous_small_ids(labels: np.ndarray, top: int) -> LabelAdapter:
+    """The AMOS adapter for ids 0..15 that every convention reads alike; InputError naming each reading otherwise."""
+    present = [v for v in range(1, top + 1) if np.any(labels == v)]  # no int64 copy of a large volume
+    readings = {"AMOS": [MODEL_CLASSES[v] for v in present]}
+    for version in (2, 1):
+        table = totalsegmentator_names(version)
+        readings[f"TotalSegmentator v{version}"] = [table.get(v, f"unknown {v}") for v in present]
+    if all(names == readings["AMOS"] for names in readings.values()):
+        return amos_adapter()
+    shown = "; ".join(f"as {name}: {', '.join(names)}" for name, names in readings.items())
+    raise InputError(
+        f"label ids {', '.join(map(str, present))} fit more than one convention ({shown}): pass --labels amos, "
+        "totalseg or totalseg_v1 (or a JSON mapping file)"
+    )

@@ -17,8 +17,10 @@ import torch
 
 from . import __version__
 from .checkpoint import LoadedModel
-from .diffusion import make_sampler, sample_loop
+from .device import select_device
+from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
 from .errors import Cancelled, CTSynthError, InputError
+from .factory import create_diffusion
 from .io import Volume
 from .labels import BACKGROUND, MODEL_CLASSES, NUM_CLASSES, MappingReport, resolve_adapter
 from .preprocess import (
@@ -60,12 +62,39 @@ DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_options(model: LoadedModel, preset: str, **overrides: Any) -> SamplingOptions:
-    """Options for a named preset; a model's config may redefine presets under ``sampling_presets``."""
-    presets = {**DEFAULT_PRESETS, **model.config.get("sampling_presets", {})}
+MAX_SEED = 2**32 - 1
+"""Seeds are 0..2**32-1: each slice's generator is seeded with seed * 1_000_003 + slice, which must stay below
+torch's 2**64 limit."""
+
+
+def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> SamplingOptions:
+    """Checked options for a named preset of a model's ``config`` (which may redefine presets under
+    ``sampling_presets``); ``overrides`` that are not None replace the preset's values.
+
+    Cheap (no weights needed): call it before loading the model. Every bad value is an InputError naming it.
+    """
+    presets = {**DEFAULT_PRESETS, **config.get("sampling_presets", {})}
     if preset not in presets:
         raise InputError(f"unknown preset '{preset}': use one of {', '.join(presets)}")
-    return replace(SamplingOptions(**presets[preset]), **{k: v for k, v in overrides.items() if v is not None})
+    options = replace(SamplingOptions(**presets[preset]), **{k: v for k, v in overrides.items() if v is not None})
+    if options.sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler '{options.sampler}': use one of {', '.join(SAMPLERS)}")
+    if not 0 <= options.seed <= MAX_SEED:
+        raise InputError(f"--seed {options.seed} is out of range: use 0..{MAX_SEED}")
+    if options.batch_size < 1:
+        raise InputError(f"--batch-size {options.batch_size} must be at least 1")
+    try:
+        options_sampler(options, create_diffusion(config["diffusion"]))
+    except ValueError as exc:
+        raise InputError(f"--steps {options.steps} (eta {options.eta}) does not fit preset '{preset}' of model "
+                         f"'{config.get('name', '?')}': {exc}") from None
+    return options
+
+
+def options_sampler(options: SamplingOptions, diffusion: GaussianDiffusion) -> Sampler:
+    """The sampler ``options`` describe, its timesteps set (ValueError for steps, start or eta out of range)."""
+    return make_sampler(options.sampler, diffusion, options.steps, start_timestep=options.start_timestep,
+                        **({"eta": options.eta} if options.sampler == "ddim" else {}))
 
 
 @dataclass
@@ -74,24 +103,6 @@ class SynthesisResult:
 
     volume: Volume
     provenance: dict[str, Any]
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; an explicit device that is not available is an InputError."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device '{name}' requested but this torch has no CUDA GPU; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise InputError("device 'mps' requested but it is not available; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def prepare_classes(
@@ -148,10 +159,7 @@ def synthesize(
     resize = PlaneResize(stack.shape[1], stack.shape[2], model.image_size)
     active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
     unit = np.zeros(stack.shape, dtype=np.float32)
-    sampler = make_sampler(
-        options.sampler, model.diffusion, options.steps, start_timestep=options.start_timestep,
-        **({"eta": options.eta} if options.sampler == "ddim" else {}),
-    )
+    sampler = options_sampler(options, model.diffusion)
     prior = _model_prior(model) if options.start_timestep is not None else None
     batch = max(1, int(options.batch_size))
     try:
@@ -222,12 +230,26 @@ def sample_slices(
     if features is not None:
         kwargs["cond_features"] = features
     x = noise if prior is None else sampler.add_noise(prior[classes][:, None].to(device), 0, noise)
-    for i, n, x, _ in sample_loop(network, sampler, x, kwargs, generator):
+    for i, n, x, _ in sample_loop(_finite_outputs(network), sampler, x, kwargs, generator):
         if cancel is not None and cancel():
             raise Cancelled("cancelled by the user; nothing was written")
         if on_step is not None:
             on_step(i / n)
     return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def _finite_outputs(network: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """``network`` that raises CTSynthError on a NaN/inf output: samplers clamp x0, which would hide it, and NaN
+    would reach the int16 cast as 0 HU."""
+
+    def forward(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        out = network(x, t, **kwargs)
+        if not torch.isfinite(out).all():
+            raise CTSynthError(f"the model's output became NaN or infinite while sampling (timestep {int(t[0])}); "
+                               "nothing was written: the model may be broken, or try --device cpu")
+        return out
+
+    return forward
 
 
 def _provenance(model: LoadedModel, options: SamplingOptions, sampler_config: dict[str, Any],

@@ -109,7 +109,7 @@ def check_totalsegmentator(fast: bool = True, env: Mapping[str, str] | None = No
 
 def totalseg_device(device: str = "auto") -> str:
     """TotalSegmentator's device name ('gpu', 'gpu:N', 'mps', 'cpu') for ours ('auto', 'cuda', 'cuda:N', ...)."""
-    from .synthesis import select_device
+    from .device import select_device
 
     dev = select_device(device)
     if dev.type == "cuda":

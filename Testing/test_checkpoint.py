@@ -71,6 +71,35 @@ def test_weights_from_another_architecture_are_refused(tmp_path: Path):
         load_model(folder)
 
 
+BAD_CONFIGS = [
+    (lambda c: c.update(classes=c["classes"][:-1]), "field 'classes'"),
+    (lambda c: c.update(format_version=99), "field 'format_version' is 99.*upgrade ctsynth"),
+    (lambda c: c.update(format_version="1"), "field 'format_version' must be a number"),
+    (lambda c: c.update(format_version=0), "field 'format_version' is 0"),
+    (lambda c: c["model"].update(conditioning="spade"), "field 'model'.*conditioning"),
+    (lambda c: c["model"].update(image_size="96"), "field 'model'.*image_size"),
+    (lambda c: c["model"].update(wings=2), "field 'model'.*unknown option.*wings"),
+    (lambda c: c.update(model=[1, 2]), "field 'model' must be a JSON object"),
+    (lambda c: c["diffusion"].update(num_timesteps="1000"), "field 'diffusion.num_timesteps' must be a number"),
+    (lambda c: c["diffusion"].update(schedule="wobbly"), "field 'diffusion'.*wobbly"),
+    (lambda c: c["diffusion"].update(speed=3), "field 'diffusion' has unknown key.*speed"),
+    (lambda c: c.pop("diffusion"), "field 'diffusion' is missing"),
+    (lambda c: c["model"].pop("image_size"), "field 'model.image_size' is missing"),
+    (lambda c: c["diffusion"].pop("prediction"), "field 'diffusion.prediction' is missing"),
+    (lambda c: c.pop("sha256"), "field 'sha256' is missing"),
+    (lambda c: c.update(sha256=12), "field 'sha256' must be a string"),
+    (lambda c: c.pop("window"), "field 'window' is missing"),
+    (lambda c: c["window"].update(level=None), "field 'window.level' must be a number"),
+    (lambda c: c.update(class_means=[0.5] * 3), "field 'class_means'"),
+    (lambda c: c.update(sampling_presets={"fast": {"sampler": "ddim", "stepz": 5}}),
+     "field 'sampling_presets.fast' has unknown key.*stepz"),
+    (lambda c: c.update(sampling_presets={"fast": {"steps": "many"}}), "field 'sampling_presets.fast.steps'"),
+    (lambda c: c.update(sampling_presets=[]), "field 'sampling_presets' must be a JSON object"),
+    (lambda c: c.update(name=7), "field 'name' must be a string"),
+]
+"""(mutation of a good config.json, message naming the field): read_config refuses each before any weight loads."""
+
+
 def test_garbage_weights_and_bad_configs(tmp_path: Path):
     folder = make_model_folder(tmp_path / "m")
     config = json.loads((folder / CONFIG_NAME).read_text())
@@ -81,12 +110,7 @@ def test_garbage_weights_and_bad_configs(tmp_path: Path):
     (folder / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="cannot be read as safetensors"):
         load_model(folder)
-    for mutate, message in [
-        (lambda c: c.update(classes=c["classes"][:-1]), "trained for classes"),
-        (lambda c: c.update(format_version=99), "upgrade ctsynth"),
-        (lambda c: c["model"].update(conditioning="spade"), "invalid model"),
-        (lambda c: c.pop("sha256"), "lacks sha256"),
-    ]:
+    for mutate, message in BAD_CONFIGS:
         bad = json.loads(json.dumps(config))
         mutate(bad)
         (folder / CONFIG_NAME).write_text(json.dumps(bad))
@@ -95,6 +119,15 @@ def test_garbage_weights_and_bad_configs(tmp_path: Path):
     (folder / CONFIG_NAME).write_text("{")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(folder)
+
+
+def test_weights_with_nan_or_inf_are_refused(tmp_path: Path):
+    good = load_model(make_model_folder(tmp_path / "good"))
+    with torch.no_grad():
+        next(good.model.parameters())[0].fill_(float("inf"))
+    save_model(tmp_path / "bad", good.model, good.diffusion, name="bad")
+    with pytest.raises(CheckpointError, match="NaN or infinite weights"):
+        load_model(tmp_path / "bad")
 
 
 def test_lookup_by_name_in_cache_and_clear_errors(tmp_path: Path, monkeypatch):

@@ -99,10 +99,10 @@ def test_cli_refuses_bad_inputs_in_one_line(capsys, tmp_path, noisy_synthetic, m
     shifted = read_image(noisy_synthetic)
     moved = tmp_path / "moved.nii.gz"
     affine = shifted.affine.copy()
-    affine[0, 3] += 5
+    affine[0, 3] += 5000  # a grid that overlaps is resampled (Testing/test_bad_inputs.py); one that does not is refused
     write_volume(Volume(shifted.array, affine), moved)
     code, _, err = evaluate(capsys, "--synthetic", moved, "--seg", SAMPLE_SEG)
-    assert code == 2 and "not on the segmentation's grid" in err and err.count("\n") == 1
+    assert code == 2 and "does not overlap the segmentation" in err and err.count("\n") == 1
     code, _, err = evaluate(capsys, "--synthetic", noisy_synthetic, "--seg", SAMPLE_SEG, "--fid")
     assert code == 2 and "--fid needs --real" in err
     pytest.importorskip("totalsegmentator")

@@ -1,6 +1,7 @@
 """Label table and adapters: AMOS, TotalSegmentator v1/v2, segment names, JSON files, unknown labels."""
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +78,51 @@ def test_unknown_labels_become_body_and_are_reported():
 def test_auto_detects_totalsegmentator_ids_and_segment_names():
     labels = np.array([[[0, 5, 52]]])
     assert resolve_adapter("auto", labels).name == "totalseg"
-    assert resolve_adapter("auto", np.array([[[0, 6, 1]]])).name == "amos"
+    assert resolve_adapter("auto", np.array([[[0, 4, 1, 2, 3]]])).name == "amos"  # the same organs everywhere
     names = {1: "Liver", 2: "Right Kidney", 3: "Body", 4: "vertebrae_L1", 5: "arota"}
     adapter = resolve_adapter("auto", np.array([[[0, 1, 2, 3, 4]]]), names)
     assert adapter.name == "segment names"
     assert [MODEL_CLASSES[adapter.table[v]] for v in (1, 2, 3, 4, 5)] == [
         "liver", "kidney_right", "body", "body", "aorta"]
     assert adapter.outline_values == frozenset({3})
+
+
+@pytest.mark.parametrize("ids", [[1, 6], [5], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]])
+def test_auto_refuses_ids_that_mean_different_organs(ids):
+    """Ids 5..15 alone (AMOS, or TotalSegmentator --roi_subset) are refused, naming what each reading gives."""
+    labels = np.array([[[0, *ids]]], dtype=np.uint8)
+    with pytest.raises(InputError, match="--labels amos, totalseg") as error:
+        resolve_adapter("auto", labels)
+    message = str(error.value)
+    assert "as AMOS: " in message and "as TotalSegmentator v2: " in message and "\n" not in message
+    if ids == [1, 6]:
+        assert "as AMOS: spleen, liver" in message and "as TotalSegmentator v2: spleen, stomach" in message
+    assert resolve_adapter("amos", labels).name == "amos"  # an explicit convention is taken as given
+    # the same ids with segment names are not ambiguous (the Slicer path)
+    assert resolve_adapter("auto", labels, {v: "liver" for v in ids}).name == "segment names"
+
+
+@pytest.mark.parametrize("dtype, offset", [(np.uint16, 1024), (np.int32, 1024), (np.float32, 1024)])
+def test_a_ct_given_as_segmentation_is_refused_in_any_type(dtype, offset):
+    ct = (np.random.default_rng(0).normal(0, 300, (16, 16, 8)).clip(-1000, 2000) + offset).astype(dtype)
+    for spec in ("auto", "amos", "totalseg"):
+        with pytest.raises(InputError, match="looks like an intensity image"):
+            resolve_adapter(spec, ct).classes(ct)
+
+
+def test_huge_label_values_map_without_a_huge_table():
+    labels = np.zeros((3, 4, 5), dtype=np.int32)
+    labels[0] = 6
+    labels[1, 0] = np.iinfo(np.int32).max
+    labels[2, 1] = 1
+    tracemalloc.start()
+    mapped, report = resolve_adapter("amos", labels).classes(labels)  # a lookup table would need 2 GiB
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10 * 2**20
+    assert (mapped[0] == 6).all() and (mapped[1, 0] == BODY).all() and (mapped[2, 1] == 1).all()
+    assert (mapped[2, 0] == 0).all() and report.unknown == {np.iinfo(np.int32).max: 5}
+    assert report.organs_present == ("spleen", "liver")
 
 
 def test_class_from_name_synonyms():

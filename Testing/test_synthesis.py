@@ -113,10 +113,10 @@ def test_other_conditionings_synthesize(tmp_path, sample_classes, conditioning):
 
 def test_model_presets(tiny_model):
     model = load_model(tiny_model)
-    assert preset_options(model, "paper").sampler == "ancestral"
-    assert preset_options(model, "fast", steps=7).steps == 7
+    assert preset_options(model.config, "paper").sampler == "ancestral"
+    assert preset_options(model.config, "fast", steps=7).steps == 7
     with pytest.raises(InputError, match="unknown preset"):
-        preset_options(model, "turbo")
+        preset_options(model.config, "turbo")
 
 
 def test_prepare_classes_rejects_empty_unknown_and_mismatched_body(sample_classes):

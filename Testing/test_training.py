@@ -240,6 +240,78 @@ def _one_line_error(capsys, code: int, *needles: str) -> None:
         assert needle in err, err
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--iterations", "-5"], "--iterations -5"),
+    (["--checkpoint-every", "0"], "--checkpoint-every 0"),
+    (["--log-every", "0"], "--log-every 0"),
+    (["--sample-steps", "0"], "--sample-steps 0"),
+    (["--lr", "0"], "--lr 0"),
+    (["--ema-rate", "1.5"], "--ema-rate 1.5"),
+    (["--model-channels", "0"], "model_channels"),
+    (["--channel-mult", ""], "--channel-mult"),
+    (["--channel-mult", "1,x"], "--channel-mult"),
+    (["--num-timesteps", "0"], "diffusion options"),
+    (["--precision", "fp8"], "--precision 'fp8'"),
+    (["--conditioning", "spade"], "conditioning"),
+    (["--timestep-sampler", "magic"], "--timestep-sampler 'magic'"),
+    (["--prediction", "noise"], "prediction"),
+    (["--loss", "l1"], "loss"),
+    (["--schedule", "wobbly"], "wobbly"),
+    (["--compile", "maybe"], "--compile"),
+    (["--device", "meta"], "device 'meta'"),
+    (["--batch-size", "two"], "--batch-size"),
+    (["--seed", str(2**64)], f"--seed {2**64}"),
+    (["--seed", "-1"], "--seed -1"),
+])
+def test_error_bad_training_flag_is_one_line_and_makes_no_folder(amos_cache, tmp_path, capsys, flags, needle):
+    _one_line_error(capsys, _train(amos_cache, tmp_path / "run", *flags), needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_network_and_diffusion_setting_is_a_flag():
+    from CTSemanticSynthLib.diffusion import diffusion_defaults
+    from CTSemanticSynthLib.models import model_defaults
+
+    options = set(train.train_defaults())
+    assert set(model_defaults()) - set(train.MODEL_FIXED) <= options
+    assert set(diffusion_defaults()) - set(train.DIFFUSION_FIXED) <= options
+    assert {"use_scale_shift_norm", "num_timesteps", "vlb_weight"} <= options  # not in the old hand-copied list
+
+
+def test_mse_loss_trains_a_fixed_variance_model(amos_cache, tmp_path):
+    """'mse' cannot train a learned variance: the network gets one output channel and the diffusion learn_sigma
+    false (with the old hand-copied flags this combination could not be expressed)."""
+    out = tmp_path / "run"
+    assert _train(amos_cache, out, "--loss", "mse", "--iterations", 2, "--sample-every", 0) == 0
+    loaded = load_model(out / "model")
+    assert loaded.config["diffusion"]["loss"] == "mse" and loaded.config["diffusion"]["learn_sigma"] is False
+    assert loaded.config["model"]["out_channels"] == 1
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--size", "0"], "--size 0"),
+    (["--workers", "0"], "--workers 0"),
+    (["--holdout-every", "-1"], "--holdout-every -1"),
+    (["--convention", "nnunet"], "nnunet"),
+    (["--split", "val"], "--split 'val'"),
+    (["--size", "big"], "--size"),
+])
+def test_error_bad_prepare_flag_is_one_line_and_makes_no_folder(tmp_path, capsys, flags, needle):
+    _amos_folder(tmp_path / "amos")
+    code = prepare.main(["--amos", str(tmp_path / "amos"), "--out", str(tmp_path / "cache"), *flags])
+    _one_line_error(capsys, code, needle)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_prepare_fails_when_every_case_is_skipped(tmp_path, capsys):
+    _fake_case(tmp_path / "images" / "a.nii.gz", tmp_path / "labels" / "a.nii.gz", 80, label_rows=30)
+    code = prepare.main(["--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "--out",
+                         str(tmp_path / "cache"), "--size", "32", "--workers", "1", "--convention", "totalseg"])
+    err = capsys.readouterr().err
+    assert code == 2 and "skipped a" in err and "all 1 cases were skipped" in err
+
+
 def test_error_data_without_cache_json(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     _one_line_error(capsys, _train(tmp_path / "data", tmp_path / "run", "--iterations", 1), "cache.json",

@@ -24,8 +24,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from CTSemanticSynthLib.checkpoint import load_model  # noqa: E402
+from CTSemanticSynthLib.device import select_device  # noqa: E402
 from CTSemanticSynthLib.io import read_labelmap  # noqa: E402
-from CTSemanticSynthLib.synthesis import prepare_classes, preset_options, select_device, synthesize  # noqa: E402
+from CTSemanticSynthLib.synthesis import prepare_classes, preset_options, synthesize  # noqa: E402
 
 SAMPLE = REPO / "Resources" / "sample" / "seg_total.nii.gz"
 
@@ -45,7 +46,7 @@ def main() -> None:
     seg, names = read_labelmap(SAMPLE)
     classes, _ = prepare_classes(seg, names, "totalseg")
     model = load_model(args.model, device=device)
-    options = preset_options(model, args.preset, steps=args.steps, batch_size=args.batch_size)
+    options = preset_options(model.config, args.preset, steps=args.steps, batch_size=args.batch_size)
     times = []
     for _ in range(args.repeats):
         if device.type == "cuda":

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.checkpoint import LoadedModel, load_model
+from CTSemanticSynthLib.device import select_device
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.evaluate_cli import json_safe
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_bytes, write_volume
@@ -44,7 +45,7 @@ from CTSemanticSynthLib.metrics import (InceptionFeatures, dice_per_organ, fid, 
 from CTSemanticSynthLib.metrics.paper import PAPER_ORGANS, csv_rows, to_csv, to_markdown
 from CTSemanticSynthLib.metrics.planes import PLANES, plane_slices
 from CTSemanticSynthLib.preprocess import AxialOrientation, body_mask_from_ct, hu_to_unit
-from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, select_device, synthesize
+from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, synthesize
 from CTSemanticSynthLib.totalseg import check_totalsegmentator, run_totalsegmentator, totalseg_organs
 
 from .dataset import SliceCache
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             if model.image_size != cache.image_size:
                 raise InputError(f"model {path} works at {model.image_size} px but {args.data} holds "
                                  f"{cache.image_size} px slices; prepare a cache at the model's size")
-            options = preset_options(model, args.preset, steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+            options = preset_options(model.config, args.preset, steps=args.steps, seed=args.seed, batch_size=args.batch_size)
             key = {"sha256": model.sha256, "options": asdict(options), "split": args.split,
                    "rows": [cache.rows[i] for i in rows], "chunk": args.batch_size, "version": 1}
             folder = args.out / "samples" / f"{name or model.name}-{_digest(key)}"

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{args.seg} is not on the grid of {args.ct}")
         classes, _ = prepare_classes(seg, names, args.labels)
         model = load_model(args.model)
-        synthetic = synthesize(classes, model, preset_options(model, args.preset, seed=args.seed), device="cpu")
+        synthetic = synthesize(classes, model, preset_options(model.config, args.preset, seed=args.seed), device="cpu")
     except CTSynthError as exc:
         print(f"holdout_check: error: {exc}", file=sys.stderr)
         return 2

@@ -27,9 +27,10 @@ import torch
 from tqdm import tqdm
 
 from CTSemanticSynthLib import __version__
+from CTSemanticSynthLib.cli import OneLineParser
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.io import atomic_folder, read_image, read_labelmap
-from CTSemanticSynthLib.labels import MODEL_CLASSES, resolve_adapter
+from CTSemanticSynthLib.labels import MODEL_CLASSES, check_convention, resolve_adapter
 from CTSemanticSynthLib.preprocess import (
     WINDOW_LEVEL,
     WINDOW_WIDTH,
@@ -181,30 +182,45 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
     return summary
 
 
+SPLITS = ("train", "test")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """InputError naming the first flag that cannot work; run before any file is read or folder made."""
+    for flag, value, low in (("--size", args.size, 8), ("--workers", args.workers, 1),
+                             ("--holdout-every", args.holdout_every, 0)):
+        if value < low:
+            raise InputError(f"{flag} {value} must be at least {low}")
+    if args.split not in SPLITS:
+        raise InputError(f"--split {args.split!r} is not one of {', '.join(SPLITS)}")
+    if args.images is not None and args.labels is None:
+        raise InputError("--images needs --labels")
+    check_convention(args.convention)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--amos", type=Path, help="AMOS22 folder (dataset.json, imagesTr/, labelsTr/, ...)")
     source.add_argument("--images", type=Path, help="folder of CT NIfTI files (with --labels)")
     parser.add_argument("--labels", type=Path, help="folder of label NIfTI files named like the CTs")
     parser.add_argument("--convention", default="amos", help="label convention of the labels (default amos)")
-    parser.add_argument("--split", default="train", help="split for --images cases (default train)")
+    parser.add_argument("--split", default="train", help=f"split for --images cases: {' or '.join(SPLITS)} "
+                        "(default train)")
     parser.add_argument("--holdout-every", type=int, default=0,
                         help="put every k-th slice of each case in 'test' (single-patient demo); 0 = off")
-    parser.add_argument("--size", type=int, default=256, help="slice size (default 256, the paper's)")
+    parser.add_argument("--size", type=int, default=256, help="slice size (default 256, the paper's; at least 8)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, required=True, help="cache folder (resumed when it exists)")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="prepare: %(message)s")
     try:
-        if args.amos is not None:
-            cases = amos_cases(args.amos)
-        else:
-            if args.labels is None:
-                parser.error("--images needs --labels")
-            cases = paired_cases(args.images, args.labels, args.split)
+        args = parser.parse_args(argv)
+        check_options(args)
+        cases = amos_cases(args.amos) if args.amos is not None else paired_cases(args.images, args.labels, args.split)
         summary = prepare(cases, args.out, size=args.size, convention=args.convention, workers=args.workers,
                           holdout_every=args.holdout_every)
+        if not summary["cases"]:
+            raise InputError(f"all {len(summary['skipped'])} cases were skipped (reasons above): nothing to train on")
     except CTSynthError as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2

@@ -31,12 +31,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from CTSemanticSynthLib.checkpoint import save_model
+from CTSemanticSynthLib.cli import OneLineParser
+from CTSemanticSynthLib.device import select_device
 from CTSemanticSynthLib.diffusion import diffusion_defaults
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.factory import create_diffusion, create_model
 from CTSemanticSynthLib.models import model_defaults
+from CTSemanticSynthLib.models.config import resolve_config
 from CTSemanticSynthLib.preprocess import condition_inputs
-from CTSemanticSynthLib.synthesis import select_device
+from CTSemanticSynthLib.synthesis import MAX_SEED
 
 from .dataset import SliceCache
 from .sample_grid import write_sample_grid
@@ -45,18 +48,25 @@ from .timestep_sampler import make_timestep_sampler
 CHECKPOINT = "checkpoint.pt"
 
 
+MODEL_FIXED = ("image_size", "in_channels", "out_channels", "num_classes")
+"""Network settings that are no flags: the slice cache fixes the size and classes, the loss the output channels."""
+DIFFUSION_FIXED = ("learn_sigma", "timestep_respacing")
+"""Diffusion settings that are no flags: 'hybrid' loss learns the variance, 'mse' does not; respacing is for
+sampling."""
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TIMESTEP_SAMPLERS = ("uniform", "loss-aware")
+
+
 def train_defaults() -> dict[str, Any]:
-    """The paper's protocol (AMOS22, 256 px, batch 16, Adam 1e-4, 150k iterations) plus trainer settings."""
-    model = model_defaults()
-    diffusion = diffusion_defaults()
+    """The paper's protocol (AMOS22, 256 px, batch 16, Adam 1e-4, 150k iterations) plus trainer settings.
+
+    Every network and diffusion setting of ``model_defaults()`` / ``diffusion_defaults()`` is an option, except
+    MODEL_FIXED and DIFFUSION_FIXED; ``encoder_channels`` 0 means the library's default (half the width).
+    """
+    network = {k: (0 if v is None else v) for k, v in model_defaults().items() if k not in MODEL_FIXED}
+    diffusion = {k: v for k, v in diffusion_defaults().items() if k not in DIFFUSION_FIXED}
     return {
-        "data": "", "out": "", "name": "",
-        "conditioning": model["conditioning"], "model_channels": model["model_channels"],
-        "channel_mult": model["channel_mult"], "num_res_blocks": model["num_res_blocks"],
-        "attention_resolutions": model["attention_resolutions"], "num_heads": model["num_heads"],
-        "dropout": model["dropout"], "encoder_channels": 0,
-        "schedule": diffusion["schedule"], "prediction": diffusion["prediction"], "loss": diffusion["loss"],
-        "vlb_weight": diffusion["vlb_weight"],
+        "data": "", "out": "", "name": "", **network, **diffusion,
         "batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "iterations": 150_000, "ema_rate": 0.9999,
         "grad_clip": 1.0, "timestep_sampler": "uniform", "max_timestep": 0, "precision": "auto", "compile": False,
         "checkpoint_every": 1000, "sample_every": 5000, "log_every": 50, "sample_steps": 25,
@@ -65,9 +75,9 @@ def train_defaults() -> dict[str, Any]:
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
-    """Defaults <- YAML file (--config) <- flags; returns (config, parsed flags)."""
+    """Defaults <- YAML file (--config) <- flags, checked; returns (config, parsed flags)."""
     defaults = train_defaults()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--export-only", action="store_true",
@@ -75,9 +85,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, Any], argpars
     for key, value in defaults.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
+            parser.add_argument(flag, type=_bool, default=None, metavar="BOOL")
         elif isinstance(value, list):
-            parser.add_argument(flag, type=lambda s: [int(v) for v in s.split(",")], default=None, metavar="A,B,..")
+            parser.add_argument(flag, type=_int_list, default=None, metavar="A,B,..")
         else:
             parser.add_argument(flag, type=type(value), default=None)
     args = parser.parse_args(argv)
@@ -85,10 +95,57 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, Any], argpars
     if args.config is not None:
         config.update(_read_yaml(args.config, defaults))
     config.update({k: v for k, v in vars(args).items() if k in defaults and v is not None})
+    check_config(config)
+    return config, args
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text.lower() in ("1", "true", "yes")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """InputError naming the first option that cannot work; run before anything is read or created."""
     for key in ("data", "out"):
         if not config[key]:
             raise InputError(f"--{key} is required (or set it in the --config file)")
-    return config, args
+    at_least = {"batch_size": 1, "iterations": 1, "checkpoint_every": 1, "log_every": 1, "sample_steps": 1,
+                "sample_every": 0, "max_timestep": 0, "sample_start_timestep": 0, "threads": 0, "seed": 0,
+                "weight_decay": 0.0, "encoder_channels": 0}
+    for key, low in at_least.items():
+        if config[key] < low:
+            raise InputError(f"--{_flag(key)} {config[key]} must be at least {low}")
+    for key in ("lr", "grad_clip"):
+        if not config[key] > 0:
+            raise InputError(f"--{_flag(key)} {config[key]} must be greater than 0")
+    if config["seed"] > MAX_SEED:
+        raise InputError(f"--seed {config['seed']} is out of range: use 0..{MAX_SEED}")
+    if not 0 <= config["ema_rate"] < 1:
+        raise InputError(f"--ema-rate {config['ema_rate']} must lie in [0, 1)")
+    for key, choices in (("precision", PRECISIONS), ("timestep_sampler", TIMESTEP_SAMPLERS)):
+        if config[key] not in choices:
+            raise InputError(f"--{_flag(key)} {config[key]!r} is not one of {', '.join(choices)}")
+    try:  # the network at its smallest valid size: the slice cache's size is checked when it is read
+        resolve_config(**model_config(config, 2 ** max(len(config["channel_mult"]) - 1, 0)))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"network options: {exc}") from None
+    try:
+        create_diffusion(diffusion_config(config))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"diffusion options: {exc}") from None
+    select_device(config["device"])
+
+
+def _flag(key: str) -> str:
+    return key.replace("_", "-")
 
 
 def _read_yaml(path: Path, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -124,16 +181,16 @@ def _read_yaml(path: Path, defaults: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_config(config: dict[str, Any], image_size: int) -> dict[str, Any]:
-    keys = ("conditioning", "model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
-            "num_heads", "dropout")
-    out = {k: config[k] for k in keys} | {"image_size": image_size}
-    if config["encoder_channels"]:
-        out["encoder_channels"] = config["encoder_channels"]
-    return out
+    """The network's config: every model option, the slice size, and one output channel more for 'hybrid'."""
+    out = {k: config[k] for k in model_defaults() if k not in MODEL_FIXED}
+    out["encoder_channels"] = out["encoder_channels"] or None
+    return out | {"image_size": image_size, "out_channels": 2 if config["loss"] == "hybrid" else 1}
 
 
 def diffusion_config(config: dict[str, Any]) -> dict[str, Any]:
-    return diffusion_defaults() | {k: config[k] for k in ("schedule", "prediction", "loss", "vlb_weight")}
+    """The diffusion's config: every diffusion option; the variance is learned exactly when the loss is 'hybrid'."""
+    return diffusion_defaults() | {k: config[k] for k in diffusion_defaults() if k not in DIFFUSION_FIXED} | {
+        "learn_sigma": config["loss"] == "hybrid"}
 
 
 class Trainer:
@@ -159,7 +216,11 @@ class Trainer:
             self.test_data = None
         self.class_means = self.train_data.class_means()
         torch.manual_seed(config["seed"])
-        self.model = create_model(model_config(config, self.train_data.image_size)).to(self.device)
+        try:
+            self.model = create_model(model_config(config, self.train_data.image_size)).to(self.device)
+        except ValueError as exc:
+            raise InputError(f"network options do not fit the {self.train_data.image_size} px slices of "
+                             f"{config['data']}: {exc}") from None
         self.diffusion = create_diffusion(diffusion_config(config))
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"],
