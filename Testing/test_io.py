@@ -417,7 +417,7 @@ def test_failed_write_removes_temp_and_keeps_original(tmp_path, monkeypatch):
 
     def write_then_fail(image, filename, *args, **kwargs):
         real_write(image, filename, *args, **kwargs)
-        assert Path(filename).name.startswith(".tmp-") and Path(filename).parent == tmp_path
+        assert Path(filename).name.startswith(".ctsynth-tmp-") and Path(filename).parent == tmp_path
         raise RuntimeError("ITK ERROR: NrrdImageIO(0x1): disk full")
 
     monkeypatch.setattr(io.sitk, "WriteImage", write_then_fail)
