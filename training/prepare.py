@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.errors import CTSynthError, InputError
-from CTSemanticSynthLib.io import atomic_folder, read_image, read_labelmap
+from CTSemanticSynthLib.io import atomic_folder, atomic_outputs, read_image, read_labelmap
 from CTSemanticSynthLib.labels import MODEL_CLASSES, resolve_adapter
 from CTSemanticSynthLib.preprocess import (
     WINDOW_LEVEL,
@@ -131,8 +131,7 @@ def is_holdout(index: int, every: int) -> bool:
 def write_manifest(out: Path, infos: list[dict], holdout_every: int) -> int:
     """manifest.csv with one row per slice; with ``holdout_every`` k, every k-th slice of each case is 'test'."""
     rows = 0
-    tmp = out / ".manifest.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_outputs(out / "manifest.csv", overwrite=True) as (tmp,), open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", "slice", "split", "spacing_slice", "spacing_row", "spacing_col"])
         for info in sorted(infos, key=lambda i: i["case"]):
@@ -142,7 +141,6 @@ def write_manifest(out: Path, infos: list[dict], holdout_every: int) -> int:
                     split = "test"
                 writer.writerow([info["case"], index, split, *info["spacing"]])
                 rows += 1
-    os.replace(tmp, out / "manifest.csv")
     return rows
 
 
