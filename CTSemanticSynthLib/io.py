@@ -7,12 +7,15 @@ module; :func:`lps_to_ras_affine` and :func:`ras_affine_to_lps` are the only pla
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import secrets
 import shutil
 import signal
+import sys
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -629,11 +632,12 @@ def write_volume(volume: Volume, path: str | Path, *, metadata: Mapping[str, str
 
 
 def save_volume(volume: Volume, path: Path, *, metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``volume`` to ``path`` (a temp path from :func:`atomic_outputs`) and read it back to verify it.
+    """Write ``volume`` to ``path``, a temp path from :func:`atomic_outputs`, and read it back to verify it.
 
     ``metadata`` becomes header key/values in NRRD and MetaImage; NIfTI keeps only ``metadata["descrip"]``
-    (truncated to the field's 79 bytes). ITK reports some failures (a full disk) only on stderr, so the file's
-    header and full data length are checked after writing.
+    (truncated to the field's 79 bytes). ITK reports some failures (a full disk) only on stderr, so its stderr is
+    captured and the file's header and full data length are checked; a failure is an OSError naming ``path``,
+    which :func:`atomic_outputs` turns into one line about the target.
     """
     suffix = _write_suffix(path)
     img = volume_to_sitk(volume)
@@ -646,17 +650,40 @@ def save_volume(volume: Volume, path: Path, *, metadata: Mapping[str, str] | Non
                 logger.debug("NIfTI has no field for metadata key %r; not written to %s", key, path)
         else:
             img.SetMetaData(key, str(value))
+    itk_said: list[str] = []
     try:
-        sitk.WriteImage(img, str(path), useCompression=suffix != ".nii")
+        with _stderr_captured(itk_said):
+            sitk.WriteImage(img, str(path), useCompression=suffix != ".nii")
         written = _image_information(path)
-    except RuntimeError as exc:
-        raise InputError(f"cannot write {path}: {_itk_reason(exc)}; check the folder is writable and has "
-                         "space") from None
-    except InputError as exc:
-        raise InputError(f"cannot write {path}: it could not be read back ({exc}); check the disk has space") from None
-    if tuple(written.GetSize()) != volume.shape or written.GetPixelID() != img.GetPixelID():
-        raise InputError(f"cannot write {path}: the file written does not hold the volume; check the disk has space")
-    verify_complete(path)
+        if tuple(written.GetSize()) != volume.shape or written.GetPixelID() != img.GetPixelID():
+            raise InputError("its header does not match the volume")
+        verify_complete(path)
+    except (RuntimeError, InputError) as exc:
+        reason = " ".join(itk_said) or (_itk_reason(exc) if isinstance(exc, RuntimeError) else str(exc))
+        raise OSError(errno.EIO, f"the file written is incomplete or unreadable ({reason})", str(path)) from None
+
+
+@contextmanager
+def _stderr_captured(lines: list[str]) -> Iterator[None]:
+    """Collect what C libraries print on file descriptor 2 (ITK's only report of some failures) into ``lines``."""
+    try:
+        capture = tempfile.TemporaryFile()
+    except OSError:  # e.g. a full temp folder: let the messages through
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(capture.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        with capture:
+            capture.seek(0)
+            lines.extend(line.strip() for line in capture.read().decode(errors="replace").splitlines() if line.strip())
+        for line in lines:
+            logger.debug("ITK: %s", line)
 
 
 def _write_suffix(path: Path) -> str:

@@ -441,3 +441,67 @@ def test_legacy_seg_nrrd_one_binary_segment_per_layer(tmp_path):
     assert seg.shape == (2, 3, 4)
     np.testing.assert_array_equal(seg.array[0], 1)
     np.testing.assert_array_equal(seg.array[1], 2)
+
+
+# --- verified reads: truncated or damaged files are refused, never zero-filled -----------------------
+
+
+@pytest.fixture(scope="module")
+def real_files(tmp_path_factory) -> dict[str, Path]:
+    """The sample case as int16 labels and float32 CT in every compressed format, and as plain .nii."""
+    folder = tmp_path_factory.mktemp("real")
+    seg, ct = nib.load(EXAMPLE / "seg_total.nii.gz"), nib.load(EXAMPLE / "ct.nii.gz")
+    files = {}
+    for name, image, dtype in (("seg", seg, np.int16), ("ct", ct, np.float32)):
+        data = np.asarray(image.dataobj).astype(dtype)
+        for suffix in (".nii.gz", ".nii"):
+            files[name + suffix] = folder / f"{name}{suffix}"
+            nib.save(nib.Nifti1Image(data, image.affine), files[name + suffix])
+        for suffix in (".nrrd", ".mha"):  # ITK writes gzip NRRD and zlib MetaImage
+            files[name + suffix] = folder / f"{name}{suffix}"
+            io.write_volume(Volume(data, image.affine), files[name + suffix])
+    return files
+
+
+@pytest.mark.parametrize("key", ["seg.nii.gz", "ct.nii.gz", "seg.nii", "ct.nii", "seg.nrrd", "ct.nrrd",
+                                 "seg.mha", "ct.mha"])
+@pytest.mark.parametrize("keep", [0.02, 0.5, 0.9, "all but one byte"])
+def test_truncated_file_is_refused(real_files, tmp_path, key, keep):
+    data = real_files[key].read_bytes()
+    cut = tmp_path / f"cut_{key}"
+    cut.write_bytes(data[: len(data) - 1 if isinstance(keep, str) else int(len(data) * keep)])
+    with pytest.raises(InputError, match=r"cannot read .*(truncated|damaged)"):
+        _read(cut)
+    assert _read(real_files[key]).shape == (122, 101, 112)  # the whole file reads
+
+
+def _read(path: Path) -> Volume:
+    return io.read_labelmap(path)[0] if "seg" in path.name else io.read_image(path)
+
+
+@pytest.mark.parametrize("key", ["seg.nii.gz", "ct.nii.gz", "ct.nrrd", "ct.mha"])
+@pytest.mark.parametrize("where", [0.3, 0.97])
+def test_damaged_compressed_data_is_refused(real_files, tmp_path, key, where):
+    data = bytearray(real_files[key].read_bytes())
+    data[int(len(data) * where)] ^= 0x5A  # one flipped byte: ITK decodes such data without complaint
+    bad = tmp_path / f"bad_{key}"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="damaged"):
+        _read(bad)
+
+
+def test_truncated_input_is_one_line_for_synth_and_evaluate(real_files, tmp_path, capsys, tiny_model):
+    from CTSemanticSynthLib.cli import main
+
+    data = real_files["seg.nii.gz"].read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    runs = (["synth", "--seg", cut, "--out", tmp_path / "syn.nii.gz", "--model", tiny_model, "--labels", "totalseg"],
+            ["evaluate", "--synthetic", real_files["ct.nii.gz"], "--seg", cut],
+            ["evaluate", "--synthetic", cut, "--seg", real_files["seg.nii.gz"]])
+    for argv in runs:
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ctsynth: error: cannot read") and ("truncated" in err or "damaged" in err), err
+        assert err.count("\n") == 1 and str(cut) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.nii.gz"]
