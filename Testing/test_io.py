@@ -505,3 +505,35 @@ def test_truncated_input_is_one_line_for_synth_and_evaluate(real_files, tmp_path
         assert err.startswith("ctsynth: error: cannot read") and ("truncated" in err or "damaged" in err), err
         assert err.count("\n") == 1 and str(cut) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.nii.gz"]
+
+
+# --- preview -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, spacing", [
+    ((512, 512, 3), (0.7, 0.7, 5.0)),   # thin: three 5 mm slices
+    ((64, 200, 40), (2.0, 0.5, 4.0)),   # anisotropic in plane and across
+    ((512, 512, 60), (0.8, 0.8, 2.5)),  # a usual 512 x 512 CT
+    ((40, 30, 600), (0.8, 0.8, 1.0)),   # tall and narrow
+])
+def test_preview_keeps_physical_aspect_within_2048_pixels(shape, spacing):
+    from scipy import ndimage
+
+    from CTSemanticSynthLib.labels import COLORS
+    from CTSemanticSynthLib.preview import MAX_SIDE, render_preview
+
+    stomach = 7
+    classes = np.full(shape, len(COLORS) - 1, np.uint8)  # body everywhere
+    box = tuple(slice(int(n * 0.4), max(int(n * 0.4) + 1, int(n * 0.9))) for n in shape[:2]) + (slice(None),)
+    classes[box] = stomach
+    affine = np.diag([*spacing, 1.0])
+    image = render_preview(Volume(classes, affine), Volume(np.zeros(shape, np.int16), affine))
+    assert max(image.size) <= MAX_SIDE
+    found, n = ndimage.label(np.all(np.asarray(image) == COLORS[stomach], axis=-1))
+    sizes = ndimage.sum_labels(found > 0, found, range(1, n + 1))
+    largest = [ndimage.find_objects(found)[i] for i in np.argsort(sizes)[-2:]]  # the panel labels may cut specks
+    axial, coronal = sorted(largest, key=lambda s: s[0].start)  # the box in the axial and coronal segmentation
+    mm = [(s.stop - s.start) * d for s, d in zip(box[:2], spacing)] + [shape[2] * spacing[2]]  # I, J, K extents
+    for (rows, cols), (height_mm, width_mm) in ((axial, (mm[1], mm[0])), (coronal, (mm[2], mm[0]))):
+        height, width = rows.stop - rows.start, cols.stop - cols.start
+        assert width / height == pytest.approx(width_mm / height_mm, rel=0.05, abs=2 / min(height, width))

@@ -117,3 +117,14 @@ def test_cycle_finder_sees_function_level_and_relative_imports(tmp_path):
     assert find_cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.d", "pkg.a"]]
     (package / "d.py").write_text("from pkg import sub\n")
     assert find_cycles(module_graph(package)) == []
+
+
+def test_inception_features_load_without_models_or_checkpoints():
+    """The FID feature extractor needs a cache path and a file digest, not the U-Net or the model loader."""
+    graph = module_graph(LIB)
+    reached, todo = set(), ["CTSemanticSynthLib.metrics.inception"]
+    while todo:
+        for nxt in graph[todo.pop()] - reached:
+            reached.add(nxt)
+            todo.append(nxt)
+    assert not reached & {"CTSemanticSynthLib.checkpoint", "CTSemanticSynthLib.models", "CTSemanticSynthLib.factory"}
