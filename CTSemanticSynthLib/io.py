@@ -498,7 +498,9 @@ def remove_stale_temps(folder: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
+    """Whether process ``pid`` runs; always True where that cannot be asked safely (Windows: os.kill would
+    signal it), so leftovers there stay until removed by hand."""
+    if pid == os.getpid() or os.name != "posix":
         return True
     try:
         os.kill(pid, 0)
@@ -591,16 +593,21 @@ def _interrupts_deferred() -> Iterator[bool]:
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to disk; a full disk may only show up here."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if path.is_file():
-            raise
-        logger.debug("fsync of folder %s: %s", path, exc)
-    finally:
-        os.close(fd)
+    """Flush a file's data (a full disk may only show up here) or, on POSIX, a folder's entries to disk."""
+    if path.is_file():
+        fd = os.open(path, os.O_RDWR)  # Windows cannot flush a read-only handle
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    elif os.name == "posix":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # some file systems cannot flush a folder; the renames are done either way
+            logger.debug("fsync of folder %s: %s", path, exc)
+        finally:
+            os.close(fd)
 
 
 @contextmanager
@@ -667,12 +674,17 @@ def save_volume(volume: Volume, path: Path, *, metadata: Mapping[str, str] | Non
 def _stderr_captured(lines: list[str]) -> Iterator[None]:
     """Collect what C libraries print on file descriptor 2 (ITK's only report of some failures) into ``lines``."""
     try:
+        saved = os.dup(2)
+    except OSError:  # stderr is closed: nothing to capture
+        yield
+        return
+    try:
         capture = tempfile.TemporaryFile()
     except OSError:  # e.g. a full temp folder: let the messages through
+        os.close(saved)
         yield
         return
     sys.stderr.flush()
-    saved = os.dup(2)
     os.dup2(capture.fileno(), 2)
     try:
         yield
