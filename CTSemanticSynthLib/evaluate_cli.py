@@ -100,12 +100,12 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> str:
     from .evaluation import evaluate_files, json_safe
     from .io import check_distinct_paths, check_output_path, write_bytes
 
-    for path in (args.json, args.save_totalseg):
-        if path is not None:
-            check_output_path(path, args.overwrite)
     check_distinct_paths({"--json": args.json, "--save-totalseg": args.save_totalseg},
                          {"--synthetic": args.synthetic, "--seg": args.seg, "--real": args.real,
                           "--labels": labels_file(args.labels), "--inception": args.inception})
+    for path in (args.json, args.save_totalseg):
+        if path is not None:
+            check_output_path(path, args.overwrite)
     if args.save_totalseg is not None and not args.totalseg:
         raise InputError("--save-totalseg needs --totalseg")
     report = evaluate_files(args.synthetic, args.seg, args.real, labels=args.labels, totalseg=args.totalseg,

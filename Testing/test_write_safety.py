@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pytest
 import SimpleITK as sitk
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.errors import CTSynthError, InputError
-from CTSemanticSynthLib.io import atomic_folder, atomic_outputs, read_image, read_labelmap
+from CTSemanticSynthLib.io import atomic_folder, atomic_outputs, read_image, read_labelmap, write_bytes
 from CTSemanticSynthLib.labels import MODEL_CLASSES, resolve_adapter
 from CTSemanticSynthLib.preprocess import (
     WINDOW_LEVEL,
@@ -175,7 +175,7 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
                "window": {"level": WINDOW_LEVEL, "width": WINDOW_WIDTH}, "classes": list(MODEL_CLASSES),
                "label_convention": convention, "holdout_every": holdout_every, "cases": len(done),
                "slices": slices, "skipped": failed}
-    (out / "cache.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_bytes(out / "cache.json", (json.dumps(summary, indent=2) + "\n").encode(), overwrite=True)
     return summary
 
 
