@@ -528,6 +528,8 @@ def atomic_outputs(*targets: Path, overwrite: bool = False) -> Iterator[tuple[Pa
     killed runs in the targets' folders are cleaned up first (:func:`remove_stale_temps`).
     """
     targets = tuple(Path(t) for t in targets)
+    if len({t.resolve() for t in targets}) != len(targets):
+        raise ValueError(f"atomic_outputs got the same target twice: {', '.join(map(str, targets))}")
     for target in targets:
         _check_target(target, overwrite)
     for folder in dict.fromkeys(t.parent for t in targets):

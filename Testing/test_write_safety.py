@@ -303,3 +303,10 @@ def test_evaluate_json_that_is_an_input_is_refused(capsys, inputs):
                  "--json", str(inputs / "hardlink.nii.gz"), "--overwrite"])
     _one_error_line(capsys.readouterr().err, "--json", "would overwrite --seg")
     assert code == 2 and _contents(inputs) == before
+
+
+def test_one_target_twice_is_a_programming_error(tmp_path):
+    with pytest.raises(ValueError, match="same target twice"):
+        with io.atomic_outputs(tmp_path / "a.json", tmp_path / "." / "a.json"):
+            pass
+    assert os.listdir(tmp_path) == []
