@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -542,7 +543,7 @@ def atomic_outputs(*targets: Path, overwrite: bool = False) -> Iterator[tuple[Pa
                 raise InputError(f"{tmp} was not written")
             if tmp.is_file():
                 _fsync(tmp)
-        aside = _commit(list(zip(temps, targets)))
+        _commit(list(zip(temps, targets)))
     except OSError as exc:
         target = next((t for t, tmp in zip(targets, temps) if str(tmp) in (exc.filename, exc.filename2)), targets[0])
         raise InputError(f"cannot write {target}: {exc.strerror or exc}; check the folder is writable and has "
@@ -550,17 +551,13 @@ def atomic_outputs(*targets: Path, overwrite: bool = False) -> Iterator[tuple[Pa
     finally:
         for tmp in temps:
             _remove(tmp)
-    for old in aside:
-        _remove(old)
 
 
-def _commit(pairs: list[tuple[Path, Path]]) -> list[Path]:
-    """Rename each temp over its target, old targets kept aside; all or nothing. Returns the old targets' paths."""
+def _commit(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each temp over its target, old targets kept aside until all are in; all or nothing."""
     aside: list[tuple[Path, Path]] = []
     placed: list[Path] = []
-    with _interrupts_deferred() as pending:
-        if pending:
-            return []  # the pending Ctrl-C / SIGTERM is raised when deferral ends; nothing is renamed
+    with _interrupts_deferred():
         try:
             for tmp, target in pairs:
                 if os.path.lexists(target):
@@ -575,23 +572,33 @@ def _commit(pairs: list[tuple[Path, Path]]) -> list[Path]:
             for old, target in reversed(aside):
                 os.rename(old, target)
             raise
+        for old, _ in aside:
+            _remove(old)
     for folder in dict.fromkeys(target.parent for _, target in pairs):
         _fsync(folder)
-    return [old for old, _ in aside]
 
 
 @contextmanager
-def _interrupts_deferred() -> Iterator[bool]:
-    """Block SIGINT/SIGTERM (POSIX) so that a rename sequence runs whole; yields whether one is already waiting."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield False
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while a rename sequence runs, then deliver them to the usual handlers.
+
+    Python runs signal handlers in the main thread between bytecodes, whichever thread the signal reached
+    (blocking it there would not help once torch has started threads), so the handlers are swapped for the
+    duration; other threads cannot install handlers and run the block as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    signals = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda number, frame: caught.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield bool(signal.sigpending() & signals)
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum in dict.fromkeys(caught):
+        signal.raise_signal(signum)
 
 
 def _fsync(path: Path) -> None:

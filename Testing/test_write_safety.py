@@ -310,3 +310,27 @@ def test_one_target_twice_is_a_programming_error(tmp_path):
         with io.atomic_outputs(tmp_path / "a.json", tmp_path / "." / "a.json"):
             pass
     assert os.listdir(tmp_path) == []
+
+
+def test_signal_during_the_renames_waits_until_all_are_in_place(tmp_path, monkeypatch):
+    """SIGTERM while the temps are renamed: the unit completes, then the run stops (exit 130 in the CLI)."""
+    folder = _old_outputs(tmp_path)
+    real_rename = os.rename
+
+    def rename_and_get_signalled(src, dst):
+        real_rename(src, dst)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    monkeypatch.setattr(io.os, "rename", rename_and_get_signalled)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with io.atomic_outputs(*(folder / n for n in OLD), overwrite=True) as temps:
+                for tmp in temps:
+                    tmp.write_bytes(b"new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert _contents(folder) == dict.fromkeys(OLD, b"new") and sorted(os.listdir(folder)) == sorted(OLD)
