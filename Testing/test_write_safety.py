@@ -40,7 +40,7 @@ def _contents(folder: Path) -> dict[str, bytes]:
 
 
 def _old_intact(folder: Path) -> bool:
-    return all((folder / name).read_bytes() == data for name, data in OLD.items())
+    return all((folder / name).is_file() and (folder / name).read_bytes() == data for name, data in OLD.items())
 
 
 def _synth_args(model: Path, folder: Path, out: str = "syn.nii.gz", *extra) -> list[str]:
@@ -192,8 +192,11 @@ def _start_and_signal(args: list[str], folder: Path, ready, sig: int, attempts: 
 
 def test_sigterm_while_the_preview_is_drawn_leaves_no_file(tmp_path, tiny_model):
     folder = _old_outputs(tmp_path)
-    proc = _start_and_signal(_synth_args(tiny_model, folder), folder,
-                             lambda temps: any(t.endswith(".syn.json") for t in temps), signal.SIGTERM)
+
+    def drawing_preview(temps: list[str]) -> bool:  # volume and sidecar written, preview not yet
+        return any(t.endswith(".syn.json") for t in temps) and not any(t.endswith(".png") for t in temps)
+
+    proc = _start_and_signal(_synth_args(tiny_model, folder), folder, drawing_preview, signal.SIGTERM)
     err = proc.stderr.read().decode()
     assert proc.returncode == 130 and err.strip() == "ctsynth: interrupted; nothing was written", err
     assert _contents(folder) == OLD and sorted(os.listdir(folder)) == sorted(OLD)
@@ -202,7 +205,7 @@ def test_sigterm_while_the_preview_is_drawn_leaves_no_file(tmp_path, tiny_model)
 def test_sigkill_while_writing_leaves_temps_that_the_next_run_removes(tmp_path, tiny_model):
     folder = _old_outputs(tmp_path)
     args = _synth_args(tiny_model, folder)
-    proc = _start_and_signal(args, folder, lambda temps: bool(temps), signal.SIGKILL)
+    proc = _start_and_signal(args, folder, lambda temps: bool(temps) and len(temps) < len(OLD), signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     left = sorted(set(os.listdir(folder)) - set(OLD))
     assert left and all(n.startswith(f".ctsynth-tmp-{proc.pid}-") for n in left)
