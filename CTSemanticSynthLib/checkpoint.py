@@ -7,9 +7,7 @@ pickled checkpoints (``.pt``) are never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from .io import atomic_folder
 from .factory import create_diffusion, create_model
 from .labels import MODEL_CLASSES
 from .models.config import model_defaults, resolve_config
+from .paths import cache_dir, file_digest
 from .preprocess import WINDOW_LEVEL, WINDOW_WIDTH
 
 CONFIG_NAME = "config.json"
@@ -33,20 +32,6 @@ FORMAT = "ctsynth-model"
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "demo"
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "Resources" / "models"
-
-
-def cache_dir() -> Path:
-    """``$CTSYNTH_HOME`` or ``~/.cache/ctsynth``: where user models live (``models/<name>/``)."""
-    return Path(os.environ.get("CTSYNTH_HOME", Path.home() / ".cache" / "ctsynth"))
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in chunks."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -7,13 +7,16 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .errors import CTSynthError, InputError
+from .provenance import sidecar_path
 
 EXAMPLES = """\
 examples:
@@ -91,15 +94,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def sidecar_path(out: Path) -> Path:
-    """``case.nii.gz`` -> ``case.json`` beside it."""
-    name = out.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.endswith(suffix):
-            return out.with_name(name[: -len(suffix)] + ".json")
-    return out.with_name(name + ".json")
-
-
 def _note(message: str) -> None:
     print(f"ctsynth: note: {message}", file=sys.stderr)
 
@@ -139,11 +133,14 @@ def _progress(quiet: bool) -> Iterator[Callable[[float, int], None]]:
 def _synth(args: argparse.Namespace) -> int:
     from .checkpoint import load_model, read_config, resolve_model_path
     from .device import select_device
+    from .evaluate_cli import labels_file
     from .grid import onto_grid
-    from .io import WRITE_SUFFIXES, check_output_path, read_image, read_labelmap, write_bytes, write_volume
+    from .io import (WRITE_SUFFIXES, atomic_outputs, check_distinct_paths, check_output_path, read_image,
+                     read_labelmap, save_volume)
     from .labels import check_convention
-    from .preview import write_preview
-    from .synthesis import prepare_classes, preset_options, provenance_header, synthesize
+    from .preview import preview_png
+    from .provenance import provenance_header
+    from .synthesis import prepare_classes, preset_options, synthesize
 
     if not args.out.name.endswith(WRITE_SUFFIXES):
         raise InputError(f"--out {args.out}: use one of {', '.join(WRITE_SUFFIXES)}")
@@ -155,8 +152,10 @@ def _synth(args: argparse.Namespace) -> int:
     check_convention(args.labels)
     if args.progress_lines and sys.stdout is None:
         raise InputError("--progress-lines writes to stdout, which is closed")
-    sidecar = sidecar_path(args.out)
-    for path in (args.out, sidecar, args.preview):
+    outputs = {"--out": args.out, "its sidecar": sidecar_path(args.out), "--preview": args.preview}
+    check_distinct_paths(outputs, {"--seg": args.seg, "--labels": labels_file(args.labels), "--body-mask":
+                                   args.body_mask, "--reference-ct": args.reference_ct, "--model": model_folder})
+    for path in outputs.values():
         if path is not None:
             check_output_path(path, args.overwrite)
     seg, names = read_labelmap(args.seg)
@@ -184,12 +183,13 @@ def _synth(args: argparse.Namespace) -> int:
         result = synthesize(classes, model, options, device=device, progress=progress)
     result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
                                    "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
-    write_volume(result.volume, args.out, metadata=provenance_header(result.provenance), overwrite=args.overwrite)
-    write_bytes(sidecar, (json.dumps(result.provenance, indent=2) + "\n").encode(), overwrite=args.overwrite)
-    if args.preview is not None:
-        write_preview(args.preview, classes, result.volume, reference, overwrite=args.overwrite)
-    print(f"ctsynth: wrote {args.out} (+ {sidecar.name}{', ' + args.preview.name if args.preview else ''})",
-          file=sys.stderr)
+    targets = [path for path in outputs.values() if path is not None]
+    with atomic_outputs(*targets, overwrite=args.overwrite) as temps:  # all three files, or none
+        save_volume(result.volume, temps[0], metadata=provenance_header(result.provenance))
+        temps[1].write_text(json.dumps(result.provenance, indent=2) + "\n")
+        if args.preview is not None:
+            temps[2].write_bytes(preview_png(classes, result.volume, reference))
+    print(f"ctsynth: wrote {', '.join(map(str, targets))}", file=sys.stderr)
     return 0
 
 
@@ -284,6 +284,8 @@ def _run(argv: Sequence[str] | None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="ctsynth: %(levelname)s: %(message)s")
     handler = {"synth": _synth, "info": _info, "classes": _classes, "evaluate": _evaluate}[args.command]
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
         return handler(args)
     except CTSynthError as exc:
@@ -299,6 +301,14 @@ def _run(argv: Sequence[str] | None) -> int:
         print("ctsynth: error: stdout was closed while progress lines were written to it; nothing was written",
               file=sys.stderr)
         return 2
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a cancelled job) ends a run like Ctrl-C: temp files removed, nothing written, exit 130."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

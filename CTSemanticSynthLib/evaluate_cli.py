@@ -1,31 +1,16 @@
-"""``ctsynth evaluate``: score one synthetic CT against its segmentation (and the real CT when there is one).
-
-Per organ: voxels, mean HU of the real CT (clipped to the model's L40/W400 window) and of the synthetic CT, and with
-``--totalseg`` the Dice of TotalSegmentator's organs on the synthetic CT (and on the real CT, the ceiling) against
-the input labels. Over the axial slices that hold body or organs: PSNR and SSIM on the paper's definition
-(256 x 256, L40/W400 -> [0, 1]); with ``--fid`` also FID per plane (axial, coronal, sagittal). The command-line
-module prints what :func:`format_report` returns.
-"""
+"""``ctsynth evaluate``: its options and the text report; :mod:`.evaluation` does the scoring."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
-from . import __version__
 from .errors import InputError
+from .evaluation import Progress
 from .labels import DISPLAY_NAMES, MODEL_CLASSES, ORGANS
-
-if TYPE_CHECKING:  # the heavy modules (torch, SimpleITK) load only when a command runs, not for --help
-    from .io import Volume
-
-Progress = Callable[[str], None]
 
 EXAMPLES = """\
 examples:
@@ -65,78 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --totalseg: also write TotalSegmentator's organs on the synthetic CT (model class "
                              "ids 1-15) as a label map, e.g. to review them in Slicer")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN and infinite floats (no score; PSNR of identical slices) as None, for strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def _hu_stats(hu: np.ndarray, classes: np.ndarray) -> dict[str, dict[str, float]]:
-    out = {}
-    for c in ORGANS:
-        voxels = hu[classes == c]
-        out[MODEL_CLASSES[c]] = ({"mean": float(voxels.mean()), "std": float(voxels.std())} if voxels.size
-                                 else {"mean": math.nan, "std": math.nan})
-    return out
-
-
-def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None, *, totalseg: bool = False,
-                  fast: bool = True, fid: bool = False, inception: Path | None = None, device: str = "auto",
-                  progress: Progress | None = None, save_totalseg: Path | None = None,
-                  overwrite: bool = False) -> dict[str, Any]:
-    """All metrics for one case; ``classes`` holds model classes (body included) on the CT grid.
-
-    ``save_totalseg`` writes TotalSegmentator's organs on the synthetic CT there (with ``totalseg``).
-    """
-    from .metrics.image import SLICE_SIZE, axial_unit_slices, psnr, ssim, summarize
-    from .preprocess import AxialOrientation, hu_to_unit, unit_to_hu
-
-    for name, vol in (("synthetic", synthetic), ("real", real)):
-        if vol is not None and not vol.same_grid(classes, atol=1e-3):
-            raise InputError(f"the {name} CT is not on the segmentation's grid: resample it or give the matching files")
-    report: dict[str, Any] = {"voxels": {MODEL_CLASSES[c]: int(np.count_nonzero(classes.array == c)) for c in ORGANS},
-                              "hu_synthetic": _hu_stats(synthetic.array, classes.array)}
-    stack = AxialOrientation.from_affine(classes.affine).to_stack(classes.array)
-    active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
-    if real is not None:
-        # clipped to the model's window (as training.holdout_check does): no synthetic value can leave it
-        report["hu_real"] = _hu_stats(unit_to_hu(hu_to_unit(real.array)), classes.array)
-        if progress is not None:
-            progress(f"PSNR/SSIM over {len(active)} axial slices")
-        a = axial_unit_slices(real.array, real.affine, active)
-        b = axial_unit_slices(synthetic.array, synthetic.affine, active)
-        report["image"] = {"slices": int(len(active)), "size": SLICE_SIZE, "psnr": summarize(psnr(a, b)),
-                           "ssim": summarize(ssim(a, b))}
-        if fid:
-            from .metrics.inception import InceptionFeatures
-            from .metrics.planes import per_plane_fid
-            from .device import select_device
-
-            features = InceptionFeatures(inception, device=select_device(device))
-            if progress is not None:
-                progress("FID per plane (Inception features of every view)")
-            report["fid_per_plane"] = per_plane_fid([real], [synthetic], features, masks=[classes])
-            report["inception"] = {"path": str(features.path), "sha1": features.sha1}
-    elif fid:
-        raise InputError("--fid needs --real: FID compares the synthetic CT with the real one")
-    if totalseg:
-        from .totalseg import totalseg_dice
-
-        scores = totalseg_dice(synthetic, classes, real, fast=fast, device=device, progress=progress)
-        report["totalseg"] = scores.to_dict()
-        if save_totalseg is not None and scores.predicted_synthetic is not None:
-            from .io import Volume, write_volume
-
-            write_volume(Volume(scores.predicted_synthetic.astype(np.uint8), synthetic.affine), save_totalseg,
-                         overwrite=overwrite)
-    return report
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -184,13 +97,11 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, progress: Progress | None = None) -> str:
-    """Read the inputs, evaluate, write ``--json``; returns the text report."""
-    from .cli import sidecar_path
+    """Check the options, evaluate, write ``--json``; returns the text report."""
     from .device import select_device
-    from .grid import onto_grid
-    from .io import check_output_path, read_image, read_labelmap, write_bytes
+    from .evaluation import evaluate_files, json_safe
+    from .io import check_distinct_paths, check_output_path, write_bytes
     from .labels import check_convention
-    from .synthesis import prepare_classes
 
     select_device(args.device)  # options first: a bad one is refused before any file is read
     check_convention(args.labels)
@@ -198,36 +109,23 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> str:
         from .metrics.inception import resolve_inception_path
 
         resolve_inception_path(args.inception)
+    check_distinct_paths({"--json": args.json, "--save-totalseg": args.save_totalseg},
+                         {"--synthetic": args.synthetic, "--seg": args.seg, "--real": args.real,
+                          "--labels": labels_file(args.labels), "--inception": args.inception})
     for path in (args.json, args.save_totalseg):
         if path is not None:
             check_output_path(path, args.overwrite)
     if args.save_totalseg is not None and not args.totalseg:
         raise InputError("--save-totalseg needs --totalseg")
-    if args.fid and args.real is None:
-        raise InputError("--fid needs --real: FID compares the synthetic CT with the real one")
-    if args.totalseg:  # fail before any work when TotalSegmentator or its weights are missing
-        from .totalseg import check_totalsegmentator
-
-        check_totalsegmentator(fast=not args.full)
-    seg, names = read_labelmap(args.seg)
-    note = None if progress is None else (lambda message: progress(f"note: {message}"))
-    synthetic = onto_grid(read_image(args.synthetic), seg, "image", f"--synthetic {args.synthetic}", note)
-    real = None if args.real is None else onto_grid(read_image(args.real), seg, "image", f"--real {args.real}", note)
-    classes, mapping = prepare_classes(seg, names, args.labels)
-    report = evaluate_case(synthetic, classes, real, totalseg=args.totalseg, fast=not args.full, fid=args.fid,
-                           inception=args.inception, device=args.device, progress=progress,
-                           save_totalseg=args.save_totalseg, overwrite=args.overwrite)
-    provenance = sidecar_path(args.synthetic)
-    report["inputs"] = {"synthetic": str(args.synthetic), "segmentation": str(args.seg),
-                        "real": None if args.real is None else str(args.real), "labels": mapping.adapter,
-                        "unknown_labels": {str(k): v for k, v in mapping.unknown.items()}}
-    if provenance.is_file():
-        try:
-            report["synthetic_provenance"] = json.loads(provenance.read_text())
-        except json.JSONDecodeError:
-            report["synthetic_provenance"] = None
-    report["generator"] = f"CTSemanticSynth {__version__}"
+    report = evaluate_files(args.synthetic, args.seg, args.real, labels=args.labels, totalseg=args.totalseg,
+                            fast=not args.full, fid=args.fid, inception=args.inception, device=args.device,
+                            progress=progress, save_totalseg=args.save_totalseg, overwrite=args.overwrite)
     if args.json is not None:
         text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
         write_bytes(args.json, text.encode(), overwrite=args.overwrite)
     return format_report(report)
+
+
+def labels_file(labels: str) -> Path | None:
+    """The JSON mapping file a ``--labels`` value names, if it names one (an input no output may replace)."""
+    return Path(labels) if labels.lower().endswith(".json") else None

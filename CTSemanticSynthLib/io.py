@@ -7,13 +7,18 @@ module; :func:`lps_to_ras_affine` and :func:`ras_affine_to_lps` are the only pla
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import secrets
 import shutil
+import signal
+import sys
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+import threading
+import zlib
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,7 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
 _NIFTI_DESCRIP_BYTES = 79  # ITK refuses longer (the field is char[80] with a terminating NUL)
 _SEGMENT_KEY = re.compile(r"Segment(\d+)_\w+$")
 _UNPRINTABLE = "[UNKNOWN_PRINT_CHARACTERISTICS]"  # SimpleITK's value for non-string metadata
+_GZIP, _ZLIB = 16 + zlib.MAX_WBITS, zlib.MAX_WBITS  # zlib wbits for a gzip stream / a zlib stream
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,6 +193,96 @@ def _refuse_nonfinite(path: Path, array: np.ndarray) -> None:
         raise InputError(f"{path} has {bad} NaN or infinite voxels; fix or replace them before using it")
 
 
+def verify_complete(path: str | Path) -> None:
+    """InputError unless a file holds all the voxel data its header promises, intact.
+
+    ITK zero-fills a truncated NIfTI file and decodes a damaged gzip/zlib stream without raising, so compressed
+    data (.nii.gz, gzip NRRD, compressed MetaImage) is decompressed to the end here (which checks its CRC or
+    Adler-32) and the byte count, like an uncompressed NIfTI file's size, is compared with shape x voxel size.
+    """
+    path = Path(path)
+    source, offset, wbits = _data_section(path)
+    if source is None:
+        return
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            image = nib.load(str(path))  # reads the header only
+            expected = int(image.dataobj.offset) + int(np.prod(image.shape)) * image.get_data_dtype().itemsize
+        else:
+            info = _image_information(path)
+            voxels = int(np.prod(info.GetSize())) * info.GetNumberOfComponents()
+            expected = offset * (wbits is None) + voxels * sitk.Image([1] * info.GetDimension(),
+                                                                      info.GetPixelID()).GetSizeOfPixelComponent()
+        found = source.stat().st_size if wbits is None else _decompressed_size(source, offset, wbits)
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
+        raise InputError(f"cannot read {path}: the file is damaged ({str(exc).replace(str(path), 'file')}); "
+                         "copy or export it again") from None
+    if found < expected:
+        raise InputError(f"cannot read {path}: the file is truncated ({found} of the {expected} bytes its header "
+                         "promises); copy or export it again")
+
+
+def _data_section(path: Path) -> tuple[Path | None, int, int | None]:
+    """(file holding the voxel data, offset of the data, zlib ``wbits`` or None when not compressed); no file for
+    formats that ITK itself checks (raw NRRD and MetaImage, DICOM)."""
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return path, 0, _GZIP
+    if name.endswith(".nii"):
+        return path, 0, None
+    if not name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+        return None, 0, None
+    nrrd = name.endswith((".nrrd", ".nhdr"))
+    fields: dict[str, str] = {}
+    with open(path, "rb") as f:
+        for raw in iter(f.readline, b""):
+            line = raw.decode("latin-1").strip()
+            if nrrd and not line:
+                break
+            key, sep, value = line.partition(":" if nrrd else "=")
+            if sep:
+                fields[key.strip().lower()] = value.strip()
+            if not nrrd and key.strip().lower() == "elementdatafile":
+                break
+        offset = f.tell()
+    if nrrd:
+        data = fields.get("data file", fields.get("datafile"))
+        wbits = _GZIP if fields.get("encoding", "").lower() in ("gzip", "gz") else None
+    else:
+        data = fields.get("elementdatafile")
+        data = None if data == "LOCAL" else data
+        wbits = _ZLIB if fields.get("compresseddata", "").lower() == "true" else None
+    if wbits is None or (data is not None and (" " in data or data.upper() == "LIST")):
+        return None, 0, None  # raw data (ITK refuses short files) or a list of data files
+    return (path, offset, wbits) if data is None else (path.parent / data, 0, wbits)
+
+
+def _decompressed_size(path: Path, offset: int, wbits: int) -> int:
+    """Bytes in the gzip members (or the zlib stream) from ``offset``; EOFError when the data ends early."""
+    total, pending = 0, b""
+    stream = zlib.decompressobj(wbits)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while pending or (pending := f.read(1 << 20)):
+            if stream.eof:  # what follows a complete stream: another gzip member, or padding
+                if wbits != _GZIP or not pending.strip(b"\0"):
+                    return total
+                stream = zlib.decompressobj(wbits)
+            total += len(stream.decompress(pending, 1 << 24))
+            pending = stream.unconsumed_tail or stream.unused_data
+    if not stream.eof:
+        raise EOFError("the compressed data ends early")
+    return total
+
+
+def _image_information(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
 def _checked_file(path: Path) -> Path:
     if not path.exists():
         raise InputError(f"{path} does not exist; check the path")
@@ -205,7 +301,8 @@ def _read_sitk(path: Path) -> sitk.Image:
             img = reader.Execute()
             _check_slice_spacing(reader, img, path)
             return img
-        return sitk.ReadImage(str(_checked_file(path)))
+        verify_complete(_checked_file(path))
+        return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"cannot read {path}: {_itk_reason(exc)}") from None
 
@@ -326,22 +423,239 @@ def _merge_segments(layers: np.ndarray, segments: list[tuple[int, int, str]],
     return merged, names
 
 
-# --- writing -------------------------------------------------------------------------------------
+# --- writing: every file goes through atomic_outputs ---------------------------------------------
+
+_TEMP_NAME = re.compile(r"\.ctsynth-(tmp|old)-(\d+)-[0-9a-f]{8}\.(.+)")
+"""``.ctsynth-tmp-<pid>-<random>.<name>``: a file being written; ``.ctsynth-old-...``: an output moved aside."""
+
+
+def temp_sibling(target: Path, kind: str = "tmp") -> Path:
+    """A recognisable hidden name beside ``target`` that ends in ``target``'s name (so its suffix picks the format)."""
+    return target.with_name(f".ctsynth-{kind}-{os.getpid()}-{secrets.token_hex(4)}.{target.name}")
+
+
+def check_output_path(path: Path, overwrite: bool) -> None:
+    """Refuse an output file path whose folder is missing or read-only, that is a folder, or that exists without
+    ``overwrite``."""
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a folder; give a file name")
+    _check_target(path, overwrite)
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"cannot write {path}: folder {path.parent} is read-only; choose another output folder")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(f"{path} already exists; choose another name or use --overwrite")
+
+
+def check_distinct_paths(outputs: Mapping[str, Path | None], inputs: Mapping[str, Path | None]) -> None:
+    """InputError when two outputs are one file, or an output is an input or lies inside an input folder.
+
+    Keys name the option (``"--out"``); paths are compared resolved and, where both exist, with ``samefile``
+    (hard and symbolic links).
+    """
+    earlier: list[tuple[str, Path]] = [(name, Path(p)) for name, p in inputs.items() if p is not None]
+    for name, path in ((n, Path(p)) for n, p in outputs.items() if p is not None):
+        for other_name, other in earlier:
+            if _same_or_inside(path, other):
+                raise InputError(f"{name} {path} would overwrite {other_name} {other}; choose another output path")
+        earlier.append((name, path))
+
+
+def _same_or_inside(path: Path, other: Path) -> bool:
+    resolved, other_resolved = path.resolve(), other.resolve()
+    if resolved == other_resolved or (other.is_dir() and other_resolved in resolved.parents):
+        return True
+    try:
+        return path.exists() and other.exists() and os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove what a killed run left in ``folder`` (temp names with a dead pid); an output it had moved aside
+    whose new version never arrived is put back."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match.group(2))):
+            continue
+        target = folder / match.group(3)
+        try:
+            if match.group(1) == "old" and not os.path.lexists(target):
+                os.rename(entry, target)
+                logger.warning("restored %s, moved aside by an interrupted run", target)
+            else:
+                _remove(entry)
+                logger.info("removed %s, left by an interrupted run", entry)
+        except OSError as exc:
+            logger.warning("cannot remove %s left by an interrupted run: %s", entry, exc.strerror)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; always True where that cannot be asked safely (Windows: os.kill would
+    signal it), so leftovers there stay until removed by hand."""
+    if pid == os.getpid() or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_outputs(*targets: Path, overwrite: bool = False) -> Iterator[tuple[Path, ...]]:
+    """Yield a temp path beside each target; the block writes each one (a file, or a folder it creates).
+
+    When the block succeeds, every temp file is flushed to disk and all temps are renamed into place together:
+    existing targets are moved aside first and deleted only once every new one is in place. On any failure or
+    interrupt (Ctrl-C, SIGTERM) every temp is removed and existing targets are left byte-identical. Leftovers of
+    killed runs in the targets' folders are cleaned up first (:func:`remove_stale_temps`).
+    """
+    targets = tuple(Path(t) for t in targets)
+    if len({t.resolve() for t in targets}) != len(targets):
+        raise ValueError(f"atomic_outputs got the same target twice: {', '.join(map(str, targets))}")
+    for target in targets:
+        _check_target(target, overwrite)
+    for folder in dict.fromkeys(t.parent for t in targets):
+        remove_stale_temps(folder)
+    temps = tuple(temp_sibling(t) for t in targets)
+    try:
+        yield temps
+        for tmp in temps:
+            if not os.path.lexists(tmp):
+                raise InputError(f"{tmp} was not written")
+            if tmp.is_file():
+                _fsync(tmp)
+        _commit(list(zip(temps, targets)))
+    except OSError as exc:
+        target = next((t for t, tmp in zip(targets, temps) if str(tmp) in (exc.filename, exc.filename2)), targets[0])
+        raise InputError(f"cannot write {target}: {exc.strerror or exc}; check the folder is writable and has "
+                         "space") from None
+    finally:
+        for tmp in temps:
+            _remove(tmp)
+
+
+def _commit(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each temp over its target, old targets kept aside until all are in; all or nothing."""
+    aside: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    with _interrupts_deferred():
+        try:
+            for tmp, target in pairs:
+                if os.path.lexists(target):
+                    old = temp_sibling(target, "old")
+                    os.rename(target, old)
+                    aside.append((old, target))
+                os.rename(tmp, target)
+                placed.append(target)
+        except BaseException:
+            for target in placed:
+                _remove(target)
+            for old, target in reversed(aside):
+                os.rename(old, target)
+            raise
+        for old, _ in aside:
+            _remove(old)
+    for folder in dict.fromkeys(target.parent for _, target in pairs):
+        _fsync(folder)
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while a rename sequence runs, then deliver them to the usual handlers.
+
+    Python runs signal handlers in the main thread between bytecodes, whichever thread the signal reached
+    (blocking it there would not help once torch has started threads), so the handlers are swapped for the
+    duration; other threads cannot install handlers and run the block as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda number, frame: caught.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum in dict.fromkeys(caught):
+        signal.raise_signal(signum)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data (a full disk may only show up here) or, on POSIX, a folder's entries to disk."""
+    if path.is_file():
+        fd = os.open(path, os.O_RDWR)  # Windows cannot flush a read-only handle
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    elif os.name == "posix":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # some file systems cannot flush a folder; the renames are done either way
+            logger.debug("fsync of folder %s: %s", path, exc)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def atomic_folder(target: Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield an empty folder that replaces ``target`` when the block succeeds (see :func:`atomic_outputs`)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_outputs(target, overwrite=overwrite) as (tmp,):
+        tmp.mkdir()
+        yield tmp
+
+
+def write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Write a small file (JSON, CSV, PNG) atomically, with the same checks as :func:`write_volume`."""
+    path = Path(path)
+    check_output_path(path, overwrite)
+    with atomic_outputs(path, overwrite=overwrite) as (tmp,):
+        tmp.write_bytes(data)
 
 
 def write_volume(volume: Volume, path: str | Path, *, metadata: Mapping[str, str] | None = None,
                  overwrite: bool = False) -> None:
-    """Write ``volume`` atomically in its own dtype to .nii/.nii.gz/.nrrd/.mha.
+    """Write ``volume`` atomically in its own dtype to .nii/.nii.gz/.nrrd/.mha (see :func:`save_volume`)."""
+    path = Path(path)
+    _write_suffix(path)
+    check_output_path(path, overwrite)
+    with atomic_outputs(path, overwrite=overwrite) as (tmp,):
+        save_volume(volume, tmp, metadata=metadata)
+    logger.info("wrote %s (%s, %s)", path, volume.array.dtype, describe_geometry(volume))
+
+
+def save_volume(volume: Volume, path: Path, *, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``volume`` to ``path``, a temp path from :func:`atomic_outputs`, and read it back to verify it.
 
     ``metadata`` becomes header key/values in NRRD and MetaImage; NIfTI keeps only ``metadata["descrip"]``
-    (truncated to the field's 79 bytes).
+    (truncated to the field's 79 bytes). ITK reports some failures (a full disk) only on stderr, so its stderr is
+    captured and the file's header and full data length are checked; a failure is an OSError naming ``path``,
+    which :func:`atomic_outputs` turns into one line about the target.
     """
-    path = Path(path)
-    suffix = next((s for s in WRITE_SUFFIXES if path.name.lower().endswith(s)), None)
-    if suffix is None:
-        raise InputError(f"cannot write {path}: unsupported format; use one of {', '.join(WRITE_SUFFIXES)}")
-    check_output_path(path, overwrite)
-
+    suffix = _write_suffix(path)
     img = volume_to_sitk(volume)
     for key, value in (metadata or {}).items():
         if suffix.startswith(".nii"):
@@ -352,60 +666,52 @@ def write_volume(volume: Volume, path: str | Path, *, metadata: Mapping[str, str
                 logger.debug("NIfTI has no field for metadata key %r; not written to %s", key, path)
         else:
             img.SetMetaData(key, str(value))
-
-    _write_atomically(path, suffix, lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=suffix != ".nii"))
-    logger.info("wrote %s (%s, %s)", path, volume.array.dtype, describe_geometry(volume))
-
-
-def check_output_path(path: Path, overwrite: bool) -> None:
-    """Refuse an output path whose folder is missing, that is a folder, or that exists without ``overwrite``."""
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
-    if path.is_dir():
-        raise InputError(f"cannot write {path}: it is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; choose another name or use --overwrite")
-
-
-def _write_atomically(path: Path, suffix: str, write: Callable[[Path], None]) -> None:
-    """``write`` a temp file beside ``path`` (same suffix), then rename it over ``path``; no temp file survives."""
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}{suffix}"
+    itk_said: list[str] = []
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (RuntimeError, OSError) as exc:
-        reason = _itk_reason(exc) if isinstance(exc, RuntimeError) else exc.strerror
-        raise InputError(f"cannot write {path}: {reason}; check the folder is writable and has space") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        with _stderr_captured(itk_said):
+            sitk.WriteImage(img, str(path), useCompression=suffix != ".nii")
+        written = _image_information(path)
+        if tuple(written.GetSize()) != volume.shape or written.GetPixelID() != img.GetPixelID():
+            raise InputError("its header does not match the volume")
+        verify_complete(path)
+    except (RuntimeError, InputError) as exc:
+        reason = " ".join(itk_said) or (_itk_reason(exc) if isinstance(exc, RuntimeError) else str(exc))
+        raise OSError(errno.EIO, f"the file written is incomplete or unreadable ({reason})", str(path)) from None
 
 
 @contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``target``; when the block succeeds it replaces ``target`` (with the
-    usual umask permissions), and on any failure it is removed and ``target`` is left as it was."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+def _stderr_captured(lines: list[str]) -> Iterator[None]:
+    """Collect what C libraries print on file descriptor 2 (ITK's only report of some failures) into ``lines``."""
     try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder
-        for path in tmp.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        saved = os.dup(2)
+    except OSError:  # stderr is closed: nothing to capture
+        yield
+        return
+    try:
+        capture = tempfile.TemporaryFile()
+    except OSError:  # e.g. a full temp folder: let the messages through
+        os.close(saved)
+        yield
+        return
+    sys.stderr.flush()
+    os.dup2(capture.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        with capture:
+            capture.seek(0)
+            lines.extend(line.strip() for line in capture.read().decode(errors="replace").splitlines() if line.strip())
+        for line in lines:
+            logger.debug("ITK: %s", line)
 
 
-def write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False) -> None:
-    """Write a small file (JSON sidecar, PNG preview) atomically, with the same checks as :func:`write_volume`."""
-    path = Path(path)
-    check_output_path(path, overwrite)
-    _write_atomically(path, "".join(path.suffixes[-1:]), lambda tmp: tmp.write_bytes(data))
+def _write_suffix(path: Path) -> str:
+    suffix = next((s for s in WRITE_SUFFIXES if path.name.lower().endswith(s)), None)
+    if suffix is None:
+        raise InputError(f"cannot write {path}: unsupported format; use one of {', '.join(WRITE_SUFFIXES)}")
+    return suffix
 
 
 def _itk_reason(exc: RuntimeError) -> str:

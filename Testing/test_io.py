@@ -417,7 +417,7 @@ def test_failed_write_removes_temp_and_keeps_original(tmp_path, monkeypatch):
 
     def write_then_fail(image, filename, *args, **kwargs):
         real_write(image, filename, *args, **kwargs)
-        assert Path(filename).name.startswith(".tmp-") and Path(filename).parent == tmp_path
+        assert Path(filename).name.startswith(".ctsynth-tmp-") and Path(filename).parent == tmp_path
         raise RuntimeError("ITK ERROR: NrrdImageIO(0x1): disk full")
 
     monkeypatch.setattr(io.sitk, "WriteImage", write_then_fail)
@@ -441,3 +441,99 @@ def test_legacy_seg_nrrd_one_binary_segment_per_layer(tmp_path):
     assert seg.shape == (2, 3, 4)
     np.testing.assert_array_equal(seg.array[0], 1)
     np.testing.assert_array_equal(seg.array[1], 2)
+
+
+# --- verified reads: truncated or damaged files are refused, never zero-filled -----------------------
+
+
+@pytest.fixture(scope="module")
+def real_files(tmp_path_factory) -> dict[str, Path]:
+    """The sample case as int16 labels and float32 CT in every compressed format, and as plain .nii."""
+    folder = tmp_path_factory.mktemp("real")
+    seg, ct = nib.load(EXAMPLE / "seg_total.nii.gz"), nib.load(EXAMPLE / "ct.nii.gz")
+    files = {}
+    for name, image, dtype in (("seg", seg, np.int16), ("ct", ct, np.float32)):
+        data = np.asarray(image.dataobj).astype(dtype)
+        for suffix in (".nii.gz", ".nii"):
+            files[name + suffix] = folder / f"{name}{suffix}"
+            nib.save(nib.Nifti1Image(data, image.affine), files[name + suffix])
+        for suffix in (".nrrd", ".mha"):  # ITK writes gzip NRRD and zlib MetaImage
+            files[name + suffix] = folder / f"{name}{suffix}"
+            io.write_volume(Volume(data, image.affine), files[name + suffix])
+    return files
+
+
+@pytest.mark.parametrize("key", ["seg.nii.gz", "ct.nii.gz", "seg.nii", "ct.nii", "seg.nrrd", "ct.nrrd",
+                                 "seg.mha", "ct.mha"])
+@pytest.mark.parametrize("keep", [0.02, 0.5, 0.9, "all but one byte"])
+def test_truncated_file_is_refused(real_files, tmp_path, key, keep):
+    data = real_files[key].read_bytes()
+    cut = tmp_path / f"cut_{key}"
+    cut.write_bytes(data[: len(data) - 1 if isinstance(keep, str) else int(len(data) * keep)])
+    with pytest.raises(InputError, match=r"cannot read .*(truncated|damaged)"):
+        _read(cut)
+    assert _read(real_files[key]).shape == (122, 101, 112)  # the whole file reads
+
+
+def _read(path: Path) -> Volume:
+    return io.read_labelmap(path)[0] if "seg" in path.name else io.read_image(path)
+
+
+@pytest.mark.parametrize("key", ["seg.nii.gz", "ct.nii.gz", "ct.nrrd", "ct.mha"])
+@pytest.mark.parametrize("where", [0.3, 0.97])
+def test_damaged_compressed_data_is_refused(real_files, tmp_path, key, where):
+    data = bytearray(real_files[key].read_bytes())
+    data[int(len(data) * where)] ^= 0x5A  # one flipped byte: ITK decodes such data without complaint
+    bad = tmp_path / f"bad_{key}"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="damaged"):
+        _read(bad)
+
+
+def test_truncated_input_is_one_line_for_synth_and_evaluate(real_files, tmp_path, capsys, tiny_model):
+    from CTSemanticSynthLib.cli import main
+
+    data = real_files["seg.nii.gz"].read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    runs = (["synth", "--seg", cut, "--out", tmp_path / "syn.nii.gz", "--model", tiny_model, "--labels", "totalseg"],
+            ["evaluate", "--synthetic", real_files["ct.nii.gz"], "--seg", cut],
+            ["evaluate", "--synthetic", cut, "--seg", real_files["seg.nii.gz"]])
+    for argv in runs:
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ctsynth: error: cannot read") and ("truncated" in err or "damaged" in err), err
+        assert err.count("\n") == 1 and str(cut) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.nii.gz"]
+
+
+# --- preview -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, spacing", [
+    ((512, 512, 3), (0.7, 0.7, 5.0)),   # thin: three 5 mm slices
+    ((64, 200, 40), (2.0, 0.5, 4.0)),   # anisotropic in plane and across
+    ((512, 512, 60), (0.8, 0.8, 2.5)),  # a usual 512 x 512 CT
+    ((40, 30, 600), (0.8, 0.8, 1.0)),   # tall and narrow
+])
+def test_preview_keeps_physical_aspect_within_2048_pixels(shape, spacing):
+    from scipy import ndimage
+
+    from CTSemanticSynthLib.labels import COLORS
+    from CTSemanticSynthLib.preview import MAX_SIDE, render_preview
+
+    stomach = 7
+    classes = np.full(shape, len(COLORS) - 1, np.uint8)  # body everywhere
+    box = tuple(slice(int(n * 0.4), max(int(n * 0.4) + 1, int(n * 0.9))) for n in shape[:2]) + (slice(None),)
+    classes[box] = stomach
+    affine = np.diag([*spacing, 1.0])
+    image = render_preview(Volume(classes, affine), Volume(np.zeros(shape, np.int16), affine))
+    assert max(image.size) <= MAX_SIDE
+    found, n = ndimage.label(np.all(np.asarray(image) == COLORS[stomach], axis=-1))
+    sizes = ndimage.sum_labels(found > 0, found, range(1, n + 1))
+    largest = [ndimage.find_objects(found)[i] for i in np.argsort(sizes)[-2:]]  # the panel labels may cut specks
+    axial, coronal = sorted(largest, key=lambda s: s[0].start)  # the box in the axial and coronal segmentation
+    mm = [(s.stop - s.start) * d for s, d in zip(box[:2], spacing)] + [shape[2] * spacing[2]]  # I, J, K extents
+    for (rows, cols), (height_mm, width_mm) in ((axial, (mm[1], mm[0])), (coronal, (mm[2], mm[0]))):
+        height, width = rows.stop - rows.start, cols.stop - cols.start
+        assert width / height == pytest.approx(width_mm / height_mm, rel=0.05, abs=2 / min(height, width))

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,8 +36,8 @@ from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.checkpoint import LoadedModel, load_model
 from CTSemanticSynthLib.device import select_device
 from CTSemanticSynthLib.errors import CTSynthError, InputError
-from CTSemanticSynthLib.evaluate_cli import json_safe
-from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_bytes, write_volume
+from CTSemanticSynthLib.evaluation import json_safe
+from CTSemanticSynthLib.io import Volume, atomic_outputs, read_image, read_labelmap, write_bytes, write_volume
 from CTSemanticSynthLib.labels import COLORS
 from CTSemanticSynthLib.metrics import (InceptionFeatures, dice_per_organ, fid, kid, mean_dice, psnr, ssim, summarize,
                                         to_model_slices)
@@ -74,9 +73,8 @@ def _digest(value: Any) -> str:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_outputs(path, overwrite=True) as (tmp,), open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _cached(path: Path, compute) -> np.ndarray:
@@ -274,10 +272,9 @@ def write_figure(path: Path, cache: SliceCache, rows: np.ndarray, entries: list[
         ax.set_ylim(0, 100)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_outputs(path, overwrite=True) as (tmp,):
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -330,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                    "rows": [cache.rows[i] for i in rows], "chunk": args.batch_size, "version": 1}
             folder = args.out / "samples" / f"{name or model.name}-{_digest(key)}"
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "key.json").write_text(json.dumps({k: v for k, v in key.items() if k != "rows"}, indent=1))
+            write_bytes(folder / "key.json", json.dumps({k: v for k, v in key.items() if k != "rows"}, indent=1).encode(),
+                        overwrite=True)
             volumes = args.out / "volumes" / f"{name or model.name}-{_digest([model.sha256, asdict(options)])}"
             entries.append(Entry(name or model.name, model, options, folder, volumes))
         if len({e.name for e in entries}) != len(entries):

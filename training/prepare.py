@@ -29,7 +29,7 @@ from tqdm import tqdm
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.cli import OneLineParser
 from CTSemanticSynthLib.errors import CTSynthError, InputError
-from CTSemanticSynthLib.io import atomic_folder, read_image, read_labelmap
+from CTSemanticSynthLib.io import atomic_folder, atomic_outputs, read_image, read_labelmap, write_bytes
 from CTSemanticSynthLib.labels import MODEL_CLASSES, check_convention, resolve_adapter
 from CTSemanticSynthLib.preprocess import (
     WINDOW_LEVEL,
@@ -132,8 +132,7 @@ def is_holdout(index: int, every: int) -> bool:
 def write_manifest(out: Path, infos: list[dict], holdout_every: int) -> int:
     """manifest.csv with one row per slice; with ``holdout_every`` k, every k-th slice of each case is 'test'."""
     rows = 0
-    tmp = out / ".manifest.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_outputs(out / "manifest.csv", overwrite=True) as (tmp,), open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", "slice", "split", "spacing_slice", "spacing_row", "spacing_col"])
         for info in sorted(infos, key=lambda i: i["case"]):
@@ -143,7 +142,6 @@ def write_manifest(out: Path, infos: list[dict], holdout_every: int) -> int:
                     split = "test"
                 writer.writerow([info["case"], index, split, *info["spacing"]])
                 rows += 1
-    os.replace(tmp, out / "manifest.csv")
     return rows
 
 
@@ -178,7 +176,7 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
                "window": {"level": WINDOW_LEVEL, "width": WINDOW_WIDTH}, "classes": list(MODEL_CLASSES),
                "label_convention": convention, "holdout_every": holdout_every, "cases": len(done),
                "slices": slices, "skipped": failed}
-    (out / "cache.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_bytes(out / "cache.json", (json.dumps(summary, indent=2) + "\n").encode(), overwrite=True)
     return summary
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from CTSemanticSynthLib.diffusion import GaussianDiffusion, make_sampler
+from CTSemanticSynthLib.io import atomic_outputs
 from CTSemanticSynthLib.labels import COLORS
 from CTSemanticSynthLib.synthesis import class_prior, sample_slices
 
@@ -42,6 +43,5 @@ def write_sample_grid(path: Path, model: torch.nn.Module, diffusion: GaussianDif
         grey = [np.repeat((np.clip(a, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1) for a in (r, s)]
         rows.append(np.concatenate([colours[c], *grey], axis=1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
-    tmp.replace(path)
+    with atomic_outputs(path, overwrite=True) as (tmp,):
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")

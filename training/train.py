@@ -36,6 +36,7 @@ from CTSemanticSynthLib.device import select_device
 from CTSemanticSynthLib.diffusion import diffusion_defaults
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.factory import create_diffusion, create_model
+from CTSemanticSynthLib.io import atomic_outputs
 from CTSemanticSynthLib.models import model_defaults
 from CTSemanticSynthLib.models.config import resolve_config
 from CTSemanticSynthLib.preprocess import condition_inputs
@@ -268,9 +269,8 @@ class Trainer:
         """Write checkpoint.pt atomically (temp file + rename); rank 0 only."""
         if self.rank != 0:
             return
-        tmp = self.out / f".{CHECKPOINT}.tmp"
-        torch.save(self._state(), tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        with atomic_outputs(self.out / CHECKPOINT, overwrite=True) as (tmp,):
+            torch.save(self._state(), tmp)
 
     def _load(self) -> None:
         path = self.out / CHECKPOINT

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import cache_dir, file_digest
 from ..errors import CheckpointError
+from ..paths import cache_dir, file_digest
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,130 @@
+"""Score one synthetic CT against its segmentation (and the real CT when there is one) -> a JSON-safe report.
+
+Per organ: voxels, mean HU of the real CT (clipped to the model's L40/W400 window) and of the synthetic CT, and with
+``totalseg`` the Dice of TotalSegmentator's organs on the synthetic CT (and on the real CT, the ceiling) against
+the input labels. Over the axial slices that hold body or organs: PSNR and SSIM on the paper's definition
+(256 x 256, L40/W400 -> [0, 1]); with ``fid`` also FID per plane (axial, coronal, sagittal).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError
+from .labels import MODEL_CLASSES, ORGANS
+
+if TYPE_CHECKING:  # the heavy modules (torch, SimpleITK) load only when a case is evaluated
+    from .io import Volume
+
+Progress = Callable[[str], None]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinite floats (no score; PSNR of identical slices) as None, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _hu_stats(hu: np.ndarray, classes: np.ndarray) -> dict[str, dict[str, float]]:
+    out = {}
+    for c in ORGANS:
+        voxels = hu[classes == c]
+        out[MODEL_CLASSES[c]] = ({"mean": float(voxels.mean()), "std": float(voxels.std())} if voxels.size
+                                 else {"mean": math.nan, "std": math.nan})
+    return out
+
+
+def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None, *, totalseg: bool = False,
+                  fast: bool = True, fid: bool = False, inception: Path | None = None, device: str = "auto",
+                  progress: Progress | None = None, save_totalseg: Path | None = None,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """All metrics for one case; ``classes`` holds model classes (body included) on the CT grid.
+
+    ``save_totalseg`` writes TotalSegmentator's organs on the synthetic CT there (with ``totalseg``).
+    """
+    from .metrics.image import SLICE_SIZE, axial_unit_slices, psnr, ssim, summarize
+    from .preprocess import AxialOrientation, hu_to_unit, unit_to_hu
+
+    for name, vol in (("synthetic", synthetic), ("real", real)):
+        if vol is not None and not vol.same_grid(classes, atol=1e-3):
+            raise InputError(f"the {name} CT is not on the segmentation's grid: resample it or give the matching files")
+    report: dict[str, Any] = {"voxels": {MODEL_CLASSES[c]: int(np.count_nonzero(classes.array == c)) for c in ORGANS},
+                              "hu_synthetic": _hu_stats(synthetic.array, classes.array)}
+    stack = AxialOrientation.from_affine(classes.affine).to_stack(classes.array)
+    active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
+    if real is not None:
+        # clipped to the model's window (as training.holdout_check does): no synthetic value can leave it
+        report["hu_real"] = _hu_stats(unit_to_hu(hu_to_unit(real.array)), classes.array)
+        if progress is not None:
+            progress(f"PSNR/SSIM over {len(active)} axial slices")
+        a = axial_unit_slices(real.array, real.affine, active)
+        b = axial_unit_slices(synthetic.array, synthetic.affine, active)
+        report["image"] = {"slices": int(len(active)), "size": SLICE_SIZE, "psnr": summarize(psnr(a, b)),
+                           "ssim": summarize(ssim(a, b))}
+        if fid:
+            from .metrics.inception import InceptionFeatures
+            from .metrics.planes import per_plane_fid
+            from .device import select_device
+
+            features = InceptionFeatures(inception, device=select_device(device))
+            if progress is not None:
+                progress("FID per plane (Inception features of every view)")
+            report["fid_per_plane"] = per_plane_fid([real], [synthetic], features, masks=[classes])
+            report["inception"] = {"path": str(features.path), "sha1": features.sha1}
+    elif fid:
+        raise InputError("--fid needs --real: FID compares the synthetic CT with the real one")
+    if totalseg:
+        from .totalseg import totalseg_dice
+
+        scores = totalseg_dice(synthetic, classes, real, fast=fast, device=device, progress=progress)
+        report["totalseg"] = scores.to_dict()
+        if save_totalseg is not None and scores.predicted_synthetic is not None:
+            from .io import Volume, write_volume
+
+            write_volume(Volume(scores.predicted_synthetic.astype(np.uint8), synthetic.affine), save_totalseg,
+                         overwrite=overwrite)
+    return report
+
+
+def evaluate_files(synthetic: Path, seg: Path, real: Path | None = None, *, labels: str = "auto",
+                   totalseg: bool = False, fast: bool = True, fid: bool = False, inception: Path | None = None,
+                   device: str = "auto", progress: Progress | None = None, save_totalseg: Path | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Read the files and :func:`evaluate_case` them; the report also names the inputs and carries the synthetic
+    CT's provenance record (None when it has no readable sidecar)."""
+    from .grid import onto_grid
+    from .io import read_image, read_labelmap
+    from .provenance import read_sidecar
+    from .synthesis import prepare_classes
+
+    if fid and real is None:
+        raise InputError("--fid needs --real: FID compares the synthetic CT with the real one")
+    if totalseg:  # fail before any work when TotalSegmentator or its weights are missing
+        from .totalseg import check_totalsegmentator
+
+        check_totalsegmentator(fast=fast)
+    segmentation, names = read_labelmap(seg)
+    note = None if progress is None else (lambda message: progress(f"note: {message}"))
+    synthetic_volume = onto_grid(read_image(synthetic), segmentation, "image", f"--synthetic {synthetic}", note)
+    real_volume = None if real is None else onto_grid(read_image(real), segmentation, "image", f"--real {real}", note)
+    classes, mapping = prepare_classes(segmentation, names, labels)
+    report = evaluate_case(synthetic_volume, classes, real_volume, totalseg=totalseg, fast=fast, fid=fid,
+                           inception=inception, device=device, progress=progress, save_totalseg=save_totalseg,
+                           overwrite=overwrite)
+    report["inputs"] = {"synthetic": str(synthetic), "segmentation": str(seg),
+                        "real": None if real is None else str(real), "labels": mapping.adapter,
+                        "unknown_labels": {str(k): v for k, v in mapping.unknown.items()}}
+    report["synthetic_provenance"] = read_sidecar(synthetic)
+    report["generator"] = f"CTSemanticSynth {__version__}"
+    return report
