@@ -72,7 +72,7 @@ def assert_one_error(code: int, err: str, needle: str, folder: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("ctsynth: error: "), err
     assert needle in lines[0], err
     assert "Traceback" not in err
-    assert [p.name for p in folder.iterdir() if p.name.startswith(("syn", ".tmp"))] == []
+    assert [p.name for p in folder.iterdir() if p.name.startswith(("syn", ".ctsynth-"))] == []
 
 
 def synth_args(case: dict[str, Path], model_folder: Path, out: Path, **options) -> list:

@@ -116,7 +116,7 @@ def test_bad_segmentations_give_one_line(capsys, tiny_model, tmp_path, make_seg,
     assert code == 2
     assert err.startswith("ctsynth: error:") and message in err and err.count("\n") == 1
     assert "Traceback" not in err
-    assert list(tmp_path.glob("syn*")) == [] and list(tmp_path.glob(".tmp-*")) == []
+    assert list(tmp_path.glob("syn*")) == [] and list(tmp_path.glob(".ctsynth-*")) == []
 
 
 def test_mismatched_checkpoint_is_refused(capsys, tmp_path):
