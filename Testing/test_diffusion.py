@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from CTSemanticSynthLib.diffusion import (
+    SAMPLERS,
     AncestralSampler,
     DDIMSampler,
     GaussianDiffusion,
@@ -99,10 +100,6 @@ def test_config_round_trip(diffusion: GaussianDiffusion) -> None:
     config = json.loads(json.dumps(diffusion.config))
     rebuilt = GaussianDiffusion.from_config(config)
     np.testing.assert_array_equal(rebuilt.betas, diffusion.betas)
-    spaced = diffusion.respaced(space_timesteps(T, "ddim25"))
-    rebuilt = GaussianDiffusion.from_config(json.loads(json.dumps(spaced.config)))
-    np.testing.assert_array_equal(rebuilt.timestep_map, spaced.timestep_map)
-    np.testing.assert_allclose(rebuilt.betas, spaced.betas)
     explicit = GaussianDiffusion(betas=[0.1, 0.2, 0.3])
     assert GaussianDiffusion.from_config(json.loads(json.dumps(explicit.config))).num_timesteps == 3
 
@@ -305,8 +302,9 @@ def test_respaced_chain(diffusion: GaussianDiffusion) -> None:
     np.testing.assert_allclose(spaced.alphas_cumprod, diffusion.alphas_cumprod[kept], rtol=1e-10)
     betas, timestep_map = respaced_betas(diffusion.alphas_cumprod, {999, 0, 500})
     assert timestep_map == [0, 500, 999] and betas.shape == (3,)
-    via_config = GaussianDiffusion(timestep_respacing="ddim40")
-    np.testing.assert_allclose(via_config.betas, spaced.betas)
+    twice = spaced.respaced(kept[::2])  # original timesteps, whatever the chain's spacing
+    np.testing.assert_allclose(twice.alphas_cumprod, diffusion.alphas_cumprod[kept[::2]], rtol=1e-10)
+    assert spaced.config == diffusion.config
 
 
 # Samplers.
@@ -389,6 +387,123 @@ def test_sdedit_start_from_noised_prior(diffusion: GaussianDiffusion) -> None:
     items = list(sample_loop(oracle_model(diffusion, x0), full, start, {}, torch.Generator().manual_seed(0), 30))
     assert [i for i, *_ in items] == list(range(31, 51))
     assert (items[-1][2] - x0).abs().max() < 1e-6
+
+
+# The noise each stochastic step adds, against closed forms computed here from the original alphas_cumprod.
+
+STEP_SAMPLES = 20_000
+"""Draws of one step per check. The 4 elements of x_t share one variance, so the pooled sample variance has a
+relative standard error of sqrt(2 / 80 000) = 0.5 %: the 3 % tolerance is 6 standard errors (never fails by chance,
+whatever the generator), while a standard deviation used as a variance or a lost square root changes the variance
+by a factor var (0.005-0.5 at the checked steps). Means: 5 standard errors per element."""
+
+
+def _closed_form_coefficients(diffusion: GaussianDiffusion, sampler, i: int) -> tuple[float, float]:
+    """(abar_t, abar_prev) of step i of the sampler's timesteps, straight from the original schedule."""
+    abar = np.cumprod(1.0 - diffusion.betas)
+    steps = sampler.timesteps.tolist()
+    return float(abar[steps[i]]), float(abar[steps[i + 1]]) if i + 1 < len(steps) else 1.0
+
+
+def _pred_x0_and_eps(x_t: Tensor, eps: Tensor, abar: float) -> tuple[Tensor, Tensor]:
+    """Clipped x_0 implied by the noise prediction, and the noise consistent with the clipped x_0."""
+    x0 = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+    return x0, (x_t - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+
+
+def ancestral_step_moments(diffusion, sampler, i, x_t, eps, v) -> tuple[Tensor, float]:
+    """Posterior mean at the predicted x_0; variance interpolated (in log) between posterior variance and beta."""
+    abar, abar_prev = _closed_form_coefficients(diffusion, sampler, i)
+    x0, _ = _pred_x0_and_eps(x_t, eps, abar)
+    beta = 1 - abar / abar_prev
+    mean = math.sqrt(abar_prev) * beta / (1 - abar) * x0 + math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar) * x_t
+    if i + 1 == sampler.num_steps:
+        return mean, 0.0  # the last step returns the mean
+    posterior = beta * (1 - abar_prev) / (1 - abar)
+    frac = (v + 1) / 2
+    return mean, math.exp(frac * math.log(beta) + (1 - frac) * math.log(posterior))
+
+
+def ddim_step_moments(diffusion, sampler, i, x_t, eps, v) -> tuple[Tensor, float]:
+    """Song et al. eq. 12: sigma^2 = eta^2 (1 - abar_prev) / (1 - abar) (1 - abar / abar_prev); v is ignored."""
+    abar, abar_prev = _closed_form_coefficients(diffusion, sampler, i)
+    x0, eps = _pred_x0_and_eps(x_t, eps, abar)
+    sigma2 = sampler.eta**2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+    mean = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma2) * eps
+    return mean, (0.0 if i + 1 == sampler.num_steps else sigma2)
+
+
+EXPECTED_STEP = {"ancestral": ancestral_step_moments, "ddim": ddim_step_moments}
+"""Closed-form (mean, variance) of one step, per sampler: a new sampler needs an entry (see the test below)."""
+
+STEP_CASES = [("ancestral", {}, -1.0), ("ancestral", {}, 0.4), ("ddim", {"eta": 1.0}, 0.4), ("ddim", {"eta": 0.5}, -1.0),
+              ("ddim", {"eta": 0.0}, 0.4)]
+
+
+def test_every_sampler_has_a_step_noise_check() -> None:
+    assert set(EXPECTED_STEP) == set(SAMPLERS) == {name for name, _, _ in STEP_CASES}
+
+
+def step_samples(sampler, i: int, x_t: Tensor, model_output: Tensor, n: int, seed: int = 0) -> Tensor:
+    """n draws of x_prev from one step at position i, for the same x_t and model output."""
+    expand = (n, *x_t.shape[1:])
+    x_prev, _ = sampler.step(model_output.expand(n, -1, -1, -1), i, x_t.expand(expand),
+                             torch.Generator().manual_seed(seed))
+    return x_prev
+
+
+@pytest.mark.parametrize(("name", "options", "v"), STEP_CASES)
+def test_step_noise_matches_closed_form(diffusion: GaussianDiffusion, name: str, options: dict, v: float) -> None:
+    sampler = make_sampler(name, diffusion, 10, **options)
+    x_t = torch.tensor([-0.8, -0.1, 0.3, 1.1], dtype=torch.float64).reshape(1, 1, 2, 2)
+    eps = torch.tensor([0.5, -1.2, 0.1, 0.9], dtype=torch.float64).reshape(1, 1, 2, 2)
+    model_output = torch.cat([eps, torch.full_like(eps, v)], dim=1)
+    for i in (1, 5, 8, 9):  # high noise to the last step (i=9 adds no noise)
+        mean, var = EXPECTED_STEP[name](diffusion, sampler, i, x_t, eps, v)
+        x = step_samples(sampler, i, x_t, model_output, STEP_SAMPLES)
+        if var == 0.0:
+            assert torch.equal(x, x[:1].expand_as(x)), (name, i)
+            torch.testing.assert_close(x[0], mean[0])
+            continue
+        assert (x.mean(0) - mean[0]).abs().max() < 5 * math.sqrt(var / STEP_SAMPLES), (name, i)
+        pooled = float((x - x.mean(0)).pow(2).sum() / (4 * (STEP_SAMPLES - 1)))
+        assert pooled / var == pytest.approx(1.0, abs=0.03), (name, i, pooled, var)
+
+
+def test_ddim_eta_one_adds_the_posterior_variance(diffusion: GaussianDiffusion) -> None:
+    """DDIM with eta=1 is the ancestral step with the posterior variance: same mean, same noise."""
+    ddim, ancestral = make_sampler("ddim", diffusion, 10, eta=1.0), make_sampler("ancestral", diffusion, 10)
+    x_t = torch.tensor([0.2, -0.4, 0.7, -1.3], dtype=torch.float64).reshape(1, 1, 2, 2)
+    model_output = torch.cat([x_t * 0.5, -torch.ones_like(x_t)], dim=1)  # v = -1: the posterior variance
+    for i in (2, 6):
+        assert ddim.chain is not None
+        k = ddim.chain_index(i)
+        a, b = (step_samples(s, i, x_t, model_output, STEP_SAMPLES, seed=3) for s in (ddim, ancestral))
+        torch.testing.assert_close(a, b)
+        pooled = float((a - a.mean(0)).pow(2).sum() / (4 * (STEP_SAMPLES - 1)))
+        assert pooled / ddim.chain.posterior_variance[k] == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize(("name", "options"), [("ancestral", {}), ("ddim", {"eta": 1.0})])
+def test_per_sample_generators_make_samples_independent_of_the_batch(diffusion: GaussianDiffusion, name: str,
+                                                                    options: dict) -> None:
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:  # not an oracle: the noise of every step reaches the sample
+        return torch.cat([0.3 * x, torch.full_like(x, 0.3)], dim=1)
+
+    sampler = make_sampler(name, diffusion, 6, **options)
+    x_T = torch.zeros((3, 1, 8, 8), dtype=torch.float64)  # the samples differ only through the step noise
+
+    def run(rows: slice) -> Tensor:
+        generators = [torch.Generator().manual_seed(20 + b) for b in range(3)][rows]
+        *_, (_, _, x, _) = sample_loop(model_fn, sampler, x_T[rows], {}, generators)
+        return x
+
+    together = run(slice(0, 3))
+    apart = torch.cat([run(slice(b, b + 1)) for b in range(3)])
+    torch.testing.assert_close(together, apart, rtol=0, atol=1e-12)
+    assert not torch.equal(together[0], together[1])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        list(sample_loop(model_fn, sampler, x_T, {}, [torch.Generator()] * 2))
 
 
 # A tiny conditional model overfits one image.
