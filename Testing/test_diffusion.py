@@ -529,15 +529,6 @@ class TinyModel(nn.Module):
         return self.out(h)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small shared CPU, more threads make this tiny model several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_model_overfits_one_image(one_thread: None) -> None:
     torch.manual_seed(0)
     image = smooth_image(16, torch.float32)

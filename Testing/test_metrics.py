@@ -31,7 +31,7 @@ from CTSemanticSynthLib.metrics import (
 )
 from CTSemanticSynthLib.metrics.inception import tf_bilinear_resize
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _phantom(size: int = 64, seed: int = 0) -> np.ndarray:
