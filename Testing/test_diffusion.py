@@ -30,7 +30,7 @@ from CTSemanticSynthLib.diffusion import (
 T = 1000
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test (cheap): a module-scoped one would be built inside one test only, hiding it from mutmut
 def diffusion() -> GaussianDiffusion:
     return GaussianDiffusion(**diffusion_defaults())
 
@@ -364,6 +364,17 @@ def test_ddim_deterministic_and_seeded_reproducible(diffusion: GaussianDiffusion
         assert torch.equal(a, b)
         # Intermediate noise differs with the seed; the oracle still lands on x0 at the end.
         assert (a - x0).abs().max() < 1e-6 and (c - x0).abs().max() < 1e-6
+
+
+def test_stochastic_sampling_without_a_generator_uses_the_global_rng(diffusion: GaussianDiffusion) -> None:
+    model_fn = lambda x, t: torch.cat([0.3 * x, torch.zeros_like(x)], dim=1)  # noqa: E731
+    sampler = make_sampler("ancestral", diffusion, 5)
+    x_T = torch.zeros((2, 1, 4, 4), dtype=torch.float64)
+    torch.manual_seed(0)
+    a = run_sampler(sampler, model_fn, x_T, seed=None)
+    torch.manual_seed(0)
+    assert torch.equal(a, run_sampler(sampler, model_fn, x_T, seed=None)) and a.dtype == torch.float64
+    assert not torch.equal(a, run_sampler(sampler, model_fn, x_T, seed=None))
 
 
 def test_sample_loop_yields_every_step(diffusion: GaussianDiffusion) -> None:
