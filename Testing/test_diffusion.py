@@ -239,6 +239,40 @@ def test_vlb_finite_for_random_outputs(diffusion: GaussianDiffusion) -> None:
     assert vb.shape == (3,) and torch.isfinite(vb).all() and (vb >= 0).all()
 
 
+def test_vlb_terms_closed_form(diffusion: GaussianDiffusion) -> None:
+    """KL (t>0) and decoder NLL (t=0) in bits/dim, recomputed here from the schedule, for a model output whose x_0
+    lies partly outside [-1, 1] (the VLB must not clip it) and a learned variance between the two bounds."""
+    x0 = torch.tensor([-1.0, -0.2, 0.4, 1.0], dtype=torch.float64).reshape(1, 1, 2, 2).expand(3, -1, -1, -1)
+    t = torch.tensor([0, 1, 300])
+    x_t = diffusion.q_sample(x0, t, torch.tensor([0.3, -1.1, 0.8, 2.0], dtype=torch.float64).reshape(1, 1, 2, 2)
+                             .expand(3, -1, -1, -1))
+    eps = torch.tensor([2.5, -0.4, 0.1, -3.0], dtype=torch.float64).reshape(1, 1, 2, 2).expand(3, -1, -1, -1)
+    vb = diffusion.vlb_terms(torch.cat([eps, torch.full_like(eps, 0.3)], dim=1), x0, x_t, t)
+    betas = get_beta_schedule("linear", T)
+    abar = np.cumprod(1 - betas)
+    cdf = lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # noqa: E731
+    for row, step in enumerate(t.tolist()):
+        a, a_prev, b = abar[step], (abar[step - 1] if step else 1.0), betas[step]
+        pred_x0 = (x_t[row] - math.sqrt(1 - a) * eps[row]) / math.sqrt(a)
+        assert step == 0 or pred_x0.abs().max() > 1  # unclipped x_0 outside [-1, 1]
+        coef1, coef2 = math.sqrt(a_prev) * b / (1 - a), math.sqrt(1 - b) * (1 - a_prev) / (1 - a)
+        posterior = lambda k: betas[k] * (1 - abar[k - 1]) / (1 - abar[k])  # noqa: E731
+        log_var = 0.65 * math.log(b) + 0.35 * math.log(posterior(max(step, 1)))  # frac = (0.3 + 1) / 2
+        mean = coef1 * pred_x0 + coef2 * x_t[row]
+        if step == 0:
+            scale, half = math.exp(0.5 * log_var), 1 / 255
+            upper = torch.where(x0[row] > 0.999, torch.ones_like(mean), cdf((x0[row] + half - mean) / scale))
+            lower = torch.where(x0[row] < -0.999, torch.zeros_like(mean), cdf((x0[row] - half - mean) / scale))
+            expected = float(-(upper - lower).clamp(min=1e-12).log().mean()) / math.log(2)
+            assert float(vb[0]) == pytest.approx(expected, rel=2e-2)
+        else:
+            true_mean = coef1 * x0[row] + coef2 * x_t[row]
+            true_log_var = math.log(posterior(step))
+            kl = 0.5 * (-1 + log_var - true_log_var + math.exp(true_log_var - log_var)
+                        + (true_mean - mean) ** 2 * math.exp(-log_var))
+            assert float(vb[row]) == pytest.approx(float(kl.mean()) / math.log(2), rel=1e-9)
+
+
 def test_vlb_zero_for_true_posterior(diffusion: GaussianDiffusion) -> None:
     g = torch.Generator().manual_seed(3)
     x0 = torch.rand((1, 1, 8, 8), generator=g, dtype=torch.float64) * 2 - 1
