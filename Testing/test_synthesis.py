@@ -59,15 +59,20 @@ def test_output_keeps_exact_geometry(tiny_model, sample_classes, handedness):
 
 @pytest.mark.parametrize(("sampler", "eta"), [("ancestral", 0.0), ("ddim", 1.0)])
 def test_seed_reproducible_and_independent_of_batch_size(tiny_model, sample_classes, sampler, eta):
-    """Each slice has its own generator (starting noise and step noise), so the batch size never matters."""
+    """Each slice has its own generator (starting noise and step noise), so the batch size does not change the
+    noise. Batched convolutions round differently (~1e-6), which moves a handful of voxels by one HU step (measured:
+    <= 1 HU on 0.01 % of voxels); other noise moves most voxels by up to hundreds of HU."""
     model = load_model(tiny_model)
     crop = _cropped(sample_classes[1], slices=8)
-    volumes = [synthesize(crop, model, SamplingOptions(sampler=sampler, eta=eta, steps=3, seed=5, batch_size=size),
-                          device="cpu").volume.array for size in (1, 3, 8)]
-    assert np.array_equal(volumes[0], volumes[1]) and np.array_equal(volumes[0], volumes[2])
-    other = synthesize(crop, model, SamplingOptions(sampler=sampler, eta=eta, steps=3, seed=6, batch_size=8),
-                       device="cpu").volume.array
-    assert not np.array_equal(volumes[0], other)
+
+    def volume(batch_size: int, seed: int = 5) -> np.ndarray:
+        options = SamplingOptions(sampler=sampler, eta=eta, steps=3, seed=seed, batch_size=batch_size)
+        return synthesize(crop, model, options, device="cpu").volume.array.astype(np.int32)
+
+    one = volume(1)
+    for other in (volume(3), volume(8)):
+        assert np.abs(one - other).max() <= 1 and (one != other).mean() < 1e-3
+    assert (one != volume(8, seed=6)).mean() > 0.3
 
 
 def test_progress_and_provenance(tiny_model, sample_classes):
