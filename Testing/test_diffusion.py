@@ -208,6 +208,8 @@ def test_normal_kl_and_decoder_likelihood() -> None:
         levels, means=torch.full_like(levels, 0.1), log_scales=torch.full_like(levels, math.log(0.2))
     )
     assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match=r"shape mismatch: x \(2,\), means \(3,\), log_scales \(2,\)"):
+        discretized_gaussian_log_likelihood(torch.zeros(2), means=torch.zeros(3), log_scales=torch.zeros(2))
     assert mean_flat(torch.ones(3, 2, 5)).shape == (3,)
 
 
@@ -308,6 +310,10 @@ def test_mse_loss_with_fixed_variance() -> None:
     x0 = torch.zeros((2, 1, 4, 4))
     losses = d.training_losses(lambda x, ts: torch.zeros_like(x), x0, torch.tensor([5, 900]), {})
     assert torch.equal(losses["loss"], losses["mse"]) and torch.isfinite(losses["vb"]).all()
+    eps = GaussianDiffusion(learn_sigma=False, loss="mse")
+    noise = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    losses = eps.training_losses(lambda x, ts: torch.full_like(x, 0.5), x0, torch.tensor([5, 900]), {}, noise=noise)
+    torch.testing.assert_close(losses["mse"], ((noise - 0.5) ** 2).mean((1, 2, 3)))
     with pytest.raises(ValueError, match="channels"):
         d.training_losses(lambda x, ts: torch.zeros((2, 2, 4, 4)), x0, torch.tensor([5, 900]), {})
 
@@ -418,21 +424,40 @@ def test_sample_loop_yields_every_step(diffusion: GaussianDiffusion) -> None:
     assert sampler.config == expected
     calls: list[int] = []
 
-    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+    def model_fn(x: Tensor, t: Tensor, *, scale: float) -> Tensor:
         calls.append(int(t[0]))
-        assert t.shape == (x.shape[0],)
+        assert t.shape == (x.shape[0],) and t.dtype == torch.long and scale == 2.0
         return oracle_model(diffusion, x0)(x, t)
 
-    items = list(sample_loop(model_fn, sampler, torch.randn((1, 1, 8, 8), dtype=torch.float64), {}))
+    x_T = torch.randn((2, 1, 8, 8), dtype=torch.float64)
+    items = list(sample_loop(model_fn, sampler, x_T, {"scale": 2.0}))
     assert [i for i, *_ in items] == list(range(1, 13)) and all(n == 12 for _, n, *_ in items)
     assert calls == sampler.timesteps.tolist()
-    assert all(x.shape == p.shape == x0.shape for *_, x, p in items)
+    assert all(x.shape == p.shape == x_T.shape for *_, x, p in items)
+    with pytest.raises(ValueError, match=r"start_index must lie in 0\.\.11, got 12"):
+        next(sample_loop(model_fn, sampler, x_T, {"scale": 2.0}, start_index=12))
     rebuilt = make_sampler(diffusion=diffusion, **json.loads(json.dumps(sampler.config)))
     assert torch.equal(rebuilt.timesteps, sampler.timesteps)
     with pytest.raises(ValueError):
         make_sampler("euler", diffusion, 10)
     with pytest.raises(ValueError):
         make_sampler("ddim", diffusion, 1001)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        make_sampler("ddim", diffusion, 10, eta=-0.1)
+    assert make_sampler("ddim", diffusion, 10, clip_denoised=False).config["clip_denoised"] is False
+    one = make_sampler("ddim", diffusion, 1, start_timestep=0)  # a single step from t=0
+    assert one.timesteps.tolist() == [0] and len(list(sample_loop(model_fn, one, x_T, {"scale": 2.0}))) == 1
+
+
+@pytest.mark.parametrize("name", ["ancestral", "ddim"])
+def test_sampler_before_set_timesteps(diffusion: GaussianDiffusion, name: str) -> None:
+    sampler = SAMPLERS[name](diffusion)
+    assert sampler.num_steps == 0 and sampler.config["start_timestep"] is None
+    x = torch.zeros((1, 1, 2, 2))
+    with pytest.raises(RuntimeError, match="^call set_timesteps"):
+        next(sample_loop(lambda x, t: torch.zeros((1, 2, 2, 2)), sampler, x, {}))
+    with pytest.raises(RuntimeError, match="^call set_timesteps"):
+        sampler.step(torch.zeros((1, 2, 2, 2)), 0, x)
 
 
 def test_sdedit_start_from_noised_prior(diffusion: GaussianDiffusion) -> None:
