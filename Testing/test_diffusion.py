@@ -449,6 +449,23 @@ def test_sample_loop_yields_every_step(diffusion: GaussianDiffusion) -> None:
     assert one.timesteps.tolist() == [0] and len(list(sample_loop(model_fn, one, x_T, {"scale": 2.0}))) == 1
 
 
+def test_set_timesteps_bounds(diffusion: GaussianDiffusion) -> None:
+    for steps, start in ((1, None), (1000, None), (301, 300), (1, 0), (2, 999)):
+        sampler = make_sampler("ddim", diffusion, steps, start_timestep=start)
+        assert sampler.num_steps == steps and sampler.config["start_timestep"] == start
+        assert sampler.timesteps.dtype == torch.long and int(sampler.timesteps[0]) == (999 if start is None else start)
+    for steps, start, message in ((302, 300, r"num_steps must lie in 1\.\.301 \(timesteps 0\.\.300\), got 302"),
+                                  (0, None, r"num_steps must lie in 1\.\.1000 \(timesteps 0\.\.999\), got 0"),
+                                  (1, 1000, r"start_timestep must lie in 0\.\.999, got 1000"),
+                                  (1, -1, r"start_timestep must lie in 0\.\.999, got -1")):
+        with pytest.raises(ValueError, match=message):
+            make_sampler("ddim", diffusion, steps, start_timestep=start)
+    sampler = make_sampler("ddim", diffusion, 10)
+    x = torch.zeros((1, 1, 2, 2))
+    with pytest.raises(IndexError, match=r"timestep_index must lie in 0\.\.9, got 10"):
+        sampler.step(torch.zeros((1, 2, 2, 2)), 10, x)
+
+
 @pytest.mark.parametrize("name", ["ancestral", "ddim"])
 def test_sampler_before_set_timesteps(diffusion: GaussianDiffusion, name: str) -> None:
     sampler = SAMPLERS[name](diffusion)

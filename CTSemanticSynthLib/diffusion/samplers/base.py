@@ -79,7 +79,7 @@ class Sampler(ABC):
         first = top if start_timestep is None else int(start_timestep)
         if not 1 <= num_steps <= first + 1:
             raise ValueError(f"num_steps must lie in 1..{first + 1} (timesteps 0..{first}), got {num_steps}")
-        kept = space_timesteps(first + 1, int(num_steps))
+        kept = space_timesteps(first + 1, int(num_steps)) if num_steps > 1 else [first]  # one step starts at the top
         self.chain = self.diffusion.respaced(kept)
         self.start_timestep = None if start_timestep is None else first
         self.timesteps = torch.tensor(kept[::-1], dtype=torch.long)
