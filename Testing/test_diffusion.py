@@ -345,10 +345,14 @@ def test_space_timesteps() -> None:
     assert space_timesteps(T, "ddim50") == list(range(0, T, 20))
     assert space_timesteps(300, "10,15,20") == sorted(space_timesteps(300, "10,15,20"))
     assert len(space_timesteps(300, "10,15,20")) == 45
-    with pytest.raises(ValueError):
+    assert space_timesteps(T, "ddim1000") == list(range(T)) and space_timesteps(T, "ddim1") == [0]
+    assert space_timesteps(10, "2") == [0, 9] and space_timesteps(10, "1,1") == [0, 5]
+    with pytest.raises(ValueError, match="cannot make exactly 300 steps out of 1000 with an integer stride"):
         space_timesteps(T, "ddim300")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot divide a section of 10 timesteps into 11 steps"):
         space_timesteps(10, "11")
+    with pytest.raises(ValueError, match="cannot divide a section of 5 timesteps into 0 steps"):
+        space_timesteps(10, "0,1")
 
 
 def test_respaced_chain(diffusion: GaussianDiffusion) -> None:
@@ -361,6 +365,11 @@ def test_respaced_chain(diffusion: GaussianDiffusion) -> None:
     np.testing.assert_allclose(spaced.alphas_cumprod, diffusion.alphas_cumprod[kept], rtol=1e-10)
     betas, timestep_map = respaced_betas(diffusion.alphas_cumprod, {999, 0, 500})
     assert timestep_map == [0, 500, 999] and betas.shape == (3,)
+    for bad, message in (([], "^use_timesteps is empty$"), ([-1, 5], r"^use_timesteps must lie in 0\.\.999$"),
+                         ([5, 1000], r"^use_timesteps must lie in 0\.\.999$"), ([0, 999, 1000], "0..999")):
+        with pytest.raises(ValueError, match=message):
+            respaced_betas(diffusion.alphas_cumprod, bad)
+    assert respaced_betas(diffusion.alphas_cumprod, [3, 999])[1] == [3, 999]
     twice = spaced.respaced(kept[::2])  # original timesteps, whatever the chain's spacing
     np.testing.assert_allclose(twice.alphas_cumprod, diffusion.alphas_cumprod[kept[::2]], rtol=1e-10)
     assert spaced.config == diffusion.config
@@ -464,6 +473,15 @@ def test_set_timesteps_bounds(diffusion: GaussianDiffusion) -> None:
     x = torch.zeros((1, 1, 2, 2))
     with pytest.raises(IndexError, match=r"timestep_index must lie in 0\.\.9, got 10"):
         sampler.step(torch.zeros((1, 2, 2, 2)), 10, x)
+
+
+@pytest.mark.parametrize("name", ["ancestral", "ddim"])
+def test_clip_denoised_option_reaches_the_step(diffusion: GaussianDiffusion, name: str) -> None:
+    x_t = torch.full((1, 1, 2, 2), 3.0, dtype=torch.float64)  # at t=999 x_0 = (3 - eps) / 0.0064: far outside [-1, 1]
+    output = torch.cat([torch.zeros_like(x_t), -torch.ones_like(x_t)], dim=1)
+    clipped, free = (make_sampler(name, diffusion, 10, clip_denoised=c) for c in (True, False))
+    assert float(clipped.step(output, 0, x_t, torch.Generator().manual_seed(0))[1].max()) == 1.0
+    assert float(free.step(output, 0, x_t, torch.Generator().manual_seed(0))[1].max()) > 100
 
 
 @pytest.mark.parametrize("name", ["ancestral", "ddim"])
