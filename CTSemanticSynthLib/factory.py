@@ -1,10 +1,10 @@
-"""The one place that builds networks, diffusion processes and samplers from their JSON configs."""
+"""The one place that builds networks and diffusion processes from their JSON configs."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .diffusion import GaussianDiffusion, make_sampler
+from .diffusion import GaussianDiffusion
 from .models import UNetModel
 
 
@@ -18,4 +18,4 @@ def create_diffusion(config: dict[str, Any]) -> GaussianDiffusion:
     return GaussianDiffusion(**config)
 
 
-__all__ = ["create_diffusion", "create_model", "make_sampler"]
+__all__ = ["create_diffusion", "create_model"]

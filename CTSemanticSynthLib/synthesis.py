@@ -214,23 +214,20 @@ def sample_slices(
 ) -> torch.Tensor:
     """Sample (B, S, S) class slices; returns (B, S, S) intensities in [0, 1] on the CPU.
 
-    ``slice_index`` seeds each slice's starting noise; ``prior`` (per-class values in [-1, 1], see
-    :func:`class_prior`) is noised to the sampler's first timestep as the start (SDEdit).
+    ``slice_index`` seeds one generator per slice, which draws that slice's starting noise and then the noise of
+    every stochastic step, so a slice's sample does not depend on the batch it lands in. ``prior`` (per-class
+    values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the start (SDEdit).
     """
     size = classes.shape[-1]
-    # per-slice starting noise so a slice's sample does not depend on which batch it lands in
-    noise = torch.stack([
-        torch.randn((1, size, size), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(k)))
-        for k in slice_index
-    ]).to(device)
-    generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + int(slice_index[0]) + 500_000)
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(k)) for k in slice_index]
+    noise = torch.stack([torch.randn((1, size, size), generator=g) for g in generators]).to(device)
     kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, conditioning).items()}
     with torch.no_grad():  # the condition encoder does not depend on t: run it once per batch
         features = network.encode_condition(**kwargs)
     if features is not None:
         kwargs["cond_features"] = features
     x = noise if prior is None else sampler.add_noise(prior[classes][:, None].to(device), 0, noise)
-    for i, n, x, _ in sample_loop(_finite_outputs(network), sampler, x, kwargs, generator):
+    for i, n, x, _ in sample_loop(_finite_outputs(network), sampler, x, kwargs, generators):
         if cancel is not None and cancel():
             raise Cancelled("cancelled by the user; nothing was written")
         if on_step is not None:

@@ -44,7 +44,6 @@ WEIGHTS_RELEASE = "https://github.com/wasserth/TotalSegmentator/releases/downloa
 class NnUNetModel:
     """One nnU-Net results folder that TotalSegmentator 2.18 loads for the ``total`` task."""
 
-    task_id: int
     dataset: str
     trainer: str
     plans: str = "nnUNetPlans"
@@ -63,8 +62,8 @@ class NnUNetModel:
 _PARTS = ("part1_organs_1559subj", "part2_vertebrae_1532subj", "part3_cardiac_1559subj",
           "part4_muscles_1559subj", "part5_ribs_1559subj")
 TOTAL_MODELS: dict[str, tuple[NnUNetModel, ...]] = {
-    "fast": (NnUNetModel(297, "Dataset297_TotalSegmentator_total_3mm_1559subj", "nnUNetTrainer_4000epochs_NoMirroring"),),
-    "full": tuple(NnUNetModel(291 + i, f"Dataset{291 + i}_TotalSegmentator_{part}", "nnUNetTrainerNoMirroring")
+    "fast": (NnUNetModel("Dataset297_TotalSegmentator_total_3mm_1559subj", "nnUNetTrainer_4000epochs_NoMirroring"),),
+    "full": tuple(NnUNetModel(f"Dataset{291 + i}_TotalSegmentator_{part}", "nnUNetTrainerNoMirroring")
                   for i, part in enumerate(_PARTS)),
 }
 """The folders TotalSegmentator 2.18's ``total`` task loads (``map_tasks_config.TASK_CONFIGS["total"]``)."""

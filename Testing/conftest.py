@@ -21,12 +21,33 @@ def tiny_model_config(conditioning: str = "concat", image_size: int = 32) -> dic
             "attention_resolutions": [2], "num_heads": 1, "conditioning": conditioning}
 
 
+def randomise_zero_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the zero-initialised tensors (output convolutions, attention projections) random values, so that every
+    input reaches the output and two models agree only if their weights do."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
 def make_model_folder(folder: Path, conditioning: str = "concat", seed: int = 0, **extra) -> Path:
+    """A tiny model folder; the same seed gives the same weights."""
     torch.manual_seed(seed)
-    model = UNetModel(**tiny_model_config(conditioning))
+    model = randomise_zero_layers(UNetModel(**tiny_model_config(conditioning)))
     diffusion = GaussianDiffusion(**diffusion_defaults())
     save_model(folder, model, diffusion, name=f"tiny-{conditioning}", extra=extra)
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread during the test, restored after: on a small shared CPU more threads make tiny models
+    slower. Modules use it through ``pytestmark``, never by setting the thread count at import."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from CTSemanticSynthLib.diffusion import (
+    SAMPLERS,
     AncestralSampler,
     DDIMSampler,
     GaussianDiffusion,
+    approx_standard_normal_cdf,
     diffusion_defaults,
     discretized_gaussian_log_likelihood,
     get_beta_schedule,
@@ -28,7 +30,7 @@ from CTSemanticSynthLib.diffusion import (
 T = 1000
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test (cheap): a module-scoped one would be built inside one test only, hiding it from mutmut
 def diffusion() -> GaussianDiffusion:
     return GaussianDiffusion(**diffusion_defaults())
 
@@ -99,10 +101,6 @@ def test_config_round_trip(diffusion: GaussianDiffusion) -> None:
     config = json.loads(json.dumps(diffusion.config))
     rebuilt = GaussianDiffusion.from_config(config)
     np.testing.assert_array_equal(rebuilt.betas, diffusion.betas)
-    spaced = diffusion.respaced(space_timesteps(T, "ddim25"))
-    rebuilt = GaussianDiffusion.from_config(json.loads(json.dumps(spaced.config)))
-    np.testing.assert_array_equal(rebuilt.timestep_map, spaced.timestep_map)
-    np.testing.assert_allclose(rebuilt.betas, spaced.betas)
     explicit = GaussianDiffusion(betas=[0.1, 0.2, 0.3])
     assert GaussianDiffusion.from_config(json.loads(json.dumps(explicit.config))).num_timesteps == 3
 
@@ -210,7 +208,27 @@ def test_normal_kl_and_decoder_likelihood() -> None:
         levels, means=torch.full_like(levels, 0.1), log_scales=torch.full_like(levels, math.log(0.2))
     )
     assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match=r"shape mismatch: x \(2,\), means \(3,\), log_scales \(2,\)"):
+        discretized_gaussian_log_likelihood(torch.zeros(2), means=torch.zeros(3), log_scales=torch.zeros(2))
     assert mean_flat(torch.ones(3, 2, 5)).shape == (3,)
+
+
+def test_decoder_likelihood_against_the_exact_normal_cdf() -> None:
+    """Bin probabilities from the exact CDF (erf): the tanh approximation is within 3e-4 of it, so each bin's log
+    probability matches to 1e-2 where the bin holds more than 1 % (the edge bins reach to -inf / +inf)."""
+    cdf = lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # noqa: E731
+    z = torch.linspace(-5, 5, 201, dtype=torch.float64)
+    assert (approx_standard_normal_cdf(z) - cdf(z)).abs().max() < 3e-4
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    for mean, scale in ((0.1, 0.05), (-0.99, 0.01), (0.99, 0.01)):  # the middle, and both edge bins
+        logp = discretized_gaussian_log_likelihood(levels, means=torch.full_like(levels, mean),
+                                                   log_scales=torch.full_like(levels, math.log(scale)))
+        upper = torch.where(levels > 0.999, torch.ones_like(levels), cdf((levels + 1 / 255 - mean) / scale))
+        lower = torch.where(levels < -0.999, torch.zeros_like(levels), cdf((levels - 1 / 255 - mean) / scale))
+        exact = upper - lower
+        big = exact > 0.01
+        assert big.sum() >= 2
+        torch.testing.assert_close(logp[big], exact[big].log(), rtol=0, atol=1e-2)
 
 
 def test_vlb_finite_for_random_outputs(diffusion: GaussianDiffusion) -> None:
@@ -221,6 +239,40 @@ def test_vlb_finite_for_random_outputs(diffusion: GaussianDiffusion) -> None:
     output = torch.randn((3, 2, 8, 8), generator=g)
     vb = diffusion.vlb_terms(output, x0, x_t, t)
     assert vb.shape == (3,) and torch.isfinite(vb).all() and (vb >= 0).all()
+
+
+def test_vlb_terms_closed_form(diffusion: GaussianDiffusion) -> None:
+    """KL (t>0) and decoder NLL (t=0) in bits/dim, recomputed here from the schedule, for a model output whose x_0
+    lies partly outside [-1, 1] (the VLB must not clip it) and a learned variance between the two bounds."""
+    x0 = torch.tensor([-1.0, -0.2, 0.4, 1.0], dtype=torch.float64).reshape(1, 1, 2, 2).expand(3, -1, -1, -1)
+    t = torch.tensor([0, 1, 300])
+    x_t = diffusion.q_sample(x0, t, torch.tensor([0.3, -1.1, 0.8, 2.0], dtype=torch.float64).reshape(1, 1, 2, 2)
+                             .expand(3, -1, -1, -1))
+    eps = torch.tensor([2.5, -0.4, 0.1, -3.0], dtype=torch.float64).reshape(1, 1, 2, 2).expand(3, -1, -1, -1)
+    vb = diffusion.vlb_terms(torch.cat([eps, torch.full_like(eps, 0.3)], dim=1), x0, x_t, t)
+    betas = get_beta_schedule("linear", T)
+    abar = np.cumprod(1 - betas)
+    cdf = lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # noqa: E731
+    for row, step in enumerate(t.tolist()):
+        a, a_prev, b = abar[step], (abar[step - 1] if step else 1.0), betas[step]
+        pred_x0 = (x_t[row] - math.sqrt(1 - a) * eps[row]) / math.sqrt(a)
+        assert step == 0 or pred_x0.abs().max() > 1  # unclipped x_0 outside [-1, 1]
+        coef1, coef2 = math.sqrt(a_prev) * b / (1 - a), math.sqrt(1 - b) * (1 - a_prev) / (1 - a)
+        posterior = lambda k: betas[k] * (1 - abar[k - 1]) / (1 - abar[k])  # noqa: E731
+        log_var = 0.65 * math.log(b) + 0.35 * math.log(posterior(max(step, 1)))  # frac = (0.3 + 1) / 2
+        mean = coef1 * pred_x0 + coef2 * x_t[row]
+        if step == 0:
+            scale, half = math.exp(0.5 * log_var), 1 / 255
+            upper = torch.where(x0[row] > 0.999, torch.ones_like(mean), cdf((x0[row] + half - mean) / scale))
+            lower = torch.where(x0[row] < -0.999, torch.zeros_like(mean), cdf((x0[row] - half - mean) / scale))
+            expected = float(-(upper - lower).clamp(min=1e-12).log().mean()) / math.log(2)
+            assert float(vb[0]) == pytest.approx(expected, rel=2e-2)
+        else:
+            true_mean = coef1 * x0[row] + coef2 * x_t[row]
+            true_log_var = math.log(posterior(step))
+            kl = 0.5 * (-1 + log_var - true_log_var + math.exp(true_log_var - log_var)
+                        + (true_mean - mean) ** 2 * math.exp(-log_var))
+            assert float(vb[row]) == pytest.approx(float(kl.mean()) / math.log(2), rel=1e-9)
 
 
 def test_vlb_zero_for_true_posterior(diffusion: GaussianDiffusion) -> None:
@@ -258,6 +310,10 @@ def test_mse_loss_with_fixed_variance() -> None:
     x0 = torch.zeros((2, 1, 4, 4))
     losses = d.training_losses(lambda x, ts: torch.zeros_like(x), x0, torch.tensor([5, 900]), {})
     assert torch.equal(losses["loss"], losses["mse"]) and torch.isfinite(losses["vb"]).all()
+    eps = GaussianDiffusion(learn_sigma=False, loss="mse")
+    noise = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    losses = eps.training_losses(lambda x, ts: torch.full_like(x, 0.5), x0, torch.tensor([5, 900]), {}, noise=noise)
+    torch.testing.assert_close(losses["mse"], ((noise - 0.5) ** 2).mean((1, 2, 3)))
     with pytest.raises(ValueError, match="channels"):
         d.training_losses(lambda x, ts: torch.zeros((2, 2, 4, 4)), x0, torch.tensor([5, 900]), {})
 
@@ -289,10 +345,14 @@ def test_space_timesteps() -> None:
     assert space_timesteps(T, "ddim50") == list(range(0, T, 20))
     assert space_timesteps(300, "10,15,20") == sorted(space_timesteps(300, "10,15,20"))
     assert len(space_timesteps(300, "10,15,20")) == 45
-    with pytest.raises(ValueError):
+    assert space_timesteps(T, "ddim1000") == list(range(T)) and space_timesteps(T, "ddim1") == [0]
+    assert space_timesteps(10, "2") == [0, 9] and space_timesteps(10, "1,1") == [0, 5]
+    with pytest.raises(ValueError, match="cannot make exactly 300 steps out of 1000 with an integer stride"):
         space_timesteps(T, "ddim300")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot divide a section of 10 timesteps into 11 steps"):
         space_timesteps(10, "11")
+    with pytest.raises(ValueError, match="cannot divide a section of 5 timesteps into 0 steps"):
+        space_timesteps(10, "0,1")
 
 
 def test_respaced_chain(diffusion: GaussianDiffusion) -> None:
@@ -305,8 +365,14 @@ def test_respaced_chain(diffusion: GaussianDiffusion) -> None:
     np.testing.assert_allclose(spaced.alphas_cumprod, diffusion.alphas_cumprod[kept], rtol=1e-10)
     betas, timestep_map = respaced_betas(diffusion.alphas_cumprod, {999, 0, 500})
     assert timestep_map == [0, 500, 999] and betas.shape == (3,)
-    via_config = GaussianDiffusion(timestep_respacing="ddim40")
-    np.testing.assert_allclose(via_config.betas, spaced.betas)
+    for bad, message in (([], "^use_timesteps is empty$"), ([-1, 5], r"^use_timesteps must lie in 0\.\.999$"),
+                         ([5, 1000], r"^use_timesteps must lie in 0\.\.999$"), ([0, 999, 1000], "0..999")):
+        with pytest.raises(ValueError, match=message):
+            respaced_betas(diffusion.alphas_cumprod, bad)
+    assert respaced_betas(diffusion.alphas_cumprod, [3, 999])[1] == [3, 999]
+    twice = spaced.respaced(kept[::2])  # original timesteps, whatever the chain's spacing
+    np.testing.assert_allclose(twice.alphas_cumprod, diffusion.alphas_cumprod[kept[::2]], rtol=1e-10)
+    assert spaced.config == diffusion.config
 
 
 # Samplers.
@@ -349,6 +415,17 @@ def test_ddim_deterministic_and_seeded_reproducible(diffusion: GaussianDiffusion
         assert (a - x0).abs().max() < 1e-6 and (c - x0).abs().max() < 1e-6
 
 
+def test_stochastic_sampling_without_a_generator_uses_the_global_rng(diffusion: GaussianDiffusion) -> None:
+    model_fn = lambda x, t: torch.cat([0.3 * x, torch.zeros_like(x)], dim=1)  # noqa: E731
+    sampler = make_sampler("ancestral", diffusion, 5)
+    x_T = torch.zeros((2, 1, 4, 4), dtype=torch.float64)
+    torch.manual_seed(0)
+    a = run_sampler(sampler, model_fn, x_T, seed=None)
+    torch.manual_seed(0)
+    assert torch.equal(a, run_sampler(sampler, model_fn, x_T, seed=None)) and a.dtype == torch.float64
+    assert not torch.equal(a, run_sampler(sampler, model_fn, x_T, seed=None))
+
+
 def test_sample_loop_yields_every_step(diffusion: GaussianDiffusion) -> None:
     x0 = smooth_image(8)
     sampler = make_sampler("ddim", diffusion, 12, eta=0.0)
@@ -356,21 +433,66 @@ def test_sample_loop_yields_every_step(diffusion: GaussianDiffusion) -> None:
     assert sampler.config == expected
     calls: list[int] = []
 
-    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+    def model_fn(x: Tensor, t: Tensor, *, scale: float) -> Tensor:
         calls.append(int(t[0]))
-        assert t.shape == (x.shape[0],)
+        assert t.shape == (x.shape[0],) and t.dtype == torch.long and scale == 2.0
         return oracle_model(diffusion, x0)(x, t)
 
-    items = list(sample_loop(model_fn, sampler, torch.randn((1, 1, 8, 8), dtype=torch.float64), {}))
+    x_T = torch.randn((2, 1, 8, 8), dtype=torch.float64)
+    items = list(sample_loop(model_fn, sampler, x_T, {"scale": 2.0}))
     assert [i for i, *_ in items] == list(range(1, 13)) and all(n == 12 for _, n, *_ in items)
     assert calls == sampler.timesteps.tolist()
-    assert all(x.shape == p.shape == x0.shape for *_, x, p in items)
+    assert all(x.shape == p.shape == x_T.shape for *_, x, p in items)
+    with pytest.raises(ValueError, match=r"start_index must lie in 0\.\.11, got 12"):
+        next(sample_loop(model_fn, sampler, x_T, {"scale": 2.0}, start_index=12))
     rebuilt = make_sampler(diffusion=diffusion, **json.loads(json.dumps(sampler.config)))
     assert torch.equal(rebuilt.timesteps, sampler.timesteps)
     with pytest.raises(ValueError):
         make_sampler("euler", diffusion, 10)
     with pytest.raises(ValueError):
         make_sampler("ddim", diffusion, 1001)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        make_sampler("ddim", diffusion, 10, eta=-0.1)
+    assert make_sampler("ddim", diffusion, 10, clip_denoised=False).config["clip_denoised"] is False
+    one = make_sampler("ddim", diffusion, 1, start_timestep=0)  # a single step from t=0
+    assert one.timesteps.tolist() == [0] and len(list(sample_loop(model_fn, one, x_T, {"scale": 2.0}))) == 1
+
+
+def test_set_timesteps_bounds(diffusion: GaussianDiffusion) -> None:
+    for steps, start in ((1, None), (1000, None), (301, 300), (1, 0), (2, 999)):
+        sampler = make_sampler("ddim", diffusion, steps, start_timestep=start)
+        assert sampler.num_steps == steps and sampler.config["start_timestep"] == start
+        assert sampler.timesteps.dtype == torch.long and int(sampler.timesteps[0]) == (999 if start is None else start)
+    for steps, start, message in ((302, 300, r"num_steps must lie in 1\.\.301 \(timesteps 0\.\.300\), got 302"),
+                                  (0, None, r"num_steps must lie in 1\.\.1000 \(timesteps 0\.\.999\), got 0"),
+                                  (1, 1000, r"start_timestep must lie in 0\.\.999, got 1000"),
+                                  (1, -1, r"start_timestep must lie in 0\.\.999, got -1")):
+        with pytest.raises(ValueError, match=message):
+            make_sampler("ddim", diffusion, steps, start_timestep=start)
+    sampler = make_sampler("ddim", diffusion, 10)
+    x = torch.zeros((1, 1, 2, 2))
+    with pytest.raises(IndexError, match=r"timestep_index must lie in 0\.\.9, got 10"):
+        sampler.step(torch.zeros((1, 2, 2, 2)), 10, x)
+
+
+@pytest.mark.parametrize("name", ["ancestral", "ddim"])
+def test_clip_denoised_option_reaches_the_step(diffusion: GaussianDiffusion, name: str) -> None:
+    x_t = torch.full((1, 1, 2, 2), 3.0, dtype=torch.float64)  # at t=999 x_0 = (3 - eps) / 0.0064: far outside [-1, 1]
+    output = torch.cat([torch.zeros_like(x_t), -torch.ones_like(x_t)], dim=1)
+    clipped, free = (make_sampler(name, diffusion, 10, clip_denoised=c) for c in (True, False))
+    assert float(clipped.step(output, 0, x_t, torch.Generator().manual_seed(0))[1].max()) == 1.0
+    assert float(free.step(output, 0, x_t, torch.Generator().manual_seed(0))[1].max()) > 100
+
+
+@pytest.mark.parametrize("name", ["ancestral", "ddim"])
+def test_sampler_before_set_timesteps(diffusion: GaussianDiffusion, name: str) -> None:
+    sampler = SAMPLERS[name](diffusion)
+    assert sampler.num_steps == 0 and sampler.config["start_timestep"] is None
+    x = torch.zeros((1, 1, 2, 2))
+    with pytest.raises(RuntimeError, match="^call set_timesteps"):
+        next(sample_loop(lambda x, t: torch.zeros((1, 2, 2, 2)), sampler, x, {}))
+    with pytest.raises(RuntimeError, match="^call set_timesteps"):
+        sampler.step(torch.zeros((1, 2, 2, 2)), 0, x)
 
 
 def test_sdedit_start_from_noised_prior(diffusion: GaussianDiffusion) -> None:
@@ -389,6 +511,123 @@ def test_sdedit_start_from_noised_prior(diffusion: GaussianDiffusion) -> None:
     items = list(sample_loop(oracle_model(diffusion, x0), full, start, {}, torch.Generator().manual_seed(0), 30))
     assert [i for i, *_ in items] == list(range(31, 51))
     assert (items[-1][2] - x0).abs().max() < 1e-6
+
+
+# The noise each stochastic step adds, against closed forms computed here from the original alphas_cumprod.
+
+STEP_SAMPLES = 20_000
+"""Draws of one step per check. The 4 elements of x_t share one variance, so the pooled sample variance has a
+relative standard error of sqrt(2 / 80 000) = 0.5 %: the 3 % tolerance is 6 standard errors (never fails by chance,
+whatever the generator), while a standard deviation used as a variance or a lost square root changes the variance
+by a factor var (0.005-0.5 at the checked steps). Means: 5 standard errors per element."""
+
+
+def _closed_form_coefficients(diffusion: GaussianDiffusion, sampler, i: int) -> tuple[float, float]:
+    """(abar_t, abar_prev) of step i of the sampler's timesteps, straight from the original schedule."""
+    abar = np.cumprod(1.0 - diffusion.betas)
+    steps = sampler.timesteps.tolist()
+    return float(abar[steps[i]]), float(abar[steps[i + 1]]) if i + 1 < len(steps) else 1.0
+
+
+def _pred_x0_and_eps(x_t: Tensor, eps: Tensor, abar: float) -> tuple[Tensor, Tensor]:
+    """Clipped x_0 implied by the noise prediction, and the noise consistent with the clipped x_0."""
+    x0 = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+    return x0, (x_t - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+
+
+def ancestral_step_moments(diffusion, sampler, i, x_t, eps, v) -> tuple[Tensor, float]:
+    """Posterior mean at the predicted x_0; variance interpolated (in log) between posterior variance and beta."""
+    abar, abar_prev = _closed_form_coefficients(diffusion, sampler, i)
+    x0, _ = _pred_x0_and_eps(x_t, eps, abar)
+    beta = 1 - abar / abar_prev
+    mean = math.sqrt(abar_prev) * beta / (1 - abar) * x0 + math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar) * x_t
+    if i + 1 == sampler.num_steps:
+        return mean, 0.0  # the last step returns the mean
+    posterior = beta * (1 - abar_prev) / (1 - abar)
+    frac = (v + 1) / 2
+    return mean, math.exp(frac * math.log(beta) + (1 - frac) * math.log(posterior))
+
+
+def ddim_step_moments(diffusion, sampler, i, x_t, eps, v) -> tuple[Tensor, float]:
+    """Song et al. eq. 12: sigma^2 = eta^2 (1 - abar_prev) / (1 - abar) (1 - abar / abar_prev); v is ignored."""
+    abar, abar_prev = _closed_form_coefficients(diffusion, sampler, i)
+    x0, eps = _pred_x0_and_eps(x_t, eps, abar)
+    sigma2 = sampler.eta**2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+    mean = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma2) * eps
+    return mean, (0.0 if i + 1 == sampler.num_steps else sigma2)
+
+
+EXPECTED_STEP = {"ancestral": ancestral_step_moments, "ddim": ddim_step_moments}
+"""Closed-form (mean, variance) of one step, per sampler: a new sampler needs an entry (see the test below)."""
+
+STEP_CASES = [("ancestral", {}, -1.0), ("ancestral", {}, 0.4), ("ddim", {"eta": 1.0}, 0.4), ("ddim", {"eta": 0.5}, -1.0),
+              ("ddim", {"eta": 0.0}, 0.4)]
+
+
+def test_every_sampler_has_a_step_noise_check() -> None:
+    assert set(EXPECTED_STEP) == set(SAMPLERS) == {name for name, _, _ in STEP_CASES}
+
+
+def step_samples(sampler, i: int, x_t: Tensor, model_output: Tensor, n: int, seed: int = 0) -> Tensor:
+    """n draws of x_prev from one step at position i, for the same x_t and model output."""
+    expand = (n, *x_t.shape[1:])
+    x_prev, _ = sampler.step(model_output.expand(n, -1, -1, -1), i, x_t.expand(expand),
+                             torch.Generator().manual_seed(seed))
+    return x_prev
+
+
+@pytest.mark.parametrize(("name", "options", "v"), STEP_CASES)
+def test_step_noise_matches_closed_form(diffusion: GaussianDiffusion, name: str, options: dict, v: float) -> None:
+    sampler = make_sampler(name, diffusion, 10, **options)
+    x_t = torch.tensor([-0.8, -0.1, 0.3, 1.1], dtype=torch.float64).reshape(1, 1, 2, 2)
+    eps = torch.tensor([0.5, -1.2, 0.1, 0.9], dtype=torch.float64).reshape(1, 1, 2, 2)
+    model_output = torch.cat([eps, torch.full_like(eps, v)], dim=1)
+    for i in (1, 5, 8, 9):  # high noise to the last step (i=9 adds no noise)
+        mean, var = EXPECTED_STEP[name](diffusion, sampler, i, x_t, eps, v)
+        x = step_samples(sampler, i, x_t, model_output, STEP_SAMPLES)
+        if var == 0.0:
+            assert torch.equal(x, x[:1].expand_as(x)), (name, i)
+            torch.testing.assert_close(x[0], mean[0])
+            continue
+        assert (x.mean(0) - mean[0]).abs().max() < 5 * math.sqrt(var / STEP_SAMPLES), (name, i)
+        pooled = float((x - x.mean(0)).pow(2).sum() / (4 * (STEP_SAMPLES - 1)))
+        assert pooled / var == pytest.approx(1.0, abs=0.03), (name, i, pooled, var)
+
+
+def test_ddim_eta_one_adds_the_posterior_variance(diffusion: GaussianDiffusion) -> None:
+    """DDIM with eta=1 is the ancestral step with the posterior variance: same mean, same noise."""
+    ddim, ancestral = make_sampler("ddim", diffusion, 10, eta=1.0), make_sampler("ancestral", diffusion, 10)
+    x_t = torch.tensor([0.2, -0.4, 0.7, -1.3], dtype=torch.float64).reshape(1, 1, 2, 2)
+    model_output = torch.cat([x_t * 0.5, -torch.ones_like(x_t)], dim=1)  # v = -1: the posterior variance
+    for i in (2, 6):
+        assert ddim.chain is not None
+        k = ddim.chain_index(i)
+        a, b = (step_samples(s, i, x_t, model_output, STEP_SAMPLES, seed=3) for s in (ddim, ancestral))
+        torch.testing.assert_close(a, b)
+        pooled = float((a - a.mean(0)).pow(2).sum() / (4 * (STEP_SAMPLES - 1)))
+        assert pooled / ddim.chain.posterior_variance[k] == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize(("name", "options"), [("ancestral", {}), ("ddim", {"eta": 1.0})])
+def test_per_sample_generators_make_samples_independent_of_the_batch(diffusion: GaussianDiffusion, name: str,
+                                                                    options: dict) -> None:
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:  # not an oracle: the noise of every step reaches the sample
+        return torch.cat([0.3 * x, torch.full_like(x, 0.3)], dim=1)
+
+    sampler = make_sampler(name, diffusion, 6, **options)
+    x_T = torch.zeros((3, 1, 8, 8), dtype=torch.float64)  # the samples differ only through the step noise
+
+    def run(rows: slice) -> Tensor:
+        generators = [torch.Generator().manual_seed(20 + b) for b in range(3)][rows]
+        *_, (_, _, x, _) = sample_loop(model_fn, sampler, x_T[rows], {}, generators)
+        return x
+
+    together = run(slice(0, 3))
+    apart = torch.cat([run(slice(b, b + 1)) for b in range(3)])
+    torch.testing.assert_close(together, apart, rtol=0, atol=1e-12)
+    assert not torch.equal(together[0], together[1])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        list(sample_loop(model_fn, sampler, x_T, {}, [torch.Generator()] * 2))
 
 
 # A tiny conditional model overfits one image.
@@ -412,15 +651,6 @@ class TinyModel(nn.Module):
         h = nn.functional.silu(self.inp(torch.cat([x, cond], dim=1)) + emb)
         h = nn.functional.silu(self.mid(h) + emb)
         return self.out(h)
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small shared CPU, more threads make this tiny model several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_model_overfits_one_image(one_thread: None) -> None:

@@ -20,7 +20,7 @@ from CTSemanticSynthLib.synthesis import prepare_classes
 
 from conftest import SAMPLE_CT, SAMPLE_SEG, tiny_model_config
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.models import CONDITIONINGS, UNetModel, model_defaults
+
+from conftest import make_model_folder, randomise_zero_layers
 
 TINY = {
     "image_size": 32,
@@ -26,12 +29,7 @@ B, H = 2, 32
 def tiny_model(conditioning: str, seed: int = 0, **overrides: object) -> UNetModel:
     """A tiny model whose zero-initialised layers are randomised, so every input can reach the output."""
     torch.manual_seed(seed)
-    model = UNetModel(**{**TINY, "conditioning": conditioning, **overrides})
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                nn.init.normal_(p, std=0.1)
-    return model.eval()
+    return randomise_zero_layers(UNetModel(**{**TINY, "conditioning": conditioning, **overrides})).eval()
 
 
 def inputs(conditioning: str, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -55,6 +53,19 @@ def test_output_shape_and_finite(conditioning: str) -> None:
     assert out.shape == (B, 2, H, H)
     assert out.dtype == torch.float32
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_shared_test_models_give_non_trivial_outputs(tmp_path, conditioning: str) -> None:
+    """conftest's model folders must not output zeros (a fresh U-Net does), or a checkpoint round trip that never
+    loads the weights would still compare equal."""
+    model = load_model(make_model_folder(tmp_path / "m", conditioning)).model
+    kw = inputs(conditioning)
+    kw["mask"] = nn.functional.one_hot(kw["mask"].argmax(1) * 5, 17).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        out = model(**kw)
+    assert out.abs().mean() > 0.05 and out[:, 0].std() > 0.05 and out[:, 1].std() > 0.05
+    assert UNetModel(**model.config)(**kw).abs().max() == 0.0  # what a fresh model gives: all zeros
 
 
 @pytest.mark.parametrize("conditioning", CONDITIONINGS)

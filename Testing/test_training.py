@@ -18,18 +18,13 @@ from conftest import REPO, SAMPLE_CT, SAMPLE_SEG
 
 
 from training import prepare, train  # noqa: E402
+from training.ema import ema_rate, update_ema  # noqa: E402
 from training.timestep_sampler import LossAwareSampler, UniformSampler, make_timestep_sampler  # noqa: E402
 
 SLICES = 20  # axial slices per fake case (the sample's K axis is superior)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A background job shares these CPUs: keep every test on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # a background job shares these CPUs
 
 
 def _fake_case(image: Path, label: Path, first_slice: int, *, label_rows: int | None = None) -> None:
@@ -167,7 +162,7 @@ def test_torchrun_two_cpu_processes(amos_cache, tmp_path):
 
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
          "-m", "training.train", "--data", str(amos_cache), "--out", str(out), *TINY, "--iterations", "3",
          "--sample-every", "0"],
         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, cwd=REPO,
@@ -421,3 +416,36 @@ def test_loss_aware_importance_weights_are_unbiased():
     assert estimate.item() == pytest.approx(loss_of_t.mean().item(), rel=0.01)
     naive = loss_of_t[t].mean()  # without the weights the estimate is biased toward high losses
     assert naive > 1.5 * loss_of_t.mean()
+
+
+# --- EMA ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [0.05, 0.9999], ids=["constant-rate", "warm-up"])
+def test_ema_after_n_steps_is_the_closed_form(target):
+    """e_N = prod(r) e_0 + sum_s (1 - r_s) prod_{j>s} r_j p_{s+1}, with r_s = min(target, (1 + s) / (10 + s))."""
+    model = torch.nn.BatchNorm1d(3)  # parameters and a buffer (running_mean)
+    ema = torch.nn.BatchNorm1d(3).requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ema.weight.copy_(torch.randn(3, generator=generator))
+    e0 = ema.weight.double().clone()
+    history = []
+    for step in range(25):
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(3, generator=generator))
+            model.running_mean.copy_(torch.randn(3, generator=generator))
+        history.append(model.weight.detach().double().clone())
+        update_ema(ema, model, ema_rate(step, target))
+    rates = np.array([min(target, (1 + s) / (10 + s)) for s in range(25)])
+    after = [np.prod(rates[s + 1:]) for s in range(25)]
+    expected = np.prod(rates) * e0.numpy() + sum((1 - rates[s]) * after[s] * history[s].numpy() for s in range(25))
+    np.testing.assert_allclose(ema.weight.double().numpy(), expected, rtol=1e-6)
+    assert not np.allclose(expected, history[-1].numpy(), atol=1e-3)  # not a copy of the last weights
+    assert torch.equal(ema.running_mean, model.running_mean)  # buffers are copied
+
+
+def test_ema_rate_warms_up_to_its_target():
+    assert ema_rate(0, 0.9999) == pytest.approx(0.1)
+    assert ema_rate(90, 0.9999) == pytest.approx(91 / 100)
+    assert ema_rate(10**6, 0.9999) == 0.9999

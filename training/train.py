@@ -43,6 +43,7 @@ from CTSemanticSynthLib.preprocess import condition_inputs
 from CTSemanticSynthLib.synthesis import MAX_SEED
 
 from .dataset import SliceCache
+from .ema import ema_rate, update_ema
 from .sample_grid import write_sample_grid
 from .timestep_sampler import make_timestep_sampler
 
@@ -321,19 +322,11 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self._update_ema()
+        update_ema(self.ema, self.model, ema_rate(self.step, self.config["ema_rate"]))
         self.step += 1
         return {"loss": float(loss.detach()), "mse": float(losses["mse"].detach().mean()),
                 "vb": float(losses["vb"].detach().mean()),
                 "grad_norm": float(grad_norm)}
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        rate = min(self.config["ema_rate"], (1 + self.step) / (10 + self.step))
-        for ema, param in zip(self.ema.parameters(), self.model.parameters()):
-            ema.lerp_(param.detach(), 1 - rate)
-        for ema, buf in zip(self.ema.buffers(), self.model.buffers()):
-            ema.copy_(buf)
 
     def run(self) -> Path:
         """Train to ``iterations`` (checkpointing, logging, sampling), then export ``OUT/model``."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .respace import respaced_betas, space_timesteps
+from .respace import respaced_betas
 from .schedule import get_beta_schedule
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -33,7 +33,6 @@ def diffusion_defaults() -> dict[str, Any]:
         "learn_sigma": True,
         "loss": "hybrid",
         "vlb_weight": 0.001,
-        "timestep_respacing": None,
     }
 
 
@@ -46,9 +45,8 @@ def _extract(values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
 class GaussianDiffusion:
     """Diffusion process and its losses, built from JSON-serialisable keyword arguments (kept in ``config``).
 
-    ``betas`` (explicit list) overrides ``schedule``/``num_timesteps``. ``timestep_respacing`` (see
-    ``space_timesteps``) or ``use_timesteps`` (original timesteps to keep) shorten the chain. ``prediction`` is what
-    the model predicts ("eps", "x0" or "v"); with ``learn_sigma`` the model outputs 2*C channels, the second half
+    ``betas`` (explicit list) overrides ``schedule``/``num_timesteps``; ``respaced`` gives a shorter chain over
+    some of the timesteps (what samplers walk). ``prediction`` is what the model predicts ("eps", "x0" or "v"); with ``learn_sigma`` the model outputs 2*C channels, the second half
     interpolating the log variance between the clipped posterior variance (-1) and beta_t (+1). Without it the
     variance is fixed to beta_t ("fixed large"). ``loss`` "hybrid" = MSE + vlb_weight * num_timesteps * VLB term
     (needs ``learn_sigma``), "mse" = MSE only (needs fixed variance).
@@ -64,8 +62,6 @@ class GaussianDiffusion:
         learn_sigma: bool = True,
         loss: str = "hybrid",
         vlb_weight: float = 0.001,
-        timestep_respacing: str | None = None,
-        use_timesteps: Sequence[int] | None = None,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
@@ -75,8 +71,6 @@ class GaussianDiffusion:
             raise ValueError("loss 'hybrid' trains the learned variance: it needs learn_sigma=True (or use loss 'mse')")
         if loss == "mse" and learn_sigma:
             raise ValueError("loss 'mse' never trains the variance channel: use loss 'hybrid' or learn_sigma=False")
-        if timestep_respacing is not None and use_timesteps is not None:
-            raise ValueError("give timestep_respacing or use_timesteps, not both")
 
         base = get_beta_schedule(schedule, num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
         if base.ndim != 1 or base.size == 0 or not ((base > 0) & (base <= 1)).all():
@@ -89,24 +83,14 @@ class GaussianDiffusion:
             "learn_sigma": bool(learn_sigma),
             "loss": loss,
             "vlb_weight": float(vlb_weight),
-            "timestep_respacing": timestep_respacing,
-            "use_timesteps": None if use_timesteps is None else sorted({int(t) for t in use_timesteps}),
         }
         self.prediction = prediction
         self.learn_sigma = bool(learn_sigma)
         self.loss_type = loss
         self.vlb_weight = float(vlb_weight)
-        self.base_betas = base
         self.original_num_timesteps = int(base.size)
-
-        if timestep_respacing is not None:
-            use_timesteps = space_timesteps(base.size, timestep_respacing)
-        if use_timesteps is None:
-            chain_betas, timestep_map = base, list(range(base.size))
-        else:
-            chain_betas, timestep_map = respaced_betas(np.cumprod(1.0 - base), use_timesteps)
-        self.timestep_map = np.asarray(timestep_map, dtype=np.int64)
-        self._set_chain(chain_betas)
+        self.timestep_map = np.arange(base.size, dtype=np.int64)
+        self._set_chain(base)
 
     def _set_chain(self, betas: np.ndarray) -> None:
         """Precompute the float64 coefficient tables of the chain with these betas."""
@@ -133,10 +117,15 @@ class GaussianDiffusion:
         return cls(**config)
 
     def respaced(self, use_timesteps: Iterable[int]) -> GaussianDiffusion:
-        """The same process restricted to ``use_timesteps`` (ORIGINAL timesteps, whatever this chain's spacing)."""
-        return GaussianDiffusion(
-            **{**self.config, "timestep_respacing": None, "use_timesteps": sorted({int(t) for t in use_timesteps})}
-        )
+        """The same process restricted to ``use_timesteps`` (ORIGINAL timesteps, whatever this chain's spacing).
+
+        Its ``config`` is this process's: the chain is a view for sampling, not a new process.
+        """
+        chain = GaussianDiffusion.from_config(self.config)
+        betas, timestep_map = respaced_betas(chain.alphas_cumprod, use_timesteps)
+        chain.timestep_map = np.asarray(timestep_map, dtype=np.int64)
+        chain._set_chain(betas)
+        return chain
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """Original timesteps (LongTensor) for chain indices ``t``: what the model is called with."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Sampler, randn_like
+from .base import Generators, Sampler, randn_like
 
 
 class AncestralSampler(Sampler):
@@ -14,7 +14,7 @@ class AncestralSampler(Sampler):
     name = "ancestral"
 
     def step(
-        self, model_output: Tensor, timestep_index: int, x_t: Tensor, generator: torch.Generator | None = None
+        self, model_output: Tensor, timestep_index: int, x_t: Tensor, generator: Generators = None
     ) -> tuple[Tensor, Tensor]:
         out = self.p_mean_variance(model_output, timestep_index, x_t)
         if self.chain_index(timestep_index) == 0:

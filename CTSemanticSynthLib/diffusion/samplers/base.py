@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -13,8 +13,20 @@ from ..gaussian_diffusion import GaussianDiffusion, ModelFn
 from ..respace import space_timesteps
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like ``x``, drawn on the generator's device (reproducible) and moved to ``x``'s."""
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the whole batch, one per batch element (a sample's noise then does not depend on the batch
+it is drawn in), or None (the global RNG)."""
+
+
+def randn_like(x: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device (reproducible) and moved to ``x``'s.
+
+    A sequence of generators draws element ``b`` of the batch from ``generator[b]``.
+    """
+    if isinstance(generator, Sequence):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.cat([randn_like(x[b : b + 1], g) for b, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
@@ -67,7 +79,7 @@ class Sampler(ABC):
         first = top if start_timestep is None else int(start_timestep)
         if not 1 <= num_steps <= first + 1:
             raise ValueError(f"num_steps must lie in 1..{first + 1} (timesteps 0..{first}), got {num_steps}")
-        kept = space_timesteps(first + 1, int(num_steps))
+        kept = space_timesteps(first + 1, int(num_steps)) if num_steps > 1 else [first]  # one step starts at the top
         self.chain = self.diffusion.respaced(kept)
         self.start_timestep = None if start_timestep is None else first
         self.timesteps = torch.tensor(kept[::-1], dtype=torch.long)
@@ -96,7 +108,7 @@ class Sampler(ABC):
 
     @abstractmethod
     def step(
-        self, model_output: Tensor, timestep_index: int, x_t: Tensor, generator: torch.Generator | None = None
+        self, model_output: Tensor, timestep_index: int, x_t: Tensor, generator: Generators = None
     ) -> tuple[Tensor, Tensor]:
         """One reverse step: (x_prev, pred_x0)."""
 
@@ -106,7 +118,7 @@ def sample_loop(
     sampler: Sampler,
     x_T: Tensor,
     model_kwargs: dict[str, Any],
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     start_index: int = 0,
 ) -> Iterator[tuple[int, int, Tensor, Tensor]]:
     """Run ``sampler`` from ``x_T`` (the state at ``timesteps[start_index]``), yielding (i, n, x, pred_x0) per step.

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..gaussian_diffusion import GaussianDiffusion
-from .base import Sampler, randn_like
+from .base import Generators, Sampler, randn_like
 
 
 class DDIMSampler(Sampler):
@@ -27,7 +26,7 @@ class DDIMSampler(Sampler):
         return {"eta": self.eta}
 
     def step(
-        self, model_output: Tensor, timestep_index: int, x_t: Tensor, generator: torch.Generator | None = None
+        self, model_output: Tensor, timestep_index: int, x_t: Tensor, generator: Generators = None
     ) -> tuple[Tensor, Tensor]:
         out = self.p_mean_variance(model_output, timestep_index, x_t)
         k = self.chain_index(timestep_index)
@@ -36,6 +35,6 @@ class DDIMSampler(Sampler):
         abar_prev = float(self.chain.alphas_cumprod_prev[k])
         sigma = self.eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
         x_prev = math.sqrt(abar_prev) * out["pred_x0"] + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * out["eps"]
-        if sigma > 0.0 and k > 0:
+        if sigma > 0.0:
             x_prev = x_prev + sigma * randn_like(x_t, generator)
         return x_prev, out["pred_x0"]
