@@ -88,8 +88,10 @@ def test_cosine_alphas_cumprod_closed_form() -> None:
 
 
 def test_unknown_schedule() -> None:
-    with pytest.raises(ValueError, match="cosine"):
+    with pytest.raises(ValueError, match="^unknown beta schedule 'quadratic'; choose one of linear, cosine$"):
         get_beta_schedule("quadratic", 10)
+    with pytest.raises(ValueError, match="^num_timesteps must be >= 1, got 0$"):
+        get_beta_schedule("cosine", 0)
     with pytest.raises(ValueError, match="num_timesteps > 20"):
         get_beta_schedule("linear", 20)
 
@@ -480,7 +482,7 @@ def test_sample_loop_yields_every_step(diffusion: GaussianDiffusion) -> None:
         next(sample_loop(model_fn, sampler, x_T, {"scale": 2.0}, start_index=12))
     rebuilt = make_sampler(diffusion=diffusion, **json.loads(json.dumps(sampler.config)))
     assert torch.equal(rebuilt.timesteps, sampler.timesteps)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^unknown sampler 'euler'; choose one of ancestral, ddim$"):
         make_sampler("euler", diffusion, 10)
     with pytest.raises(ValueError):
         make_sampler("ddim", diffusion, 1001)
@@ -506,6 +508,18 @@ def test_set_timesteps_bounds(diffusion: GaussianDiffusion) -> None:
     x = torch.zeros((1, 1, 2, 2))
     with pytest.raises(IndexError, match=r"timestep_index must lie in 0\.\.9, got 10"):
         sampler.step(torch.zeros((1, 2, 2, 2)), 10, x)
+
+
+@pytest.mark.parametrize("name", ["ancestral", "ddim"])
+def test_sampler_steps_multi_channel_batches(diffusion: GaussianDiffusion, name: str) -> None:
+    sampler = make_sampler(name, diffusion, 4)
+    x0 = torch.rand((3, 2, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = sampler.add_noise(x0, 0, noise)
+    torch.testing.assert_close(x, diffusion.q_sample(x0, batch_t(999, 3), noise))
+    x_prev, pred_x0 = sampler.step(torch.cat([noise, torch.zeros_like(noise)], 1), 0, x, torch.Generator())
+    assert x_prev.shape == pred_x0.shape == x0.shape
+    torch.testing.assert_close(pred_x0, x0)
 
 
 @pytest.mark.parametrize("name", ["ancestral", "ddim"])
