@@ -1,5 +1,6 @@
 """Shared fixtures: the bundled sample case and tiny randomly initialised model folders."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -40,14 +41,24 @@ def make_model_folder(folder: Path, conditioning: str = "concat", seed: int = 0,
     return folder
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread during the test, restored after: on a small shared CPU more threads make tiny models
-    slower. Modules use it through ``pytestmark``, never by setting the thread count at import."""
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread inside the block, restored after. Module fixtures that fork worker processes (slice-cache
+    preparation) need it: a forked child deadlocks in a torch thread pool the parent started."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread during the test: on a small shared CPU more threads make tiny models slower. Modules use
+    it through ``pytestmark``, never by setting the thread count at import."""
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

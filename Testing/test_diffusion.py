@@ -88,8 +88,10 @@ def test_cosine_alphas_cumprod_closed_form() -> None:
 
 
 def test_unknown_schedule() -> None:
-    with pytest.raises(ValueError, match="cosine"):
+    with pytest.raises(ValueError, match="^unknown beta schedule 'quadratic'; choose one of linear, cosine$"):
         get_beta_schedule("quadratic", 10)
+    with pytest.raises(ValueError, match="^num_timesteps must be >= 1, got 0$"):
+        get_beta_schedule("cosine", 0)
     with pytest.raises(ValueError, match="num_timesteps > 20"):
         get_beta_schedule("linear", 20)
 
@@ -110,12 +112,30 @@ def test_defaults_are_paper(diffusion: GaussianDiffusion) -> None:
     assert diffusion.learn_sigma and diffusion.loss_type == "hybrid" and diffusion.vlb_weight == 0.001
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"prediction": "score"}, {"loss": "kl"}, {"loss": "hybrid", "learn_sigma": False}, {"loss": "mse"}]
-)
-def test_invalid_config(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"prediction": "score"}, "^prediction must be one of eps, x0, v, got 'score'$"),
+    ({"loss": "kl"}, "^loss must be one of hybrid, mse, got 'kl'$"),
+    ({"loss": "hybrid", "learn_sigma": False}, "^loss 'hybrid' trains the learned variance: it needs learn_sigma=True"),
+    ({"loss": "mse"}, "^loss 'mse' never trains the variance channel: use loss 'hybrid' or learn_sigma=False$"),
+    ({"betas": []}, r"^betas must be a non-empty 1-D sequence of values in \(0, 1\]$"),
+    ({"betas": [[0.1, 0.2]]}, "non-empty 1-D"), ({"betas": [0.0, 0.1]}, "non-empty 1-D"),
+    ({"betas": [0.1, 1.5]}, "non-empty 1-D"),
+])
+def test_invalid_config(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         GaussianDiffusion(**kwargs)
+
+
+def test_short_explicit_chains() -> None:
+    """One- and two-step chains: the t=0 log variance is clipped to the next step's value (one step: to beta_0)."""
+    one = GaussianDiffusion(betas=[0.5], learn_sigma=False, loss="mse")
+    np.testing.assert_allclose(one.posterior_log_variance_clipped, np.log([0.5]))
+    two = GaussianDiffusion(betas=[0.1, 0.2], learn_sigma=False, loss="mse")
+    pv1 = 0.2 * 0.1 / (1 - 0.9 * 0.8)
+    np.testing.assert_allclose(two.posterior_log_variance_clipped, np.log([pv1, pv1]))
+    np.testing.assert_allclose(two.fixed_log_variance, np.log([pv1, 0.2]))
+    assert two.config["betas"] == [0.1, 0.2] and GaussianDiffusion().config["betas"] is None
+    assert get_beta_schedule("cosine", 1).shape == (1,)
 
 
 # Forward process and posterior.
@@ -181,6 +201,21 @@ def test_parametrisations_recover_x0(prediction: str) -> None:
     torch.testing.assert_close(out["pred_x0"], x0)
     torch.testing.assert_close(out["eps"], noise)
     torch.testing.assert_close(out["mean"], d.q_posterior_mean_variance(x0, x_t, t)[0])
+
+
+def test_fixed_variance_default_clipping_dtype_and_channels() -> None:
+    d = GaussianDiffusion(learn_sigma=False, loss="mse")
+    x_t = torch.full((2, 2, 2, 2), 3.0)  # two image channels, float32
+    t = torch.tensor([0, 500])
+    out = d.p_mean_variance(torch.zeros_like(x_t), x_t, t)  # clip_denoised defaults to True
+    assert out["pred_x0"].max() == 1.0 and out["mean"].dtype == torch.float32
+    np.testing.assert_allclose(out["log_variance"][:, 0, 0, 0].numpy(),
+                               np.log([d.posterior_variance[1], d.betas[500]]), rtol=1e-6)
+    assert d.q_sample(x_t, t, torch.zeros_like(x_t)).dtype == torch.float32
+    learned = GaussianDiffusion()
+    assert learned.p_mean_variance(torch.zeros((2, 4, 2, 2)), x_t, t)["mean"].shape == x_t.shape
+    with pytest.raises(ValueError, match=r"^noise shape \(2, 2, 2, 2\) differs from x0 shape \(2, 1, 2, 2\)$"):
+        d.q_sample(x_t[:, :1], t, x_t)
 
 
 def test_learned_range_variance_endpoints(diffusion: GaussianDiffusion) -> None:
@@ -447,7 +482,7 @@ def test_sample_loop_yields_every_step(diffusion: GaussianDiffusion) -> None:
         next(sample_loop(model_fn, sampler, x_T, {"scale": 2.0}, start_index=12))
     rebuilt = make_sampler(diffusion=diffusion, **json.loads(json.dumps(sampler.config)))
     assert torch.equal(rebuilt.timesteps, sampler.timesteps)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^unknown sampler 'euler'; choose one of ancestral, ddim$"):
         make_sampler("euler", diffusion, 10)
     with pytest.raises(ValueError):
         make_sampler("ddim", diffusion, 1001)
@@ -473,6 +508,18 @@ def test_set_timesteps_bounds(diffusion: GaussianDiffusion) -> None:
     x = torch.zeros((1, 1, 2, 2))
     with pytest.raises(IndexError, match=r"timestep_index must lie in 0\.\.9, got 10"):
         sampler.step(torch.zeros((1, 2, 2, 2)), 10, x)
+
+
+@pytest.mark.parametrize("name", ["ancestral", "ddim"])
+def test_sampler_steps_multi_channel_batches(diffusion: GaussianDiffusion, name: str) -> None:
+    sampler = make_sampler(name, diffusion, 4)
+    x0 = torch.rand((3, 2, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = sampler.add_noise(x0, 0, noise)
+    torch.testing.assert_close(x, diffusion.q_sample(x0, batch_t(999, 3), noise))
+    x_prev, pred_x0 = sampler.step(torch.cat([noise, torch.zeros_like(noise)], 1), 0, x, torch.Generator())
+    assert x_prev.shape == pred_x0.shape == x0.shape
+    torch.testing.assert_close(pred_x0, x0)
 
 
 @pytest.mark.parametrize("name", ["ancestral", "ddim"])

@@ -18,7 +18,7 @@ from CTSemanticSynthLib.metrics.paper import PAPER_RESULTS
 from CTSemanticSynthLib.preprocess import AxialOrientation
 from CTSemanticSynthLib.synthesis import prepare_classes
 
-from conftest import SAMPLE_CT, SAMPLE_SEG, tiny_model_config
+from conftest import SAMPLE_CT, SAMPLE_SEG, single_thread, tiny_model_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,8 +119,9 @@ def tiny_cache(tmp_path_factory) -> Path:
     from training.prepare import Case, prepare
 
     out = tmp_path_factory.mktemp("cache") / "c32"
-    prepare([Case("sample", SAMPLE_CT, SAMPLE_SEG, "train")], out, size=32, convention="totalseg", workers=0,
-            holdout_every=8)
+    with single_thread():  # prepare forks workers
+        prepare([Case("sample", SAMPLE_CT, SAMPLE_SEG, "train")], out, size=32, convention="totalseg", workers=0,
+                holdout_every=8)
     return out
 
 

@@ -22,7 +22,7 @@ from CTSemanticSynthLib.io import Volume, read_labelmap
 from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize, condition_inputs
 from CTSemanticSynthLib.synthesis import SamplingOptions, class_prior, prepare_classes, synthesize
 
-from conftest import SAMPLE_SEG
+from conftest import SAMPLE_SEG, single_thread
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 SLICES = slice(86, 88)  # two axial slices through liver, kidneys, spleen, stomach and pancreas
@@ -68,12 +68,8 @@ def golden_outputs() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def outputs() -> dict[str, np.ndarray]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return golden_outputs()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_one_step_output_matches_golden(outputs):

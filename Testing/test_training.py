@@ -14,7 +14,7 @@ from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.cli import main as ctsynth
 from CTSemanticSynthLib.labels import BODY, NUM_CLASSES
 
-from conftest import REPO, SAMPLE_CT, SAMPLE_SEG
+from conftest import REPO, SAMPLE_CT, SAMPLE_SEG, single_thread
 
 
 from training import prepare, train  # noqa: E402
@@ -71,13 +71,9 @@ def amos_cache(tmp_path_factory) -> Path:
     """A 32-px cache of the fake AMOS folder (shared by the training tests)."""
     root = tmp_path_factory.mktemp("amos")
     _amos_folder(root / "amos")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # prepare forks workers
         code = prepare.main(["--amos", str(root / "amos"), "--out", str(root / "cache"), "--size", "32",
                              "--workers", "1", "--convention", "totalseg"])
-    finally:
-        torch.set_num_threads(threads)
     assert code == 0
     return root / "cache"
 

@@ -202,7 +202,7 @@ class GaussianDiffusion:
     def p_mean_variance(
         self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = True
     ) -> dict[str, Tensor]:
-        """p(x_{t-1} | x_t) from a model output: dict(mean, variance, log_variance, pred_x0, eps).
+        """p(x_{t-1} | x_t) from a model output: dict(mean, log_variance, pred_x0, eps).
 
         ``pred_x0`` is clipped to [-1, 1] when ``clip_denoised``; ``eps`` is the noise consistent with it.
         """
@@ -230,7 +230,6 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return {
             "mean": mean,
-            "variance": torch.exp(log_variance),
             "log_variance": log_variance,
             "pred_x0": pred_x0,
             "eps": eps,
