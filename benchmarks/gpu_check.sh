@@ -26,11 +26,13 @@ START=$SECONDS
 if (( DRY )); then
   DEVICE=cpu SIZE=32 BATCHES="2" ITERS=6 HALF=4 PRECISION=fp32 SLICES=12  # CPU bf16 can be emulated (slow)
   NET=(--model-channels 8 --channel-mult 1,2 --num-res-blocks 1 --attention-resolutions 2 --num-heads 1)
-  ARCH=(--arch demo --image-size 32 --threads 2 --iterations 2 --warmup 1)
+  ARCH=(--arch demo --image-size 32 --threads 1 --iterations 2 --warmup 1)
+  SYNTH=(--steps 2 --threads 1)
 else
   DEVICE=cuda SIZE=256 BATCHES="16 32 64" ITERS=80 HALF=60 PRECISION=bf16 SLICES=300
   NET=()  # the paper's network (train_defaults)
   ARCH=(--arch paper --image-size 256 --iterations 5 --warmup 2)
+  SYNTH=()
 fi
 export DEVICE SIZE PRECISION SLICES
 
@@ -61,7 +63,7 @@ run timeout 300 "$PY" -m training.prepare --images "$WORK/src/images" --labels "
 stage "train $HALF iterations in $PRECISION, resume to $ITERS, against an uninterrupted $ITERS"
 TRAIN=(-m training.train --data "$WORK/cache" "${NET[@]}" --batch-size 16 --precision "$PRECISION" --device "$DEVICE"
        --log-every 10 --checkpoint-every 20 --sample-every 0 --dropout 0.1)
-(( DRY )) && TRAIN+=(--batch-size 4 --log-every 1 --checkpoint-every 2 --threads 2)
+(( DRY )) && TRAIN+=(--batch-size 4 --log-every 1 --checkpoint-every 2 --threads 1)
 run timeout 300 "$PY" "${TRAIN[@]}" --out "$WORK/whole" --iterations "$ITERS"
 run timeout 300 "$PY" "${TRAIN[@]}" --out "$WORK/parts" --iterations "$HALF"
 run timeout 300 "$PY" "${TRAIN[@]}" --out "$WORK/parts" --iterations "$ITERS" --resume
@@ -91,7 +93,8 @@ config, _ = train.parse_config(["--config", os.devnull, "--data", f"{work}/cache
                                 "--device", device, "--precision", os.environ["PRECISION"], "--batch-size",
                                 "4" if os.environ["DRY"] == "1" else "16"]
                                + (["--model-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
-                                   "--attention-resolutions", "2", "--num-heads", "1"] if os.environ["DRY"] == "1" else []))
+                                   "--attention-resolutions", "2", "--num-heads", "1", "--threads", "1"]
+                                  if os.environ["DRY"] == "1" else []))
 trainer = train.Trainer(config, resume=True)
 sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 waits = []
@@ -137,7 +140,7 @@ stage "peak memory at batch ${BATCHES// //}, with and without activation checkpo
 for batch in $BATCHES; do
   for ckpt in "" --use-checkpoint; do
     echo "-- batch $batch ${ckpt:-(no checkpointing)}"
-    timeout 120 "$PY" benchmarks/train_step.py "${ARCH[@]}" --device "$DEVICE" --precision "$PRECISION" --no-peer \
+    timeout 180 "$PY" benchmarks/train_step.py "${ARCH[@]}" --device "$DEVICE" --precision "$PRECISION" --no-peer \
       --batch-size "$batch" $ckpt 2>&1 | grep -E "^\| CTSemantic|Error|error" | tail -2
   done
 done
@@ -204,7 +207,7 @@ timeout 120 "$PY" "${SYN[@]}" --out "$WORK/oom.nii.gz" --batch-size 100000 2>&1 
 echo "exit status $? ; output written: $([[ -e $WORK/oom.nii.gz ]] && echo yes || echo no)"
 if "$PY" benchmarks/synthesis.py --help 2>/dev/null | grep -q -- "--device"; then
   echo "-- benchmarks/synthesis.py --device $DEVICE"
-  timeout 240 "$PY" benchmarks/synthesis.py --device "$DEVICE" --model "$WORK/whole/model" --repeats 1 2>&1 | tail -8
+  timeout 240 "$PY" benchmarks/synthesis.py --device "$DEVICE" --model "$WORK/whole/model" --repeats 1 "${SYNTH[@]}" 2>&1 | tail -8
 else
   echo "benchmarks/synthesis.py has no --device option: skipped"
 fi
