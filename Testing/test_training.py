@@ -3,6 +3,8 @@ clear errors for user mistakes, and the loss-aware timestep sampler."""
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +14,7 @@ import torch
 
 from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.cli import main as ctsynth
+from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.labels import BODY, NUM_CLASSES
 
 from conftest import REPO, SAMPLE_CT, SAMPLE_SEG, single_thread
@@ -151,23 +154,83 @@ def _train(data: Path, out: Path, *extra) -> int:
     return train.main(["--data", str(data), "--out", str(out), *TINY, *[str(e) for e in extra]])
 
 
-def test_torchrun_two_cpu_processes(amos_cache, tmp_path):
-    """DistributedDataParallel over gloo: one log and one checkpoint (rank 0), a loadable model."""
-    import subprocess
-    import sys
-
-    out = tmp_path / "ddp"
-    result = subprocess.run(
+def _torchrun(data: Path, out: Path, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
-         "-m", "training.train", "--data", str(amos_cache), "--out", str(out), *TINY, "--iterations", "3",
-         "--sample-every", "0"],
+         "-m", "training.train", "--data", str(data), "--out", str(out), *TINY, *[str(e) for e in extra]],
         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, cwd=REPO,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stderr.count("train: exported") == 1
-    rows = list(csv.reader((out / "log.csv").read_text().splitlines()))
-    assert rows[0][0] == "step" and [r[0] for r in rows[1:]] == ["1", "2", "3"]
-    assert load_model(out / "model").config["training"]["hardware"].endswith("x2")
+
+
+def test_torchrun_two_cpu_processes_differ_and_resume_exactly(amos_cache, tmp_path):
+    """DistributedDataParallel over gloo: one log and one checkpoint (rank 0), a loadable model, the batch split
+    across ranks, ranks drawing different timesteps before and after a resume, loss statistics of both ranks, and
+    a run stopped at step 2 and resumed equal to an uninterrupted one."""
+    common = ["--sample-every", 0, "--timestep-sampler", "loss-aware", "--dropout", 0.1]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for out, argv in ((whole, [4]), (parts, [2]), (parts, [4, "--resume"])):
+        result = _torchrun(amos_cache, out, *common, "--iterations", *argv)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stderr.count("train: exported") == 1
+    rows = list(csv.reader((whole / "log.csv").read_text().splitlines()))
+    assert rows[0][0] == "step" and [r[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    card = load_model(whole / "model").config["training"]
+    assert card["hardware"].endswith("x2") and card["batch_size"] == 2 and card["batch_per_rank"] == 1
+    run = json.loads((whole / "config.json").read_text())["run"]
+    assert run["world_size"] == 2 and run["batch_per_rank"] == 1
+
+    a, b = _weights(whole), _weights(parts)
+    for key in ("model", "ema"):
+        different = [name for name in a[key] if not torch.equal(a[key][name], b[key][name])]
+        assert not different, f"{key}: {different[:3]}"
+    for key, value in a["timesteps"].items():
+        assert torch.equal(value, b["timesteps"][key]), key
+    # 4 steps x 2 ranks x 1 slice, all gathered by every rank, not yet folded into the history
+    t = a["timesteps"]["pending_t"].reshape(4, 2)  # [step, rank]
+    assert (t[:2, 0] != t[:2, 1]).any() and (t[2:, 0] != t[2:, 1]).any()  # ranks differ before and after resume
+
+
+def test_batch_size_is_global_and_split_across_ranks():
+    assert train.rank_batch_size(16, 4) == 4 and train.rank_batch_size(16, 1) == 16
+    with pytest.raises(InputError, match="--batch-size 6 is the global batch .* 4 processes"):
+        train.rank_batch_size(6, 4)
+
+
+def test_ranks_and_steps_draw_different_slices_and_repeat_exactly():
+    draws = {(rank, step): train.draw_indices(1000, 8, 0, rank, step) for rank in range(2) for step in range(3)}
+    assert all(torch.equal(v, train.draw_indices(1000, 8, 0, *k)) for k, v in draws.items())  # resumable
+    values = [tuple(v.tolist()) for v in draws.values()]
+    assert len(set(values)) == len(values)
+    assert not torch.equal(train.draw_indices(1000, 8, 1, 0, 0), draws[0, 0])  # the seed matters
+
+
+def test_auto_precision_uses_native_bf16_only(monkeypatch):
+    native = {"value": False}
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return including_emulation or native["value"]
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    cuda = torch.device("cuda")
+    assert train.resolve_precision("auto", cuda) == "fp16"  # emulated bf16: fp16 with a grad scaler
+    native["value"] = True
+    assert train.resolve_precision("auto", cuda) == "bf16"
+    assert train.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert train.resolve_precision("fp16", torch.device("cpu")) == "fp16"
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--precision", "bf16"], "pass --precision fp32"),
+    (["--batch-size", "4"], "batch_size"),
+])
+def test_error_resume_with_other_precision_or_batch(amos_cache, tmp_path, capsys, flags, needle):
+    assert _train(amos_cache, tmp_path / "run", "--iterations", 1, "--sample-every", 0, "--precision", "fp32") == 0
+    capsys.readouterr()
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    code = _train(amos_cache, tmp_path / "run", "--iterations", 2, "--sample-every", 0, "--resume",
+                  "--precision", "fp32", *flags)
+    _one_line_error(capsys, code, "--resume", needle)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("conditioning", ["concat", "mask_encoder", "edge"])
@@ -412,6 +475,42 @@ def test_loss_aware_importance_weights_are_unbiased():
     assert estimate.item() == pytest.approx(loss_of_t.mean().item(), rel=0.01)
     naive = loss_of_t[t].mean()  # without the weights the estimate is biased toward high losses
     assert naive > 1.5 * loss_of_t.mean()
+
+
+def test_loss_aware_sampler_ignores_non_finite_losses():
+    T = 10
+    loss_of_t = torch.linspace(0.1, 1.0, T)
+    clean, dirty = LossAwareSampler(T, history=2), LossAwareSampler(T, history=2)
+    _warm(clean, loss_of_t)
+    _warm(dirty, loss_of_t)
+    dirty.update(torch.tensor([3, 4, 5]), torch.tensor([float("nan"), float("inf"), -float("inf")]))
+    p = dirty.probabilities()
+    assert torch.isfinite(p).all() and torch.equal(p, clean.probabilities())
+
+
+def test_loss_aware_sampler_reads_losses_back_once_per_fold():
+    """Per-step updates leave the losses on their device (here 'meta', which cannot be read back at all):
+    only every ``fold_every``-th update copies them to the host."""
+    sampler = LossAwareSampler(10, history=2, fold_every=3)
+    t, losses = torch.zeros(4, dtype=torch.long, device="meta"), torch.zeros(4, device="meta")
+    for _ in range(2):
+        sampler.update(t, losses)
+        sampler.sample(4, torch.Generator().manual_seed(0))  # sampling does not wait for pending losses
+    with pytest.raises(NotImplementedError):
+        sampler.update(t, losses)
+
+
+def test_loss_aware_state_keeps_pending_losses():
+    sampler = LossAwareSampler(10, history=2, fold_every=4)
+    for step in range(6):
+        sampler.update(torch.tensor([step, 9 - step]), torch.tensor([1.0 + step, 2.0]))
+    other = LossAwareSampler(10, history=2, fold_every=4)
+    other.load_state_dict(sampler.state_dict())
+    for s in (sampler, other):
+        s.update(torch.tensor([0, 1]), torch.tensor([5.0, 6.0]))
+        s.update(torch.tensor([2, 3]), torch.tensor([7.0, 8.0]))  # the second fold, at the same update
+    assert torch.equal(other.losses, sampler.losses) and torch.equal(other.counts, sampler.counts)
+    assert int(sampler.counts.sum()) == 16
 
 
 # --- EMA ------------------------------------------------------------------------------------------------------

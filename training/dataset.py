@@ -42,12 +42,17 @@ class SliceCache:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def load(self, indices: torch.Tensor | list[int], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored arrays for the given row indices: images [B, S, S] float16 in [0, 1], classes [B, S, S]
+        uint8 (what a training step copies to its device; ``pin`` puts them in page-locked memory)."""
+        picks = [self.rows[int(i)] for i in indices]
+        images = torch.from_numpy(np.stack([self._images[c][s] for c, s in picks]))
+        classes = torch.from_numpy(np.stack([self._classes[c][s] for c, s in picks]))
+        return (images.pin_memory(), classes.pin_memory()) if pin else (images, classes)
+
     def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images scaled to [-1, 1] (float32) and classes (int64) for the given row indices."""
-        picks = [self.rows[int(i)] for i in indices]
-        images = np.stack([self._images[c][s] for c, s in picks]).astype(np.float32)
-        classes = np.stack([self._classes[c][s] for c, s in picks]).astype(np.int64)
-        return torch.from_numpy(images * 2 - 1)[:, None], torch.from_numpy(classes)
+        return model_batch(*self.load(indices))
 
     def class_means(self, max_slices: int = 2000) -> list[float]:
         """Mean [0,1] intensity per model class over (up to ``max_slices`` of) the split; 0 for absent classes."""
@@ -57,3 +62,9 @@ class SliceCache:
         sums = torch.zeros(NUM_CLASSES).index_add_(0, classes.flatten(), unit.flatten())
         counts = torch.bincount(classes.flatten(), minlength=NUM_CLASSES).float()
         return [float(s / c) if c > 0 else 0.0 for s, c in zip(sums, counts)]
+
+
+def model_batch(images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored arrays (from ``SliceCache.load``, on any device) -> images [B, 1, S, S] float32 in [-1, 1] and
+    classes [B, S, S] int64."""
+    return images.float()[:, None] * 2 - 1, classes.long()

@@ -16,7 +16,6 @@ def ema_rate(step: int, target: float) -> float:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
     """ema <- rate * ema + (1 - rate) * model for every parameter; buffers are copied."""
-    for target, param in zip(ema.parameters(), model.parameters()):
-        target.lerp_(param.detach(), 1 - rate)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - rate)  # one fused launch
     for target, buf in zip(ema.buffers(), model.buffers()):
         target.copy_(buf)

@@ -5,8 +5,10 @@
     torchrun --nproc_per_node 4 -m training.train --data cache/amos256 --out runs/concat
 
 Every option has a default in ``train_defaults()`` (the paper's protocol); a YAML file sets any of them and
-flags override both. The run folder gets ``config.json`` (resolved), ``checkpoint.pt`` (written atomically
-every ``checkpoint_every`` iterations, with model, EMA, optimizer, scaler, step and RNG states), ``log.csv``,
+flags override both. ``--batch-size`` is the global batch, split evenly across the torchrun ranks. Each rank
+draws its slices, timesteps and noise from a stream derived from (seed, rank, step), so ranks differ and a
+resumed run continues exactly as an uninterrupted one. The run folder gets ``config.json`` (resolved), ``checkpoint.pt`` (written atomically
+every ``checkpoint_every`` iterations, with model, EMA, optimizer, scaler, step and timestep-sampler states), ``log.csv``,
 TensorBoard scalars (when ``tensorboard`` is installed), ``samples/`` grids and, at the end, ``model/`` — the
 EMA weights as a ``ctsynth`` model folder.
 """
@@ -17,11 +19,13 @@ import argparse
 import contextlib
 import copy
 import csv
+import hashlib
 import json
 import os
 import platform
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,7 @@ from CTSemanticSynthLib.models.config import resolve_config
 from CTSemanticSynthLib.preprocess import condition_inputs
 from CTSemanticSynthLib.synthesis import MAX_SEED
 
-from .dataset import SliceCache
+from .dataset import SliceCache, model_batch
 from .ema import ema_rate, update_ema
 from .sample_grid import write_sample_grid
 from .timestep_sampler import make_timestep_sampler
@@ -56,6 +60,10 @@ DIFFUSION_FIXED = ("learn_sigma", "timestep_respacing")
 """Diffusion settings that are no flags: 'hybrid' loss learns the variance, 'mse' does not; respacing is for
 sampling."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RESUME_FIXED = ("conditioning", "model_channels", "channel_mult", "num_res_blocks", "schedule", "prediction",
+                "data", "batch_size")
+"""Options a resumed run must share with the saved one (the global batch too: it sets the optimisation)."""
 TIMESTEP_SAMPLERS = ("uniform", "loss-aware")
 
 
@@ -71,6 +79,7 @@ def train_defaults() -> dict[str, Any]:
         "data": "", "out": "", "name": "", **network, **diffusion,
         "batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "iterations": 150_000, "ema_rate": 0.9999,
         "grad_clip": 1.0, "timestep_sampler": "uniform", "max_timestep": 0, "precision": "auto", "compile": False,
+        "channels_last": False,
         "checkpoint_every": 1000, "sample_every": 5000, "log_every": 50, "sample_steps": 25,
         "sample_start_timestep": 0, "seed": 0, "device": "auto", "threads": 0, "half_export": False,
     }
@@ -112,6 +121,36 @@ def _int_list(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on a CUDA GPU with native bf16 (emulated bf16 does not count), fp16 (+ grad scaler) on
+    other CUDA GPUs, fp32 elsewhere; other values are kept."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def rank_batch_size(batch_size: int, world: int) -> int:
+    """The per-rank share of the global ``batch_size``; InputError unless it divides evenly."""
+    if batch_size % world:
+        raise InputError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
+                         f"{world} processes (e.g. {max(1, batch_size // world) * world})")
+    return batch_size // world
+
+
+def stream_seed(seed: int, rank: int, step: int, stream: str) -> int:
+    """A 63-bit seed for one random stream ('data' or 'noise') of one rank at one step."""
+    digest = hashlib.blake2b(f"{seed}:{rank}:{step}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def draw_indices(rows: int, batch: int, seed: int, rank: int, step: int) -> torch.Tensor:
+    """The training-slice indices rank ``rank`` trains on at ``step`` (a pure function: resumes need no state)."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, rank, step, "data"))
+    return torch.randint(rows, (batch,), generator=generator)
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -202,12 +241,17 @@ class Trainer:
         self.config = config
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank_batch = rank_batch_size(config["batch_size"], self.world)
         self.device = select_device(config["device"])
         if self.world > 1:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            if self.device.type == "cuda":
+            if self.device.type == "cuda":  # before the process group, so NCCL binds this rank's GPU
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                 torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         if config["threads"]:
             torch.set_num_threads(int(config["threads"]))
         self.out = Path(config["out"])
@@ -220,6 +264,8 @@ class Trainer:
         torch.manual_seed(config["seed"])
         try:
             self.model = create_model(model_config(config, self.train_data.image_size)).to(self.device)
+            if config["channels_last"]:
+                self.model = self.model.to(memory_format=torch.channels_last)
         except ValueError as exc:
             raise InputError(f"network options do not fit the {self.train_data.image_size} px slices of "
                              f"{config['data']}: {exc}") from None
@@ -227,14 +273,17 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"],
                                            weight_decay=config["weight_decay"])
-        self.dtype = self._autocast_dtype()
+        self.precision = resolve_precision(config["precision"], self.device)
+        self.dtype = AUTOCAST[self.precision]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         limit = config["max_timestep"] or self.diffusion.num_timesteps
         if not 0 < limit <= self.diffusion.num_timesteps or config["sample_start_timestep"] >= limit:
             raise InputError(f"max_timestep {config['max_timestep']} must lie in 1..{self.diffusion.num_timesteps} "
                              f"and exceed sample_start_timestep {config['sample_start_timestep']}")
         self.timesteps = make_timestep_sampler(config["timestep_sampler"], limit)
-        self.generator = torch.Generator().manual_seed(config["seed"] * 1009 + self.rank)
+        self.generator = torch.Generator(self.device)  # timesteps and noise, reseeded every step
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="slices")
+        self._prefetched: tuple[int, Future] | None = None
         self.step = 0
         self.wall = 0.0
         self.net: torch.nn.Module = self.model
@@ -247,22 +296,13 @@ class Trainer:
         elif (self.out / CHECKPOINT).exists():
             raise InputError(f"{self.out} already holds a run: pass --resume to continue it or choose another --out")
 
-    def _autocast_dtype(self) -> torch.dtype | None:
-        precision = self.config["precision"]
-        if precision == "auto":
-            if self.device.type != "cuda":
-                return None
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
     # --- checkpoints ------------------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
         return {
             "step": self.step, "wall": self.wall, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": torch.get_rng_state(), "generator": self.generator.get_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "precision": self.precision, "world_size": self.world,
             "timesteps": self.timesteps.state_dict(), "config": json.dumps(self.config),
         }
 
@@ -282,38 +322,53 @@ class Trainer:
         except Exception as exc:  # torch raises many types for a damaged file
             raise InputError(f"--resume: {path} cannot be read ({type(exc).__name__}); it may be damaged") from None
         saved = json.loads(state["config"])
-        changed = [k for k in ("conditioning", "model_channels", "channel_mult", "num_res_blocks", "schedule",
-                               "prediction", "data") if saved.get(k) != self.config[k]]
+        changed = [k for k in RESUME_FIXED if saved.get(k) != self.config[k]]
         if changed:
             raise InputError(f"--resume: {', '.join(changed)} differ from the saved run in {path}")
+        if state.get("precision") != self.precision:  # the grad-scaler state exists for fp16 only
+            raise InputError(f"--resume: the run in {path} trained in {state.get('precision')}, this one would use "
+                             f"{self.precision}: pass --precision {state.get('precision')}")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        if self.device.type == "cuda" and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.generator.set_state(state["generator"])
         self.timesteps.load_state_dict(state["timesteps"])
         self.step, self.wall = int(state["step"]), float(state["wall"])
 
     # --- training ---------------------------------------------------------------------------------------
 
-    def train_step(self) -> dict[str, float]:
-        """One optimisation step on a random batch; returns the batch-mean losses."""
+    def _load_slices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = draw_indices(len(self.train_data), self.rank_batch, self.config["seed"], self.rank, step)
+        return self.train_data.load(indices, pin=self.device.type == "cuda")
+
+    def _slices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's stored slices (uint8 classes, float16 images) on the device; the next step's are read from
+        the cache in a background thread meanwhile."""
+        if self._prefetched is not None and self._prefetched[0] == self.step:
+            images, classes = self._prefetched[1].result()
+        else:
+            images, classes = self._load_slices(self.step)
+        self._prefetched = (self.step + 1, self._loader.submit(self._load_slices, self.step + 1))
+        return images.to(self.device, non_blocking=True), classes.to(self.device, non_blocking=True)
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimisation step on this rank's batch; returns the batch-mean losses (device tensors: reading them
+        waits for the GPU, so the loop does that on logging steps only)."""
         cfg = self.config
-        index = torch.randint(len(self.train_data), (cfg["batch_size"],), generator=self.generator)
-        images, classes = self.train_data.batch(index)
-        images = images.to(self.device)
-        t, weights = self.timesteps.sample(len(index), self.generator)
-        noise = torch.randn(images.shape, generator=self.generator).to(self.device)
-        t, weights = t.to(self.device), weights.to(self.device)
+        images, classes = model_batch(*self._slices())  # one-hot and edges are built here, on the device
+        inputs = condition_inputs(classes, cfg["conditioning"])
+        if cfg["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+            inputs = {k: v.contiguous(memory_format=torch.channels_last) for k, v in inputs.items()}
+        seed = stream_seed(cfg["seed"], self.rank, self.step, "noise")
+        torch.manual_seed(seed)  # dropout
+        self.generator.manual_seed(seed)
+        t, weights = self.timesteps.sample(len(images), self.generator)
+        noise = torch.randn(images.shape, generator=self.generator, device=self.device)
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            losses = self.diffusion.training_losses(self.net, images, t,
-                                                    {k: v.to(self.device) for k, v in condition_inputs(classes, cfg["conditioning"]).items()},
-                                                    noise)
+            losses = self.diffusion.training_losses(self.net, images, t, inputs, noise)
         self.timesteps.update(t, losses["loss"])
         loss = (losses["loss"].float() * weights).mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -324,9 +379,8 @@ class Trainer:
         self.scaler.update()
         update_ema(self.ema, self.model, ema_rate(self.step, self.config["ema_rate"]))
         self.step += 1
-        return {"loss": float(loss.detach()), "mse": float(losses["mse"].detach().mean()),
-                "vb": float(losses["vb"].detach().mean()),
-                "grad_norm": float(grad_norm)}
+        return {"loss": loss.detach(), "mse": losses["mse"].detach().mean(), "vb": losses["vb"].detach().mean(),
+                "grad_norm": grad_norm.detach()}
 
     def run(self) -> Path:
         """Train to ``iterations`` (checkpointing, logging, sampling), then export ``OUT/model``."""
@@ -334,7 +388,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         main = self.rank == 0
         if main:
-            (self.out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            run = {"world_size": self.world, "batch_per_rank": self.rank_batch, "precision": self.precision}
+            (self.out / "config.json").write_text(json.dumps(cfg | {"run": run}, indent=2) + "\n")
         writer = _tensorboard(self.out) if main else None
         log_path = self.out / "log.csv" if main else Path(os.devnull)  # one log, written by rank 0
         new_log = main and not log_path.exists()
@@ -350,6 +405,7 @@ class Trainer:
                 metrics = self.train_step()
                 bar.update(1)
                 if self.step % cfg["log_every"] == 0 and main:
+                    metrics = {k: float(v) for k, v in metrics.items()}
                     now = time.perf_counter()
                     self.wall += now - tic
                     rate = (self.step - since) / max(now - tic, 1e-9)
@@ -365,6 +421,7 @@ class Trainer:
                     self.save_checkpoint()
                 if main and cfg["sample_every"] and self.step % cfg["sample_every"] == 0:
                     self.write_samples()
+        self._loader.shutdown(cancel_futures=True)
         if writer is not None:
             writer.close()
         return self.export() if main else self.out / "model"
@@ -387,7 +444,8 @@ class Trainer:
         extra = {
             "description": f"{self.config['conditioning']} model trained with CTSemanticSynth training/train.py",
             "class_means": self.class_means,
-            "training": {"iterations": self.step, "batch_size": self.config["batch_size"], "lr": self.config["lr"],
+            "training": {"iterations": self.step, "batch_size": self.config["batch_size"],
+                         "batch_per_rank": self.rank_batch, "precision": self.precision, "lr": self.config["lr"],
                          "data": str(self.config["data"]), "train_slices": len(self.train_data),
                          "hardware": f"{hardware} x{self.world}", "wall_time_s": round(self.wall, 1),
                          "ema_rate": self.config["ema_rate"],

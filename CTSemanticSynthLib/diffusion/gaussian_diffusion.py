@@ -36,9 +36,18 @@ def diffusion_defaults() -> dict[str, Any]:
     }
 
 
+_TABLES: dict[tuple[bytes, torch.dtype, torch.device], Tensor] = {}
+"""Schedule tables already copied to a device (a host-to-device copy per lookup stalls GPU training steps)."""
+
+
 def _extract(values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
     """``values[t]`` in ``like``'s dtype and device, shaped [B, 1, ..., 1] to broadcast against ``like``."""
-    table = torch.as_tensor(values, dtype=like.dtype).to(like.device)
+    key = (np.asarray(values).tobytes(), like.dtype, like.device)
+    if key not in _TABLES:
+        if len(_TABLES) >= 256:  # many respaced schedules: start over rather than grow
+            _TABLES.clear()
+        _TABLES[key] = torch.as_tensor(values, dtype=like.dtype).to(like.device)
+    table = _TABLES[key]
     return table[t.to(like.device)].reshape(-1, *([1] * (like.ndim - 1)))
 
 
