@@ -189,12 +189,13 @@ def _made_by(job: Job, model_sha256: str, options: SamplingOptions) -> bool:
 
 
 def _complete(job: Job) -> bool:
+    """Whether the job's volumes exist and hold all their data (its sidecar was read by :func:`_made_by`)."""
     try:
         for path in job.outputs[:-1]:
             verify_complete(path)
     except InputError:
         return False
-    return all(path.is_file() for path in job.outputs)
+    return True
 
 
 def read_sidecar_at(path: Path) -> dict[str, Any] | None:
@@ -282,7 +283,7 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     results = [JobResult(job, "ok" if finished else "pending", _recorded_seconds(job) if finished else None,
                          model.sha256 if finished else "") for job, finished in zip(jobs, done)]
     mine = [r for r in results if shard.owns(r.job)]
-    cache: dict[str, Volume | CTSynthError] = {}
+    cache: dict[str, Volume] = {}
     for count, result in enumerate(mine, start=1):
         if result.status == "pending":
             _run_job(result, model, options, settings, device, cache, progress)
@@ -304,20 +305,15 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
 
 
 def _run_job(result: JobResult, model: LoadedModel, options: SamplingOptions, settings: BatchSettings,
-             device: torch.device, cache: dict[str, Volume | CTSynthError], progress: ProgressCallback | None) -> None:
+             device: torch.device, cache: dict[str, Volume], progress: ProgressCallback | None) -> None:
     job = result.job
     start = time.perf_counter()
     try:
         if job.case not in cache:  # a case's samples run one after another: keep only the current case's classes
             cache.clear()
-            try:
-                seg, names = read_labelmap(job.segmentation)
-                cache[job.case] = prepare_classes(seg, names, settings.labels)[0]
-            except CTSynthError as exc:
-                cache[job.case] = exc
+            seg, names = read_labelmap(job.segmentation)
+            cache[job.case] = prepare_classes(seg, names, settings.labels)[0]
         classes = cache[job.case]
-        if isinstance(classes, CTSynthError):
-            raise classes
         synthesis = synthesize(classes, model, dataclasses.replace(options, seed=job.seed), device=device,
                                progress=progress)
         result.seconds = time.perf_counter() - start

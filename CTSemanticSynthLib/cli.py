@@ -450,7 +450,8 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"ctsynth: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="ctsynth: %(levelname)s: %(message)s")
-    handler = {"synth": _synth, "batch": _batch, "info": _info, "classes": _classes, "evaluate": _evaluate}[args.command]
+    handler = {"synth": _synth, "batch": _batch, "info": _info, "classes": _classes,
+               "evaluate": _evaluate}[args.command]
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:

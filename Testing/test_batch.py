@@ -66,9 +66,9 @@ def test_cases_from_a_folder_or_a_list(tmp_path, segs):
     (segs / "notes.txt").write_text("not a label map")
     assert [name for name, _ in list_cases(segs)] == ["caseA", "caseB"]
     listing = tmp_path / "cases.txt"
-    listing.write_text(f"# training cases\n{segs / 'caseB.nii.gz'}\n\n{os.path.relpath(segs / 'caseA.nii.gz', tmp_path)}\n")
-    assert list_cases(listing) == [("caseB", segs / "caseB.nii.gz"), ("caseA", tmp_path / os.path.relpath(
-        segs / "caseA.nii.gz", tmp_path))]
+    relative = os.path.relpath(segs / "caseA.nii.gz", tmp_path)
+    listing.write_text(f"# training cases\n{segs / 'caseB.nii.gz'}\n\n{relative}\n")
+    assert list_cases(listing) == [("caseB", segs / "caseB.nii.gz"), ("caseA", tmp_path / relative)]
     listing.write_text(f"{segs / 'caseA.nii.gz'}\n{tmp_path / 'missing.nii.gz'}\n")
     with pytest.raises(batch.InputError, match="missing"):
         list_cases(listing)
@@ -243,7 +243,7 @@ def test_torchrun_two_processes_equal_one(segs, tiny_model, tmp_path, first_batc
                "--seed", "5", "--variance"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, encoding="utf-8", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "[rank 1]" in done.stderr  # rank 1 did jobs too
+    assert "ctsynth: [rank 1] 2/2 caseB sample 1: ok" in done.stderr  # rank 1 ran jobs 1 and 3, and only those
     names = sorted(p.name for p in single.iterdir())
     assert sorted(p.name for p in out.iterdir()) == names
     for name in names:
@@ -270,7 +270,9 @@ def test_synth_samples_and_variance_map(capsys, segs, tiny_model, tmp_path):
 
 
 def test_plan_orders_jobs_case_major(tmp_path):
-    jobs = plan_jobs([("a", tmp_path / "a.nii.gz"), ("b", tmp_path / "b.nii.gz")], 2, 9, Layout(tmp_path, "Dataset002_X"))
+    cases = [("a", tmp_path / "a.nii.gz"), ("b", tmp_path / "b.nii.gz")]
+    jobs = plan_jobs(cases, 2, 9, Layout(tmp_path, "Dataset002_X"))
     assert [(j.index, j.case, j.sample) for j in jobs] == [(0, "a", 0), (1, "a", 1), (2, "b", 0), (3, "b", 1)]
     assert [p.relative_to(tmp_path).as_posix() for p in jobs[1].outputs] == [
-        "Dataset002_X/imagesTr/a_s1_0000.nii.gz", "Dataset002_X/labelsTr/a_s1.nii.gz", "Dataset002_X/provenance/a_s1.json"]
+        "Dataset002_X/imagesTr/a_s1_0000.nii.gz", "Dataset002_X/labelsTr/a_s1.nii.gz",
+        "Dataset002_X/provenance/a_s1.json"]
