@@ -178,11 +178,41 @@ def plan_jobs(cases: Sequence[tuple[str, Path]], samples: int, seed: int, layout
     return jobs
 
 
-def _made_by(job: Job, model_sha256: str, options: SamplingOptions) -> bool:
-    """Whether the job's sidecar records this model, these options and the job's seed (the batch size, which does
-    not change the result, may differ)."""
+def original_labels(cases: Sequence[tuple[str, Path]]) -> dict[int, str]:
+    """``{value: name}`` of every label value in the cases (segment names where a .seg.nrrd has them, else
+    ``label_<value>``), without 0; unreadable cases are left out (their jobs fail with the reason)."""
+    found: dict[int, str] = {}
+    for _, path in cases:
+        try:
+            seg, names = read_labelmap(path)
+        except CTSynthError:
+            continue
+        for value in np.unique(seg.array)[1:].tolist():
+            found.setdefault(int(value), names.get(int(value), f"label_{value}"))
+    taken: dict[str, int] = {}
+    for value, name in sorted(found.items()):
+        taken[name if name not in taken and name != "background" else f"{name}_{value}"] = value
+    return {value: name for name, value in taken.items()}
+
+
+def nnunet_labels(label_names: dict[int, str] | None) -> dict[str, int]:
+    """dataset.json's ``labels``: the model classes, or the original values' names numbered 1..N in value order."""
+    if label_names is None:
+        return {name: value for value, name in enumerate(MODEL_CLASSES)}
+    return {"background": 0, **{label_names[v]: i for i, v in enumerate(sorted(label_names), start=1)}}
+
+
+def _label_record(label_names: dict[int, str] | None) -> dict[str, str] | None:
+    return None if label_names is None else {str(v): name for v, name in sorted(label_names.items())}
+
+
+def _made_by(job: Job, model_sha256: str, options: SamplingOptions, label_names: dict[int, str] | None) -> bool:
+    """Whether the job's sidecar records this model, these options, the job's seed and these label values (the
+    batch size, which does not change the result, may differ)."""
     record = read_sidecar_at(job.outputs[-1])
     if record is None or record.get("model_sha256") != model_sha256 or not isinstance(record.get("options"), dict):
+        return False
+    if not isinstance(record.get("batch"), dict) or record["batch"].get("labels") != _label_record(label_names):
         return False
     expected = dataclasses.asdict(dataclasses.replace(options, seed=job.seed))
     return {**record["options"], "batch_size": None} == {**expected, "batch_size": None}
@@ -207,12 +237,13 @@ def read_sidecar_at(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def job_states(jobs: Sequence[Job], model_sha256: str, options: SamplingOptions, overwrite: bool) -> list[bool]:
-    """Which jobs are done (complete files made with this model, these options and the job's seed); InputError
-    when a job still to run would replace a file made otherwise and ``overwrite`` is not set."""
+def job_states(jobs: Sequence[Job], model_sha256: str, options: SamplingOptions, overwrite: bool,
+               label_names: dict[int, str] | None = None) -> list[bool]:
+    """Which jobs are done (complete files made with this model, these options, the job's seed and these label
+    values); InputError when a job still to run would replace a file made otherwise and ``overwrite`` is not set."""
     done = []
     for job in jobs:
-        ours = _made_by(job, model_sha256, options)
+        ours = _made_by(job, model_sha256, options, label_names)
         done.append(ours and _complete(job))
         existing = [p for p in job.outputs if os.path.lexists(p)]
         if existing and not ours and not overwrite:
@@ -263,6 +294,9 @@ class BatchSettings:
     labels: str = "auto"
     variance: bool = False
     overwrite: bool = False
+    label_names: dict[int, str] | None = None
+    """nnU-Net labelsTr: None for the model classes, else the input's own values (from :func:`original_labels`),
+    renumbered 1..N in value order."""
 
 
 def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions, settings: BatchSettings, *,
@@ -275,7 +309,7 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     variance maps and dataset.json once every rank has finished.
     """
     layout = settings.layout
-    done = job_states(jobs, model.sha256, options, settings.overwrite)
+    done = job_states(jobs, model.sha256, options, settings.overwrite, settings.label_names)
     if settings.variance and not settings.overwrite:
         _check_std_maps(layout, jobs, done)
     for folder in layout.folders():
@@ -283,7 +317,7 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     results = [JobResult(job, "ok" if finished else "pending", _recorded_seconds(job) if finished else None,
                          model.sha256 if finished else "") for job, finished in zip(jobs, done)]
     mine = [r for r in results if shard.owns(r.job)]
-    cache: dict[str, Volume] = {}
+    cache: dict[str, tuple[Volume, Volume]] = {}
     for count, result in enumerate(mine, start=1):
         if result.status == "pending":
             _run_job(result, model, options, settings, device, cache, progress)
@@ -298,32 +332,34 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
             _write_std_maps(layout, results)
         write_manifest(layout, results)
         if layout.nnunet is not None:
-            write_dataset_json(layout, results)
+            write_dataset_json(layout, results, nnunet_labels(settings.label_names))
     if shard.world_size > 1:
         torch.distributed.barrier()
     return results
 
 
 def _run_job(result: JobResult, model: LoadedModel, options: SamplingOptions, settings: BatchSettings,
-             device: torch.device, cache: dict[str, Volume], progress: ProgressCallback | None) -> None:
+             device: torch.device, cache: dict[str, tuple[Volume, Volume]], progress: ProgressCallback | None) -> None:
     job = result.job
     start = time.perf_counter()
     try:
         if job.case not in cache:  # a case's samples run one after another: keep only the current case's classes
             cache.clear()
             seg, names = read_labelmap(job.segmentation)
-            cache[job.case] = prepare_classes(seg, names, settings.labels)[0]
-        classes = cache[job.case]
+            cache[job.case] = seg, prepare_classes(seg, names, settings.labels)[0]
+        seg, classes = cache[job.case]
         synthesis = synthesize(classes, model, dataclasses.replace(options, seed=job.seed), device=device,
                                progress=progress)
         result.seconds = time.perf_counter() - start
         record = synthesis.provenance
         record["inputs"] = {"segmentation": str(job.segmentation), "labels": settings.labels}
-        record["batch"] = {"case": job.case, "sample": job.sample, "seed": job.seed, "seconds": result.seconds}
+        record["batch"] = {"case": job.case, "sample": job.sample, "seed": job.seed, "seconds": result.seconds,
+                           "labels": _label_record(settings.label_names)}
         with atomic_outputs(*job.outputs, overwrite=True) as temps:  # job_states refused others' files
             save_volume(synthesis.volume, temps[0], metadata=provenance_header(record))
             if len(temps) == 3:
-                save_volume(classes, temps[1])
+                save_volume(classes if settings.label_names is None else _renumbered(seg, settings.label_names),
+                            temps[1])
             temps[-1].write_text(json.dumps(record, indent=2) + "\n")
         result.status, result.model_sha256, result.error = "ok", model.sha256, ""
     except CTSynthError as exc:
@@ -331,6 +367,14 @@ def _run_job(result: JobResult, model: LoadedModel, options: SamplingOptions, se
     except (RuntimeError, ValueError, OSError) as exc:  # one broken case must not end a batch of hundreds
         logger.debug("case %s sample %d failed", job.case, job.sample, exc_info=True)
         _failed(result, f"{type(exc).__name__}: {exc}")
+
+
+def _renumbered(seg: Volume, label_names: dict[int, str]) -> Volume:
+    """The label map with its values numbered 1..N as in :func:`nnunet_labels` (nnU-Net wants consecutive labels)."""
+    lookup = np.zeros(max(int(seg.array.max()), max(label_names)) + 1, dtype=np.int16)
+    for number, value in enumerate(sorted(label_names), start=1):
+        lookup[value] = number
+    return Volume(lookup[seg.array], seg.affine)
 
 
 def _failed(result: JobResult, message: str) -> None:
@@ -402,17 +446,17 @@ def _check_std_maps(layout: Layout, jobs: Sequence[Job], done: Sequence[bool]) -
                              "use --overwrite")
 
 
-def write_dataset_json(layout: Layout, results: Sequence[JobResult]) -> None:
+def write_dataset_json(layout: Layout, results: Sequence[JobResult], labels: dict[str, int]) -> None:
     """nnU-Net v2's ``dataset.json`` for the finished jobs (none written while no job has finished)."""
     finished = sum(r.status == "ok" for r in results)
     if not finished:
         return
     dataset = {
         "name": layout.nnunet,
-        "description": "Synthetic CTs from CTSemanticSynth (SYNTHETIC, not patient images); labels are the "
-                       "model classes the CTs were made from",
+        "description": "Synthetic CTs from CTSemanticSynth (SYNTHETIC, not patient images) with the labels they "
+                       "were made from",
         "channel_names": {"0": "CT"},
-        "labels": {name: value for value, name in enumerate(MODEL_CLASSES)},
+        "labels": labels,
         "numTraining": finished,
         "file_ending": OUTPUT_SUFFIX,
     }

@@ -106,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--nnunet", default=None, metavar="DatasetNNN_Name",
                        help="write an nnU-Net v2 raw dataset DIR/DatasetNNN_Name (imagesTr, labelsTr with the model "
                             "classes, dataset.json)")
+    batch.add_argument("--nnunet-labels", choices=("model", "original"), default="model",
+                       help="labelsTr holds the model classes (default: 0 background, 1-15 organs, 16 body) or the "
+                            "input's own label values, numbered 1..N in value order (named after .seg.nrrd segments)")
     batch.add_argument("--variance", action="store_true",
                        help="with --samples 2 or more: also write <case>_std.nii.gz, the per-voxel std in HU")
     add_sampling_options(batch)
@@ -290,13 +293,16 @@ def _write_json(record: dict[str, Any], path: Path) -> None:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from .batch import BatchSettings, Layout, list_cases, plan_jobs, rank_device, run_batch, shard_from_environment
+    from .batch import (BatchSettings, Layout, list_cases, original_labels, plan_jobs, rank_device, run_batch,
+                        shard_from_environment)
     from .checkpoint import load_model
     from .evaluate_cli import labels_file
     from .io import check_distinct_paths
 
     if args.variance and args.samples < 2:
         raise InputError("--variance needs --samples 2 or more")
+    if args.nnunet_labels != "model" and args.nnunet is None:
+        raise InputError("--nnunet-labels needs --nnunet")
     device, model_folder, options = _sampling_setup(args)
     layout = Layout(args.out, args.nnunet)
     if args.out.exists() and not args.out.is_dir():
@@ -312,7 +318,8 @@ def _batch(args: argparse.Namespace) -> int:
         print(f"ctsynth: {len(cases)} case(s) x {args.samples} sample(s) with {model.name} (sha256 "
               f"{model.sha256[:12]}), {options.sampler} {options.steps} steps, device {device}"
               + (f", {shard.world_size} ranks" if shard.world_size > 1 else ""), file=sys.stderr)
-    settings = BatchSettings(layout, args.labels, args.variance, args.overwrite)
+    label_names = original_labels(cases) if args.nnunet_labels == "original" else None
+    settings = BatchSettings(layout, args.labels, args.variance, args.overwrite, label_names)
     with _batch_progress(args.quiet, shard.rank) as (on_job, progress):
         results = run_batch(jobs, model, options, settings, device=device, shard=shard, on_job=on_job,
                             progress=progress)

@@ -276,3 +276,26 @@ def test_plan_orders_jobs_case_major(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in jobs[1].outputs] == [
         "Dataset002_X/imagesTr/a_s1_0000.nii.gz", "Dataset002_X/labelsTr/a_s1.nii.gz",
         "Dataset002_X/provenance/a_s1.json"]
+
+
+def test_nnunet_original_labels_are_renumbered_consecutively(capsys, monkeypatch, segs, tiny_model, tmp_path):
+    integrity = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(name, str(tmp_path / name))
+    code, err = run_batch(capsys, segs, tmp_path / "raw", tiny_model, "--nnunet", "Dataset502_Own", "--nnunet-labels",
+                          "original", "-q")
+    assert code == 0, err
+    dataset = tmp_path / "raw" / "Dataset502_Own"
+    integrity.verify_dataset_integrity(str(dataset), 1)  # nnU-Net wants labels 0..N without gaps
+    labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+    values = sorted(set(np.unique(voxels(segs / "caseA.nii.gz"))) | set(np.unique(voxels(segs / "caseB.nii.gz"))))[1:]
+    assert labels == {f"label_{v}": i for i, v in enumerate(values, start=1)} | {"background": 0}
+    for case in ("caseA", "caseB"):
+        source, written = voxels(segs / f"{case}.nii.gz"), voxels(dataset / "labelsTr" / f"{case}_s0.nii.gz")
+        for i, value in enumerate(values, start=1):
+            assert ((written == i) == (source == value)).all()
+    # the same batch with the model classes is another dataset: its files are not taken as done
+    code, err = run_batch(capsys, segs, tmp_path / "raw", tiny_model, "--nnunet", "Dataset502_Own", "-q")
+    assert code == 2 and "was made otherwise" in err
+    code, err = run_batch(capsys, segs, tmp_path / "other", tiny_model, "--nnunet-labels", "original")
+    assert code == 2 and "--nnunet-labels needs --nnunet" in err
