@@ -70,9 +70,8 @@ class CTSemanticSynthParameterNode:
     """
     inputSegmentation - the organs to synthesize from; referenceVolume - optional real CT (grid, review, Dice
     ceiling); outputVolume - where the synthetic CT goes (None: a new node). Sampling: preset, steps (0 = the
-    preset's), seed (randomSeed draws one on Apply and stores it here), device, batchSize, samples (N >= 2: N CTs
-    and their per-voxel spread). Review: blindReview,
-    reviewOrientation. Reader study: studyFromScene or studyFolder, studyCsv, readerName, studySeed.
+    preset's), seed (randomSeed draws one on Apply and stores it here), device, batchSize, samples. Review:
+    blindReview, reviewOrientation. Reader study: studyFromScene or studyFolder, studyCsv, readerName, studySeed.
     """
 
     inputSegmentation: vtkMRMLSegmentationNode
@@ -300,9 +299,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if task.kind == "synthesis":
                 node = self.logic.finishSynthesis(task)
                 self._parameterNode.outputVolume = node
-                variance = task.nodes["variance"]
-                slicer.util.setSliceViewerLayers(background=node, foreground=variance,
-                                                 foregroundOpacity=0.5 if variance else None, fit=True)
+                slicer.util.setSliceViewerLayers(background=node, foreground=task.nodes["variance"], foregroundOpacity=0.5, fit=True)
                 self.ui.statusLabel.text = _("Done: '{name}' in {time}.").format(name=node.GetName(), time=formatDuration(task.process.elapsed))
             elif task.kind == "weights":
                 self.logic.finishWeightsDownload(task)
