@@ -1,8 +1,8 @@
 """Many cases x samples: per-job seeds, resumable outputs and manifest, nnU-Net export, variance maps, sharding.
 
 A job is (case, sample k) with a seed derived from (batch seed, case name, k), so any job re-run alone gives the
-same volume. A job is done when its files exist, are complete, and its sidecar records the same model, options
-and seed; done jobs are skipped, so a killed batch continues where it stopped. Under torchrun job i runs on rank
+same volume. A job is done when its files exist, are complete, and its sidecar records the same model, options,
+seed and nnU-Net labels; done jobs are skipped, so a killed batch continues where it stopped. Under torchrun job i runs on rank
 i mod world size; rank 0 writes the manifest, variance maps and dataset.json after all ranks finish.
 """
 
@@ -302,7 +302,7 @@ class BatchSettings:
 def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions, settings: BatchSettings, *,
               device: torch.device, shard: Shard = Shard(), on_job: JobCallback | None = None,
               progress: ProgressCallback | None = None) -> list[JobResult]:
-    """Run this rank's jobs that are not done; returns every job's result (all ranks') on rank 0.
+    """Run this rank's jobs that are not done; returns every job's result (all ranks', gathered under torchrun).
 
     A job that fails (a bad label map, out of memory, ...) is recorded with its one-line error and the batch goes
     on. In a single process the manifest is rewritten after every job; under torchrun rank 0 writes it, the
