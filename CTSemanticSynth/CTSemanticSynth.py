@@ -70,8 +70,8 @@ class CTSemanticSynthParameterNode:
     """
     inputSegmentation - the organs to synthesize from; referenceVolume - optional real CT (grid, review, Dice
     ceiling); outputVolume - where the synthetic CT goes (None: a new node). Sampling: preset, steps (0 = the
-    preset's), seed (randomSeed draws one on Apply and stores it here), device, batchSize. Review: blindReview,
-    reviewOrientation. Reader study: studyFromScene or studyFolder, studyCsv, readerName, studySeed.
+    preset's), seed (randomSeed draws one on Apply and stores it here), device, batchSize, samples. Review:
+    blindReview, reviewOrientation. Reader study: studyFromScene or studyFolder, studyCsv, readerName, studySeed.
     """
 
     inputSegmentation: vtkMRMLSegmentationNode
@@ -88,6 +88,7 @@ class CTSemanticSynthParameterNode:
     randomSeed: bool = False
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     batchSize: Annotated[int, WithinRange(1, 256)] = 8
+    samples: Annotated[int, WithinRange(1, 16)] = 1
     blindReview: bool = False
     reviewOrientation: Annotated[str, Choice(list(ORIENTATIONS))] = "Axial"
     fastDice: bool = True
@@ -257,7 +258,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 model=self._modelSpec(), labels=p.labelConvention,
                 mappingFile=str(p.mappingFile) if p.labelConvention == "json" else None,
                 strictLabels=not p.allowUnknownSegments, preset=p.preset, steps=p.steps, seed=p.seed, device=p.device,
-                batchSize=p.batchSize)
+                batchSize=p.batchSize, samples=p.samples)
             self._startTask(task, _("Synthesizing..."))
 
     def _startTask(self, task, message: str) -> None:
@@ -298,7 +299,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if task.kind == "synthesis":
                 node = self.logic.finishSynthesis(task)
                 self._parameterNode.outputVolume = node
-                slicer.util.setSliceViewerLayers(background=node, fit=True)
+                slicer.util.setSliceViewerLayers(background=node, foreground=task.nodes["variance"], foregroundOpacity=0.5, fit=True)
                 self.ui.statusLabel.text = _("Done: '{name}' in {time}.").format(name=node.GetName(), time=formatDuration(task.process.elapsed))
             elif task.kind == "weights":
                 self.logic.finishWeightsDownload(task)

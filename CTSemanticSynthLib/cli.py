@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import __version__
 from .errors import CTSynthError, InputError
 from .provenance import sidecar_path
+
+if TYPE_CHECKING:
+    import torch
+
+    from .batch import JobResult
+    from .synthesis import SamplingOptions
 
 EXAMPLES = """\
 examples:
@@ -28,6 +37,19 @@ examples:
 The segmentation must hold the abdominal organs (AMOS22 ids 1-15, TotalSegmentator ids, Slicer segment names,
 or any ids with a JSON mapping file). The synthetic CT is written on the segmentation's exact grid, in HU,
 with a .json provenance file beside it. Nothing is overwritten without --overwrite.
+"""
+
+BATCH_EXAMPLES = """\
+examples:
+  ctsynth batch --segs labels/ --out synthetic/ --samples 3 --labels amos --seed 1
+  ctsynth batch --segs cases.txt --out $nnUNet_raw --nnunet Dataset501_SynthCT --samples 2 --device cuda
+  torchrun --nproc_per_node 4 -m CTSemanticSynthLib.cli batch --segs labels/ --out synthetic/ --samples 4
+
+Job (case, k) uses a seed derived from (--seed, case name, k), so any job re-run alone gives the same CT. Finished
+jobs (complete files whose .json records the same model, options and seed) are skipped: run the same command
+again to continue a stopped batch. manifest.csv lists every job (case, sample, seed, output, model sha256,
+seconds, status, error). A failing case is recorded and the batch goes on; the exit code is 1 if any failed.
+Under torchrun job i runs on rank i mod world size, each rank on its own GPU.
 """
 
 
@@ -55,31 +77,41 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="segmentation: .nii/.nii.gz, .nrrd or Slicer .seg.nrrd label map")
     synth.add_argument("--out", required=True, type=Path, metavar="OUT",
                        help="synthetic CT to write (.nii.gz, .nii or .nrrd); OUT's .json sidecar gets the provenance")
-    synth.add_argument("--model", default=None, metavar="DIR|NAME",
-                       help="model folder or name (default: the bundled 'demo' model)")
-    synth.add_argument("--labels", default="auto", metavar="CONVENTION",
-                       help="label convention: auto (default), amos, totalseg (v2 ids), totalseg_v1, or FILE.json "
-                            "mapping {value or name: class}; auto refuses ids 5-15 without higher ids, which mean "
-                            "different organs in AMOS and TotalSegmentator (see 'ctsynth classes')")
+    add_sampling_options(synth)
     synth.add_argument("--body-mask", type=Path, default=None, metavar="FILE",
                        help="patient body mask (e.g. TotalSegmentator 'body' task); on another grid it is reordered "
                             "or resampled (nearest) onto the segmentation's; default: estimated from the segmentation")
-    synth.add_argument("--preset", default="fast", metavar="NAME",
-                       help="sampler preset: fast (default), balanced, paper (1000 ancestral steps, GPU)")
-    synth.add_argument("--sampler", choices=("ddim", "ancestral"), default=None, help="override the preset's sampler")
-    synth.add_argument("--steps", type=int, default=None, metavar="N", help="override the preset's number of steps")
-    synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
-    synth.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")
-    synth.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices sampled together (default 8)")
+    synth.add_argument("--samples", type=int, default=1, metavar="N",
+                       help="make N synthetic CTs with seeds S..S+N-1, written as OUT with _s0.._s<N-1> before its "
+                            "suffix (default 1: OUT itself)")
+    synth.add_argument("--variance-map", type=Path, default=None, metavar="STD",
+                       help="with --samples 2 or more: also write the per-voxel standard deviation in HU (where the "
+                            "model is unsure)")
     synth.add_argument("--preview", type=Path, default=None, metavar="PNG",
                        help="also write a PNG preview (axial and coronal: segmentation | synthetic | real CT)")
     synth.add_argument("--reference-ct", type=Path, default=None, metavar="CT",
                        help="the real CT, shown beside the synthetic one in --preview; on another grid it is "
                             "reordered or resampled (linear) onto the segmentation's")
-    synth.add_argument("--overwrite", action="store_true", help="replace OUT (and its .json) if they exist")
-    synth.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     synth.add_argument("--progress-lines", action="store_true",
                        help="instead of a bar, print 'PROGRESS <slices done> <total>' lines on stdout (for Slicer)")
+
+    batch = sub.add_parser("batch", help="synthesize several CTs for each of many segmentations (resumable; "
+                           "nnU-Net export; torchrun for several devices)", epilog=BATCH_EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("--segs", required=True, type=Path, metavar="DIR|LIST.txt",
+                       help="a folder of label maps, or a text file with one label map path a line")
+    batch.add_argument("--out", required=True, type=Path, metavar="DIR",
+                       help="output folder (created): <case>_s<k>.nii.gz with .json sidecars, and manifest.csv")
+    batch.add_argument("--samples", type=int, default=1, metavar="N", help="synthetic CTs per case (default 1)")
+    batch.add_argument("--nnunet", default=None, metavar="DatasetNNN_Name",
+                       help="write an nnU-Net v2 raw dataset DIR/DatasetNNN_Name (imagesTr, labelsTr with the model "
+                            "classes, dataset.json)")
+    batch.add_argument("--nnunet-labels", choices=("model", "original"), default="model",
+                       help="labelsTr holds the model classes (default: 0 background, 1-15 organs, 16 body) or the "
+                            "input's own label values, numbered 1..N in value order (named after .seg.nrrd segments)")
+    batch.add_argument("--variance", action="store_true",
+                       help="with --samples 2 or more: also write <case>_std.nii.gz, the per-voxel std in HU")
+    add_sampling_options(batch)
 
     info = sub.add_parser("info", help="show a model's config, classes and sha256")
     info.add_argument("model", nargs="?", default=None, metavar="DIR|NAME", help="model folder or name (default: demo)")
@@ -92,6 +124,43 @@ def _build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(sub.add_parser("evaluate", help="score a synthetic CT: HU per organ, PSNR/SSIM, "
                                           "TotalSegmentator Dice (--totalseg), FID per plane (--fid)"))
     return parser
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The labelling, model and sampling options shared by ``synth`` and ``batch`` (checked by
+    :func:`_sampling_setup`)."""
+    parser.add_argument("--model", default=None, metavar="DIR|NAME",
+                        help="model folder or name (default: the bundled 'demo' model)")
+    parser.add_argument("--labels", default="auto", metavar="CONVENTION",
+                        help="label convention: auto (default), amos, totalseg (v2 ids), totalseg_v1, or FILE.json "
+                             "mapping {value or name: class}; auto refuses ids 5-15 without higher ids, which mean "
+                             "different organs in AMOS and TotalSegmentator (see 'ctsynth classes')")
+    parser.add_argument("--preset", default="fast", metavar="NAME",
+                        help="sampler preset: fast (default), balanced, paper (1000 ancestral steps, GPU)")
+    parser.add_argument("--sampler", choices=("ddim", "ancestral"), default=None,
+                        help="override the preset's sampler")
+    parser.add_argument("--steps", type=int, default=None, metavar="N", help="override the preset's number of steps")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    parser.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices sampled together (default 8)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (and their .json)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+
+def _sampling_setup(args: argparse.Namespace) -> tuple[torch.device, Path, SamplingOptions]:
+    """(device, model folder, sampling options) from :func:`add_sampling_options`'s options, all checked before
+    any volume or weight is read."""
+    from .checkpoint import read_config, resolve_model_path
+    from .device import select_device
+    from .labels import check_convention
+    from .synthesis import preset_options
+
+    device = select_device(args.device)
+    model_folder = resolve_model_path(args.model)
+    options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
+                             seed=args.seed, batch_size=args.batch_size)
+    check_convention(args.labels)
+    return device, model_folder, options
 
 
 def _note(message: str) -> None:
@@ -131,28 +200,35 @@ def _progress(quiet: bool) -> Iterator[Callable[[float, int], None]]:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, read_config, resolve_model_path
-    from .device import select_device
+    from .batch import std_header, std_map
+    from .checkpoint import load_model
     from .evaluate_cli import labels_file
     from .grid import onto_grid
     from .io import (WRITE_SUFFIXES, atomic_outputs, check_distinct_paths, check_output_path, read_image,
                      read_labelmap, save_volume)
-    from .labels import check_convention
     from .preview import preview_png
     from .provenance import provenance_header
-    from .synthesis import prepare_classes, preset_options, synthesize
+    from .synthesis import MAX_SEED, prepare_classes, synthesize
 
-    if not args.out.name.endswith(WRITE_SUFFIXES):
-        raise InputError(f"--out {args.out}: use one of {', '.join(WRITE_SUFFIXES)}")
+    for option, path in (("--out", args.out), ("--variance-map", args.variance_map)):
+        if path is not None and not path.name.endswith(WRITE_SUFFIXES):
+            raise InputError(f"{option} {path}: use one of {', '.join(WRITE_SUFFIXES)}")
+    if args.samples < 1:
+        raise InputError(f"--samples {args.samples} must be at least 1")
+    if args.variance_map is not None and args.samples < 2:
+        raise InputError("--variance-map needs --samples 2 or more")
     # every option is checked before any volume or weight is read
-    device = select_device(args.device)
-    model_folder = resolve_model_path(args.model)
-    options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
-                             seed=args.seed, batch_size=args.batch_size)
-    check_convention(args.labels)
+    device, model_folder, options = _sampling_setup(args)
+    if args.seed + args.samples - 1 > MAX_SEED:
+        raise InputError(f"--seed {args.seed} with --samples {args.samples} goes past the largest seed {MAX_SEED}")
     if args.progress_lines and sys.stdout is None:
         raise InputError("--progress-lines writes to stdout, which is closed")
-    outputs = {"--out": args.out, "its sidecar": sidecar_path(args.out), "--preview": args.preview}
+    volumes = [args.out] if args.samples == 1 else [_numbered(args.out, k) for k in range(args.samples)]
+    outputs: dict[str, Path | None] = {}
+    for k, path in enumerate(volumes):
+        which = "" if args.samples == 1 else f" (sample {k})"
+        outputs[f"--out{which}"], outputs[f"its sidecar{which}"] = path, sidecar_path(path)
+    outputs.update({"--preview": args.preview, "--variance-map": args.variance_map})
     check_distinct_paths(outputs, {"--seg": args.seg, "--labels": labels_file(args.labels), "--body-mask":
                                    args.body_mask, "--reference-ct": args.reference_ct, "--model": model_folder})
     for path in outputs.values():
@@ -173,24 +249,122 @@ def _synth(args: argparse.Namespace) -> int:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
               f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
               f"device {device}", file=sys.stderr)
+    results = []
     with _progress(args.quiet or args.progress_lines) as bar:
+        for k in range(args.samples):
 
-        def progress(done: float, total: int) -> None:
-            if args.progress_lines:
-                print(f"PROGRESS {done:.2f} {total}", flush=True)
-            bar(done, total)
+            def progress(done: float, total: int, k: int = k) -> None:
+                done, total = done + k * total, total * args.samples
+                if args.progress_lines:
+                    print(f"PROGRESS {done:.2f} {total}", flush=True)
+                bar(done, total)
 
-        result = synthesize(classes, model, options, device=device, progress=progress)
-    result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
-                                   "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
-    targets = [path for path in outputs.values() if path is not None]
-    with atomic_outputs(*targets, overwrite=args.overwrite) as temps:  # all three files, or none
-        save_volume(result.volume, temps[0], metadata=provenance_header(result.provenance))
-        temps[1].write_text(json.dumps(result.provenance, indent=2) + "\n")
-        if args.preview is not None:
-            temps[2].write_bytes(preview_png(classes, result.volume, reference))
-    print(f"ctsynth: wrote {', '.join(map(str, targets))}", file=sys.stderr)
+            result = synthesize(classes, model, dataclasses.replace(options, seed=args.seed + k), device=device,
+                                progress=progress)
+            result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
+                                           "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
+            results.append(result)
+    writers: dict[Path, Callable[[Path], None]] = {}
+    for path, result in zip(volumes, results):
+        writers[path] = functools.partial(save_volume, result.volume, metadata=provenance_header(result.provenance))
+        writers[sidecar_path(path)] = functools.partial(_write_json, result.provenance)
+    if args.preview is not None:
+        writers[args.preview] = lambda tmp: tmp.write_bytes(preview_png(classes, results[0].volume, reference))
+    if args.variance_map is not None:
+        writers[args.variance_map] = functools.partial(save_volume, std_map([r.volume for r in results]),
+                                                       metadata=std_header(len(results)))
+    with atomic_outputs(*writers, overwrite=args.overwrite) as temps:  # every file, or none
+        for write, tmp in zip(writers.values(), temps):
+            write(tmp)
+    print(f"ctsynth: wrote {', '.join(map(str, writers))}", file=sys.stderr)
     return 0
+
+
+def _numbered(out: Path, sample: int) -> Path:
+    """``syn.nii.gz`` -> ``syn_s<sample>.nii.gz``."""
+    from .io import WRITE_SUFFIXES
+
+    suffix = next(s for s in WRITE_SUFFIXES if out.name.endswith(s))
+    return out.with_name(f"{out.name[: -len(suffix)]}_s{sample}{suffix}")
+
+
+def _write_json(record: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .batch import (BatchSettings, Layout, list_cases, original_labels, plan_jobs, rank_device, run_batch,
+                        shard_from_environment)
+    from .checkpoint import load_model
+    from .evaluate_cli import labels_file
+    from .io import check_distinct_paths
+
+    if args.variance and args.samples < 2:
+        raise InputError("--variance needs --samples 2 or more")
+    if args.nnunet_labels != "model" and args.nnunet is None:
+        raise InputError("--nnunet-labels needs --nnunet")
+    device, model_folder, options = _sampling_setup(args)
+    layout = Layout(args.out, args.nnunet)
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file; give a folder")
+    cases = list_cases(args.segs)
+    check_distinct_paths({"--out": args.out}, {"--segs": args.segs, "--labels": labels_file(args.labels),
+                                               "--model": model_folder})
+    jobs = plan_jobs(cases, args.samples, args.seed, layout)
+    shard = shard_from_environment()
+    device = rank_device(device, shard)
+    model = load_model(model_folder, device=device)
+    if not args.quiet and shard.rank == 0:
+        print(f"ctsynth: {len(cases)} case(s) x {args.samples} sample(s) with {model.name} (sha256 "
+              f"{model.sha256[:12]}), {options.sampler} {options.steps} steps, device {device}"
+              + (f", {shard.world_size} ranks" if shard.world_size > 1 else ""), file=sys.stderr)
+    label_names = original_labels(cases) if args.nnunet_labels == "original" else None
+    settings = BatchSettings(layout, args.labels, args.variance, args.overwrite, label_names)
+    with _batch_progress(args.quiet, shard.rank) as (on_job, progress):
+        results = run_batch(jobs, model, options, settings, device=device, shard=shard, on_job=on_job,
+                            progress=progress)
+    failed = [r for r in results if r.status == "failed"]
+    if shard.rank == 0:
+        for r in failed:
+            print(f"ctsynth: failed: {r.job.case} sample {r.job.sample}: {r.error}", file=sys.stderr)
+        print(f"ctsynth: {len(results) - len(failed)} of {len(results)} job(s) done, {len(failed)} failed; "
+              f"manifest {layout.manifest}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _batch_progress(quiet: bool, rank: int) -> Iterator[tuple[Callable[[JobResult, int, int], None],
+                                                              Callable[[float, int], None]]]:
+    """(after each job, within a volume) displays: on a terminal an overall bar (jobs, ETA) over a bar for the
+    current volume, else one line per job; only rank 0 shows bars."""
+    if quiet:
+        yield (lambda result, done, total: None), (lambda done, total: None)
+    elif sys.stderr.isatty() and rank == 0:
+        from tqdm import tqdm
+
+        with tqdm(unit="CT", desc="batch", position=0) as jobs, tqdm(unit="slice", desc="volume", position=1,
+                                                                     leave=False) as volume:
+
+            def job_done(result: JobResult, done: int, total: int) -> None:
+                jobs.total, jobs.n = total, done
+                jobs.set_postfix_str(f"{result.job.case} s{result.job.sample} {result.status}")
+
+            def update(done: float, total: int) -> None:
+                volume.total, volume.n = total, round(done, 1)
+                volume.refresh()
+
+            yield job_done, update
+    else:
+        start = time.monotonic()
+
+        def line(result: JobResult, done: int, total: int) -> None:
+            eta = (time.monotonic() - start) / done * (total - done)
+            detail = result.error or ("" if result.seconds is None else f"{result.seconds:.1f} s")
+            prefix = f"ctsynth: [rank {rank}]" if rank else "ctsynth:"
+            print(f"{prefix} {done}/{total} {result.job.case} sample {result.job.sample}: {result.status} ({detail}), "
+                  f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
+
+        yield line, (lambda done, total: None)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -283,7 +457,8 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"ctsynth: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="ctsynth: %(levelname)s: %(message)s")
-    handler = {"synth": _synth, "info": _info, "classes": _classes, "evaluate": _evaluate}[args.command]
+    handler = {"synth": _synth, "batch": _batch, "info": _info, "classes": _classes,
+               "evaluate": _evaluate}[args.command]
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
@@ -292,7 +467,9 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"ctsynth: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ctsynth: interrupted; nothing was written", file=sys.stderr)
+        kept = "finished jobs are kept: run the same command to continue" if args.command == "batch" else \
+            "nothing was written"
+        print(f"ctsynth: interrupted; {kept}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early: fine for `ctsynth info | head`, an error when it is the channel
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -539,3 +539,21 @@ def test_dice_offline_missing_weights_then_tiny_random_weights(scene, tmp_path):
     assert rows["Liver"] == pytest.approx(2 * liver / (liver + labels.size), abs=1e-6) and rows["Spleen"] == 0.0
     segments = predicted.GetSegmentation()
     assert [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())] == ["Liver"]
+
+
+def test_samples_give_several_volumes_and_a_variance_overlay(scene, logic, tiny_model, tmp_path):
+    segmentation = load_segmentation(scene, names="totalseg")
+    task = logic.startSynthesis(segmentation, model=str(tiny_model), seed=5, samples=3, **FAST)
+    task.wait(240)
+    first = logic.finishSynthesis(task)
+    samples, variance = task.nodes["samples"], task.nodes["variance"]
+    assert samples[0] is first and [n.GetName() for n in samples] == [
+        "case01 organs synthetic CT", "case01 organs synthetic CT sample 2", "case01 organs synthetic CT sample 3"]
+    assert [n.GetAttribute(ATTRIBUTE_PREFIX + "Seed") for n in samples] == ["5", "6", "7"]
+    arrays = np.stack([slicer.util.arrayFromVolume(n).astype(np.float32) for n in samples])
+    std = slicer.util.arrayFromVolume(variance)
+    np.testing.assert_allclose(std, arrays.std(axis=0), atol=1e-3)
+    assert std.max() > 0 and np.array_equal(matrix(variance), matrix(first))
+    assert variance.GetAttribute(ATTRIBUTE_PREFIX + "VarianceOf") == first.GetID()
+    assert variance.GetDisplayNode().GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
+    assert list(tmp_path.iterdir()) == []  # the temporary folder was removed

@@ -27,6 +27,7 @@ import vtk
 import slicer
 import CTSemanticSynthLib
 from CTSemanticSynthLib.labels import COLORS, DISPLAY_NAMES, MODEL_CLASSES, normalize_name
+from CTSemanticSynthLib.provenance import sidecar_path
 
 from .nodes import (
     SynthesisError,
@@ -50,6 +51,7 @@ ATTRIBUTE_PREFIX = "CTSemanticSynth."
 GEOMETRY_TOLERANCE_MM = 1e-3
 CLI_MODULE = "CTSemanticSynthLib.cli"
 TOTALSEG_DOWNLOAD_MODULE = "totalsegmentator.bin.totalseg_download_weights"  # TotalSegmentator 2.x's own command
+VARIANCE_COLORS = "vtkMRMLPETProceduralColorNodePET-Heat"
 WEIGHTS_MISSING = "TotalSegmentator weights for the"  # how `ctsynth evaluate --totalseg` says they are missing
 
 
@@ -67,6 +69,7 @@ class BackgroundTask:
     inputs: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     keepFiles: bool = False
+    nodes: dict = field(default_factory=dict)
 
     def poll(self) -> State:
         return self.process.poll()
@@ -212,10 +215,11 @@ class SynthesisLogic:
     def startSynthesis(self, segmentationNode, outputVolumeNode=None, referenceVolumeNode=None, model: str | None = None,
                        labels: str = "auto", mappingFile: str | None = None, strictLabels: bool = False,
                        preset: str = "fast", steps: int = 0, seed: int = 0, device: str = "auto", batchSize: int = 8,
-                       outputName: str | None = None) -> BackgroundTask:
+                       outputName: str | None = None, samples: int = 1) -> BackgroundTask:
         """Export the inputs and start ``ctsynth synth`` in the background; the scene is not changed.
 
-        ``steps`` 0 keeps the preset's. Finish with :meth:`finishSynthesis` once ``task.poll()`` says SUCCEEDED.
+        ``steps`` 0 keeps the preset's. ``samples`` N >= 2 makes N CTs (seeds seed..seed+N-1) and their per-voxel
+        standard deviation. Finish with :meth:`finishSynthesis` once ``task.poll()`` says SUCCEEDED.
         """
         if outputVolumeNode is not None and (outputVolumeNode is referenceVolumeNode
                                              or outputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode")):
@@ -233,6 +237,10 @@ class SynthesisLogic:
             args = ["synth", "--seg", labelsPath, "--out", workDir / "synthetic.nrrd", "--labels", mappingPath,
                     "--preset", preset, "--seed", int(seed), "--device", device, "--batch-size", int(batchSize),
                     "--progress-lines"]
+            outputs = [workDir / "synthetic.nrrd"]
+            if samples > 1:
+                outputs = [workDir / f"synthetic_s{k}.nrrd" for k in range(samples)]
+                args += ["--samples", int(samples), "--variance-map", workDir / "std.nrrd"]
             if classes.bodyOutline:
                 bodyPath = workDir / "body.nrrd"
                 bodyMatrix, bodyDims = self.exportLabelmap(
@@ -255,8 +263,9 @@ class SynthesisLogic:
             "referenceID": referenceVolumeNode.GetID() if referenceVolumeNode else None,
             "outputID": outputVolumeNode.GetID() if outputVolumeNode else None,
             "outputName": outputName or f"{segmentationNode.GetName()} synthetic CT",
-            "ijkToRAS": ijkToRAS, "dimensions": dims, "output": workDir / "synthetic.nrrd",
-            "sidecar": workDir / "synthetic.json", "transformID": transformNode.GetID() if transformNode else None,
+            "ijkToRAS": ijkToRAS, "dimensions": dims, "outputs": outputs,
+            "variance": workDir / "std.nrrd" if samples > 1 else None,
+            "transformID": transformNode.GetID() if transformNode else None,
             "unknownSegments": [s.name for s in classes.unknown]})
         if classes.warning():
             task.warnings.append(classes.warning())
@@ -265,7 +274,8 @@ class SynthesisLogic:
         return task
 
     def finishSynthesis(self, task: BackgroundTask):
-        """Load the finished synthesis into the output node (new, or the one chosen); returns the node."""
+        """Load the finished synthesis into the output node (new, or the one chosen); returns the node. With several
+        samples the others become new nodes, and ``task.nodes`` holds ``{"samples": [...], "variance": node}``."""
         try:
             state = task.poll()
             if state is State.CANCELLED:
@@ -273,19 +283,32 @@ class SynthesisLogic:
             if state is not State.SUCCEEDED:
                 raise SynthesisError(f"synthesis failed: {task.process.errorMessage()}"
                                      if state is State.FAILED else "synthesis is still running")
-            return self._loadSynthetic(task.inputs)
+            inputs = task.inputs
+            nodes = []
+            for k, output in enumerate(inputs["outputs"]):
+                name = inputs["outputName"] if k == 0 else f"{inputs['outputName']} sample {k + 1}"
+                nodes.append(self._loadSynthetic({**inputs, "outputID": inputs["outputID"] if k == 0 else None,
+                                                  "outputName": name}, output))
+            variance = self._loadVariance(inputs, nodes[0]) if inputs["variance"] else None
+            task.nodes = {"samples": nodes, "variance": variance}
+            return nodes[0]
         finally:
             if task.poll().finished:
                 task.cleanup()
 
-    def _loadSynthetic(self, inputs: dict):
-        scene = slicer.mrmlScene
-        voxels, ijkToRAS = readArray(inputs["output"])
+    @staticmethod
+    def _readOnGrid(inputs: dict, path: Path) -> np.ndarray:
+        voxels, ijkToRAS = readArray(path)
         dims = voxels.shape[::-1]
         if dims != tuple(inputs["dimensions"]) or not np.allclose(ijkToRAS, inputs["ijkToRAS"], atol=GEOMETRY_TOLERANCE_MM):
             raise SynthesisError(f"the synthetic CT came back on another grid ({dims} vs {inputs['dimensions']}); "
                                  "nothing was loaded")
-        provenance = json.loads(Path(inputs["sidecar"]).read_text(encoding="utf-8"))
+        return voxels
+
+    def _loadSynthetic(self, inputs: dict, output: Path):
+        scene = slicer.mrmlScene
+        voxels = self._readOnGrid(inputs, output)
+        provenance = json.loads(sidecar_path(output).read_text(encoding="utf-8"))
         node = scene.GetNodeByID(inputs["outputID"]) if inputs["outputID"] else None
         if node is None:
             node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(inputs["outputName"]))
@@ -298,6 +321,28 @@ class SynthesisLogic:
         showAbdomenWindow(node)
         segmentation = scene.GetNodeByID(inputs["segmentationID"])
         self.placeBeside(node, scene.GetNodeByID(inputs["referenceID"]) if inputs["referenceID"] else segmentation)
+        return node
+
+    def _loadVariance(self, inputs: dict, synthetic):
+        """The samples' per-voxel standard deviation (HU) as a heat-coloured volume to overlay on ``synthetic``."""
+        scene = slicer.mrmlScene
+        voxels = self._readOnGrid(inputs, inputs["variance"])
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                       scene.GenerateUniqueName(f"{inputs['outputName']} std (HU)"))
+        slicer.util.updateVolumeFromArray(node, voxels)
+        node.SetIJKToRASMatrix(vtkMatrix(inputs["ijkToRAS"]))
+        node.SetAndObserveTransformNodeID(inputs["transformID"])
+        node.SetAttribute(ATTRIBUTE_PREFIX + "VarianceOf", synthetic.GetID())
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Samples", str(len(inputs["outputs"])))
+        node.SetDescription(f"Per-voxel standard deviation (HU) of {len(inputs['outputs'])} synthetic CTs: where the "
+                            "model is unsure")
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.AutoWindowLevelOff()
+        top = max(float(voxels.max()), 1.0)
+        display.SetWindowLevel(top, top / 2)
+        display.SetAndObserveColorNodeID(VARIANCE_COLORS)
+        self.placeBeside(node, synthetic)
         return node
 
     @staticmethod

@@ -1,0 +1,463 @@
+"""Many cases x samples: per-job seeds, resumable outputs and manifest, nnU-Net export, variance maps, sharding.
+
+A job is (case, sample k) with a seed derived from (batch seed, case name, k), so any job re-run alone gives the
+same volume. A job is done when its files exist, are complete, and its sidecar records the same model, options,
+seed and nnU-Net labels; done jobs are skipped, so a killed batch continues where it stopped. Under torchrun job i runs on rank
+i mod world size; rank 0 writes the manifest, variance maps and dataset.json after all ranks finish.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io as text_io
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import LoadedModel
+from .errors import CTSynthError, InputError
+from .io import (READ_SUFFIXES, Volume, atomic_outputs, read_image, read_labelmap, save_volume, verify_complete,
+                 write_bytes)
+from .labels import MODEL_CLASSES
+from .provenance import provenance_header, sidecar_path
+from .synthesis import MAX_SEED, ProgressCallback, SamplingOptions, prepare_classes, synthesize
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_SUFFIX = ".nii.gz"
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("case", "sample", "seed", "output", "model_sha256", "seconds", "status", "error")
+NNUNET_NAME = re.compile(r"Dataset\d{3}_[A-Za-z0-9_-]+")
+
+
+def job_seed(seed: int, case: str, sample: int) -> int:
+    """The seed of sample ``sample`` of ``case`` in a batch with seed ``seed`` (0..2**32-1, stable everywhere)."""
+    digest = hashlib.sha256(f"{seed}\0{case}\0{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (MAX_SEED + 1)
+
+
+def case_name(path: Path) -> str:
+    """``liver_001.seg.nrrd`` -> ``liver_001``."""
+    name = path.name
+    for suffix in (".seg.nrrd", *READ_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def list_cases(segs: Path) -> list[tuple[str, Path]]:
+    """(case name, label map) from a folder of label maps or a text file of paths (one a line, ``#`` comments,
+    relative to the file's folder); InputError for none, a missing file or two cases with one name."""
+    if segs.is_dir():
+        paths = sorted(p for p in segs.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and p.name.lower().endswith(READ_SUFFIXES))
+        if not paths:
+            raise InputError(f"--segs {segs} holds no label maps ({', '.join(READ_SUFFIXES)})")
+    elif segs.is_file():
+        try:
+            lines = segs.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read --segs {segs}: {exc}") from None
+        paths = [segs.parent / Path(line.strip()).expanduser() for line in lines
+                 if line.strip() and not line.lstrip().startswith("#")]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise InputError(f"--segs {segs} lists {len(missing)} missing file(s), e.g. {missing[0]}")
+        if not paths:
+            raise InputError(f"--segs {segs} lists no files")
+    else:
+        raise InputError(f"--segs {segs} does not exist; give a folder of label maps or a text file of paths")
+    cases = [(case_name(p), p) for p in paths]
+    seen: dict[str, Path] = {}
+    for name, path in cases:
+        if name in seen:
+            raise InputError(f"--segs: {seen[name]} and {path} are both case '{name}'; rename one")
+        seen[name] = path
+    return cases
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a batch's files go: plain (``OUT/<case>_s<k>.nii.gz`` + sidecar) or an nnU-Net v2 raw dataset
+    (``OUT/DatasetNNN_Name/imagesTr/<case>_s<k>_0000.nii.gz``, ``labelsTr/<case>_s<k>.nii.gz``, sidecars in
+    ``provenance/``)."""
+
+    out: Path
+    nnunet: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.nnunet is not None and not NNUNET_NAME.fullmatch(self.nnunet):
+            raise InputError(f"--nnunet {self.nnunet}: use DatasetNNN_Name (three digits, e.g. Dataset501_SynthCT)")
+
+    @property
+    def root(self) -> Path:
+        """The folder holding the manifest (the dataset folder for nnU-Net)."""
+        return self.out if self.nnunet is None else self.out / self.nnunet
+
+    def folders(self) -> list[Path]:
+        """Folders to create before writing."""
+        if self.nnunet is None:
+            return [self.root]
+        return [self.root / sub for sub in ("imagesTr", "labelsTr", "provenance")]
+
+    def image(self, case: str, sample: int) -> Path:
+        if self.nnunet is None:
+            return self.root / f"{case}_s{sample}{OUTPUT_SUFFIX}"
+        return self.root / "imagesTr" / f"{case}_s{sample}_0000{OUTPUT_SUFFIX}"
+
+    def label(self, case: str, sample: int) -> Path | None:
+        return None if self.nnunet is None else self.root / "labelsTr" / f"{case}_s{sample}{OUTPUT_SUFFIX}"
+
+    def sidecar(self, case: str, sample: int) -> Path:
+        if self.nnunet is None:
+            return sidecar_path(self.image(case, sample))
+        return self.root / "provenance" / f"{case}_s{sample}.json"
+
+    def std_map(self, case: str) -> Path:
+        return self.root / f"{case}_std{OUTPUT_SUFFIX}"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+
+@dataclass(frozen=True)
+class Job:
+    """Sample ``sample`` of ``case``, with its own seed and output files."""
+
+    index: int
+    case: str
+    segmentation: Path
+    sample: int
+    seed: int
+    outputs: tuple[Path, ...]  # image, [label,] sidecar
+
+    @property
+    def image(self) -> Path:
+        return self.outputs[0]
+
+
+@dataclass
+class JobResult:
+    """One manifest row."""
+
+    job: Job
+    status: str = "pending"  # pending, ok, failed
+    seconds: float | None = None
+    model_sha256: str = ""
+    error: str = ""
+
+    def row(self, root: Path) -> dict[str, str]:
+        return {"case": self.job.case, "sample": str(self.job.sample), "seed": str(self.job.seed),
+                "output": self.job.image.relative_to(root).as_posix(), "model_sha256": self.model_sha256,
+                "seconds": "" if self.seconds is None else f"{self.seconds:.2f}", "status": self.status,
+                "error": self.error}
+
+
+def plan_jobs(cases: Sequence[tuple[str, Path]], samples: int, seed: int, layout: Layout) -> list[Job]:
+    """Every (case, sample) job in case-major order."""
+    if samples < 1:
+        raise InputError(f"--samples {samples} must be at least 1")
+    jobs = []
+    for name, path in cases:
+        for k in range(samples):
+            outputs = tuple(p for p in (layout.image(name, k), layout.label(name, k), layout.sidecar(name, k))
+                            if p is not None)
+            jobs.append(Job(len(jobs), name, path, k, job_seed(seed, name, k), outputs))
+    return jobs
+
+
+def original_labels(cases: Sequence[tuple[str, Path]]) -> dict[int, str]:
+    """``{value: name}`` of every label value in the cases (segment names where a .seg.nrrd has them, else
+    ``label_<value>``), without 0; unreadable cases are left out (their jobs fail with the reason)."""
+    found: dict[int, str] = {}
+    for _, path in cases:
+        try:
+            seg, names = read_labelmap(path)
+        except CTSynthError:
+            continue
+        for value in np.unique(seg.array)[1:].tolist():
+            found.setdefault(int(value), names.get(int(value), f"label_{value}"))
+    taken: dict[str, int] = {}
+    for value, name in sorted(found.items()):
+        taken[name if name not in taken and name != "background" else f"{name}_{value}"] = value
+    return {value: name for name, value in taken.items()}
+
+
+def nnunet_labels(label_names: dict[int, str] | None) -> dict[str, int]:
+    """dataset.json's ``labels``: the model classes, or the original values' names numbered 1..N in value order."""
+    if label_names is None:
+        return {name: value for value, name in enumerate(MODEL_CLASSES)}
+    return {"background": 0, **{label_names[v]: i for i, v in enumerate(sorted(label_names), start=1)}}
+
+
+def _label_record(label_names: dict[int, str] | None) -> dict[str, str] | None:
+    return None if label_names is None else {str(v): name for v, name in sorted(label_names.items())}
+
+
+def _made_by(job: Job, model_sha256: str, options: SamplingOptions, label_names: dict[int, str] | None) -> bool:
+    """Whether the job's sidecar records this model, these options, the job's seed and these label values (the
+    batch size, which does not change the result, may differ)."""
+    record = read_sidecar_at(job.outputs[-1])
+    if record is None or record.get("model_sha256") != model_sha256 or not isinstance(record.get("options"), dict):
+        return False
+    if not isinstance(record.get("batch"), dict) or record["batch"].get("labels") != _label_record(label_names):
+        return False
+    expected = dataclasses.asdict(dataclasses.replace(options, seed=job.seed))
+    return {**record["options"], "batch_size": None} == {**expected, "batch_size": None}
+
+
+def _complete(job: Job) -> bool:
+    """Whether the job's volumes exist and hold all their data (its sidecar was read by :func:`_made_by`)."""
+    try:
+        for path in job.outputs[:-1]:
+            verify_complete(path)
+    except InputError:
+        return False
+    return True
+
+
+def read_sidecar_at(path: Path) -> dict[str, Any] | None:
+    """The JSON record at ``path``, or None when it has no readable one."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def job_states(jobs: Sequence[Job], model_sha256: str, options: SamplingOptions, overwrite: bool,
+               label_names: dict[int, str] | None = None) -> list[bool]:
+    """Which jobs are done (complete files made with this model, these options, the job's seed and these label
+    values); InputError when a job still to run would replace a file made otherwise and ``overwrite`` is not set."""
+    done = []
+    for job in jobs:
+        ours = _made_by(job, model_sha256, options, label_names)
+        done.append(ours and _complete(job))
+        existing = [p for p in job.outputs if os.path.lexists(p)]
+        if existing and not ours and not overwrite:
+            raise InputError(f"{existing[0]} exists and was made otherwise (another model, options or seed) or is "
+                             "incomplete; choose another --out or use --overwrite")
+    return done
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place under torchrun (rank 0 of 1 without it)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def owns(self, job: Job) -> bool:
+        return job.index % self.world_size == self.rank
+
+
+def shard_from_environment() -> Shard:
+    """The torchrun rank (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); with several ranks the process group is started
+    (NCCL on CUDA, else gloo)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    shard = Shard(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return shard
+
+
+def rank_device(device: torch.device, shard: Shard) -> torch.device:
+    """Each rank on its own GPU: a bare ``cuda`` becomes ``cuda:<local rank>``."""
+    if device.type == "cuda" and device.index is None and shard.world_size > 1:
+        return torch.device("cuda", shard.local_rank)
+    return device
+
+
+JobCallback = Callable[[JobResult, int, int], None]
+"""Called after each job of this rank with (result, jobs finished, jobs of this rank)."""
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What every job shares."""
+
+    layout: Layout
+    labels: str = "auto"
+    variance: bool = False
+    overwrite: bool = False
+    label_names: dict[int, str] | None = None
+    """nnU-Net labelsTr: None for the model classes, else the input's own values (from :func:`original_labels`),
+    renumbered 1..N in value order."""
+
+
+def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions, settings: BatchSettings, *,
+              device: torch.device, shard: Shard = Shard(), on_job: JobCallback | None = None,
+              progress: ProgressCallback | None = None) -> list[JobResult]:
+    """Run this rank's jobs that are not done; returns every job's result (all ranks', gathered under torchrun).
+
+    A job that fails (a bad label map, out of memory, ...) is recorded with its one-line error and the batch goes
+    on. In a single process the manifest is rewritten after every job; under torchrun rank 0 writes it, the
+    variance maps and dataset.json once every rank has finished.
+    """
+    layout = settings.layout
+    done = job_states(jobs, model.sha256, options, settings.overwrite, settings.label_names)
+    if settings.variance and not settings.overwrite:
+        _check_std_maps(layout, jobs, done)
+    for folder in layout.folders():
+        folder.mkdir(parents=True, exist_ok=True)
+    results = [JobResult(job, "ok" if finished else "pending", _recorded_seconds(job) if finished else None,
+                         model.sha256 if finished else "") for job, finished in zip(jobs, done)]
+    mine = [r for r in results if shard.owns(r.job)]
+    cache: dict[str, tuple[Volume, Volume]] = {}
+    for count, result in enumerate(mine, start=1):
+        if result.status == "pending":
+            _run_job(result, model, options, settings, device, cache, progress)
+            if shard.world_size == 1:
+                write_manifest(layout, results)
+        if on_job is not None:
+            on_job(result, count, len(mine))
+    if shard.world_size > 1:
+        results = _gather(results, shard)
+    if shard.rank == 0:
+        if settings.variance:
+            _write_std_maps(layout, results)
+        write_manifest(layout, results)
+        if layout.nnunet is not None:
+            write_dataset_json(layout, results, nnunet_labels(settings.label_names))
+    if shard.world_size > 1:
+        torch.distributed.barrier()
+    return results
+
+
+def _run_job(result: JobResult, model: LoadedModel, options: SamplingOptions, settings: BatchSettings,
+             device: torch.device, cache: dict[str, tuple[Volume, Volume]], progress: ProgressCallback | None) -> None:
+    job = result.job
+    start = time.perf_counter()
+    try:
+        if job.case not in cache:  # a case's samples run one after another: keep only the current case's classes
+            cache.clear()
+            seg, names = read_labelmap(job.segmentation)
+            cache[job.case] = seg, prepare_classes(seg, names, settings.labels)[0]
+        seg, classes = cache[job.case]
+        synthesis = synthesize(classes, model, dataclasses.replace(options, seed=job.seed), device=device,
+                               progress=progress)
+        result.seconds = time.perf_counter() - start
+        record = synthesis.provenance
+        record["inputs"] = {"segmentation": str(job.segmentation), "labels": settings.labels}
+        record["batch"] = {"case": job.case, "sample": job.sample, "seed": job.seed, "seconds": result.seconds,
+                           "labels": _label_record(settings.label_names)}
+        with atomic_outputs(*job.outputs, overwrite=True) as temps:  # job_states refused others' files
+            save_volume(synthesis.volume, temps[0], metadata=provenance_header(record))
+            if len(temps) == 3:
+                save_volume(classes if settings.label_names is None else _renumbered(seg, settings.label_names),
+                            temps[1])
+            temps[-1].write_text(json.dumps(record, indent=2) + "\n")
+        result.status, result.model_sha256, result.error = "ok", model.sha256, ""
+    except CTSynthError as exc:
+        _failed(result, str(exc))
+    except (RuntimeError, ValueError, OSError) as exc:  # one broken case must not end a batch of hundreds
+        logger.debug("case %s sample %d failed", job.case, job.sample, exc_info=True)
+        _failed(result, f"{type(exc).__name__}: {exc}")
+
+
+def _renumbered(seg: Volume, label_names: dict[int, str]) -> Volume:
+    """The label map with its values numbered 1..N as in :func:`nnunet_labels` (nnU-Net wants consecutive labels)."""
+    lookup = np.zeros(max(int(seg.array.max()), max(label_names)) + 1, dtype=np.int16)
+    for number, value in enumerate(sorted(label_names), start=1):
+        lookup[value] = number
+    return Volume(lookup[seg.array], seg.affine)
+
+
+def _failed(result: JobResult, message: str) -> None:
+    result.status, result.error = "failed", " ".join(message.split())
+    logger.info("%s sample %d failed: %s", result.job.case, result.job.sample, result.error)
+
+
+def _recorded_seconds(job: Job) -> float | None:
+    record = read_sidecar_at(job.outputs[-1]) or {}
+    seconds = record.get("batch", {}).get("seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) else None
+
+
+def _gather(results: list[JobResult], shard: Shard) -> list[JobResult]:
+    """Every rank's version of the jobs it owns, merged on all ranks (after a barrier)."""
+    gathered: list[Any] = [None] * shard.world_size
+    torch.distributed.all_gather_object(gathered, [(r.status, r.seconds, r.model_sha256, r.error) for r in results])
+    merged = []
+    for result in results:
+        owner = gathered[result.job.index % shard.world_size]
+        status, seconds, sha, error = owner[result.job.index]
+        merged.append(JobResult(result.job, status, seconds, sha, error))
+    return merged
+
+
+def write_manifest(layout: Layout, results: Sequence[JobResult]) -> None:
+    """Rewrite ``manifest.csv`` atomically: one row per job."""
+    buffer = text_io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(r.row(layout.root) for r in results)
+    write_bytes(layout.manifest, buffer.getvalue().encode("utf-8"), overwrite=True)
+
+
+def std_map(volumes: Sequence[Volume]) -> Volume:
+    """Per-voxel standard deviation (HU, float32) of samples on one grid: where the model is unsure."""
+    if len(volumes) < 2:
+        raise InputError(f"a variance map needs at least 2 samples, got {len(volumes)}")
+    if not all(v.same_grid(volumes[0]) for v in volumes[1:]):
+        raise InputError("the samples of a variance map are not on one grid")
+    stack = np.stack([v.array.astype(np.float32) for v in volumes])
+    return Volume(stack.std(axis=0).astype(np.float32), volumes[0].affine)
+
+
+def std_header(samples: int) -> dict[str, str]:
+    """Header fields of a variance map."""
+    return {"descrip": f"SYNTHETIC CT per-voxel std (HU) of {samples} samples, CTSemanticSynth",
+            "ctsynth_synthetic": "true", "ctsynth_std_samples": str(samples)}
+
+
+def _write_std_maps(layout: Layout, results: Sequence[JobResult]) -> None:
+    by_case: dict[str, list[JobResult]] = {}
+    for result in results:
+        by_case.setdefault(result.job.case, []).append(result)
+    for case, rows in by_case.items():
+        path = layout.std_map(case)
+        if len(rows) < 2 or any(r.status != "ok" for r in rows):
+            continue
+        volumes = [read_image(r.job.image) for r in rows]
+        with atomic_outputs(path, overwrite=True) as (tmp,):
+            save_volume(std_map(volumes), tmp, metadata=std_header(len(volumes)))
+
+
+def _check_std_maps(layout: Layout, jobs: Sequence[Job], done: Sequence[bool]) -> None:
+    """InputError when a case still to sample already has a variance map (another run's)."""
+    for job, finished in zip(jobs, done):
+        if not finished and os.path.lexists(layout.std_map(job.case)):
+            raise InputError(f"{layout.std_map(job.case)} exists and was made otherwise; choose another --out or "
+                             "use --overwrite")
+
+
+def write_dataset_json(layout: Layout, results: Sequence[JobResult], labels: dict[str, int]) -> None:
+    """nnU-Net v2's ``dataset.json`` for the finished jobs (none written while no job has finished)."""
+    finished = sum(r.status == "ok" for r in results)
+    if not finished:
+        return
+    dataset = {
+        "name": layout.nnunet,
+        "description": "Synthetic CTs from CTSemanticSynth (SYNTHETIC, not patient images) with the labels they "
+                       "were made from",
+        "channel_names": {"0": "CT"},
+        "labels": labels,
+        "numTraining": finished,
+        "file_ending": OUTPUT_SUFFIX,
+    }
+    write_bytes(layout.root / "dataset.json", (json.dumps(dataset, indent=2) + "\n").encode(), overwrite=True)
