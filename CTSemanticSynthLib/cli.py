@@ -71,6 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     synth.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")
     synth.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices sampled together (default 8)")
+    synth.add_argument("--slice-correlation", type=float, default=None, metavar="RHO",
+                       help="share this fraction (0..1) of the noise with the neighbouring slices, for volumes "
+                            "that agree from slice to slice (default 0; see docs/consistency.md)")
     synth.add_argument("--preview", type=Path, default=None, metavar="PNG",
                        help="also write a PNG preview (axial and coronal: segmentation | synthetic | real CT)")
     synth.add_argument("--reference-ct", type=Path, default=None, metavar="CT",
@@ -148,7 +151,7 @@ def _synth(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     model_folder = resolve_model_path(args.model)
     options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
-                             seed=args.seed, batch_size=args.batch_size)
+                             seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation)
     check_convention(args.labels)
     if args.progress_lines and sys.stdout is None:
         raise InputError("--progress-lines writes to stdout, which is closed")
