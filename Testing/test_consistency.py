@@ -21,7 +21,7 @@ from conftest import SAMPLE_CT, SAMPLE_SEG
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LIVER = 6
-GRADIENT = 0.01  # window units per voxel: 4 HU
+GRADIENT = 0.01  # window units per voxel (4 HU): rows rise by 1, columns by 3, slices by 2 gradients
 
 
 def _affine(slice_spacing: float = 1.0) -> np.ndarray:
@@ -30,9 +30,10 @@ def _affine(slice_spacing: float = 1.0) -> np.ndarray:
 
 
 def _ramp(shape=(13, 16, 16), slice_spacing: float = 1.0) -> tuple[Volume, Volume]:
-    """An HU ramp that rises GRADIENT per voxel along every axis, and classes: liver inside, body in a rim."""
+    """An HU ramp whose mean in-plane change per voxel (rows 1, columns 3 GRADIENTs) equals its change from slice to
+    slice (2 GRADIENTs), and classes: liver inside, body in a rim."""
     s, r, c = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    unit = 0.1 + GRADIENT * (s + r + c)
+    unit = 0.1 + GRADIENT * (2 * s + r + 3 * c)
     classes = np.full(shape, BODY, dtype=np.uint8)
     classes[:, 2:-2, 2:-2] = LIVER
     affine = _affine(slice_spacing)
@@ -50,15 +51,15 @@ def test_a_smooth_volume_against_itself_scores_one():
 
 
 def test_alternating_slice_offsets_raise_the_index_by_the_computed_amount():
-    """Offsets +d, -d, +d... make adjacent slices differ by |g - 2d| and |g + 2d| in turn (12 pairs):
-    on average 2d when 2d > g."""
+    """Offsets +d, -d, +d... make adjacent slices differ by |2g - 2d| and |2g + 2d| in turn (12 pairs): on average
+    2d when d > g, against 2g in-plane."""
     ct, classes = _ramp()
     for d in (0.02, 0.05):
         offsets = d * (-1.0) ** np.arange(ct.shape[0])
         striped = _with(ct, ct.array + 400 * offsets[:, None, None])
         result = stripe_index(striped, ct, classes)
         assert result["ratio_real"] == pytest.approx(1.0)
-        assert result["stripe_index"] == pytest.approx(2 * d / GRADIENT, rel=1e-4)
+        assert result["stripe_index"] == pytest.approx(d / GRADIENT, rel=1e-4)
 
 
 def test_differences_are_per_millimetre_along_each_axis():
