@@ -75,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="share this fraction (0..1) of the noise with the neighbouring slices, for volumes "
                             "that agree from slice to slice (default 0; see docs/consistency.md)")
     synth.add_argument("--preview", type=Path, default=None, metavar="PNG",
-                       help="also write a PNG preview (axial and coronal: segmentation | synthetic | real CT)")
+                       help="also write a PNG preview (axial, coronal, sagittal: segmentation | synthetic | real CT)")
     synth.add_argument("--reference-ct", type=Path, default=None, metavar="CT",
                        help="the real CT, shown beside the synthetic one in --preview; on another grid it is "
                             "reordered or resampled (linear) onto the segmentation's")

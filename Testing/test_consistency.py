@@ -136,7 +136,7 @@ def test_slice_noise_has_unit_variance_and_the_configured_correlation(rho):
 
 def test_slice_noise_does_not_depend_on_the_batch():
     whole = SliceNoise(3, range(10), 0.7)
-    halves = [SliceNoise(3, range(0, 4), 0.7), SliceNoise(3, range(4, 10), 0.7)]
+    halves = [SliceNoise(3, range(4), 0.7), SliceNoise(3, range(4, 10), 0.7)]
     for _ in range(3):  # the starting noise and two steps
         together = whole.draw((10, 1, 8, 8))
         apart = torch.cat([halves[0].draw((4, 1, 8, 8)), halves[1].draw((6, 1, 8, 8))])

@@ -6,8 +6,8 @@ Slices sampled with independent noise disagree with their neighbours (stripes in
     noise_k = sqrt(rho) * shared_k + sqrt(1 - rho) * own_k
 
 ``own_k`` comes from slice k's generator (seeded ``seed * 1_000_003 + k``: with rho = 0 the noise is exactly the
-independent per-slice noise). ``shared_k`` is a Gaussian-weighted sum (``sigma`` slices) of fields z_j, j = k - r..k + r,
-each seeded by (seed, j, draw) alone, with weights of unit sum of squares: unit variance, and slices k and k + lag
+independent per-slice noise). ``shared_k`` is a Gaussian-weighted sum (``sigma`` slices) of fields z_j,
+j = k - r..k + r, each seeded by (seed, j, draw) alone, with weights of unit sum of squares: unit variance, and slices k and k + lag
 share a correlation of rho * sum_d w_d w_{d + lag} (:meth:`SliceNoise.correlation`).
 """
 
