@@ -88,7 +88,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="with --samples 2 or more: also write the per-voxel standard deviation in HU (where the "
                             "model is unsure)")
     synth.add_argument("--preview", type=Path, default=None, metavar="PNG",
-                       help="also write a PNG preview (axial and coronal: segmentation | synthetic | real CT)")
+                       help="also write a PNG preview (axial, coronal, sagittal: segmentation | synthetic | real CT)")
     synth.add_argument("--reference-ct", type=Path, default=None, metavar="CT",
                        help="the real CT, shown beside the synthetic one in --preview; on another grid it is "
                             "reordered or resampled (linear) onto the segmentation's")
@@ -143,6 +143,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices sampled together (default 8)")
+    parser.add_argument("--slice-correlation", type=float, default=None, metavar="RHO",
+                        help="share this fraction (0..1) of the noise with the neighbouring slices, for volumes "
+                             "that agree from slice to slice (default 0; see docs/consistency.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (and their .json)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
@@ -158,7 +161,7 @@ def _sampling_setup(args: argparse.Namespace) -> tuple[torch.device, Path, Sampl
     device = select_device(args.device)
     model_folder = resolve_model_path(args.model)
     options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
-                             seed=args.seed, batch_size=args.batch_size)
+                             seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation)
     check_convention(args.labels)
     return device, model_folder, options
 

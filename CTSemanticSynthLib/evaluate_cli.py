@@ -90,10 +90,22 @@ def format_report(report: dict[str, Any]) -> str:
         p, s = image["psnr"], image["ssim"]
         lines.append(f"PSNR {p['mean']:.2f} +/- {p['std']:.2f} dB, SSIM {s['mean']:.3f} +/- {s['std']:.3f} over "
                      f"{image['slices']} axial slices ({image['size']}x{image['size']}, window L40/W400)")
+    consistency = report.get("consistency")
+    if consistency:
+        lines.append(f"stripe index {_number(consistency['stripe_index'], 3)} (slice-to-slice / in-plane change within "
+                     f"the organs: synthetic {_number(consistency['ratio_synthetic'], 3)}, real "
+                     f"{_number(consistency['ratio_real'], 3)}; 1.0 = as consistent as the real CT)")
     for plane, values in (report.get("fid_per_plane") or {}).items():
-        fid_text = "-" if values["fid"] is None or math.isnan(values["fid"]) else f"{values['fid']:.2f}"
-        lines.append(f"FID {plane:8s} {fid_text} ({values['n_real']} views)")
+        lines.append(f"FID {plane:8s} {_number(values['fid'], 2)} ({values['n_real']} views)")
+    gap = report.get("fid_plane_gap")
+    if gap:
+        lines.append(f"FID gap: coronal - axial {_number(gap['coronal_minus_axial'], 2)}, sagittal - axial "
+                     f"{_number(gap['sagittal_minus_axial'], 2)}, largest {_number(gap['max_gap'], 2)}")
     return "\n".join(lines)
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def run(args: argparse.Namespace, progress: Progress | None = None) -> str:

@@ -3,7 +3,8 @@
 Per organ: voxels, mean HU of the real CT (clipped to the model's L40/W400 window) and of the synthetic CT, and with
 ``totalseg`` the Dice of TotalSegmentator's organs on the synthetic CT (and on the real CT, the ceiling) against
 the input labels. Over the axial slices that hold body or organs: PSNR and SSIM on the paper's definition
-(256 x 256, L40/W400 -> [0, 1]); with ``fid`` also FID per plane (axial, coronal, sagittal).
+(256 x 256, L40/W400 -> [0, 1]); the stripe index (slice-to-slice consistency, see :mod:`.metrics.consistency`);
+with ``fid`` also FID per plane (axial, coronal, sagittal) and the gap between the planes.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
 
     ``save_totalseg`` writes TotalSegmentator's organs on the synthetic CT there (with ``totalseg``).
     """
+    from .metrics.consistency import plane_fid_gap, stripe_index
     from .metrics.image import SLICE_SIZE, axial_unit_slices, psnr, ssim, summarize
     from .preprocess import AxialOrientation, hu_to_unit, unit_to_hu
 
@@ -72,6 +74,7 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
         b = axial_unit_slices(synthetic.array, synthetic.affine, active)
         report["image"] = {"slices": int(len(active)), "size": SLICE_SIZE, "psnr": summarize(psnr(a, b)),
                            "ssim": summarize(ssim(a, b))}
+        report["consistency"] = stripe_index(synthetic, real, classes)
         if fid:
             from .metrics.inception import InceptionFeatures
             from .metrics.planes import per_plane_fid
@@ -81,6 +84,7 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
             if progress is not None:
                 progress("FID per plane (Inception features of every view)")
             report["fid_per_plane"] = per_plane_fid([real], [synthetic], features, masks=[classes])
+            report["fid_plane_gap"] = plane_fid_gap({p: v["fid"] for p, v in report["fid_per_plane"].items()})
             report["inception"] = {"path": str(features.path), "sha1": features.sha1}
     elif fid:
         raise InputError("--fid needs --real: FID compares the synthetic CT with the real one")

@@ -1,4 +1,4 @@
-"""PNG preview of a synthesis: axial and coronal rows of segmentation | synthetic CT (| real CT)."""
+"""PNG preview of a synthesis: axial, coronal and sagittal rows of segmentation | synthetic CT (| real CT)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from .preprocess import AxialOrientation, hu_to_unit
 
 PANEL_HEIGHT = 320
 MAX_SIDE = 2048
+ROW_GAP = 2
+"""Black pixels between the rows (planes), so that views whose content reaches their edge stay apart."""
 
 
 def _colour(classes: np.ndarray) -> np.ndarray:
@@ -39,8 +41,9 @@ def _panel_size(extent_mm: tuple[float, float], panels: int) -> tuple[int, int]:
 
 
 def render_preview(classes: Volume, synthetic: Volume, real: Volume | None = None) -> Image.Image:
-    """Axial slice with the most organ voxels and the coronal plane through the organs' centre, each view in its
-    physical proportions; no side is longer than MAX_SIDE pixels."""
+    """Axial slice with the most organ voxels and the coronal and sagittal planes through the organs' centre (where
+    stripes from slice-to-slice disagreement show), each view in its physical proportions; no side is longer than
+    MAX_SIDE pixels."""
     orientation = AxialOrientation.from_affine(classes.affine)
     cls = orientation.to_stack(classes.array)
     views = [("segmentation", cls, True), ("synthetic CT", orientation.to_stack(synthetic.array), False)]
@@ -52,22 +55,26 @@ def render_preview(classes: Volume, synthetic: Volume, real: Volume | None = Non
     axial = int(np.argmax(organs.reshape(len(cls), -1).sum(axis=1)))
     rows = np.flatnonzero(organs.any(axis=(0, 2)))
     coronal = int(rows.mean()) if rows.size else cls.shape[1] // 2
+    columns = np.flatnonzero(organs.any(axis=(0, 1)))
+    sagittal = int(columns.mean()) if columns.size else cls.shape[2] // 2
     panels = []
     for plane, take, extent_mm in (
         ("axial", lambda a: a[axial], (extent[1], extent[2])),
         ("coronal", lambda a: a[::-1, coronal, :], (extent[0], extent[2])),
+        ("sagittal", lambda a: a[::-1, :, sagittal], (extent[0], extent[1])),
     ):
         size = _panel_size(extent_mm, len(views))
         panels.append([_panel(_colour(take(a)) if is_seg else _grey(take(a)), size, f"{plane} {name}", is_seg)
                        for name, a, is_seg in views])
-    canvas = Image.new("RGB", (max(sum(p.width for p in row) for row in panels), sum(row[0].height for row in panels)))
+    canvas = Image.new("RGB", (max(sum(p.width for p in row) for row in panels),
+                               sum(row[0].height for row in panels) + ROW_GAP * (len(panels) - 1)))
     y = 0
     for row in panels:
         x = 0
         for p in row:
             canvas.paste(p, (x, y))
             x += p.width
-        y += row[0].height
+        y += row[0].height + ROW_GAP
     return canvas
 
 

@@ -17,6 +17,7 @@ import torch
 from .checkpoint import LoadedModel
 from .device import select_device
 from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
+from .diffusion.slice_noise import SliceNoise
 from .errors import Cancelled, CTSynthError, InputError
 from .factory import create_diffusion
 from .io import Volume
@@ -52,6 +53,7 @@ class SamplingOptions:
     eta: float = 0.0
     seed: int = 0
     batch_size: int = 8
+    slice_correlation: float = 0.0
 
 
 DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
@@ -82,6 +84,8 @@ def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> 
         raise InputError(f"--seed {options.seed} is out of range: use 0..{MAX_SEED}")
     if options.batch_size < 1:
         raise InputError(f"--batch-size {options.batch_size} must be at least 1")
+    if not 0 <= options.slice_correlation <= 1:
+        raise InputError(f"--slice-correlation {options.slice_correlation} is out of range: use 0..1")
     try:
         options_sampler(options, create_diffusion(config["diffusion"]))
     except ValueError as exc:
@@ -171,7 +175,8 @@ def synthesize(
                     progress(done + fraction * n, len(active))
 
             sample = sample_slices(model.model, model.conditioning, sampler, small, index, seed=options.seed,
-                                   device=device, prior=prior, cancel=cancel, on_step=on_step)
+                                   device=device, prior=prior, cancel=cancel, on_step=on_step,
+                                   slice_correlation=options.slice_correlation)
             unit[index] = resize.from_model(sample, labels=False).numpy()
     except torch.OutOfMemoryError:
         raise CTSynthError(
@@ -211,16 +216,18 @@ def sample_slices(
     prior: torch.Tensor | None = None,
     cancel: Callable[[], bool] | None = None,
     on_step: Callable[[float], None] | None = None,
+    slice_correlation: float = 0.0,
 ) -> torch.Tensor:
     """Sample (B, S, S) class slices; returns (B, S, S) intensities in [0, 1] on the CPU.
 
     ``slice_index`` seeds one generator per slice, which draws that slice's starting noise and then the noise of
-    every stochastic step, so a slice's sample does not depend on the batch it lands in. ``prior`` (per-class
+    every stochastic step, so a slice's sample does not depend on the batch it lands in; ``slice_correlation`` mixes
+    in noise shared with the neighbouring slices (:class:`~.diffusion.slice_noise.SliceNoise`). ``prior`` (per-class
     values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the start (SDEdit).
     """
     size = classes.shape[-1]
-    generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(k)) for k in slice_index]
-    noise = torch.stack([torch.randn((1, size, size), generator=g) for g in generators]).to(device)
+    generators = SliceNoise(seed, slice_index, slice_correlation)
+    noise = generators.draw((len(slice_index), 1, size, size)).to(device)
     kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, conditioning).items()}
     with torch.no_grad():  # the condition encoder does not depend on t: run it once per batch
         features = network.encode_condition(**kwargs)

@@ -227,3 +227,5 @@ def test_evaluate_with_random_weight_totalsegmentator(capsys, tmp_path, monkeypa
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["models"][0]["dice"]["liver"] > 0 and results["totalseg_real_ceiling"]["liver"] > 0
     assert "real CT (ceiling)" in (tmp_path / "eval" / "results.md").read_text()
+    assert results["models"][0]["stripe_index"] > 0  # a random model's volume against the real CT
+    assert f"stripe index {results['models'][0]['stripe_index']:.3f}" in (tmp_path / "eval" / "results.md").read_text()

@@ -531,9 +531,10 @@ def test_preview_keeps_physical_aspect_within_2048_pixels(shape, spacing):
     assert max(image.size) <= MAX_SIDE
     found, n = ndimage.label(np.all(np.asarray(image) == COLORS[stomach], axis=-1))
     sizes = ndimage.sum_labels(found > 0, found, range(1, n + 1))
-    largest = [ndimage.find_objects(found)[i] for i in np.argsort(sizes)[-2:]]  # the panel labels may cut specks
-    axial, coronal = sorted(largest, key=lambda s: s[0].start)  # the box in the axial and coronal segmentation
+    largest = [ndimage.find_objects(found)[i] for i in np.argsort(sizes)[-3:]]  # the panel labels may cut specks
+    axial, coronal, sagittal = sorted(largest, key=lambda s: s[0].start)  # the box in each segmentation panel
     mm = [(s.stop - s.start) * d for s, d in zip(box[:2], spacing)] + [shape[2] * spacing[2]]  # I, J, K extents
-    for (rows, cols), (height_mm, width_mm) in ((axial, (mm[1], mm[0])), (coronal, (mm[2], mm[0]))):
+    for (rows, cols), (height_mm, width_mm) in ((axial, (mm[1], mm[0])), (coronal, (mm[2], mm[0])),
+                                                (sagittal, (mm[2], mm[1]))):
         height, width = rows.stop - rows.start, cols.stop - cols.start
         assert width / height == pytest.approx(width_mm / height_mm, rel=0.05, abs=2 / min(height, width))

@@ -11,7 +11,8 @@ through ``CTSemanticSynthLib.synthesis.synthesize`` (per-slice seeds), in chunks
 slice set gets a new folder. Real and synthetic slices are compared at 256 x 256 in [0, 1] (L40/W400): PSNR and
 SSIM per slice, FID/KID over the Inception features of the sets.
 Volumes (optional): CT/label pairs are synthesized whole (cached as NIfTI under ``OUT/volumes/``), scored with
-TotalSegmentator (Dice per organ; on the real CT too, the ceiling) and with FID per plane.
+TotalSegmentator (Dice per organ; on the real CT too, the ceiling), with FID per plane (and the gap between planes)
+and with the stripe index (slice-to-slice consistency, 1.0 = like the real CT; mean over the cases).
 Writes ``OUT/results.{md,csv,json}`` (the paper's numbers in adjacent columns; replaced on each run) and
 ``OUT/figure.png`` (mask | real | each model, and per-organ Dice bars) when matplotlib is installed.
 """
@@ -41,6 +42,7 @@ from CTSemanticSynthLib.io import Volume, atomic_outputs, read_image, read_label
 from CTSemanticSynthLib.labels import COLORS
 from CTSemanticSynthLib.metrics import (InceptionFeatures, dice_per_organ, fid, kid, mean_dice, psnr, ssim, summarize,
                                         to_model_slices)
+from CTSemanticSynthLib.metrics.consistency import plane_fid_gap, stripe_index
 from CTSemanticSynthLib.metrics.paper import PAPER_ORGANS, csv_rows, to_csv, to_markdown
 from CTSemanticSynthLib.metrics.planes import PLANES, plane_slices
 from CTSemanticSynthLib.preprocess import AxialOrientation, body_mask_from_ct, hu_to_unit
@@ -174,6 +176,7 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
     real_dir = args.out / "volumes" / "real"
     real_dir.mkdir(parents=True, exist_ok=True)
     dice = {e.name: [] for e in entries}
+    stripes: dict[str, list[float]] = {e.name: [] for e in entries}
     ceiling: list[dict[str, float]] = []
     feats: dict[str, dict[str, list]] = {n: {p: [] for p in PLANES} for n in ["real", *dice]}
 
@@ -207,6 +210,7 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
 
                     write_volume(synthesize(classes, e.model, e.options, device=device, progress=progress).volume, path)
             syn = read_image(path)
+            stripes[e.name].append(stripe_index(syn, ct, classes)["stripe_index"])
             if args.totalseg:
                 dice[e.name].append(ts_scores(folder / f"{case.case_id}.totalseg-{mode}.json", syn, classes))
             if extractor is not None:
@@ -220,13 +224,15 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
 
     results: dict[str, dict[str, Any]] = {}
     for e in entries:
-        r: dict[str, Any] = {"n_volumes": len(cases)}
+        r: dict[str, Any] = {"n_volumes": len(cases), "stripe_index": float(np.nanmean(stripes[e.name]))
+                             if any(math.isfinite(v) for v in stripes[e.name]) else math.nan}
         if args.totalseg and cases:
             r["dice"] = organ_means(dice[e.name])
             r["dice_mean"] = mean_dice({o: r["dice"][o] for o in PAPER_ORGANS})
         if extractor is not None:
             r["fid_per_plane"] = {p: fid(np.concatenate(feats["real"][p]), np.concatenate(feats[e.name][p]))
                                   for p in PLANES}
+            r["fid_plane_gap"] = plane_fid_gap(r["fid_per_plane"])
         results[e.name] = r
     return results, (organ_means(ceiling) if ceiling else None)
 
@@ -349,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
                     "totalseg": ("full" if args.totalseg_full else "fast") if args.totalseg else None}
         notes = [f"{k}: {v}" for k, v in settings.items()]
         notes.append("FID/KID from few slices are biased upward; compare only runs with the same slice count")
+        for m in measured:
+            if "stripe_index" in m:
+                gap = m.get("fid_plane_gap", {}).get("max_gap", math.nan)
+                notes.append(f"{m['name']}: stripe index {m['stripe_index']:.3f} (1.0 = as consistent from slice to "
+                             f"slice as the real CT), largest FID gap between planes {gap:.2f}")
         write_bytes(args.out / "results.json", (json.dumps(json_safe({"settings": settings, "models": measured,
                     "totalseg_real_ceiling": ceiling}), indent=2) + "\n").encode(), overwrite=True)
         write_bytes(args.out / "results.csv", to_csv(csv_rows(measured)).encode(), overwrite=True)

@@ -1,8 +1,10 @@
-"""Image metrics (PSNR, SSIM), Dice per organ, and FID/KID from Inception features, per plane for volumes.
+"""Image metrics (PSNR, SSIM), Dice per organ, FID/KID from Inception features (per plane for volumes), and the
+stripe index (slice-to-slice consistency).
 
 Inception is loaded only when :class:`InceptionFeatures` is constructed; nothing here touches the network.
 """
 
+from .consistency import plane_fid_gap, slice_ratio, stripe_index
 from .dice import dice, dice_per_organ, mean_dice, voxel_counts
 from .fid import FeatureStats, fid, frechet_distance, kid
 from .image import SLICE_SIZE, axial_unit_slices, psnr, ssim, summarize, to_model_slices
@@ -24,10 +26,13 @@ __all__ = [
     "kid",
     "mean_dice",
     "per_plane_fid",
+    "plane_fid_gap",
     "plane_slices",
     "psnr",
     "resolve_inception_path",
+    "slice_ratio",
     "ssim",
+    "stripe_index",
     "summarize",
     "to_model_slices",
     "voxel_counts",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -13,16 +13,18 @@ from ..gaussian_diffusion import GaussianDiffusion, ModelFn
 from ..respace import space_timesteps
 
 
-Generators = torch.Generator | Sequence[torch.Generator] | None
+Generators = torch.Generator | Sequence[torch.Generator] | Callable[[Tensor], Tensor] | None
 """One generator for the whole batch, one per batch element (a sample's noise then does not depend on the batch
-it is drawn in), or None (the global RNG)."""
+it is drawn in), a noise source called with x (e.g. :class:`~..slice_noise.SliceNoise`), or None (the global RNG)."""
 
 
 def randn_like(x: Tensor, generator: Generators) -> Tensor:
     """Standard normal noise shaped like ``x``, drawn on the generator's device (reproducible) and moved to ``x``'s.
 
-    A sequence of generators draws element ``b`` of the batch from ``generator[b]``.
+    A sequence of generators draws element ``b`` of the batch from ``generator[b]``; a noise source draws it all.
     """
+    if callable(generator):
+        return generator(x)
     if isinstance(generator, Sequence):
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")

@@ -1,0 +1,191 @@
+"""Slice-to-slice consistency: the stripe index on volumes with known stripes, the FID gap between planes, and
+noise correlated along the slice axis (configured correlation, unit variance, independent of the batch)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from CTSemanticSynthLib.cli import main
+from CTSemanticSynthLib.diffusion.slice_noise import SliceNoise, shared_weights
+from CTSemanticSynthLib.errors import InputError
+from CTSemanticSynthLib.io import Volume, read_image, write_volume
+from CTSemanticSynthLib.labels import BACKGROUND, BODY
+from CTSemanticSynthLib.metrics.consistency import plane_fid_gap, slice_ratio, stripe_index
+from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, synthesize
+
+from conftest import SAMPLE_CT, SAMPLE_SEG
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LIVER = 6
+GRADIENT = 0.01  # window units per voxel (4 HU): rows rise by 1, columns by 3, slices by 2 gradients
+
+
+def _affine(slice_spacing: float = 1.0) -> np.ndarray:
+    """Array axis 0 runs inferior -> superior (the slice axis), so the axial stack is the array itself."""
+    return np.array([[0.0, 0.0, -1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [slice_spacing, 0.0, 0.0, 0.0], [0, 0, 0, 1.0]])
+
+
+def _ramp(shape=(13, 16, 16), slice_spacing: float = 1.0) -> tuple[Volume, Volume]:
+    """An HU ramp whose mean in-plane change per voxel (rows 1, columns 3 GRADIENTs) equals its change from slice to
+    slice (2 GRADIENTs), and classes: liver inside, body in a rim."""
+    s, r, c = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    unit = 0.1 + GRADIENT * (2 * s + r + 3 * c)
+    classes = np.full(shape, BODY, dtype=np.uint8)
+    classes[:, 2:-2, 2:-2] = LIVER
+    affine = _affine(slice_spacing)
+    return Volume(np.float32(unit * 400 - 160), affine), Volume(classes, affine)
+
+
+def _with(volume: Volume, array: np.ndarray) -> Volume:
+    return Volume(np.asarray(array, dtype=np.float32), volume.affine)
+
+
+def test_a_smooth_volume_against_itself_scores_one():
+    ct, classes = _ramp()
+    assert slice_ratio(ct, classes) == pytest.approx(1.0)
+    assert stripe_index(ct, ct, classes)["stripe_index"] == pytest.approx(1.0)
+
+
+def test_alternating_slice_offsets_raise_the_index_by_the_computed_amount():
+    """Offsets +d, -d, +d... make adjacent slices differ by |2g - 2d| and |2g + 2d| in turn (12 pairs): on average
+    2d when d > g, against 2g in-plane."""
+    ct, classes = _ramp()
+    for d in (0.02, 0.05):
+        offsets = d * (-1.0) ** np.arange(ct.shape[0])
+        striped = _with(ct, ct.array + 400 * offsets[:, None, None])
+        result = stripe_index(striped, ct, classes)
+        assert result["ratio_real"] == pytest.approx(1.0)
+        assert result["stripe_index"] == pytest.approx(d / GRADIENT, rel=1e-4)
+
+
+def test_differences_are_per_millimetre_along_each_axis():
+    ct, classes = _ramp(slice_spacing=2.5)  # the same per-voxel ramp over thicker slices
+    assert slice_ratio(ct, classes) == pytest.approx(1 / 2.5)
+
+
+def test_only_pairs_inside_the_organs_count_and_values_are_windowed():
+    ct, classes = _ramp()
+    noisy = ct.array.copy()
+    outside = classes.array != LIVER
+    noisy[outside] += np.random.default_rng(0).normal(0, 300, outside.sum())  # body and rim: ignored
+    assert slice_ratio(_with(ct, noisy), classes) == pytest.approx(1.0)
+    bright = ct.array.copy()
+    bright[1::2] = 5000  # every other slice far above the window: clipped to its top, 240 HU
+    top = _with(ct, np.full(ct.shape, 240.0))
+    assert slice_ratio(_with(ct, bright), classes) == pytest.approx(
+        slice_ratio(_with(ct, np.where(np.arange(ct.shape[0])[:, None, None] % 2, top.array, ct.array)), classes))
+
+
+def test_a_volume_without_organ_neighbours_has_no_index():
+    ct, classes = _ramp()
+    no_organs = Volume(np.where(classes.array == LIVER, BACKGROUND, classes.array).astype(np.uint8), classes.affine)
+    assert math.isnan(slice_ratio(ct, no_organs))
+    flat = _with(ct, np.zeros(ct.shape))  # no change at all: the real ratio is undefined
+    assert math.isnan(stripe_index(ct, flat, classes)["stripe_index"])
+
+
+def test_plane_fid_gap():
+    gap = plane_fid_gap({"axial": 10.0, "coronal": 25.0, "sagittal": 18.0})
+    assert gap == {"coronal_minus_axial": 15.0, "sagittal_minus_axial": 8.0, "max_gap": 15.0}
+    assert math.isnan(plane_fid_gap({"axial": 1.0, "coronal": math.nan})["max_gap"])
+
+
+def _striped_sample(tmp_path) -> tuple:
+    ct = read_image(SAMPLE_CT)
+    offsets = 40.0 * (-1.0) ** np.arange(ct.shape[2])  # the sample's slice axis is its last array axis
+    path = tmp_path / "striped.nii.gz"
+    write_volume(Volume(np.clip(ct.array + offsets[None, None, :], -1000, 3000).astype(np.int16), ct.affine), path)
+    return path
+
+
+def test_ctsynth_evaluate_reports_the_stripe_index(capsys, tmp_path):
+    report = tmp_path / "r.json"
+    assert main(["evaluate", "--synthetic", str(SAMPLE_CT), "--real", str(SAMPLE_CT), "--seg", str(SAMPLE_SEG),
+                 "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(report.read_text())["consistency"]["stripe_index"] == pytest.approx(1.0)
+    assert "stripe index 1.000" in out
+    striped = _striped_sample(tmp_path)
+    assert main(["evaluate", "--synthetic", str(striped), "--real", str(SAMPLE_CT), "--seg", str(SAMPLE_SEG),
+                 "--json", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["consistency"]["stripe_index"] > 1.5
+
+
+# --- correlated noise ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.8])
+def test_slice_noise_has_unit_variance_and_the_configured_correlation(rho):
+    noise = SliceNoise(5, range(40), rho)
+    x = torch.cat([noise.draw((40, 1, 32, 32)) for _ in range(4)], dim=1)  # 4 draws: (40, 4, 32, 32)
+    assert float(x.var()) == pytest.approx(1.0, abs=0.03)
+    assert float(x.mean()) == pytest.approx(0.0, abs=0.03)
+    flat = x.reshape(40, -1)
+    for lag in (1, 3):
+        measured = float((flat[:-lag] * flat[lag:]).mean() / flat.var())
+        assert measured == pytest.approx(noise.correlation(lag), abs=0.03)
+    assert noise.correlation(1) == pytest.approx(rho * float(np.dot(shared_weights(3.0)[:-1], shared_weights(3.0)[1:])))
+    assert noise.correlation(1) > 0.9 * rho
+    draws = x.reshape(40, 4, -1)  # successive draws are independent
+    assert abs(float((draws[:, 0] * draws[:, 1]).mean())) < 0.03
+
+
+def test_slice_noise_does_not_depend_on_the_batch():
+    whole = SliceNoise(3, range(10), 0.7)
+    halves = [SliceNoise(3, range(4), 0.7), SliceNoise(3, range(4, 10), 0.7)]
+    for _ in range(3):  # the starting noise and two steps
+        together = whole.draw((10, 1, 8, 8))
+        apart = torch.cat([halves[0].draw((4, 1, 8, 8)), halves[1].draw((6, 1, 8, 8))])
+        torch.testing.assert_close(together, apart)
+
+
+def test_without_correlation_the_noise_is_the_per_slice_generators():
+    noise = SliceNoise(2, [4, 9], 0.0)
+    expected = torch.stack([torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(2 * 1_000_003 + k))
+                            for k in (4, 9)])
+    torch.testing.assert_close(noise(torch.zeros(2, 1, 8, 8)), expected)
+    with pytest.raises(ValueError, match="0..1"):
+        SliceNoise(0, [0], 1.5)
+
+
+@pytest.fixture(scope="module")
+def sample_classes() -> Volume:
+    from CTSemanticSynthLib.io import read_labelmap
+
+    seg, names = read_labelmap(SAMPLE_SEG)
+    return prepare_classes(seg, names, "totalseg")[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model):
+    from CTSemanticSynthLib.checkpoint import load_model
+
+    return load_model(tiny_model)
+
+
+def test_correlated_sampling_is_independent_of_the_batch_size(sample_classes, tiny_loaded):
+    crop = Volume(np.ascontiguousarray(sample_classes.array[::6, ::6, 40:52]), sample_classes.affine)
+    options = SamplingOptions(sampler="ancestral", steps=3, seed=4, batch_size=5, slice_correlation=0.9)
+    a = synthesize(crop, tiny_loaded, options, device="cpu")
+    b = synthesize(crop, tiny_loaded, SamplingOptions(**{**options.__dict__, "batch_size": 2}), device="cpu")
+    np.testing.assert_array_equal(a.volume.array, b.volume.array)
+    assert a.provenance["options"]["slice_correlation"] == 0.9
+    plain = synthesize(crop, tiny_loaded, SamplingOptions(**{**options.__dict__, "slice_correlation": 0.0}),
+                       device="cpu")
+    assert not np.array_equal(a.volume.array, plain.volume.array)
+
+
+def test_a_bad_slice_correlation_is_refused_before_any_work(tmp_path, capsys, tiny_model):
+    from CTSemanticSynthLib.checkpoint import read_config
+
+    with pytest.raises(InputError, match="--slice-correlation 1.5"):
+        preset_options(read_config(tiny_model), "fast", slice_correlation=1.5)
+    out = tmp_path / "syn.nii.gz"
+    code = main(["synth", "--seg", str(SAMPLE_SEG), "--out", str(out), "--slice-correlation", "-0.1", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().startswith("ctsynth: error:") and "--slice-correlation" in err
+    assert not out.exists()
