@@ -66,7 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             "or resampled (nearest) onto the segmentation's; default: estimated from the segmentation")
     synth.add_argument("--preset", default="fast", metavar="NAME",
                        help="sampler preset: fast (default), balanced, paper (1000 ancestral steps, GPU)")
-    synth.add_argument("--sampler", choices=("ddim", "ancestral"), default=None, help="override the preset's sampler")
+    synth.add_argument("--sampler", choices=("ddim", "ancestral", "dpmsolver++"), default=None,
+                       help="override the preset's sampler (dpmsolver++: DPM-Solver++(2M), deterministic)")
     synth.add_argument("--steps", type=int, default=None, metavar="N", help="override the preset's number of steps")
     synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     synth.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")

@@ -57,7 +57,7 @@ def test_output_keeps_exact_geometry(tiny_model, sample_classes, handedness):
     assert inside.min() >= -160 and inside.max() <= 240
 
 
-@pytest.mark.parametrize(("sampler", "eta"), [("ancestral", 0.0), ("ddim", 1.0)])
+@pytest.mark.parametrize(("sampler", "eta"), [("ancestral", 0.0), ("ddim", 1.0), ("dpmsolver++", 0.0)])
 def test_seed_reproducible_and_independent_of_batch_size(tiny_model, sample_classes, sampler, eta):
     """Each slice has its own generator (starting noise and step noise), so the batch size does not change the
     noise. Batched convolutions round differently (~1e-6), which moves a handful of voxels by one HU step (measured:
@@ -101,11 +101,13 @@ def test_cancel_stops_sampling(tiny_model, sample_classes):
     assert len(calls) == 3
 
 
-def test_prior_start_and_its_requirement(tmp_path, tiny_model, sample_classes):
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+def test_prior_start_and_its_requirement(tmp_path, tiny_model, sample_classes, sampler):
     crop = _cropped(sample_classes[1])
-    options = SamplingOptions(steps=3, start_timestep=300, batch_size=32)
+    options = SamplingOptions(sampler=sampler, steps=3, start_timestep=300, batch_size=32)
     result = synthesize(crop, load_model(tiny_model), options, device="cpu")
-    assert result.provenance["sampler"]["start_timestep"] == 300
+    assert result.provenance["sampler"] == {"name": sampler, "num_steps": 3, "start_timestep": 300,
+                                            "clip_denoised": True, **({"eta": 0.0} if sampler == "ddim" else {})}
     plain = load_model(make_model_folder(tmp_path / "plain"))
     with pytest.raises(InputError, match="class_means"):
         synthesize(crop, plain, options, device="cpu")
