@@ -71,6 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--steps", type=int, default=None, metavar="N", help="override the preset's number of steps")
     synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     synth.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")
+    synth.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="network arithmetic: auto (default: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, "
+                            "else fp32), fp32, bf16 or fp16 (autocast)")
     synth.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices sampled together (default 8)")
     synth.add_argument("--preview", type=Path, default=None, metavar="PNG",
                        help="also write a PNG preview (axial and coronal: segmentation | synthetic | real CT)")
@@ -133,7 +136,7 @@ def _progress(quiet: bool) -> Iterator[Callable[[float, int], None]]:
 
 def _synth(args: argparse.Namespace) -> int:
     from .checkpoint import load_model, read_config, resolve_model_path
-    from .device import select_device
+    from .device import select_device, select_precision
     from .evaluate_cli import labels_file
     from .grid import onto_grid
     from .io import (WRITE_SUFFIXES, atomic_outputs, check_distinct_paths, check_output_path, read_image,
@@ -147,6 +150,7 @@ def _synth(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out}: use one of {', '.join(WRITE_SUFFIXES)}")
     # every option is checked before any volume or weight is read
     device = select_device(args.device)
+    precision = select_precision(args.precision, device)
     model_folder = resolve_model_path(args.model)
     options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
                              seed=args.seed, batch_size=args.batch_size)
@@ -173,7 +177,7 @@ def _synth(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
               f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
-              f"device {device}", file=sys.stderr)
+              f"device {device} ({precision})", file=sys.stderr)
     with _progress(args.quiet or args.progress_lines) as bar:
 
         def progress(done: float, total: int) -> None:
@@ -181,7 +185,7 @@ def _synth(args: argparse.Namespace) -> int:
                 print(f"PROGRESS {done:.2f} {total}", flush=True)
             bar(done, total)
 
-        result = synthesize(classes, model, options, device=device, progress=progress)
+        result = synthesize(classes, model, options, device=device, precision=precision, progress=progress)
     result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
                                    "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
     targets = [path for path in outputs.values() if path is not None]

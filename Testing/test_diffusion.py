@@ -355,6 +355,22 @@ def test_space_timesteps() -> None:
         space_timesteps(10, "0,1")
 
 
+def test_schedule_tables_are_copied_to_the_device_once(diffusion: GaussianDiffusion, monkeypatch) -> None:
+    x = torch.zeros((2, 1, 2, 2))
+    t = torch.tensor([3, 700])
+    first = diffusion.q_sample(x + 1.0, t, x)
+    copies: list[int] = []
+    original = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(1) or original(self, *a, **k))
+    again = diffusion.q_sample(x + 1.0, t, x)
+    assert copies == [1, 1]  # only t.to(device), once per table: the tables themselves come from the cache
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    expected = torch.tensor(np.sqrt(np.cumprod(1 - diffusion.betas))[[3, 700]], dtype=torch.float32)
+    torch.testing.assert_close(first.flatten(1)[:, 0], expected, rtol=0, atol=0)
+    chain = diffusion.respaced([0, 500, 999])
+    assert chain.model_timesteps(torch.tensor([2, 0])).tolist() == [999, 0]
+
+
 def test_respaced_chain(diffusion: GaussianDiffusion) -> None:
     full = diffusion.respaced(range(T))
     np.testing.assert_allclose(full.betas, diffusion.betas, rtol=1e-10)
