@@ -200,6 +200,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
+    from .synthesis import evaluation_flops
 
     model = load_model(args.model)
     if args.json:
@@ -214,6 +215,7 @@ def _info(args: argparse.Namespace) -> int:
         f"conditioning: {net['conditioning']}",
         f"network:      U-Net {params / 1e6:.1f} M parameters, {net['image_size']}x{net['image_size']}, "
         f"channels {net['model_channels']} x {net['channel_mult']}",
+        f"cost:         {evaluation_flops(model) / 1e9:.2f} GFLOP per slice per sampling step",
         f"diffusion:    T={cfg['diffusion']['num_timesteps']} {cfg['diffusion']['schedule']} schedule, "
         f"predicts {cfg['diffusion']['prediction']}, {cfg['diffusion']['loss']} loss",
         f"window:       L{cfg['window']['level']:g} / W{cfg['window']['width']:g}",

@@ -278,3 +278,22 @@ def _memory_format(x: torch.Tensor, precision: str) -> torch.Tensor:
     if autocast_dtype(precision) is None or x.ndim != 4:
         return x
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def evaluation_flops(model: LoadedModel) -> int:
+    """Floating-point operations of one network evaluation for one slice (a multiply-add counts 2), counted by
+    torch's FlopCounterMode on a blank slice: the per-step cost, excluding the once-per-batch condition encoder."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = model.image_size
+    classes = torch.zeros((1, size, size), dtype=torch.long)
+    device = next(model.model.parameters()).device
+    kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, model.conditioning).items()}
+    with torch.inference_mode():
+        features = model.model.encode_condition(**kwargs)
+        if features is not None:
+            kwargs["cond_features"] = features
+        x = torch.zeros((1, 1, size, size), device=device)
+        with FlopCounterMode(display=False) as counter:
+            model.model(x, torch.zeros((1,), dtype=torch.long, device=device), **kwargs)
+    return int(counter.get_total_flops())

@@ -9,7 +9,8 @@ from CTSemanticSynthLib.device import device_capability, select_precision
 from CTSemanticSynthLib.errors import Cancelled, InputError
 from CTSemanticSynthLib.io import Volume, read_labelmap
 from CTSemanticSynthLib.labels import BACKGROUND, BODY
-from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, synthesize
+from CTSemanticSynthLib.synthesis import (SamplingOptions, evaluation_flops, prepare_classes, preset_options,
+                                           synthesize)
 
 from conftest import SAMPLE_SEG, make_model_folder
 
@@ -188,3 +189,9 @@ def test_bf16_and_fp32_volumes_agree_on_the_demo_model(sample_classes):
     assert 0 < rmse < BF16_TOLERANCE_HU, rmse  # > 0: the network really ran in bf16
     assert results["bf16"].provenance["precision"] == "bf16" and results["fp32"].provenance["precision"] == "fp32"
     assert results["bf16"].provenance["device_capability"].startswith(torch.backends.cpu.get_cpu_capability())
+
+
+def test_evaluation_flops_of_the_demo_model():
+    """5.1 GFLOP per 96 x 96 slice evaluation was measured independently for the demo U-Net (../shared/DESIGN.md:
+    140-200 GFLOP/s at 25 ms/slice); the count is per slice, so a batch would not change it."""
+    assert evaluation_flops(load_model("demo")) / 1e9 == pytest.approx(5.1, rel=0.02)
