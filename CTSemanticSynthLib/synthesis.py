@@ -150,8 +150,8 @@ def synthesize(
 
     ``precision`` is the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI
     defaults to auto, the library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic
-    stays float32. The same seed, options, device and precision give the same volume. ``cancel()`` is polled every step and raises
-    :class:`Cancelled`. Raises :class:`CTSynthError` for out-of-memory with advice on the batch size.
+    stays float32. The same seed, options, device and precision give the same volume. ``cancel()`` is polled every
+    step and raises :class:`Cancelled`. Raises :class:`CTSynthError` for out-of-memory with advice on the batch size.
     """
     if classes.array.max() >= NUM_CLASSES:
         raise InputError(f"class volume has values >= {NUM_CLASSES}; map labels with prepare_classes first")

@@ -665,7 +665,8 @@ def gaussian_data_model(diffusion: GaussianDiffusion):
 
     def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
         abar = abar_table[t].reshape(-1, 1, 1, 1)
-        x0 = GAUSS_MEAN + abar.sqrt() * GAUSS_STD**2 / (abar * GAUSS_STD**2 + 1 - abar) * (x_t - abar.sqrt() * GAUSS_MEAN)
+        gain = abar.sqrt() * GAUSS_STD**2 / (abar * GAUSS_STD**2 + 1 - abar)
+        x0 = GAUSS_MEAN + gain * (x_t - abar.sqrt() * GAUSS_MEAN)
         return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
 
     return model_fn
