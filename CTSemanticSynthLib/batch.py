@@ -300,8 +300,8 @@ class BatchSettings:
 
 
 def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions, settings: BatchSettings, *,
-              device: torch.device, shard: Shard = Shard(), on_job: JobCallback | None = None,
-              progress: ProgressCallback | None = None) -> list[JobResult]:
+              device: torch.device, precision: str = "fp32", shard: Shard = Shard(),
+              on_job: JobCallback | None = None, progress: ProgressCallback | None = None) -> list[JobResult]:
     """Run this rank's jobs that are not done; returns every job's result (all ranks', gathered under torchrun).
 
     A job that fails (a bad label map, out of memory, ...) is recorded with its one-line error and the batch goes
@@ -320,7 +320,7 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     cache: dict[str, tuple[Volume, Volume]] = {}
     for count, result in enumerate(mine, start=1):
         if result.status == "pending":
-            _run_job(result, model, options, settings, device, cache, progress)
+            _run_job(result, model, options, settings, device, precision, cache, progress)
             if shard.world_size == 1:
                 write_manifest(layout, results)
         if on_job is not None:
@@ -339,7 +339,8 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
 
 
 def _run_job(result: JobResult, model: LoadedModel, options: SamplingOptions, settings: BatchSettings,
-             device: torch.device, cache: dict[str, tuple[Volume, Volume]], progress: ProgressCallback | None) -> None:
+             device: torch.device, precision: str, cache: dict[str, tuple[Volume, Volume]],
+             progress: ProgressCallback | None) -> None:
     job = result.job
     start = time.perf_counter()
     try:
@@ -349,7 +350,7 @@ def _run_job(result: JobResult, model: LoadedModel, options: SamplingOptions, se
             cache[job.case] = seg, prepare_classes(seg, names, settings.labels)[0]
         seg, classes = cache[job.case]
         synthesis = synthesize(classes, model, dataclasses.replace(options, seed=job.seed), device=device,
-                               progress=progress)
+                               precision=precision, progress=progress)
         result.seconds = time.perf_counter() - start
         record = synthesis.provenance
         record["inputs"] = {"segmentation": str(job.segmentation), "labels": settings.labels}

@@ -137,11 +137,14 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                              "different organs in AMOS and TotalSegmentator (see 'ctsynth classes')")
     parser.add_argument("--preset", default="fast", metavar="NAME",
                         help="sampler preset: fast (default), balanced, paper (1000 ancestral steps, GPU)")
-    parser.add_argument("--sampler", choices=("ddim", "ancestral"), default=None,
-                        help="override the preset's sampler")
+    parser.add_argument("--sampler", choices=("ddim", "ancestral", "dpmsolver++"), default=None,
+                        help="override the preset's sampler (dpmsolver++: DPM-Solver++(2M), deterministic)")
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="override the preset's number of steps")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="network arithmetic: auto (default: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, "
+                             "else fp32), fp32, bf16 or fp16 (autocast)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices sampled together (default 8)")
     parser.add_argument("--slice-correlation", type=float, default=None, metavar="RHO",
                         help="share this fraction (0..1) of the noise with the neighbouring slices, for volumes "
@@ -150,20 +153,22 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
 
-def _sampling_setup(args: argparse.Namespace) -> tuple[torch.device, Path, SamplingOptions]:
-    """(device, model folder, sampling options) from :func:`add_sampling_options`'s options, all checked before
+def _sampling_setup(args: argparse.Namespace) -> tuple[torch.device, str, Path, SamplingOptions]:
+    """(device, precision, model folder, sampling options) from :func:`add_sampling_options`'s options, all checked
+    before
     any volume or weight is read."""
     from .checkpoint import read_config, resolve_model_path
-    from .device import select_device
+    from .device import select_device, select_precision
     from .labels import check_convention
     from .synthesis import preset_options
 
     device = select_device(args.device)
+    precision = select_precision(args.precision, device)
     model_folder = resolve_model_path(args.model)
     options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
                              seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation)
     check_convention(args.labels)
-    return device, model_folder, options
+    return device, precision, model_folder, options
 
 
 def _note(message: str) -> None:
@@ -221,7 +226,7 @@ def _synth(args: argparse.Namespace) -> int:
     if args.variance_map is not None and args.samples < 2:
         raise InputError("--variance-map needs --samples 2 or more")
     # every option is checked before any volume or weight is read
-    device, model_folder, options = _sampling_setup(args)
+    device, precision, model_folder, options = _sampling_setup(args)
     if args.seed + args.samples - 1 > MAX_SEED:
         raise InputError(f"--seed {args.seed} with --samples {args.samples} goes past the largest seed {MAX_SEED}")
     if args.progress_lines and sys.stdout is None:
@@ -251,7 +256,7 @@ def _synth(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
               f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
-              f"device {device}", file=sys.stderr)
+              f"device {device} ({precision})", file=sys.stderr)
     results = []
     with _progress(args.quiet or args.progress_lines) as bar:
         for k in range(args.samples):
@@ -263,7 +268,7 @@ def _synth(args: argparse.Namespace) -> int:
                 bar(done, total)
 
             result = synthesize(classes, model, dataclasses.replace(options, seed=args.seed + k), device=device,
-                                progress=progress)
+                                precision=precision, progress=progress)
             result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
                                            "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
             results.append(result)
@@ -306,7 +311,7 @@ def _batch(args: argparse.Namespace) -> int:
         raise InputError("--variance needs --samples 2 or more")
     if args.nnunet_labels != "model" and args.nnunet is None:
         raise InputError("--nnunet-labels needs --nnunet")
-    device, model_folder, options = _sampling_setup(args)
+    device, precision, model_folder, options = _sampling_setup(args)
     layout = Layout(args.out, args.nnunet)
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder")
@@ -324,8 +329,8 @@ def _batch(args: argparse.Namespace) -> int:
     label_names = original_labels(cases) if args.nnunet_labels == "original" else None
     settings = BatchSettings(layout, args.labels, args.variance, args.overwrite, label_names)
     with _batch_progress(args.quiet, shard.rank) as (on_job, progress):
-        results = run_batch(jobs, model, options, settings, device=device, shard=shard, on_job=on_job,
-                            progress=progress)
+        results = run_batch(jobs, model, options, settings, device=device, precision=precision, shard=shard,
+                            on_job=on_job, progress=progress)
     failed = [r for r in results if r.status == "failed"]
     if shard.rank == 0:
         for r in failed:
@@ -372,6 +377,7 @@ def _batch_progress(quiet: bool, rank: int) -> Iterator[tuple[Callable[[JobResul
 
 def _info(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
+    from .synthesis import evaluation_flops
 
     model = load_model(args.model)
     if args.json:
@@ -386,6 +392,7 @@ def _info(args: argparse.Namespace) -> int:
         f"conditioning: {net['conditioning']}",
         f"network:      U-Net {params / 1e6:.1f} M parameters, {net['image_size']}x{net['image_size']}, "
         f"channels {net['model_channels']} x {net['channel_mult']}",
+        f"cost:         {evaluation_flops(model) / 1e9:.2f} GFLOP per slice per sampling step",
         f"diffusion:    T={cfg['diffusion']['num_timesteps']} {cfg['diffusion']['schedule']} schedule, "
         f"predicts {cfg['diffusion']['prediction']}, {cfg['diffusion']['loss']} loss",
         f"window:       L{cfg['window']['level']:g} / W{cfg['window']['width']:g}",

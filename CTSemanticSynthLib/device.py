@@ -41,3 +41,44 @@ def select_device(name: str = "auto") -> torch.device:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise InputError("device 'mps' requested but it is not available; use --device cpu or auto")
     return torch.device(kind if index is None else f"{kind}:{index}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_BF16_UNITS = (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported"))
+"""CPU features with native bf16 matrix arithmetic, and the torch.cpu probe for each (private, hence getattr)."""
+
+
+def cpu_bf16_units() -> list[str]:
+    """The CPU's native bf16 matrix units among AMX and AVX512-BF16 (empty on AVX2-only CPUs)."""
+    return [name for name, probe in _BF16_UNITS if getattr(torch.cpu, probe, lambda: False)()]
+
+
+def device_capability(device: torch.device) -> str:
+    """What the device computes with: the GPU's name and compute capability, or the CPU's vector ISA (torch's
+    dispatch level) and whether it has native bf16 matrix units (AMX / AVX512-BF16)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    if device.type == "cpu":
+        return "+".join([torch.backends.cpu.get_cpu_capability(), *cpu_bf16_units()])
+    return device.type
+
+
+def select_precision(name: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' on CUDA (when the GPU supports it) and on CPUs with native bf16 matrix units, else 'fp32';
+    an explicit 'fp32', 'bf16' or 'fp16' is kept. Unknown names are an InputError."""
+    if name not in PRECISIONS:
+        raise InputError(f"unknown precision '{name}': use one of {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and cpu_bf16_units():
+        return "bf16"
+    return "fp32"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision ('bf16', 'fp16'), or None for fp32 (no autocast)."""
+    return _AUTOCAST_DTYPES.get(precision)

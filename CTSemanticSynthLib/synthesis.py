@@ -6,6 +6,7 @@ intensities live in the L40/W400 window, so the output lies in -160..240 HU insi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
-from .device import select_device
+from .device import autocast_dtype, device_capability, select_device, select_precision
 from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
 from .diffusion.slice_noise import SliceNoise
 from .errors import Cancelled, CTSynthError, InputError
@@ -145,17 +146,21 @@ def synthesize(
     options: SamplingOptions = SamplingOptions(),
     *,
     device: str | torch.device = "auto",
+    precision: str = "fp32",
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> SynthesisResult:
     """Sample a synthetic CT for a model-class volume (from :func:`prepare_classes`).
 
-    The same seed, options and device give the same volume. ``cancel()`` is polled every step and raises
-    :class:`Cancelled`. Raises :class:`CTSynthError` for out-of-memory with advice on the batch size.
+    ``precision`` is the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI
+    defaults to auto, the library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic
+    stays float32. The same seed, options, device and precision give the same volume. ``cancel()`` is polled every
+    step and raises :class:`Cancelled`. Raises :class:`CTSynthError` for out-of-memory with advice on the batch size.
     """
     if classes.array.max() >= NUM_CLASSES:
         raise InputError(f"class volume has values >= {NUM_CLASSES}; map labels with prepare_classes first")
     device = select_device(device) if isinstance(device, str) else device
+    precision = select_precision(precision, device)
     model.model.to(device)
     orientation = AxialOrientation.from_affine(classes.affine)
     stack = orientation.to_stack(classes.array)
@@ -175,7 +180,7 @@ def synthesize(
                     progress(done + fraction * n, len(active))
 
             sample = sample_slices(model.model, model.conditioning, sampler, small, index, seed=options.seed,
-                                   device=device, prior=prior, cancel=cancel, on_step=on_step,
+                                   device=device, prior=prior, precision=precision, cancel=cancel, on_step=on_step,
                                    slice_correlation=options.slice_correlation)
             unit[index] = resize.from_model(sample, labels=False).numpy()
     except torch.OutOfMemoryError:
@@ -185,8 +190,10 @@ def synthesize(
     hu = np.rint(unit_to_hu(unit))
     hu[stack == BACKGROUND] = AIR_HU
     volume = Volume(orientation.from_stack(hu.astype(np.int16)), classes.affine)
-    return SynthesisResult(volume, provenance_record(model.name, model.sha256, model.conditioning, sampler.config,
-                                                     asdict(options), str(device), len(active)))
+    record = provenance_record(model.name, model.sha256, model.conditioning, sampler.config, asdict(options),
+                               str(device), len(active))
+    record.update(precision=precision, device_capability=device_capability(device))
+    return SynthesisResult(volume, record)
 
 
 def class_prior(class_means: Sequence[float]) -> torch.Tensor:
@@ -214,6 +221,7 @@ def sample_slices(
     seed: int,
     device: torch.device,
     prior: torch.Tensor | None = None,
+    precision: str = "fp32",
     cancel: Callable[[], bool] | None = None,
     on_step: Callable[[float], None] | None = None,
     slice_correlation: float = 0.0,
@@ -224,33 +232,65 @@ def sample_slices(
     every stochastic step, so a slice's sample does not depend on the batch it lands in; ``slice_correlation`` mixes
     in noise shared with the neighbouring slices (:class:`~.diffusion.slice_noise.SliceNoise`). ``prior`` (per-class
     values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the start (SDEdit).
+    ``precision`` 'bf16'/'fp16' runs the network under autocast with channels_last inputs. Nothing in the loop
+    waits for the device: the finiteness check is read once, after the last step.
     """
     size = classes.shape[-1]
-    generators = SliceNoise(seed, slice_index, slice_correlation)
-    noise = generators.draw((len(slice_index), 1, size, size)).to(device)
-    kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, conditioning).items()}
-    with torch.no_grad():  # the condition encoder does not depend on t: run it once per batch
-        features = network.encode_condition(**kwargs)
-    if features is not None:
-        kwargs["cond_features"] = features
-    x = noise if prior is None else sampler.add_noise(prior[classes][:, None].to(device), 0, noise)
-    for i, n, x, _ in sample_loop(_finite_outputs(network), sampler, x, kwargs, generators):
-        if cancel is not None and cancel():
-            raise Cancelled("cancelled by the user; nothing was written")
-        if on_step is not None:
-            on_step(i / n)
-    return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()
+    noise_source = SliceNoise(seed, slice_index, slice_correlation, device=device)
+    with torch.inference_mode(), _autocast(device, precision):
+        kwargs: dict[str, Any] = {k: _memory_format(v.to(device), precision)
+                                  for k, v in condition_inputs(classes, conditioning).items()}
+        features = network.encode_condition(**kwargs)  # independent of t: once per batch
+        if features is not None:
+            kwargs["cond_features"] = features
+        noise = noise_source.draw((len(slice_index), 1, size, size))
+        x = noise if prior is None else sampler.add_noise(prior.to(device)[classes.to(device)][:, None], 0, noise)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+
+        def forward(x: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
+            nonlocal finite
+            out = network(_memory_format(x, precision), t, **model_kwargs).float()
+            finite = finite & torch.isfinite(out).all()  # NaN would reach the int16 cast as 0 HU; x0 clamps hide inf
+            return out
+
+        for i, n, x, _ in sample_loop(forward, sampler, x, kwargs, noise_source):
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled by the user; nothing was written")
+            if on_step is not None:
+                on_step(i / n)
+        if not bool(finite):
+            raise CTSynthError("the model's output became NaN or infinite while sampling; nothing was written: the "
+                               "model may be broken, or try --device cpu or --precision fp32")
+        return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()
 
 
-def _finite_outputs(network: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    """``network`` that raises CTSynthError on a NaN/inf output: samplers clamp x0, which would hide it, and NaN
-    would reach the int16 cast as 0 HU."""
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to the precision's dtype, or nothing for fp32."""
+    dtype = autocast_dtype(precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
-    def forward(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        out = network(x, t, **kwargs)
-        if not torch.isfinite(out).all():
-            raise CTSynthError(f"the model's output became NaN or infinite while sampling (timestep {int(t[0])}); "
-                               "nothing was written: the model may be broken, or try --device cpu")
-        return out
 
-    return forward
+def _memory_format(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """channels_last for 4-D tensors under reduced precision (where oneDNN/cuDNN's fast kernels want it)."""
+    if autocast_dtype(precision) is None or x.ndim != 4:
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def evaluation_flops(model: LoadedModel) -> int:
+    """Floating-point operations of one network evaluation for one slice (a multiply-add counts 2), counted by
+    torch's FlopCounterMode on a blank slice: the per-step cost, excluding the once-per-batch condition encoder."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = model.image_size
+    classes = torch.zeros((1, size, size), dtype=torch.long)
+    device = next(model.model.parameters()).device
+    kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, model.conditioning).items()}
+    with torch.inference_mode():
+        features = model.model.encode_condition(**kwargs)
+        if features is not None:
+            kwargs["cond_features"] = features
+        x = torch.zeros((1, 1, size, size), device=device)
+        with FlopCounterMode(display=False) as counter:
+            model.model(x, torch.zeros((1,), dtype=torch.long, device=device), **kwargs)
+    return int(counter.get_total_flops())

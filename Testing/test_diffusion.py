@@ -390,6 +390,22 @@ def test_space_timesteps() -> None:
         space_timesteps(10, "0,1")
 
 
+def test_schedule_tables_are_copied_to_the_device_once(diffusion: GaussianDiffusion, monkeypatch) -> None:
+    x = torch.zeros((2, 1, 2, 2))
+    t = torch.tensor([3, 700])
+    first = diffusion.q_sample(x + 1.0, t, x)
+    copies: list[int] = []
+    original = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(1) or original(self, *a, **k))
+    again = diffusion.q_sample(x + 1.0, t, x)
+    assert copies == [1, 1]  # only t.to(device), once per table: the tables themselves come from the cache
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    expected = torch.tensor(np.sqrt(np.cumprod(1 - diffusion.betas))[[3, 700]], dtype=torch.float32)
+    torch.testing.assert_close(first.flatten(1)[:, 0], expected, rtol=0, atol=0)
+    chain = diffusion.respaced([0, 500, 999])
+    assert chain.model_timesteps(torch.tensor([2, 0])).tolist() == [999, 0]
+
+
 def test_respaced_chain(diffusion: GaussianDiffusion) -> None:
     full = diffusion.respaced(range(T))
     np.testing.assert_allclose(full.betas, diffusion.betas, rtol=1e-10)
@@ -421,7 +437,7 @@ def run_sampler(sampler, model_fn, x_T: Tensor, seed: int | None = 0) -> Tensor:
     return x
 
 
-@pytest.mark.parametrize("name", ["ddim", "ancestral"])
+@pytest.mark.parametrize("name", ["ddim", "ancestral", "dpmsolver++"])
 def test_oracle_sampling_recovers_x0(diffusion: GaussianDiffusion, name: str) -> None:
     x0 = smooth_image(8)
     x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -531,7 +547,7 @@ def test_clip_denoised_option_reaches_the_step(diffusion: GaussianDiffusion, nam
     assert float(free.step(output, 0, x_t, torch.Generator().manual_seed(0))[1].max()) > 100
 
 
-@pytest.mark.parametrize("name", ["ancestral", "ddim"])
+@pytest.mark.parametrize("name", ["ancestral", "ddim", "dpmsolver++"])
 def test_sampler_before_set_timesteps(diffusion: GaussianDiffusion, name: str) -> None:
     sampler = SAMPLERS[name](diffusion)
     assert sampler.num_steps == 0 and sampler.config["start_timestep"] is None
@@ -604,11 +620,19 @@ def ddim_step_moments(diffusion, sampler, i, x_t, eps, v) -> tuple[Tensor, float
     return mean, (0.0 if i + 1 == sampler.num_steps else sigma2)
 
 
-EXPECTED_STEP = {"ancestral": ancestral_step_moments, "ddim": ddim_step_moments}
+def dpmsolver_step_moments(diffusion, sampler, i, x_t, eps, v) -> tuple[Tensor, float]:
+    """Without history (a fresh x_t) DPM-Solver++ takes its first-order step: deterministic DDIM; v is ignored."""
+    abar, abar_prev = _closed_form_coefficients(diffusion, sampler, i)
+    x0, eps = _pred_x0_and_eps(x_t, eps, abar)
+    return math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps, 0.0
+
+
+EXPECTED_STEP = {"ancestral": ancestral_step_moments, "ddim": ddim_step_moments,
+                 "dpmsolver++": dpmsolver_step_moments}
 """Closed-form (mean, variance) of one step, per sampler: a new sampler needs an entry (see the test below)."""
 
 STEP_CASES = [("ancestral", {}, -1.0), ("ancestral", {}, 0.4), ("ddim", {"eta": 1.0}, 0.4), ("ddim", {"eta": 0.5}, -1.0),
-              ("ddim", {"eta": 0.0}, 0.4)]
+              ("ddim", {"eta": 0.0}, 0.4), ("dpmsolver++", {}, 0.4)]
 
 
 def test_every_sampler_has_a_step_noise_check() -> None:
@@ -675,6 +699,89 @@ def test_per_sample_generators_make_samples_independent_of_the_batch(diffusion: 
     assert not torch.equal(together[0], together[1])
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
         list(sample_loop(model_fn, sampler, x_T, {}, [torch.Generator()] * 2))
+
+
+# DPM-Solver++(2M) against the exact probability-flow ODE of Gaussian data.
+
+GAUSS_MEAN, GAUSS_STD = 0.2, 0.5
+
+
+def gaussian_data_model(diffusion: GaussianDiffusion):
+    """Exact eps model (no variance channels) of data x_0 ~ N(GAUSS_MEAN, GAUSS_STD^2) per pixel."""
+    abar_table = torch.as_tensor(diffusion.alphas_cumprod)
+
+    def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        abar = abar_table[t].reshape(-1, 1, 1, 1)
+        gain = abar.sqrt() * GAUSS_STD**2 / (abar * GAUSS_STD**2 + 1 - abar)
+        x0 = GAUSS_MEAN + gain * (x_t - abar.sqrt() * GAUSS_MEAN)
+        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+    return model_fn
+
+
+def gaussian_ode_sample(diffusion: GaussianDiffusion, x_start: Tensor, start: int) -> Tensor:
+    """Exact ODE solution: the standardised x_t is constant along the flow down to t=0, then x_0 = E[x_0 | x_t=0]."""
+    def std(abar: float) -> float:
+        return math.sqrt(abar * GAUSS_STD**2 + 1 - abar)
+
+    abar_start, abar_0 = float(diffusion.alphas_cumprod[start]), float(diffusion.alphas_cumprod[0])
+    z = (x_start - math.sqrt(abar_start) * GAUSS_MEAN) / std(abar_start)
+    return GAUSS_MEAN + math.sqrt(abar_0) * GAUSS_STD**2 / std(abar_0) * z
+
+
+def gaussian_solver_error(name: str, steps: int, start: int | None) -> float:
+    diffusion = GaussianDiffusion(prediction="eps", learn_sigma=False, loss="mse")
+    x_start = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sampler = make_sampler(name, diffusion, steps, start_timestep=start, clip_denoised=False)
+    *_, (_, _, x, _) = sample_loop(gaussian_data_model(diffusion), sampler, x_start, {})
+    return float((x - gaussian_ode_sample(diffusion, x_start, 999 if start is None else start)).abs().max())
+
+
+@pytest.mark.parametrize("start", [300, None])
+def test_dpmsolver_converges_to_the_exact_ode_solution_with_second_order_accuracy(start: int | None) -> None:
+    ddim = {n: gaussian_solver_error("ddim", n, start) for n in (10, 20, 80)}
+    dpm = {n: gaussian_solver_error("dpmsolver++", n, start) for n in (10, 20, 80)}
+    assert dpm[80] < 5e-3 and ddim[80] < 6e-2  # both converge to the exact sample
+    assert ddim[10] / ddim[80] == pytest.approx(8.0, rel=0.25)  # DDIM: first order, error ~ 1/steps
+    assert dpm[20] < ddim[20] / 2.5 and dpm[80] < ddim[80] / 10  # the gap grows with the steps: higher order
+    if start == 300:  # the demo's prior start: 10 steps already beat DDIM 20 by a factor 4
+        assert dpm[10] < ddim[20] / 4 and dpm[10] / dpm[80] > 12
+
+
+def test_dpmsolver_second_step_is_the_multistep_formula(diffusion: GaussianDiffusion) -> None:
+    """Step 2 uses the x_0 of step 1: D = (1 + 1/2r) x0_1 - 1/2r x0_0 with r = h_0 / h_1 in log-SNR (Lu et al.)."""
+    sampler = make_sampler("dpmsolver++", diffusion, 6, start_timestep=300)
+    ddim = make_sampler("ddim", diffusion, 6, start_timestep=300)
+    x = torch.tensor([0.3, -0.5, 0.9, -0.1], dtype=torch.float64).reshape(1, 1, 2, 2)
+    outputs = [torch.cat([f * x, torch.zeros_like(x)], dim=1) for f in (0.4, -0.7)]
+    x1, x0_first = sampler.step(outputs[0], 0, x)
+    torch.testing.assert_close(x1, ddim.step(outputs[0], 0, x)[0], rtol=0, atol=1e-15)  # first step: DDIM
+    outputs[1] = torch.cat([-0.7 * x1, torch.zeros_like(x1)], dim=1)
+    x2, x0_second = sampler.step(outputs[1], 1, x1)
+    abar = [float(np.cumprod(1 - diffusion.betas)[t]) for t in sampler.timesteps.tolist()[:3]]
+    lam = [0.5 * math.log(a / (1 - a)) for a in abar]
+    h0, h1 = lam[1] - lam[0], lam[2] - lam[1]
+    data = (1 + h1 / (2 * h0)) * x0_second - h1 / (2 * h0) * x0_first
+    expected = math.sqrt((1 - abar[2]) / (1 - abar[1])) * x1 + math.sqrt(abar[2]) * (1 - math.exp(-h1)) * data
+    torch.testing.assert_close(x2, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(x2, ddim.step(outputs[1], 1, x1)[0])
+    # A tensor the sampler did not return (another batch, a restart), or its output fed to another position than the
+    # next one, has no history: a first-order step again.
+    for index, state in ((1, lambda y: y.clone()), (2, lambda y: y)):
+        returned, _ = sampler.step(outputs[0], 0, x)
+        torch.testing.assert_close(sampler.step(outputs[1], index, state(returned))[0],
+                                   ddim.step(outputs[1], index, returned)[0], rtol=0, atol=1e-15)
+
+
+def test_dpmsolver_reused_across_batches_gives_the_same_samples(diffusion: GaussianDiffusion) -> None:
+    model_fn = lambda x, t: torch.cat([0.3 * x + 0.1, torch.zeros_like(x)], dim=1)  # noqa: E731
+    x_T = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    shared = make_sampler("dpmsolver++", diffusion, 8, start_timestep=300)
+    first = list(sample_loop(model_fn, shared, x_T[:1], {}))[-1][2]
+    list(sample_loop(model_fn, shared, x_T[1:], {}))[:3]  # an interrupted run leaves history behind
+    again = list(sample_loop(model_fn, shared, x_T[:1], {}))[-1][2]
+    fresh = list(sample_loop(model_fn, make_sampler("dpmsolver++", diffusion, 8, start_timestep=300), x_T[:1], {}))
+    assert torch.equal(first, again) and torch.equal(first, fresh[-1][2])
 
 
 # A tiny conditional model overfits one image.

@@ -6,6 +6,7 @@ called with the ORIGINAL timesteps, ``model_timesteps(t)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -36,19 +37,21 @@ def diffusion_defaults() -> dict[str, Any]:
     }
 
 
-_TABLES: dict[tuple[bytes, torch.dtype, torch.device], Tensor] = {}
-"""Schedule tables already copied to a device (a host-to-device copy per lookup stalls GPU training steps)."""
-
-
 def _extract(values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
     """``values[t]`` in ``like``'s dtype and device, shaped [B, 1, ..., 1] to broadcast against ``like``."""
-    key = (np.asarray(values).tobytes(), like.dtype, like.device)
-    if key not in _TABLES:
-        if len(_TABLES) >= 256:  # many respaced schedules: start over rather than grow
-            _TABLES.clear()
-        _TABLES[key] = torch.as_tensor(values, dtype=like.dtype).to(like.device)
-    table = _TABLES[key]
+    table = device_table(np.asarray(values), like.dtype, like.device)
     return table[t.to(like.device)].reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def device_table(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 1-D table as a tensor of ``dtype`` on ``device``, copied there once per content (not once per step)."""
+    return _cached_table(values.dtype.str, values.tobytes(), dtype, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_table(numpy_dtype: str, data: bytes, dtype: torch.dtype, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # also usable outside inference mode (training)
+        return torch.as_tensor(np.frombuffer(data, dtype=numpy_dtype).copy(), dtype=dtype).to(device)
 
 
 class GaussianDiffusion:
@@ -138,7 +141,7 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """Original timesteps (LongTensor) for chain indices ``t``: what the model is called with."""
-        return torch.as_tensor(self.timestep_map, device=t.device)[t]
+        return device_table(self.timestep_map, torch.long, t.device)[t]
 
     # Forward process and posterior.
 

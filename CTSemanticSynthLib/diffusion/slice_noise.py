@@ -45,7 +45,7 @@ class SliceNoise:
     the samplers' ``randn_like``; :meth:`draw` takes a shape."""
 
     def __init__(self, seed: int, slice_index: Sequence[int], correlation: float = 0.0,
-                 sigma: float = SHARED_SIGMA) -> None:
+                 sigma: float = SHARED_SIGMA, device: torch.device | str = "cpu") -> None:
         if not 0.0 <= correlation <= 1.0:
             raise ValueError(f"the slice correlation must lie in 0..1, got {correlation}")
         if sigma <= 0:
@@ -54,7 +54,9 @@ class SliceNoise:
         self.slice_index = [int(k) for k in slice_index]
         self.rho = float(correlation)
         self.weights = shared_weights(sigma)
-        self.generators = [torch.Generator().manual_seed(self.seed * 1_000_003 + k) for k in self.slice_index]
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + k)
+                           for k in self.slice_index]
         self.draws = 0
 
     def correlation(self, lag: int) -> float:
@@ -65,17 +67,18 @@ class SliceNoise:
         return self.rho * float(np.dot(w[:-lag], w[lag:])) if lag < len(w) else 0.0
 
     def draw(self, shape: Sequence[int]) -> Tensor:
-        """The next draw, float32 on the CPU, shaped (len(slice_index), *shape[1:])."""
+        """The next draw, float32 on the noise's device, shaped (len(slice_index), *shape[1:])."""
         if shape[0] != len(self.slice_index):
             raise ValueError(f"{len(self.slice_index)} slices for a batch of {shape[0]}")
         field = (1, *shape[1:])
-        own = torch.cat([torch.randn(field, generator=g) for g in self.generators])
+        own = torch.cat([torch.randn(field, generator=g, device=self.device) for g in self.generators])
         draw, self.draws = self.draws, self.draws + 1
         if self.rho == 0.0:
             return own
         radius = len(self.weights) // 2
         needed = sorted({k + d for k in self.slice_index for d in range(-radius, radius + 1)})
-        z = {j: torch.randn(field, generator=torch.Generator().manual_seed(_field_seed(self.seed, j, draw)))
+        z = {j: torch.randn(field, device=self.device,
+                            generator=torch.Generator(device=self.device).manual_seed(_field_seed(self.seed, j, draw)))
              for j in needed}
         shared = torch.cat([sum(float(w) * z[k + d] for d, w in zip(range(-radius, radius + 1), self.weights))
                             for k in self.slice_index])

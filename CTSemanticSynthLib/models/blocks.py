@@ -107,7 +107,8 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         b, c, height, width = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, height * width)
-        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(dim=1))  # each [B, heads, HW, head_dim]
+        # each [B, heads, HW, head_dim], contiguous: with a non-unit last stride SDPA falls back to its math kernel
+        q, k, v = (t.transpose(-1, -2).contiguous() for t in qkv.unbind(dim=1))
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(-1, -2).reshape(b, c, height, width)
         return x + self.proj_out(h)
