@@ -108,6 +108,21 @@ def test_body_mask_from_ct_drops_table_and_fills_holes():
     assert mask.sum() == 2 * body.sum()
 
 
+@pytest.mark.parametrize("others", [1, 2])
+def test_body_mask_from_ct_keeps_only_the_largest_component(others: int) -> None:
+    # thick objects beside the patient (a head rest, a second limb) survive the opening: only the body stays
+    hu = np.full((1, 48, 48), -1000.0)
+    yy, xx = np.mgrid[:48, :48]
+    body = (yy - 20) ** 2 + (xx - 20) ** 2 < 12 ** 2
+    hu[:, body] = 30
+    hu[:, 40:46, 30:40] = 100
+    if others == 2:
+        hu[:, 2:8, 38:46] = 100
+    mask = body_mask_from_ct(hu)
+    assert mask[0, body].all()
+    assert mask.sum() == body.sum()
+
+
 def test_body_mask_from_labels_outline_and_hull():
     labels = np.zeros((1, 30, 30), dtype=np.int32)
     labels[0, 5:25, 5:25] = 3  # body outline label
