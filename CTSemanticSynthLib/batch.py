@@ -30,7 +30,7 @@ from .errors import CTSynthError, InputError
 from .io import (READ_SUFFIXES, Volume, atomic_outputs, read_image, read_labelmap, save_volume, verify_complete,
                  write_bytes)
 from .labels import MODEL_CLASSES
-from .provenance import provenance_header, sidecar_path
+from .provenance import provenance_header, read_record, sidecar_path, write_record
 from .synthesis import MAX_SEED, ProgressCallback, SamplingOptions, prepare_classes, synthesize
 
 logger = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _label_record(label_names: dict[int, str] | None) -> dict[str, str] | None:
 def _made_by(job: Job, model_sha256: str, options: SamplingOptions, label_names: dict[int, str] | None) -> bool:
     """Whether the job's sidecar records this model, these options, the job's seed and these label values (the
     batch size, which does not change the result, may differ)."""
-    record = read_sidecar_at(job.outputs[-1])
+    record = read_record(job.outputs[-1])
     if record is None or record.get("model_sha256") != model_sha256 or not isinstance(record.get("options"), dict):
         return False
     if not isinstance(record.get("batch"), dict) or record["batch"].get("labels") != _label_record(label_names):
@@ -226,15 +226,6 @@ def _complete(job: Job) -> bool:
     except InputError:
         return False
     return True
-
-
-def read_sidecar_at(path: Path) -> dict[str, Any] | None:
-    """The JSON record at ``path``, or None when it has no readable one."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def job_states(jobs: Sequence[Job], model_sha256: str, options: SamplingOptions, overwrite: bool,
@@ -361,7 +352,7 @@ def _run_job(result: JobResult, model: LoadedModel, options: SamplingOptions, se
             if len(temps) == 3:
                 save_volume(classes if settings.label_names is None else _renumbered(seg, settings.label_names),
                             temps[1])
-            temps[-1].write_text(json.dumps(record, indent=2) + "\n")
+            write_record(record, temps[-1])
         result.status, result.model_sha256, result.error = "ok", model.sha256, ""
     except CTSynthError as exc:
         _failed(result, str(exc))
@@ -384,7 +375,7 @@ def _failed(result: JobResult, message: str) -> None:
 
 
 def _recorded_seconds(job: Job) -> float | None:
-    record = read_sidecar_at(job.outputs[-1]) or {}
+    record = read_record(job.outputs[-1]) or {}
     seconds = record.get("batch", {}).get("seconds")
     return float(seconds) if isinstance(seconds, (int, float)) else None
 

@@ -215,7 +215,7 @@ def _synth(args: argparse.Namespace) -> int:
     from .io import (WRITE_SUFFIXES, atomic_outputs, check_distinct_paths, check_output_path, read_image,
                      read_labelmap, save_volume)
     from .preview import preview_png
-    from .provenance import provenance_header
+    from .provenance import provenance_header, write_record
     from .synthesis import MAX_SEED, prepare_classes, synthesize
 
     for option, path in (("--out", args.out), ("--variance-map", args.variance_map)):
@@ -275,7 +275,7 @@ def _synth(args: argparse.Namespace) -> int:
     writers: dict[Path, Callable[[Path], None]] = {}
     for path, result in zip(volumes, results):
         writers[path] = functools.partial(save_volume, result.volume, metadata=provenance_header(result.provenance))
-        writers[sidecar_path(path)] = functools.partial(_write_json, result.provenance)
+        writers[sidecar_path(path)] = functools.partial(write_record, result.provenance)
     if args.preview is not None:
         writers[args.preview] = lambda tmp: tmp.write_bytes(preview_png(classes, results[0].volume, reference))
     if args.variance_map is not None:
@@ -294,10 +294,6 @@ def _numbered(out: Path, sample: int) -> Path:
 
     suffix = next(s for s in WRITE_SUFFIXES if out.name.endswith(s))
     return out.with_name(f"{out.name[: -len(suffix)]}_s{sample}{suffix}")
-
-
-def _write_json(record: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _batch(args: argparse.Namespace) -> int:

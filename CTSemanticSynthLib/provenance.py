@@ -25,11 +25,21 @@ def sidecar_path(out: Path) -> Path:
 
 def read_sidecar(volume: Path) -> dict[str, Any] | None:
     """The provenance record beside a synthetic CT, or None when it has no readable one."""
+    return read_record(sidecar_path(volume))
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A provenance record file, or None when it is missing or unreadable."""
     try:
-        record = json.loads(sidecar_path(volume).read_text())
+        record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def write_record(record: Mapping[str, Any], path: Path) -> None:
+    """Write a provenance record (to a temp path of :func:`~.io.atomic_outputs`)."""
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def provenance_record(model_name: str, model_sha256: str, conditioning: str, sampler: Mapping[str, Any],
