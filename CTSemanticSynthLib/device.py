@@ -65,6 +65,11 @@ def device_capability(device: torch.device) -> str:
     return device.type
 
 
+def cuda_native_bf16() -> bool:
+    """Whether the current CUDA GPU computes bf16 natively (torch's plain check also counts slow emulation)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def select_precision(name: str, device: torch.device) -> str:
     """'auto' -> 'bf16' on CUDA (when the GPU supports it) and on CPUs with native bf16 matrix units, else 'fp32';
     an explicit 'fp32', 'bf16' or 'fp16' is kept. Unknown names are an InputError."""
@@ -73,7 +78,7 @@ def select_precision(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_native_bf16() else "fp32"
     if device.type == "cpu" and cpu_bf16_units():
         return "bf16"
     return "fp32"

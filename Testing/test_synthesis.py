@@ -164,6 +164,8 @@ def test_precision_selection(monkeypatch):
     assert select_precision("auto", cpu) == "bf16" and device_capability(cpu).endswith("+AVX512_BF16")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert select_precision("auto", torch.device("cuda")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert select_precision("auto", torch.device("cuda")) == "fp32"  # emulated bf16 is slow: not chosen
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert select_precision("auto", torch.device("cuda")) == "bf16"
     assert select_precision("auto", torch.device("mps")) == "fp32"

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from CTSemanticSynthLib.checkpoint import save_model
 from CTSemanticSynthLib.cli import OneLineParser
-from CTSemanticSynthLib.device import select_device
+from CTSemanticSynthLib.device import cuda_native_bf16, select_device
 from CTSemanticSynthLib.diffusion import diffusion_defaults
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.factory import create_diffusion, create_model
@@ -130,7 +130,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "bf16" if cuda_native_bf16() else "fp16"
 
 
 def rank_batch_size(batch_size: int, world: int) -> int:
