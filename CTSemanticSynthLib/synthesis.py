@@ -6,7 +6,6 @@ intensities live in the L40/W400 window, so the output lies in -160..240 HU insi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -16,10 +15,11 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
-from .device import autocast_dtype, device_capability, select_device, select_precision
+from .denoiser import VolumeDenoiser
+from .device import device_capability, select_device, select_precision
 from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
 from .diffusion.slice_noise import SliceNoise
-from .errors import Cancelled, CTSynthError, InputError
+from .errors import CTSynthError, InputError
 from .factory import create_diffusion
 from .io import Volume
 from .labels import BACKGROUND, NUM_CLASSES, MappingReport, resolve_adapter
@@ -63,6 +63,9 @@ DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"sampler": "ancestral", "steps": 1000},
 }
 
+
+RESIZE_CHUNK = 32
+"""Slices resized to and from the model's size at a time (bounds the float copies of full-resolution slices)."""
 
 MAX_SEED = 2**32 - 1
 """Seeds are 0..2**32-1: each slice's generator is seeded with seed * 1_000_003 + slice, which must stay below
@@ -154,8 +157,9 @@ def synthesize(
 
     ``precision`` is the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI
     defaults to auto, the library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic
-    stays float32. The same seed, options, device and precision give the same volume. ``cancel()`` is polled every
-    step and raises :class:`Cancelled`. Raises :class:`CTSynthError` for out-of-memory with advice on the batch size.
+    stays float32. The same seed, options, device and precision give the same volume, whatever the batch size (the
+    slices sampled together by the network; the whole volume walks the timesteps together). ``cancel()`` is polled
+    before every batch and raises :class:`Cancelled`. Raises :class:`CTSynthError` for out-of-memory with advice on the batch size.
     """
     if classes.array.max() >= NUM_CLASSES:
         raise InputError(f"class volume has values >= {NUM_CLASSES}; map labels with prepare_classes first")
@@ -169,24 +173,28 @@ def synthesize(
     unit = np.zeros(stack.shape, dtype=np.float32)
     sampler = options_sampler(options, model.diffusion)
     prior = _model_prior(model) if options.start_timestep is not None else None
-    batch = max(1, int(options.batch_size))
+    if not len(active):
+        raise InputError("the class volume has no body or organ voxel: nothing to synthesize")
+    small = torch.cat([resize.to_model(torch.from_numpy(stack[part].astype(np.int64)), labels=True).to(torch.uint8)
+                       for part in _parts(active)])
+
+    def on_step(fraction: float) -> None:
+        if progress is not None:
+            progress(fraction * len(active), len(active))
+
     try:
-        for first in range(0, len(active), batch):
-            index = active[first : first + batch]
-            small = resize.to_model(torch.from_numpy(stack[index].astype(np.int64)), labels=True)
-
-            def on_step(fraction: float, done: int = first, n: int = len(index)) -> None:
-                if progress is not None:
-                    progress(done + fraction * n, len(active))
-
-            sample = sample_slices(model.model, model.conditioning, sampler, small, index, seed=options.seed,
-                                   device=device, prior=prior, precision=precision, cancel=cancel, on_step=on_step,
-                                   slice_correlation=options.slice_correlation)
-            unit[index] = resize.from_model(sample, labels=False).numpy()
+        sample = sample_slices(model.model, model.conditioning, sampler, small, active, seed=options.seed,
+                               device=device, batch_size=options.batch_size, prior=prior, precision=precision,
+                               cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation)
     except torch.OutOfMemoryError:
+        batch = options.batch_size
         raise CTSynthError(
             f"out of memory on {device} with batch size {batch}: use --batch-size {max(1, batch // 2)} or --device cpu"
         ) from None
+    first = 0
+    for part in _parts(active):
+        unit[part] = resize.from_model(sample[first : first + len(part)], labels=False).numpy()
+        first += len(part)
     hu = np.rint(unit_to_hu(unit))
     hu[stack == BACKGROUND] = AIR_HU
     volume = Volume(orientation.from_stack(hu.astype(np.int16)), classes.affine)
@@ -194,6 +202,11 @@ def synthesize(
                                str(device), len(active))
     record.update(precision=precision, device_capability=device_capability(device))
     return SynthesisResult(volume, record)
+
+
+def _parts(active: np.ndarray) -> list[np.ndarray]:
+    """``active`` in runs of :data:`RESIZE_CHUNK` slices."""
+    return [active[first : first + RESIZE_CHUNK] for first in range(0, len(active), RESIZE_CHUNK)]
 
 
 def class_prior(class_means: Sequence[float]) -> torch.Tensor:
@@ -220,61 +233,44 @@ def sample_slices(
     *,
     seed: int,
     device: torch.device,
+    batch_size: int | None = None,
     prior: torch.Tensor | None = None,
     precision: str = "fp32",
     cancel: Callable[[], bool] | None = None,
     on_step: Callable[[float], None] | None = None,
     slice_correlation: float = 0.0,
 ) -> torch.Tensor:
-    """Sample (B, S, S) class slices; returns (B, S, S) intensities in [0, 1] on the CPU.
+    """Sample the (N, S, S) class slices of one volume together; returns (N, S, S) intensities in [0, 1] on the CPU.
 
+    Every slice walks the same timesteps at the same time (the sampler sees the whole (N, 1, S, S) state); the
+    network runs ``batch_size`` slices at a time (default: all), see :class:`~.denoiser.VolumeDenoiser`.
     ``slice_index`` seeds one generator per slice, which draws that slice's starting noise and then the noise of
-    every stochastic step, so a slice's sample does not depend on the batch it lands in; ``slice_correlation`` mixes
+    every stochastic step, so a slice's sample does not depend on the batch size; ``slice_correlation`` mixes
     in noise shared with the neighbouring slices (:class:`~.diffusion.slice_noise.SliceNoise`). ``prior`` (per-class
     values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the start (SDEdit).
-    ``precision`` 'bf16'/'fp16' runs the network under autocast with channels_last inputs. Nothing in the loop
-    waits for the device: the finiteness check is read once, after the last step.
+    ``precision`` 'bf16'/'fp16' runs the network under autocast with channels_last inputs. ``on_step(fraction)``
+    follows every chunk. Nothing in the loop waits for the device: the finiteness check is read once, at the end.
     """
     size = classes.shape[-1]
+    total = len(slice_index) * sampler.num_steps
+
+    def on_evaluated(evaluated: int) -> None:
+        if on_step is not None:
+            on_step(min(1.0, evaluated / total))
+
     noise_source = SliceNoise(seed, slice_index, slice_correlation, device=device)
-    with torch.inference_mode(), _autocast(device, precision):
-        kwargs: dict[str, Any] = {k: _memory_format(v.to(device), precision)
-                                  for k, v in condition_inputs(classes, conditioning).items()}
-        features = network.encode_condition(**kwargs)  # independent of t: once per batch
-        if features is not None:
-            kwargs["cond_features"] = features
+    denoiser = VolumeDenoiser(network, conditioning, classes, batch_size=batch_size, device=device,
+                              precision=precision, cancel=cancel, progress=on_evaluated)
+    with torch.inference_mode():
         noise = noise_source.draw((len(slice_index), 1, size, size))
-        x = noise if prior is None else sampler.add_noise(prior.to(device)[classes.to(device)][:, None], 0, noise)
-        finite = torch.ones((), dtype=torch.bool, device=device)
-
-        def forward(x: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
-            nonlocal finite
-            out = network(_memory_format(x, precision), t, **model_kwargs).float()
-            finite = finite & torch.isfinite(out).all()  # NaN would reach the int16 cast as 0 HU; x0 clamps hide inf
-            return out
-
-        for i, n, x, _ in sample_loop(forward, sampler, x, kwargs, noise_source):
-            if cancel is not None and cancel():
-                raise Cancelled("cancelled by the user; nothing was written")
-            if on_step is not None:
-                on_step(i / n)
-        if not bool(finite):
+        x = noise if prior is None else sampler.add_noise(prior.to(device)[classes.to(device).long()][:, None], 0,
+                                                          noise)
+        for _, _, x, _ in sample_loop(denoiser, sampler, x, {}, noise_source):
+            pass
+        if not bool(denoiser.finite):
             raise CTSynthError("the model's output became NaN or infinite while sampling; nothing was written: the "
                                "model may be broken, or try --device cpu or --precision fp32")
         return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """Autocast to the precision's dtype, or nothing for fp32."""
-    dtype = autocast_dtype(precision)
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def _memory_format(x: torch.Tensor, precision: str) -> torch.Tensor:
-    """channels_last for 4-D tensors under reduced precision (where oneDNN/cuDNN's fast kernels want it)."""
-    if autocast_dtype(precision) is None or x.ndim != 4:
-        return x
-    return x.contiguous(memory_format=torch.channels_last)
 
 
 def evaluation_flops(model: LoadedModel) -> int:

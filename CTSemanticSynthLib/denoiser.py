@@ -1,0 +1,107 @@
+"""The conditioned network over every slice of a volume at once, evaluated a chunk of slices at a time.
+
+The samplers see the whole volume's state (N slices: a few MB), so every slice is at the same timestep and
+anything that couples slices within a step (neighbour agreement, inpainting a region across slices) is a function
+of that state; memory is bounded by the chunk, not the volume. The condition encoder's features (independent of
+the timestep) are cached per chunk while they fit :data:`FEATURE_CACHE_BYTES`, else recomputed every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .device import autocast_dtype
+from .errors import Cancelled
+from .preprocess import condition_inputs
+
+FEATURE_CACHE_BYTES = 2 * 1024**3
+"""Largest total size of cached condition-encoder features; beyond it they are recomputed each step."""
+
+
+class VolumeDenoiser:
+    """``denoiser(x, t)`` -> the network's output for the (N, 1, S, S) state ``x`` of the class slices ``classes``
+    (N, S, S), computed ``batch_size`` slices at a time under ``precision``.
+
+    ``cancel()`` is polled before each chunk (raises :class:`Cancelled`); ``progress(evaluated)`` gets the number of
+    slice evaluations done so far. ``finite`` turns False once any output is NaN or infinite (read it after the
+    loop: reading it inside would make a GPU wait every step).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        conditioning: str,
+        classes: Tensor,
+        *,
+        batch_size: int | None = None,
+        device: torch.device,
+        precision: str = "fp32",
+        cancel: Callable[[], bool] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.network = network
+        self.conditioning = conditioning
+        self.classes = classes
+        self.batch_size = len(classes) if batch_size is None else max(1, int(batch_size))
+        self.device = device
+        self.precision = precision
+        self.cancel = cancel
+        self.progress = progress
+        self.evaluated = 0
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self._features: dict[tuple[int, int], list[Tensor]] = {}
+        self._cache_features = True
+
+    def chunks(self) -> Iterator[slice]:
+        """The slices of the volume evaluated together."""
+        for first in range(0, len(self.classes), self.batch_size):
+            yield slice(first, min(first + self.batch_size, len(self.classes)))
+
+    def condition(self, chunk: slice) -> dict[str, Any]:
+        """The network's condition keywords for ``chunk`` (one-hot mask, edges, encoder features)."""
+        kwargs: dict[str, Any] = {
+            k: self.memory_format(v.to(self.device))
+            for k, v in condition_inputs(self.classes[chunk].long(), self.conditioning).items()
+        }
+        key = (chunk.start, chunk.stop)
+        features = self._features.get(key)
+        if features is None:
+            features = self.network.encode_condition(**kwargs)  # None for concat models
+            if features is not None and self._cache_features:
+                size = sum(f.numel() * f.element_size() for f in features) * len(self.classes) // len(features[0])
+                self._cache_features = size <= FEATURE_CACHE_BYTES
+                if self._cache_features:
+                    self._features[key] = features
+        if features is not None:
+            kwargs["cond_features"] = features
+        return kwargs
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        outputs = []
+        with self.autocast():
+            for chunk in self.chunks():
+                if self.cancel is not None and self.cancel():
+                    raise Cancelled("cancelled by the user; nothing was written")
+                out = self.network(self.memory_format(x[chunk]), t[chunk], **self.condition(chunk)).float()
+                self.finite = self.finite & torch.isfinite(out).all()  # NaN would become 0 HU; x0 clamps hide inf
+                outputs.append(out)
+                self.evaluated += chunk.stop - chunk.start
+                if self.progress is not None:
+                    self.progress(self.evaluated)
+        return torch.cat(outputs)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast to the precision's dtype, or nothing for fp32."""
+        dtype = autocast_dtype(self.precision)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def memory_format(self, x: Tensor) -> Tensor:
+        """channels_last for 4-D tensors under reduced precision (where oneDNN/cuDNN's fast kernels want it)."""
+        if autocast_dtype(self.precision) is None or x.ndim != 4:
+            return x
+        return x.contiguous(memory_format=torch.channels_last)
