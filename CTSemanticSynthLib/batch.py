@@ -206,11 +206,15 @@ def _label_record(label_names: dict[int, str] | None) -> dict[str, str] | None:
     return None if label_names is None else {str(v): name for v, name in sorted(label_names.items())}
 
 
-def _made_by(job: Job, model_sha256: str, options: SamplingOptions, label_names: dict[int, str] | None) -> bool:
-    """Whether the job's sidecar records this model, these options, the job's seed and these label values (the
-    batch size, which does not change the result, may differ)."""
+def _made_by(job: Job, model_sha256: str, options: SamplingOptions, label_names: dict[int, str] | None,
+             precision: str) -> bool:
+    """Whether the job's sidecar records this model, these options, the job's seed, these label values and this
+    precision (records from before precision was recorded were fp32; the batch size, which does not change the
+    result, may differ)."""
     record = read_record(job.outputs[-1])
     if record is None or record.get("model_sha256") != model_sha256 or not isinstance(record.get("options"), dict):
+        return False
+    if record.get("precision", "fp32") != precision:
         return False
     if not isinstance(record.get("batch"), dict) or record["batch"].get("labels") != _label_record(label_names):
         return False
@@ -229,12 +233,12 @@ def _complete(job: Job) -> bool:
 
 
 def job_states(jobs: Sequence[Job], model_sha256: str, options: SamplingOptions, overwrite: bool,
-               label_names: dict[int, str] | None = None) -> list[bool]:
-    """Which jobs are done (complete files made with this model, these options, the job's seed and these label
-    values); InputError when a job still to run would replace a file made otherwise and ``overwrite`` is not set."""
+               label_names: dict[int, str] | None = None, precision: str = "fp32") -> list[bool]:
+    """Which jobs are done (complete files made with this model, these options, the job's seed, these label
+    values and this precision); InputError when a job still to run would replace a file made otherwise and ``overwrite`` is not set."""
     done = []
     for job in jobs:
-        ours = _made_by(job, model_sha256, options, label_names)
+        ours = _made_by(job, model_sha256, options, label_names, precision)
         done.append(ours and _complete(job))
         existing = [p for p in job.outputs if os.path.lexists(p)]
         if existing and not ours and not overwrite:
@@ -300,7 +304,7 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     variance maps and dataset.json once every rank has finished.
     """
     layout = settings.layout
-    done = job_states(jobs, model.sha256, options, settings.overwrite, settings.label_names)
+    done = job_states(jobs, model.sha256, options, settings.overwrite, settings.label_names, precision)
     if settings.variance and not settings.overwrite:
         _check_std_maps(layout, jobs, done)
     for folder in layout.folders():

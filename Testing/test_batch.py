@@ -194,6 +194,15 @@ def test_files_made_otherwise_are_not_replaced(capsys, segs, tiny_model, tmp_pat
     assert voxels(out / "caseB_s0.nii.gz").shape == (60, 60, 2)
 
 
+def test_files_made_in_another_precision_are_not_taken_as_done(capsys, segs, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    assert run_batch(capsys, segs, out, tiny_model, "-q", "--precision", "fp32")[0] == 0
+    first = (out / "caseA_s0.nii.gz").read_bytes()
+    code, err = run_batch(capsys, segs, out, tiny_model, "-q", "--precision", "bf16")
+    assert code == 2 and "caseA_s0.nii.gz exists and was made otherwise" in err
+    assert (out / "caseA_s0.nii.gz").read_bytes() == first
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--variance"], "--variance needs --samples 2 or more"),
     (["--samples", "0"], "--samples 0 must be at least 1"),
