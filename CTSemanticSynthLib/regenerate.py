@@ -23,8 +23,12 @@ from .labels import resolve_adapter
 REGION_MARGIN_MM = 10.0
 """Default growth of the changed voxels: context the sampler repaints so the new anatomy meets the old smoothly."""
 
-FEATHER_MM = 3.0
-"""Width of the band inside the region's border over which the sample fades into the kept CT."""
+DEFAULT_JUMP_N_SAMPLE = 2
+"""RePaint resamplings per jump point: the paper's 10 costs about 10x the evaluations of plain sampling, 2 twice."""
+
+FEATHER_MM = 6.0
+"""Width of the band inside the region's border over which the sample fades into the kept CT (two voxels at 3 mm:
+weights 0.5 and 1)."""
 
 INT16 = np.iinfo(np.int16)
 
@@ -79,11 +83,11 @@ class RegionEdit:
         """Weight of the sample: 0 outside the region, rising over ``width_mm`` inside its border to 1 (float32).
 
         A voxel's depth is the distance from its centre to the nearest voxel outside the region (at least one voxel
-        size); a region that touches the volume's border keeps full weight there (nothing outside to blend with)."""
+        size); the volume's border is not outside (nothing there to blend with)."""
         if self.region.all():
             return np.ones(self.region.shape, np.float32)
-        depth = ndimage.distance_transform_edt(np.pad(self.region, 1, mode="edge"), sampling=self.spacing)
-        return np.clip(depth[1:-1, 1:-1, 1:-1] / width_mm, 0.0, 1.0).astype(np.float32)
+        depth = ndimage.distance_transform_edt(self.region, sampling=self.spacing)
+        return np.clip(depth / width_mm, 0.0, 1.0).astype(np.float32)
 
     def blend(self, sampled: np.ndarray, width_mm: float = FEATHER_MM) -> np.ndarray:
         """``sampled`` (HU) inside the region faded into the kept CT at its border; the kept CT's values outside."""

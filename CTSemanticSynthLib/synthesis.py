@@ -35,7 +35,7 @@ from .preprocess import (
     unit_to_hu,
 )
 from .provenance import provenance_record
-from .regenerate import RegionEdit
+from .regenerate import DEFAULT_JUMP_N_SAMPLE, RegionEdit
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,8 @@ def synthesize(
 
     With ``keep`` (a CT on the same grid) and ``region`` (a mask): regenerate only the region. Only the slices that
     cross it are sampled, with the rest of each slice held to ``keep`` at every step (RePaint with ``jumps``,
-    default :meth:`Jumps.scaled` to the steps); the sample is faded into ``keep`` over a thin band inside the
+    default :meth:`Jumps.scaled` to the steps with
+    :data:`~.regenerate.DEFAULT_JUMP_N_SAMPLE`); the sample is faded into ``keep`` over a thin band inside the
     region's border, and every voxel outside the region is ``keep``'s value (as int16). See :mod:`.regenerate`.
 
     ``precision`` is the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI
@@ -195,7 +196,7 @@ def synthesize(
     small = torch.cat([resize.to_model(torch.from_numpy(stack[part].astype(np.int64)), labels=True).to(torch.uint8)
                        for part in _parts(active)])
     inpaint = None if edit is None else _inpainting(edit, orientation, resize, active,
-                                                    jumps or Jumps.scaled(sampler.num_steps))
+                                                    jumps or Jumps.scaled(sampler.num_steps, DEFAULT_JUMP_N_SAMPLE))
 
     def on_step(fraction: float) -> None:
         if progress is not None:

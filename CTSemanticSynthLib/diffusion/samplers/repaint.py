@@ -24,8 +24,6 @@ from ..gaussian_diffusion import ModelFn
 from .base import Generators, Sampler, randn_like
 
 PAPER_STEPS, PAPER_JUMP_LENGTH = 250, 10
-DEFAULT_JUMP_N_SAMPLE = 2
-"""Resamplings per jump point by default: the paper's 10 costs 10x the evaluations; 2 doubles them."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class Jumps:
             raise ValueError(f"jump length and jump samples must be at least 1, got {self.length} and {self.n_sample}")
 
     @classmethod
-    def scaled(cls, num_steps: int, n_sample: int = DEFAULT_JUMP_N_SAMPLE) -> Jumps:
+    def scaled(cls, num_steps: int, n_sample: int) -> Jumps:
         """The paper's jump (10 of 250 steps) scaled to ``num_steps`` (at least one step)."""
         return cls(max(1, round(num_steps * PAPER_JUMP_LENGTH / PAPER_STEPS)), n_sample)
 
