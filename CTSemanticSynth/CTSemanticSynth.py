@@ -131,7 +131,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.regenerateButton.connect("clicked(bool)", lambda: self.onApplyButton(regenerate=True))
+        self.ui.regenerateButton.connect("clicked()", lambda: self.onApplyButton(regenerate=True))
         self.ui.reviewButton.connect("clicked(bool)", self.onReviewButton)
         self.ui.swapButton.connect("clicked(bool)", self.onSwapButton)
         self.ui.revealButton.connect("clicked(bool)", self.onRevealButton)

@@ -131,6 +131,9 @@ def test_outside_the_region_is_the_kept_ct_exactly(tiny_model, case):
     deep = inside & (RegionEdit(keep.array, region == 1, crop.spacing).feather() == 1)
     assert 0 < deep.sum() < inside.sum() and out[deep].min() >= -160 and out[deep].max() <= 240  # sampled (window)
     assert result.provenance["slices_sampled"] == 4  # only the slices that cross the region
+    other = synthesize(classes, load_model(tiny_model), FAST, device="cpu", region=Volume(region, crop.affine),
+                       keep=Volume(np.full(crop.shape, 240, np.int16), crop.affine)).volume.array
+    assert (other[deep] != out[deep]).mean() > 0.3  # the sample is drawn in the kept CT's context (RePaint)
     record = result.provenance["region"]
     assert record["voxels"] == int(region.sum()) and record["volume_mm3"] == pytest.approx(region.sum() * 27.0)
     assert record["jumps"] == {"length": 1, "n_sample": 2}
