@@ -303,8 +303,7 @@ def sample_slices(
         x = noise if prior is None else sampler.add_noise(prior.to(device)[classes.to(device).long()][:, None], 0,
                                                           noise)
         loop = (sample_loop(denoiser, sampler, x, {}, noise_source) if inpaint is None else
-                repaint_loop(denoiser, sampler, x, inpaint.known.to(device), inpaint.unknown.to(device), inpaint.jumps,
-                             noise_source))
+                repaint_loop(denoiser, sampler, x, inpaint.to(device), noise_source))
         for _, _, x, _ in loop:
             pass
         if not bool(denoiser.finite):

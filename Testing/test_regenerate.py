@@ -12,7 +12,7 @@ import torch
 from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.cli import main, sidecar_path
 from CTSemanticSynthLib.diffusion import GaussianDiffusion, diffusion_defaults, make_sampler
-from CTSemanticSynthLib.diffusion.samplers.repaint import Jumps, repaint_loop
+from CTSemanticSynthLib.diffusion.samplers.repaint import Inpainting, Jumps, repaint_loop
 from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_volume
 from CTSemanticSynthLib.labels import BACKGROUND
@@ -56,7 +56,7 @@ def test_known_area_is_held_at_every_step(name):
         return torch.zeros(x.shape[0], 2, *x.shape[2:])
 
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    steps = list(repaint_loop(model, sampler, x, known, unknown, Jumps(2, 3), torch.zeros_like))
+    steps = list(repaint_loop(model, sampler, x, Inpainting(known, unknown, Jumps(2, 3)), torch.zeros_like))
     assert len(seen) == len(steps) == Jumps(2, 3).evaluations(6) == steps[-1][1]
     abar = {int(t): float(GaussianDiffusion(**diffusion_defaults()).alphas_cumprod[t]) for t in sampler.timesteps}
     for x_in, t in seen:

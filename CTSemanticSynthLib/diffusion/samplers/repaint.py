@@ -75,6 +75,10 @@ class Inpainting:
     unknown: Tensor
     jumps: Jumps
 
+    def to(self, device: torch.device | str) -> Inpainting:
+        """The same on ``device``."""
+        return Inpainting(self.known.to(device), self.unknown.to(device), self.jumps)
+
 
 def renoise(sampler: Sampler, x: Tensor, from_index: int, to_index: int, noise: Tensor) -> Tensor:
     """Noise the state at position ``from_index`` back up to the earlier (noisier) position ``to_index``:
@@ -89,20 +93,19 @@ def repaint_loop(
     model_fn: ModelFn,
     sampler: Sampler,
     x_T: Tensor,
-    known: Tensor,
-    unknown: Tensor,
-    jumps: Jumps,
+    inpaint: Inpainting,
     generator: Generators = None,
 ) -> Iterator[tuple[int, int, Tensor, Tensor]]:
-    """Like :func:`~.base.sample_loop` from the state ``x_T`` at ``timesteps[0]``, with ``known`` (clean, the shape
-    of x) kept where ``unknown`` (0..1, broadcastable to x) is 0. Yields (evaluation, evaluations, x, pred_x0) after
-    every reverse step; the last x is the sample, equal to ``known`` where ``unknown`` is 0.
+    """Like :func:`~.base.sample_loop` from the state ``x_T`` at ``timesteps[0]``, with ``inpaint.known`` (clean, the
+    shape of x) kept where ``inpaint.unknown`` (0..1, broadcastable to x) is 0. Yields (evaluation, evaluations, x,
+    pred_x0) after every reverse step; the last x is the sample, equal to ``known`` where ``unknown`` is 0.
     """
     n = sampler.num_steps
     if n == 0:
         raise RuntimeError("call set_timesteps(num_steps) before sampling")
-    path = jumps.schedule(n)
-    total = jumps.evaluations(n)
+    known, unknown = inpaint.known, inpaint.unknown
+    path = inpaint.jumps.schedule(n)
+    total = inpaint.jumps.evaluations(n)
     keep = 1.0 - unknown
     x, done = x_T, 0
     for here, there in zip(path, path[1:]):
