@@ -40,7 +40,6 @@ else:  # placeholders so that the classes below can be defined; the Widget shows
     SynthesisLogic, CONVENTIONS, ORIENTATIONS = object, ("auto",), ("Axial",)
 
 
-
 class CTSemanticSynth(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -64,13 +63,13 @@ Module layout after the Slicer scripted-module template and SlicerMONAIAuto3DSeg
             logging.error(TOO_OLD)
 
 
-
 @parameterNodeWrapper
 class CTSemanticSynthParameterNode:
     """
     inputSegmentation - the organs to synthesize from; referenceVolume - optional real CT (grid, review, Dice
     ceiling); outputVolume - where the synthetic CT goes (None: a new node). Sampling: preset, steps (0 = the
-    preset's), seed (randomSeed draws one on Apply and stores it here), device, batchSize, samples. Review:
+    preset's), seed (randomSeed draws one on Apply and stores it here), device, batchSize, samples; regionMargin
+    (mm) grows the edited voxels that "Regenerate edited region" resamples in outputVolume. Review:
     blindReview, reviewOrientation. Reader study: studyFromScene or studyFolder, studyCsv, readerName, studySeed.
     """
 
@@ -89,6 +88,7 @@ class CTSemanticSynthParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     batchSize: Annotated[int, WithinRange(1, 256)] = 8
     samples: Annotated[int, WithinRange(1, 16)] = 1
+    regionMargin: Annotated[float, WithinRange(0.0, 100.0)] = 10.0
     blindReview: bool = False
     reviewOrientation: Annotated[str, Choice(list(ORIENTATIONS))] = "Axial"
     fastDice: bool = True
@@ -97,7 +97,6 @@ class CTSemanticSynthParameterNode:
     studyCsv: pathlib.Path
     readerName: str = ""
     studySeed: Annotated[int, WithinRange(0, 2147483647)] = 0
-
 
 
 class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -132,6 +131,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.regenerateButton.connect("clicked()", lambda: self.onApplyButton(regenerate=True))
         self.ui.reviewButton.connect("clicked(bool)", self.onReviewButton)
         self.ui.swapButton.connect("clicked(bool)", self.onSwapButton)
         self.ui.revealButton.connect("clicked(bool)", self.onRevealButton)
@@ -196,6 +196,8 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = _("Cancel") if kind == "synthesis" else _("Apply")
         self.ui.applyButton.toolTip = _("Synthesize a CT from the segmentation") if p and p.inputSegmentation else _("Select a segmentation")
         hasOutput = bool(p and self.logic.isSynthetic(p.outputVolume))
+        self.ui.regenerateButton.enabled = kind == "synthesis" or (not busy and hasOutput and bool(p.inputSegmentation))
+        self.ui.regenerateButton.text = _("Cancel") if kind == "synthesis" else _("Regenerate edited region")
         for button in (self.ui.reviewButton, self.ui.swapButton):
             button.enabled = hasOutput and not busy and self._study is None
         self.ui.revealButton.enabled = self.logic.blinding.active and self._study is None
@@ -241,7 +243,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelInfoLabel.text = str(exc)
 
     # --- apply / cancel and the background task ------------------------------------------------------------
-    def onApplyButton(self) -> None:
+    def onApplyButton(self, checked: bool = False, regenerate: bool = False) -> None:
         if self._task is not None:
             self._task.cancel()
             self._endTask(_("Cancelled; the scene was not changed."))
@@ -258,8 +260,8 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 model=self._modelSpec(), labels=p.labelConvention,
                 mappingFile=str(p.mappingFile) if p.labelConvention == "json" else None,
                 strictLabels=not p.allowUnknownSegments, preset=p.preset, steps=p.steps, seed=p.seed, device=p.device,
-                batchSize=p.batchSize, samples=p.samples)
-            self._startTask(task, _("Synthesizing..."))
+                batchSize=p.batchSize, samples=p.samples, regionMarginMm=p.regionMargin if regenerate else None)
+            self._startTask(task, _("Regenerating the edited region...") if regenerate else _("Synthesizing..."))
 
     def _startTask(self, task, message: str) -> None:
         self._task = task
@@ -419,7 +421,6 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanApply()
 
 
-
 class CTSemanticSynthLogic(ScriptedLoadableModuleLogic, SynthesisLogic):
     """All computation, usable without the GUI (see CTSemanticSynthSlicerLib/logic.py, which tests run headless):
     ``startSynthesis``/``finishSynthesis`` (or the blocking ``synthesize``), ``showReview``/``reveal``,
@@ -431,7 +432,6 @@ class CTSemanticSynthLogic(ScriptedLoadableModuleLogic, SynthesisLogic):
 
     def getParameterNode(self):
         return CTSemanticSynthParameterNode(super().getParameterNode())
-
 
 
 class CTSemanticSynthTest(ScriptedLoadableModuleTest):

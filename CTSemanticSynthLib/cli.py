@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from .batch import JobResult
+    from .io import Volume
     from .synthesis import SamplingOptions
 
 EXAMPLES = """\
@@ -32,6 +33,7 @@ examples:
   ctsynth synth --seg amos_0001_labels.nii.gz --labels amos --out amos_0001_synthetic.nii.gz
   ctsynth synth --seg totalseg_output.nii.gz --labels totalseg --out syn.nii.gz --preset balanced --seed 7
   ctsynth synth --seg case.seg.nrrd --out syn.nrrd --model ~/models/mask_guided_150k --device cuda
+  ctsynth synth --seg edited.nii.gz --keep-ct syn.nii.gz --previous-seg case.nii.gz --out syn_edited.nii.gz
   ctsynth info demo
 
 The segmentation must hold the abdominal organs (AMOS22 ids 1-15, TotalSegmentator ids, Slicer segment names,
@@ -94,6 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             "reordered or resampled (linear) onto the segmentation's")
     synth.add_argument("--progress-lines", action="store_true",
                        help="instead of a bar, print 'PROGRESS <slices done> <total>' lines on stdout (for Slicer)")
+    add_region_options(synth)
 
     batch = sub.add_parser("batch", help="synthesize several CTs for each of many segmentations (resumable; "
                            "nnU-Net export; torchrun for several devices)", epilog=BATCH_EXAMPLES,
@@ -151,6 +154,95 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                              "that agree from slice to slice (default 0; see docs/consistency.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (and their .json)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+
+def add_region_options(parser: argparse.ArgumentParser) -> None:
+    """Options that regenerate only a region of a kept CT (checked by :func:`_region_checks`)."""
+    from .regenerate import DEFAULT_JUMP_N_SAMPLE, REGION_MARGIN_MM
+
+    group = parser.add_argument_group(
+        "region regeneration", "keep a CT and resample only an edited region; outside it the output has the kept "
+        "CT's values (see docs/regenerate.md)")
+    group.add_argument("--keep-ct", type=Path, default=None, metavar="CT",
+                       help="the CT to keep outside the region (a synthetic CT or a real CT on the segmentation's "
+                            "grid; the same voxels in another axis order are reordered, another grid is refused)")
+    group.add_argument("--previous-seg", type=Path, default=None, metavar="OLD_SEG",
+                       help="the segmentation before the edit: the region is where its organ classes differ from "
+                            "--seg's, grown by --region-margin")
+    group.add_argument("--previous-labels", default=None, metavar="CONVENTION",
+                       help="label convention of --previous-seg (default: --labels)")
+    group.add_argument("--region", type=Path, default=None, metavar="MASK",
+                       help="instead of --previous-seg: regenerate the nonzero voxels of this mask")
+    group.add_argument("--region-margin", type=float, default=None, metavar="MM",
+                       help=f"grow the changed voxels by this distance in mm (default {REGION_MARGIN_MM:g})")
+    group.add_argument("--jump-length", type=int, default=None, metavar="N",
+                       help="RePaint: steps to jump back (default: 4%% of the steps, at least 1)")
+    group.add_argument("--jump-n-sample", type=int, default=None, metavar="R",
+                       help=f"RePaint: times each stretch is sampled (default {DEFAULT_JUMP_N_SAMPLE}; 1: no jumps)")
+
+
+def _region_checks(args: argparse.Namespace) -> None:
+    """One-line errors for region options that do not go together (before any file is read)."""
+    from .labels import check_convention
+
+    if args.keep_ct is None:
+        given = [o for o, v in (("--previous-seg", args.previous_seg), ("--region", args.region),
+                                ("--previous-labels", args.previous_labels), ("--region-margin", args.region_margin),
+                                ("--jump-length", args.jump_length), ("--jump-n-sample", args.jump_n_sample))
+                 if v is not None]
+        if given:
+            raise InputError(f"{given[0]} needs --keep-ct (the CT to keep outside the region)")
+        return
+    if (args.previous_seg is None) == (args.region is None):
+        raise InputError("--keep-ct needs exactly one of --previous-seg (regenerate what changed) or --region MASK")
+    if args.previous_seg is None and (args.region_margin is not None or args.previous_labels is not None):
+        raise InputError(f"{'--region-margin' if args.region_margin is not None else '--previous-labels'} needs "
+                         "--previous-seg")
+    if args.region_margin is not None and not 0 <= args.region_margin <= 1000:
+        raise InputError(f"--region-margin {args.region_margin} is out of range: use 0..1000 mm")
+    for option, value in (("--jump-length", args.jump_length), ("--jump-n-sample", args.jump_n_sample)):
+        if value is not None and value < 1:
+            raise InputError(f"{option} {value} must be at least 1")
+    if args.previous_labels is not None:
+        check_convention(args.previous_labels)
+
+
+def _region(args: argparse.Namespace, seg: Volume, names: dict[int, str]) -> tuple[Volume, Volume, dict[str, Any]]:
+    """(kept CT, region mask, the provenance of both) on ``seg``'s grid, from the region options."""
+    import numpy as np
+
+    from .grid import onto_grid
+    from .io import Volume, read_image, read_labelmap
+    from .regenerate import REGION_MARGIN_MM, changed_region, organ_classes
+
+    keep = onto_grid(read_image(args.keep_ct), seg, "image", f"--keep-ct {args.keep_ct}", _note, resample=False)
+    record: dict[str, Any] = {"keep_ct": str(args.keep_ct), "keep_sha256": _input_digest(args.keep_ct)}
+    if args.region is not None:
+        mask = onto_grid(read_labelmap(args.region)[0], seg, "mask", f"--region {args.region}", _note, resample=False)
+        if not mask.array.any():
+            raise InputError(f"--region {args.region} is empty (no nonzero voxel): nothing to regenerate")
+        record["region_mask"] = str(args.region)
+        return keep, Volume((mask.array != 0).astype(np.uint8), seg.affine), record
+    previous, previous_names = read_labelmap(args.previous_seg)
+    previous = onto_grid(previous, seg, "mask", f"--previous-seg {args.previous_seg}", _note, resample=False)
+    margin = REGION_MARGIN_MM if args.region_margin is None else args.region_margin
+    labels = args.labels if args.previous_labels is None else args.previous_labels
+    changed = changed_region(organ_classes(previous, previous_names, labels), organ_classes(seg, names, args.labels),
+                             seg.spacing, margin)
+    record.update(previous_segmentation=str(args.previous_seg), margin_mm=margin)
+    return keep, Volume(changed.astype(np.uint8), seg.affine), record
+
+
+def _input_digest(path: Path) -> str:
+    """sha256 of a file; of a DICOM folder, sha256 of its files' names and digests in name order."""
+    import hashlib
+
+    from .paths import file_digest
+
+    if not path.is_dir():
+        return file_digest(path)
+    lines = "".join(f"{p.name}:{file_digest(p)}\n" for p in sorted(path.iterdir()) if p.is_file())
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _sampling_setup(args: argparse.Namespace) -> tuple[torch.device, str, Path, SamplingOptions]:
@@ -216,6 +308,8 @@ def _synth(args: argparse.Namespace) -> int:
                      read_labelmap, save_volume)
     from .preview import preview_png
     from .provenance import provenance_header, write_record
+    from .diffusion.samplers.repaint import Jumps
+    from .regenerate import DEFAULT_JUMP_N_SAMPLE
     from .synthesis import MAX_SEED, prepare_classes, synthesize
 
     for option, path in (("--out", args.out), ("--variance-map", args.variance_map)):
@@ -231,6 +325,7 @@ def _synth(args: argparse.Namespace) -> int:
         raise InputError(f"--seed {args.seed} with --samples {args.samples} goes past the largest seed {MAX_SEED}")
     if args.progress_lines and sys.stdout is None:
         raise InputError("--progress-lines writes to stdout, which is closed")
+    _region_checks(args)
     volumes = [args.out] if args.samples == 1 else [_numbered(args.out, k) for k in range(args.samples)]
     outputs: dict[str, Path | None] = {}
     for k, path in enumerate(volumes):
@@ -238,7 +333,9 @@ def _synth(args: argparse.Namespace) -> int:
         outputs[f"--out{which}"], outputs[f"its sidecar{which}"] = path, sidecar_path(path)
     outputs.update({"--preview": args.preview, "--variance-map": args.variance_map})
     check_distinct_paths(outputs, {"--seg": args.seg, "--labels": labels_file(args.labels), "--body-mask":
-                                   args.body_mask, "--reference-ct": args.reference_ct, "--model": model_folder})
+                                   args.body_mask, "--reference-ct": args.reference_ct, "--model": model_folder,
+                                   "--keep-ct": args.keep_ct, "--previous-seg": args.previous_seg,
+                                   "--region": args.region})
     for path in outputs.values():
         if path is not None:
             check_output_path(path, args.overwrite)
@@ -249,6 +346,11 @@ def _synth(args: argparse.Namespace) -> int:
     if args.reference_ct is not None:
         reference = onto_grid(read_image(args.reference_ct), seg, "image", f"--reference-ct {args.reference_ct}",
                               _note)
+    keep = region = jumps = None
+    if args.keep_ct is not None:
+        keep, region, region_record = _region(args, seg, names)
+        scaled = Jumps.scaled(options.steps, DEFAULT_JUMP_N_SAMPLE)
+        jumps = Jumps(args.jump_length or scaled.length, args.jump_n_sample or scaled.n_sample)
     classes, report = prepare_classes(seg, names, args.labels, body)
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
@@ -268,9 +370,11 @@ def _synth(args: argparse.Namespace) -> int:
                 bar(done, total)
 
             result = synthesize(classes, model, dataclasses.replace(options, seed=args.seed + k), device=device,
-                                precision=precision, progress=progress)
+                                precision=precision, progress=progress, keep=keep, region=region, jumps=jumps)
             result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
                                            "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
+            if keep is not None:
+                result.provenance["region"].update(region_record)
             results.append(result)
     writers: dict[Path, Callable[[Path], None]] = {}
     for path, result in zip(volumes, results):

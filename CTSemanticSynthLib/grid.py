@@ -24,11 +24,12 @@ _TOLERANCE = 1e-3
 
 
 def onto_grid(volume: Volume, target: Volume, kind: Kind, name: str,
-              note: Callable[[str], None] | None = None) -> Volume:
+              note: Callable[[str], None] | None = None, resample: bool = True) -> Volume:
     """``volume`` on ``target``'s grid; ``note`` gets one line saying what was done (nothing when it already was).
 
     ``kind`` "image" resamples linearly (float32; uncovered voxels are air, -1000 HU), "mask" uses the nearest
     voxel (0/1; uncovered voxels 0). ``name`` (e.g. "--reference-ct ct.nii.gz") starts every message.
+    ``resample`` False refuses (InputError) a volume that only resampling would bring onto the grid.
     """
     if volume.same_grid(target):
         return volume
@@ -37,6 +38,9 @@ def onto_grid(volume: Volume, target: Volume, kind: Kind, name: str,
         if note is not None:
             note(f"{name}: same voxels in another axis order; reordered losslessly")
         return Volume(reordered, target.affine)
+    if not resample:
+        raise InputError(f"{name} is on another grid than the segmentation ({describe_geometry(volume)} vs "
+                         f"{describe_geometry(target)}) and would need resampling: give it on the segmentation's grid")
     resampled, covered = _resampled(volume, target, kind, name)
     if covered == 0:
         raise InputError(f"{name} does not overlap the segmentation ({describe_geometry(volume)} vs "

@@ -18,6 +18,7 @@ from .checkpoint import LoadedModel
 from .denoiser import VolumeDenoiser
 from .device import device_capability, select_device, select_precision
 from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
+from .diffusion.samplers.repaint import Inpainting, Jumps, repaint_loop
 from .diffusion.slice_noise import SliceNoise
 from .errors import CTSynthError, InputError
 from .factory import create_diffusion
@@ -30,9 +31,11 @@ from .preprocess import (
     add_body_class,
     body_mask_from_labels,
     condition_inputs,
+    hu_to_unit,
     unit_to_hu,
 )
 from .provenance import provenance_record
+from .regenerate import DEFAULT_JUMP_N_SAMPLE, RegionEdit
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +155,17 @@ def synthesize(
     precision: str = "fp32",
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
+    keep: Volume | None = None,
+    region: Volume | None = None,
+    jumps: Jumps | None = None,
 ) -> SynthesisResult:
     """Sample a synthetic CT for a model-class volume (from :func:`prepare_classes`).
+
+    With ``keep`` (a CT on the same grid) and ``region`` (a mask): regenerate only the region. Only the slices that
+    cross it are sampled, with the rest of each slice held to ``keep`` at every step (RePaint with ``jumps``,
+    default :meth:`Jumps.scaled` to the steps with
+    :data:`~.regenerate.DEFAULT_JUMP_N_SAMPLE`); the sample is faded into ``keep`` over a thin band inside the
+    region's border, and every voxel outside the region is ``keep``'s value (as int16). See :mod:`.regenerate`.
 
     ``precision`` is the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI
     defaults to auto, the library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic
@@ -163,6 +175,9 @@ def synthesize(
     """
     if classes.array.max() >= NUM_CLASSES:
         raise InputError(f"class volume has values >= {NUM_CLASSES}; map labels with prepare_classes first")
+    if (keep is None) != (region is None):
+        raise InputError("regenerating a region needs both the kept CT and the region")
+    edit = None if keep is None or region is None else RegionEdit.checked(classes, keep, region)
     device = select_device(device) if isinstance(device, str) else device
     precision = select_precision(precision, device)
     model.model.to(device)
@@ -173,10 +188,15 @@ def synthesize(
     unit = np.zeros(stack.shape, dtype=np.float32)
     sampler = options_sampler(options, model.diffusion)
     prior = _model_prior(model) if options.start_timestep is not None else None
+    if edit is not None:
+        active = np.intersect1d(active, np.flatnonzero(orientation.to_stack(edit.region).any(axis=(1, 2))))
     if not len(active):
-        raise InputError("the class volume has no body or organ voxel: nothing to synthesize")
+        where = "the class volume" if edit is None else "the region"
+        raise InputError(f"{where} has no body or organ voxel: nothing to synthesize")
     small = torch.cat([resize.to_model(torch.from_numpy(stack[part].astype(np.int64)), labels=True).to(torch.uint8)
                        for part in _parts(active)])
+    inpaint = None if edit is None else _inpainting(edit, orientation, resize, active,
+                                                    jumps or Jumps.scaled(sampler.num_steps, DEFAULT_JUMP_N_SAMPLE))
 
     def on_step(fraction: float) -> None:
         if progress is not None:
@@ -185,7 +205,8 @@ def synthesize(
     try:
         sample = sample_slices(model.model, model.conditioning, sampler, small, active, seed=options.seed,
                                device=device, batch_size=options.batch_size, prior=prior, precision=precision,
-                               cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation)
+                               cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
+                               inpaint=inpaint)
     except torch.OutOfMemoryError:
         batch = options.batch_size
         raise CTSynthError(
@@ -201,7 +222,21 @@ def synthesize(
     record = provenance_record(model.name, model.sha256, model.conditioning, sampler.config, asdict(options),
                                str(device), len(active))
     record.update(precision=precision, device_capability=device_capability(device))
+    if edit is not None and inpaint is not None:
+        volume = Volume(edit.blend(volume.array), classes.affine)
+        record["region"] = edit.record(asdict(inpaint.jumps))
     return SynthesisResult(volume, record)
+
+
+def _inpainting(edit: RegionEdit, orientation: AxialOrientation, resize: PlaneResize, active: np.ndarray,
+                jumps: Jumps) -> Inpainting:
+    """The kept CT (windowed, in [-1, 1]) and the region (1 where any of it falls in a pixel) of the ``active``
+    slices on the model's grid."""
+    keep, region = orientation.to_stack(edit.keep), orientation.to_stack(edit.region)
+    known = torch.cat([resize.to_model(torch.from_numpy(hu_to_unit(keep[part])), labels=False) for part in _parts(active)])
+    unknown = torch.cat([resize.to_model(torch.from_numpy(region[part].astype(np.float32)), labels=False) > 0
+                         for part in _parts(active)])
+    return Inpainting(known[:, None] * 2 - 1, unknown[:, None].float(), jumps)
 
 
 def _parts(active: np.ndarray) -> list[np.ndarray]:
@@ -239,6 +274,7 @@ def sample_slices(
     cancel: Callable[[], bool] | None = None,
     on_step: Callable[[float], None] | None = None,
     slice_correlation: float = 0.0,
+    inpaint: Inpainting | None = None,
 ) -> torch.Tensor:
     """Sample the (N, S, S) class slices of one volume together; returns (N, S, S) intensities in [0, 1] on the CPU.
 
@@ -250,9 +286,10 @@ def sample_slices(
     values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the start (SDEdit).
     ``precision`` 'bf16'/'fp16' runs the network under autocast with channels_last inputs. ``on_step(fraction)``
     follows every chunk. Nothing in the loop waits for the device: the finiteness check is read once, at the end.
+    ``inpaint`` holds a known area to every step (RePaint, :func:`~.diffusion.samplers.repaint.repaint_loop`).
     """
     size = classes.shape[-1]
-    total = len(slice_index) * sampler.num_steps
+    total = len(slice_index) * (sampler.num_steps if inpaint is None else inpaint.jumps.evaluations(sampler.num_steps))
 
     def on_evaluated(evaluated: int) -> None:
         if on_step is not None:
@@ -265,7 +302,9 @@ def sample_slices(
         noise = noise_source.draw((len(slice_index), 1, size, size))
         x = noise if prior is None else sampler.add_noise(prior.to(device)[classes.to(device).long()][:, None], 0,
                                                           noise)
-        for _, _, x, _ in sample_loop(denoiser, sampler, x, {}, noise_source):
+        loop = (sample_loop(denoiser, sampler, x, {}, noise_source) if inpaint is None else
+                repaint_loop(denoiser, sampler, x, inpaint.to(device), noise_source))
+        for _, _, x, _ in loop:
             pass
         if not bool(denoiser.finite):
             raise CTSynthError("the model's output became NaN or infinite while sampling; nothing was written: the "

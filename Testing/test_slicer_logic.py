@@ -557,3 +557,54 @@ def test_samples_give_several_volumes_and_a_variance_overlay(scene, logic, tiny_
     assert variance.GetAttribute(ATTRIBUTE_PREFIX + "VarianceOf") == first.GetID()
     assert variance.GetDisplayNode().GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
     assert list(tmp_path.iterdir()) == []  # the temporary folder was removed
+
+
+def test_regenerate_edited_region_keeps_the_rest_and_can_be_undone(scene, logic, tiny_model):
+    from CTSemanticSynthLib.regenerate import grow
+    from CTSemanticSynthSlicerLib.logic import STATE_ROLE, UNDO_ROLE
+
+    segmentation = load_segmentation(scene, names="totalseg")
+    options = {"model": str(tiny_model), "seed": 5, **FAST}
+    output = logic.synthesize(segmentation, timeout=240, **options)
+    first_state = output.GetNodeReference(STATE_ROLE)
+    assert first_state.GetHideFromEditors() and "gallbladder" in first_state.GetAttribute(ATTRIBUTE_PREFIX + "LabelMapping")
+    assert first_state.GetImageData().GetDimensions() == output.GetImageData().GetDimensions()
+    before = slicer.util.arrayFromVolume(output).copy()
+
+    ids = node_ids(scene)
+    with pytest.raises(SynthesisError, match="nothing to regenerate"):  # no edit yet
+        logic.synthesize(segmentation, timeout=240, outputVolumeNode=output, regionMarginMm=6.0, **options)
+    assert node_ids(scene) == ids and np.array_equal(slicer.util.arrayFromVolume(output), before)
+
+    gallbladder = next(s for s in logic.segments(segmentation) if s.labelValue == 4)
+    voxels = slicer.util.arrayFromVolume(first_state)
+    mapping = json.loads(first_state.GetAttribute(ATTRIBUTE_PREFIX + "LabelMapping"))
+    removed = voxels == int(next(v for v, name in mapping.items() if name == "gallbladder"))
+    segmentation.GetSegmentation().RemoveSegment(gallbladder.segmentId)  # the user's edit
+    assert logic.synthesize(segmentation, timeout=240, outputVolumeNode=output, regionMarginMm=6.0, **options) is output
+
+    after = slicer.util.arrayFromVolume(output)
+    region = grow(removed.transpose(2, 1, 0), (3.0, 3.0, 3.0), 6.0).transpose(2, 1, 0)  # K, J, I -> I, J, K and back
+    assert np.array_equal(after[~region], before[~region]) and (after[region] != before[region]).mean() > 0.5
+    assert "region" in json.loads(output.GetAttribute(ATTRIBUTE_PREFIX + "Provenance"))
+    undo, state = output.GetNodeReference(UNDO_ROLE), output.GetNodeReference(STATE_ROLE)
+    assert undo.GetHideFromEditors() and np.array_equal(slicer.util.arrayFromVolume(undo), before)
+    assert undo.GetNodeReference(STATE_ROLE) is first_state and state is not first_state
+    assert not (slicer.util.arrayFromVolume(state)[removed]).any()  # the state follows the edit
+
+    logic.undoRegeneration(output)
+    assert np.array_equal(slicer.util.arrayFromVolume(output), before)
+    assert output.GetNodeReference(STATE_ROLE) is first_state and output.GetNodeReference(UNDO_ROLE) is None
+    assert scene.GetNodeByID(undo.GetID()) is None and scene.GetNodeByID(state.GetID()) is None
+    assert "region" not in json.loads(output.GetAttribute(ATTRIBUTE_PREFIX + "Provenance"))
+
+
+def test_regenerate_needs_a_synthetic_ct_made_here(scene, logic):
+    segmentation = load_segmentation(scene, names="totalseg")
+    other = load_volume(scene, SAMPLE_CT, "case01 CT")
+    ids = node_ids(scene)
+    with pytest.raises(ValueError, match="'case01 CT' has no stored segmentation"):
+        logic.startSynthesis(segmentation, outputVolumeNode=other, regionMarginMm=10.0)
+    with pytest.raises(ValueError, match="one sample"):
+        logic.startSynthesis(segmentation, outputVolumeNode=other, regionMarginMm=10.0, samples=2)
+    assert node_ids(scene) == ids

@@ -51,7 +51,8 @@ def _parameter_fields() -> dict[str, str]:
 
 
 WIDGET_FOR_TYPE = [("vtkMRML", "qMRMLNodeComboBox"), ("pathlib.Path", "ctkPathLineEdit"), ("bool", "QCheckBox"),
-                   ("Annotated[str, Choice", "QComboBox"), ("Annotated[int", "QSpinBox"), ("str", "QLineEdit")]
+                   ("Annotated[str, Choice", "QComboBox"), ("Annotated[int", "QSpinBox"),
+                   ("Annotated[float", "QDoubleSpinBox"), ("str", "QLineEdit")]
 
 
 def test_parameter_names_in_the_ui_are_parameter_node_fields_of_a_matching_widget_type():

@@ -48,6 +48,8 @@ from .segments import Segment, SegmentClasses, classifySegments, exportOrder, ma
 logger = logging.getLogger(__name__)
 
 ATTRIBUTE_PREFIX = "CTSemanticSynth."
+STATE_ROLE = "CTSemanticSynthSegmentationState"  # synthetic CT -> hidden label map of its segmentation when made
+UNDO_ROLE = "CTSemanticSynthPreviousVersion"  # synthetic CT -> hidden copy of it before the last regeneration
 GEOMETRY_TOLERANCE_MM = 1e-3
 CLI_MODULE = "CTSemanticSynthLib.cli"
 TOTALSEG_DOWNLOAD_MODULE = "totalsegmentator.bin.totalseg_download_weights"  # TotalSegmentator 2.x's own command
@@ -215,19 +217,30 @@ class SynthesisLogic:
     def startSynthesis(self, segmentationNode, outputVolumeNode=None, referenceVolumeNode=None, model: str | None = None,
                        labels: str = "auto", mappingFile: str | None = None, strictLabels: bool = False,
                        preset: str = "fast", steps: int = 0, seed: int = 0, device: str = "auto", batchSize: int = 8,
-                       outputName: str | None = None, samples: int = 1) -> BackgroundTask:
+                       outputName: str | None = None, samples: int = 1,
+                       regionMarginMm: float | None = None) -> BackgroundTask:
         """Export the inputs and start ``ctsynth synth`` in the background; the scene is not changed.
 
         ``steps`` 0 keeps the preset's. ``samples`` N >= 2 makes N CTs (seeds seed..seed+N-1) and their per-voxel
-        standard deviation. Finish with :meth:`finishSynthesis` once ``task.poll()`` says SUCCEEDED.
+        standard deviation. ``regionMarginMm`` regenerates only what was edited: the synthetic CT
+        ``outputVolumeNode`` is kept outside the voxels whose class changed since it was made (see
+        :meth:`regionArguments`), grown by that margin. Finish with :meth:`finishSynthesis` once ``task.poll()`` says
+        SUCCEEDED.
         """
+        regenerating = regionMarginMm is not None
         if outputVolumeNode is not None and (outputVolumeNode is referenceVolumeNode
                                              or outputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode")):
             raise ValueError(f"'{outputVolumeNode.GetName()}' cannot receive the synthetic CT (it is the reference CT or "
                              "a label map): choose 'Create new volume' or another volume")
+        if regenerating and samples != 1:
+            raise ValueError("regenerate an edited region with one sample")
         classes = self.classifySegments(segmentationNode, labels, mappingFile, strictLabels)
-        self.checkGeometry(segmentationNode, referenceVolumeNode)
-        geometryNode = self.geometrySource(segmentationNode, referenceVolumeNode)
+        if regenerating:
+            state = self.segmentationState(outputVolumeNode)
+            geometryNode = outputVolumeNode  # the kept CT's grid
+        else:
+            self.checkGeometry(segmentationNode, referenceVolumeNode)
+            geometryNode = self.geometrySource(segmentationNode, referenceVolumeNode)
         order = exportOrder(classes)
         workDir = self._workDir("synth")
         try:
@@ -252,6 +265,8 @@ class SynthesisLogic:
                 args += ["--steps", int(steps)]
             if model:
                 args += ["--model", model]
+            if regenerating:
+                args += self.regionArguments(outputVolumeNode, state, workDir, regionMarginMm)
             process = BackgroundProcess(pythonCommand(self.python(), CLI_MODULE, *map(str, args)),
                                         env=self.childEnvironment(), cwd=str(workDir))
         except BaseException:
@@ -259,6 +274,7 @@ class SynthesisLogic:
             raise
         transformNode = (geometryNode or segmentationNode).GetParentTransformNode()
         task = BackgroundTask(process, workDir, "synthesis", keepFiles=self.keepFiles, inputs={
+            "regenerating": regenerating, "labels": labelsPath, "mapping": mappingPath.read_text(encoding="utf-8"),
             "segmentationID": segmentationNode.GetID(),
             "referenceID": referenceVolumeNode.GetID() if referenceVolumeNode else None,
             "outputID": outputVolumeNode.GetID() if outputVolumeNode else None,
@@ -291,6 +307,7 @@ class SynthesisLogic:
                                                   "outputName": name}, output))
             variance = self._loadVariance(inputs, nodes[0]) if inputs["variance"] else None
             task.nodes = {"samples": nodes, "variance": variance}
+            self._storeSegmentationState(nodes[0], inputs)
             return nodes[0]
         finally:
             if task.poll().finished:
@@ -312,6 +329,10 @@ class SynthesisLogic:
         node = scene.GetNodeByID(inputs["outputID"]) if inputs["outputID"] else None
         if node is None:
             node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(inputs["outputName"]))
+        if inputs.get("regenerating"):
+            self._keepPreviousVersion(node)
+        else:
+            self._dropPreviousVersion(node)
         wasModifying = node.StartModify()
         slicer.util.updateVolumeFromArray(node, voxels)
         node.SetIJKToRASMatrix(vtkMatrix(inputs["ijkToRAS"]))  # exactly the segmentation's grid
@@ -375,6 +396,93 @@ class SynthesisLogic:
     @staticmethod
     def isSynthetic(node) -> bool:
         return node is not None and node.GetAttribute(ATTRIBUTE_PREFIX + "Synthetic") == "true"
+
+    # --- regenerating an edited region -------------------------------------------------------------------------
+    @staticmethod
+    def segmentationState(syntheticVolumeNode):
+        """The hidden label map of the segmentation as it was when ``syntheticVolumeNode`` was made (ValueError when
+        it has none)."""
+        state = syntheticVolumeNode.GetNodeReference(STATE_ROLE) if syntheticVolumeNode is not None else None
+        if state is None or state.GetImageData() is None:
+            name = syntheticVolumeNode.GetName() if syntheticVolumeNode is not None else "the output"
+            raise ValueError(f"'{name}' has no stored segmentation to compare with (it was not made with Apply in "
+                             "this module): synthesize it with Apply first, then edit the segments and regenerate")
+        return state
+
+    def regionArguments(self, syntheticVolumeNode, state, workDir: Path, marginMm: float) -> list:
+        """Write the synthetic CT (kept outside the region) and the stored segmentation with its label mapping to
+        ``workDir``; returns the ``ctsynth synth`` options that regenerate what changed since."""
+        keep, previous, previousMapping = workDir / "keep.nrrd", workDir / "previous.nrrd", workDir / "previous.json"
+        writeVolume(syntheticVolumeNode, keep)
+        writeVolume(state, previous)
+        previousMapping.write_text(state.GetAttribute(ATTRIBUTE_PREFIX + "LabelMapping") or "{}", encoding="utf-8")
+        return ["--keep-ct", keep, "--previous-seg", previous, "--previous-labels", previousMapping,
+                "--region-margin", float(marginMm)]
+
+    def _storeSegmentationState(self, node, inputs: dict) -> None:
+        """Keep the exported label map and its mapping as a hidden node referenced by ``node`` (replacing an earlier
+        one unless the undo copy still needs it)."""
+        scene = node.GetScene()
+        voxels, ijkToRAS = readArray(Path(inputs["labels"]))
+        state = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode",
+                                        scene.GenerateUniqueName(f"{node.GetName()} segmentation state"))
+        slicer.util.updateVolumeFromArray(state, voxels)
+        state.SetIJKToRASMatrix(vtkMatrix(ijkToRAS))
+        state.SetAttribute(ATTRIBUTE_PREFIX + "LabelMapping", inputs["mapping"])
+        state.SetHideFromEditors(True)
+        old = node.GetNodeReference(STATE_ROLE)
+        node.SetNodeReferenceID(STATE_ROLE, state.GetID())
+        undo = node.GetNodeReference(UNDO_ROLE)
+        if old is not None and (undo is None or undo.GetNodeReference(STATE_ROLE) is not old):
+            removeNodes([old])
+
+    @staticmethod
+    def _keepPreviousVersion(node) -> None:
+        """Copy ``node`` (voxels, grid, attributes, segmentation state) into a hidden node it references, replacing
+        the copy of the edit before."""
+        SynthesisLogic._dropPreviousVersion(node)
+        scene = node.GetScene()
+        undo = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                       scene.GenerateUniqueName(f"{node.GetName()} before regeneration"))
+        undo.SetAndObserveImageData(vtk.vtkImageData())
+        undo.GetImageData().DeepCopy(node.GetImageData())
+        undo.SetIJKToRASMatrix(vtkMatrix(nodeIJKToRAS(node)))
+        for key in node.GetAttributeNames() or ():
+            undo.SetAttribute(key, node.GetAttribute(key))
+        undo.SetDescription(node.GetDescription())
+        undo.SetHideFromEditors(True)
+        undo.SetNodeReferenceID(STATE_ROLE, node.GetNodeReferenceID(STATE_ROLE))
+        node.SetNodeReferenceID(UNDO_ROLE, undo.GetID())
+
+    @staticmethod
+    def _dropPreviousVersion(node) -> None:
+        """Remove the undo copy of ``node`` and the segmentation state only it uses."""
+        undo = node.GetNodeReference(UNDO_ROLE)
+        if undo is not None:
+            state = undo.GetNodeReference(STATE_ROLE)
+            removeNodes([undo] + ([state] if state is not node.GetNodeReference(STATE_ROLE) else []))
+            node.SetNodeReferenceID(UNDO_ROLE, None)
+
+    @staticmethod
+    def canUndoRegeneration(node) -> bool:
+        return node is not None and node.GetNodeReference(UNDO_ROLE) is not None
+
+    def undoRegeneration(self, node) -> None:
+        """Put back the synthetic CT (voxels, provenance, segmentation state) from before its last regeneration."""
+        undo = node.GetNodeReference(UNDO_ROLE) if node is not None else None
+        if undo is None:
+            raise ValueError("there is no regeneration to undo")
+        state = node.GetNodeReference(STATE_ROLE)
+        wasModifying = node.StartModify()
+        node.GetImageData().DeepCopy(undo.GetImageData())
+        for key in undo.GetAttributeNames() or ():
+            node.SetAttribute(key, undo.GetAttribute(key))
+        node.SetDescription(undo.GetDescription())
+        node.SetNodeReferenceID(STATE_ROLE, undo.GetNodeReferenceID(STATE_ROLE))
+        node.SetNodeReferenceID(UNDO_ROLE, None)
+        node.Modified()
+        node.EndModify(wasModifying)
+        removeNodes([undo, state])
 
     @staticmethod
     def placeBeside(node, original) -> None:
