@@ -253,9 +253,14 @@ def _synth(args: argparse.Namespace) -> int:
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
     model = load_model(model_folder, device=device)
+    how = f"{options.sampler} {options.steps} steps"
+    if model.kind == "generator":
+        how = "one pass"
+        _note(f"{model.name} is a one-pass {model.conditioning} generator: --preset, --sampler, --steps and "
+              "--slice-correlation are ignored")
     if not args.quiet:
-        print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
-              f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
+        print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {how}, "
+              f"labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
               f"device {device} ({precision})", file=sys.stderr)
     results = []
     with _progress(args.quiet or args.progress_lines) as bar:
@@ -382,6 +387,11 @@ def _info(args: argparse.Namespace) -> int:
     cfg = model.config
     params = sum(p.numel() for p in model.model.parameters())
     net = cfg["model"]
+    if model.kind == "generator":
+        print(f"model:        {model.name}  ({model.path})\nsha256:       {model.sha256}\n"
+              f"network:      one-pass {net['method']} generator, {params / 1e6:.1f} M parameters, "
+              f"{net['image_size']}x{net['image_size']}")
+        return 0
     lines = [
         f"model:        {model.name}  ({model.path})",
         f"sha256:       {model.sha256}",

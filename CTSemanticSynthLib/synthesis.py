@@ -30,6 +30,7 @@ from .preprocess import (
     add_body_class,
     body_mask_from_labels,
     condition_inputs,
+    one_hot,
     unit_to_hu,
 )
 from .provenance import provenance_record
@@ -88,7 +89,8 @@ def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> 
     if not 0 <= options.slice_correlation <= 1:
         raise InputError(f"--slice-correlation {options.slice_correlation} is out of range: use 0..1")
     try:
-        options_sampler(options, create_diffusion(config["diffusion"]))
+        if config.get("kind", "diffusion") == "diffusion":  # a one-pass generator ignores the sampler options
+            options_sampler(options, create_diffusion(config["diffusion"]))
     except ValueError as exc:
         raise InputError(f"--steps {options.steps} (eta {options.eta}) does not fit preset '{preset}' of model "
                          f"'{config.get('name', '?')}': {exc}") from None
@@ -167,8 +169,8 @@ def synthesize(
     resize = PlaneResize(stack.shape[1], stack.shape[2], model.image_size)
     active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
     unit = np.zeros(stack.shape, dtype=np.float32)
-    sampler = options_sampler(options, model.diffusion)
-    prior = _model_prior(model) if options.start_timestep is not None else None
+    sampler = options_sampler(options, model.diffusion) if model.kind == "diffusion" else None
+    prior = _model_prior(model) if options.start_timestep is not None and sampler is not None else None
     batch = max(1, int(options.batch_size))
     try:
         for first in range(0, len(active), batch):
@@ -179,9 +181,14 @@ def synthesize(
                 if progress is not None:
                     progress(done + fraction * n, len(active))
 
-            sample = sample_slices(model.model, model.conditioning, sampler, small, index, seed=options.seed,
-                                   device=device, prior=prior, precision=precision, cancel=cancel, on_step=on_step,
-                                   slice_correlation=options.slice_correlation)
+            if sampler is None:
+                sample = generate_slices(model.model, small, index, seed=options.seed, device=device,
+                                         precision=precision, cancel=cancel)
+                on_step(1.0)
+            else:
+                sample = sample_slices(model.model, model.conditioning, sampler, small, index, seed=options.seed,
+                                       device=device, prior=prior, precision=precision, cancel=cancel,
+                                       on_step=on_step, slice_correlation=options.slice_correlation)
             unit[index] = resize.from_model(sample, labels=False).numpy()
     except torch.OutOfMemoryError:
         raise CTSynthError(
@@ -190,9 +197,10 @@ def synthesize(
     hu = np.rint(unit_to_hu(unit))
     hu[stack == BACKGROUND] = AIR_HU
     volume = Volume(orientation.from_stack(hu.astype(np.int16)), classes.affine)
-    record = provenance_record(model.name, model.sha256, model.conditioning, sampler.config, asdict(options),
-                               str(device), len(active))
-    record.update(precision=precision, device_capability=device_capability(device))
+    record = provenance_record(model.name, model.sha256, model.conditioning,
+                               sampler.config if sampler is not None else {"sampler": "none (one-pass generator)"},
+                               asdict(options), str(device), len(active))
+    record.update(precision=precision, device_capability=device_capability(device), kind=model.kind)
     return SynthesisResult(volume, record)
 
 
@@ -262,6 +270,33 @@ def sample_slices(
             raise CTSynthError("the model's output became NaN or infinite while sampling; nothing was written: the "
                                "model may be broken, or try --device cpu or --precision fp32")
         return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def generate_slices(
+    generator: torch.nn.Module,
+    classes: torch.Tensor,
+    slice_index: Sequence[int],
+    *,
+    seed: int,
+    device: torch.device,
+    precision: str = "fp32",
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """One forward pass of a one-pass generator (:mod:`.models.generators`) for (B, S, S) class slices; returns
+    (B, S, S) intensities in [0, 1] on the CPU. A generator that takes noise (OASIS) draws it from each slice's own
+    generator (seeded as in :func:`sample_slices`), so a slice's image does not depend on its batch."""
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled by the user; nothing was written")
+    with torch.inference_mode(), _autocast(device, precision):
+        mask = _memory_format(one_hot(classes.to(device)), precision)
+        noise = None
+        if generator.noise_channels:
+            noise = SliceNoise(seed, slice_index, device=device).draw((len(slice_index), generator.noise_channels))
+        out = generator(mask, noise).float()
+    if not bool(torch.isfinite(out).all()):
+        raise CTSynthError("the generator's output is NaN or infinite; nothing was written: the model may be broken, "
+                           "or try --precision fp32")
+    return ((out[:, 0].clamp(-1, 1) + 1) / 2).cpu()
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
