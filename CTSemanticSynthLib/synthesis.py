@@ -197,8 +197,10 @@ def synthesize(
     hu = np.rint(unit_to_hu(unit))
     hu[stack == BACKGROUND] = AIR_HU
     volume = Volume(orientation.from_stack(hu.astype(np.int16)), classes.affine)
+    if sampler is None:  # record what a one-pass generator used: no sampler, one step, the seed for its noise
+        options = replace(options, sampler="one-pass", steps=1, start_timestep=None, eta=0.0, slice_correlation=0.0)
     record = provenance_record(model.name, model.sha256, model.conditioning,
-                               sampler.config if sampler is not None else {"sampler": "none (one-pass generator)"},
+                               sampler.config if sampler is not None else {"sampler": "one-pass"},
                                asdict(options), str(device), len(active))
     record.update(precision=precision, device_capability=device_capability(device), kind=model.kind)
     return SynthesisResult(volume, record)
