@@ -20,7 +20,7 @@ from CTSemanticSynthLib.labels import NUM_CLASSES
 from CTSemanticSynthLib.models.generators import create_generator
 from CTSemanticSynthLib.preprocess import one_hot
 
-from conftest import SAMPLE_SEG, single_thread
+from conftest import REPO, SAMPLE_SEG, single_thread
 
 from training import prepare, train_gan  # noqa: E402
 from training.baselines.discriminators import MultiscaleDiscriminator, OASISDiscriminator, PatchGAN  # noqa: E402
@@ -250,3 +250,30 @@ def test_method_defaults_are_the_published_ones():
     assert (spade["lr"], spade["lr_d"], spade["beta1"], spade["lambda_fm"]) == (5e-4, 5e-4, 0.0, 10.0)
     assert (oasis["lr"], oasis["lr_d"], oasis["noise_channels"], oasis["ema_rate"]) == (1e-4, 4e-4, 64, 0.9999)
     assert all(d["epochs"] == 300 and d["batch_size"] == 16 for d in (pix2pix, spade, oasis))
+
+
+# --- configs and evaluation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shipped_config_selects_the_method_and_its_defaults(method):
+    config, _ = train_gan.parse_gan_config(["--config", str(REPO / "training" / "configs" / f"{method}.yaml")])
+    assert config == train_gan.gan_defaults(method) | {"data": "cache/amos256", "out": f"runs/{method}",
+                                                       "name": method, "checkpoint_every": 1000, "sample_every": 5000}
+
+
+def test_evaluate_puts_generators_and_diffusion_models_in_one_table(cache, tmp_path, tiny_model):
+    from training.evaluate import main as evaluate_main
+
+    assert _train(cache, tmp_path / "run", "spade", "--iterations", 1, "--sample-every", 0) == 0
+    out = tmp_path / "eval"
+    assert evaluate_main(["--model", f"spade={tmp_path / 'run' / 'model'}", "--model", f"tiny={tiny_model}",
+                          "--data", str(cache), "--out", str(out), "--max-slices", "3", "--steps", "2", "--no-fid",
+                          "--device", "cpu"]) == 0
+    rows = {r["method"]: r for r in csv.DictReader((out / "results.csv").open()) if r["source"] == "measured"}
+    assert rows["spade"]["paper_method"] == "SPADE" and rows["spade"]["ssim_paper"] == "0.594"
+    assert rows["tiny"]["paper_method"] == "Conditional DDPM"
+    assert all(0 < float(r["ssim"]) < 1 for r in rows.values())
+    models = {m["name"]: m for m in json.loads((out / "results.json").read_text())["models"]}
+    assert models["spade"]["kind"] == "generator" and models["tiny"]["kind"] == "diffusion"
+    assert "| spade | SPADE | 3 |" in (out / "results.md").read_text()

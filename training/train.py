@@ -397,7 +397,9 @@ class Trainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast to the run's precision, or nothing for fp32."""
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimisation step on this rank's batch; returns the batch-mean losses (device tensors: reading them
