@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from .batch import JobResult
+    from .checkpoint import LoadedModel
     from .synthesis import SamplingOptions
 
 EXAMPLES = """\
@@ -253,11 +254,7 @@ def _synth(args: argparse.Namespace) -> int:
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
     model = load_model(model_folder, device=device)
-    how = f"{options.sampler} {options.steps} steps"
-    if model.kind == "generator":
-        how = "one pass"
-        _note(f"{model.name} is a one-pass {model.conditioning} generator: --preset, --sampler, --steps and "
-              "--slice-correlation are ignored")
+    how = _sampling_summary(model, options)
     if not args.quiet:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {how}, "
               f"labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
@@ -293,6 +290,15 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_summary(model: LoadedModel, options: SamplingOptions) -> str:
+    """'ddim 25 steps', or 'one pass' for a one-pass generator (with a note that the sampler options are ignored)."""
+    if model.kind == "generator":
+        _note(f"{model.name} is a one-pass {model.conditioning} generator: --preset, --sampler, --steps and "
+              "--slice-correlation are ignored")
+        return "one pass"
+    return f"{options.sampler} {options.steps} steps"
+
+
 def _numbered(out: Path, sample: int) -> Path:
     """``syn.nii.gz`` -> ``syn_s<sample>.nii.gz``."""
     from .io import WRITE_SUFFIXES
@@ -323,9 +329,10 @@ def _batch(args: argparse.Namespace) -> int:
     shard = shard_from_environment()
     device = rank_device(device, shard)
     model = load_model(model_folder, device=device)
+    how = _sampling_summary(model, options) if shard.rank == 0 else ""
     if not args.quiet and shard.rank == 0:
         print(f"ctsynth: {len(cases)} case(s) x {args.samples} sample(s) with {model.name} (sha256 "
-              f"{model.sha256[:12]}), {options.sampler} {options.steps} steps, device {device}"
+              f"{model.sha256[:12]}), {how}, device {device}"
               + (f", {shard.world_size} ranks" if shard.world_size > 1 else ""), file=sys.stderr)
     label_names = original_labels(cases) if args.nnunet_labels == "original" else None
     settings = BatchSettings(layout, args.labels, args.variance, args.overwrite, label_names)

@@ -6,6 +6,8 @@ import csv
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -277,3 +279,39 @@ def test_evaluate_puts_generators_and_diffusion_models_in_one_table(cache, tmp_p
     models = {m["name"]: m for m in json.loads((out / "results.json").read_text())["models"]}
     assert models["spade"]["kind"] == "generator" and models["tiny"]["kind"] == "diffusion"
     assert "| spade | SPADE | 3 |" in (out / "results.md").read_text()
+
+
+def test_batch_runs_a_generator_and_says_the_sampler_is_ignored(cache, tmp_path, capsys):
+    assert _train(cache, tmp_path / "run", "pix2pix", "--iterations", 1, "--sample-every", 0) == 0
+    capsys.readouterr()
+    segs = cache.parent / "amos" / "labelsTr"
+    listing = tmp_path / "segs.txt"
+    listing.write_text(f"{segs / 'amos_0001.nii.gz'}\n")
+    code = ctsynth(["batch", "--segs", str(listing), "--out", str(tmp_path / "out"), "--model",
+                    str(tmp_path / "run" / "model"), "--labels", "totalseg", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("are ignored") == 1
+    (volume,) = (tmp_path / "out").rglob("*.nii.gz")
+    assert nib.load(volume).shape == nib.load(segs / "amos_0001.nii.gz").shape
+
+
+def test_torchrun_two_cpu_processes_resume_exactly(cache, tmp_path):
+    """DistributedDataParallel over gloo for the generator and the discriminator (OASIS: noise, LabelMix, EMA):
+    one log and one export (rank 0), the batch split across ranks, and a run stopped at step 2 and resumed equal
+    to an uninterrupted one."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for out, argv in ((whole, [4]), (parts, [2]), (parts, [4, "--resume"])):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+             "training.train_gan", "--method", "oasis", "--data", str(cache), "--out", str(out), *TINY,
+             "--threads", "1", "--sample-every", "0", "--iterations", *map(str, argv)],
+            capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stderr.count("train_gan: exported") == 1
+    card = load_model(whole / "model").config["training"]
+    assert card["hardware"].endswith("x2") and card["batch_per_rank"] == 1
+    a, b = _checkpoint(whole), _checkpoint(parts)
+    for key in ("model", "ema", "disc"):
+        different = [name for name in a[key] if not torch.equal(a[key][name], b[key][name])]
+        assert not different, f"{key}: {different[:3]}"
