@@ -315,3 +315,12 @@ def test_torchrun_two_cpu_processes_resume_exactly(cache, tmp_path):
     for key in ("model", "ema", "disc"):
         different = [name for name in a[key] if not torch.equal(a[key][name], b[key][name])]
         assert not different, f"{key}: {different[:3]}"
+
+
+def test_slicer_panel_summarises_a_generator(generator_folder, monkeypatch):
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    monkeypatch.syspath_prepend(str(REPO / "CTSemanticSynth"))
+    from CTSemanticSynthSlicerLib.logic import SynthesisLogic
+
+    config = json.loads((generator_folder / CONFIG_NAME).read_text())
+    assert SynthesisLogic.modelSummary(config).startswith("tiny-pix2pix (pix2pix, 32x32), 16 classes")
