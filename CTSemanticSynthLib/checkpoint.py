@@ -1,4 +1,7 @@
-"""Model folders: ``model.safetensors`` + ``config.json`` (architecture, diffusion, classes, window, sha256).
+"""Model folders: ``model.safetensors`` + ``config.json`` (kind, architecture, diffusion, classes, window, sha256).
+
+``kind`` is ``diffusion`` (the default: a U-Net sampled by a diffusion process) or ``generator`` (a one-pass
+baseline generator, :mod:`.models.generators`, which has no ``diffusion`` field).
 
 A model is found by path, by name in the bundled ``Resources/models/`` or in the cache dir
 (``$CTSYNTH_HOME/models/<name>``, default ``~/.cache/ctsynth/models/<name>``). Nothing is downloaded, and
@@ -23,6 +26,7 @@ from .io import atomic_folder
 from .factory import create_diffusion, create_model
 from .labels import MODEL_CLASSES
 from .models.config import model_defaults, resolve_config
+from .models.generators import create_generator, generator_defaults, resolve_generator_config
 from .paths import cache_dir, file_digest
 from .preprocess import WINDOW_LEVEL, WINDOW_WIDTH
 
@@ -32,14 +36,15 @@ FORMAT = "ctsynth-model"
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "demo"
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "Resources" / "models"
+KINDS = ("diffusion", "generator")
 
 
 @dataclass
 class LoadedModel:
-    """A network in eval mode with its diffusion process, config and weight hash."""
+    """A network in eval mode with its diffusion process (None for a one-pass generator), config and weight hash."""
 
     model: torch.nn.Module
-    diffusion: GaussianDiffusion
+    diffusion: GaussianDiffusion | None
     config: dict[str, Any]
     sha256: str
     path: Path
@@ -53,8 +58,14 @@ class LoadedModel:
         return int(self.config["model"]["image_size"])
 
     @property
+    def kind(self) -> str:
+        return str(self.config.get("kind", "diffusion"))
+
+    @property
     def conditioning(self) -> str:
-        return str(self.config["model"]["conditioning"])
+        """The diffusion model's mask conditioning, or the generator's method (pix2pix, spade, oasis)."""
+        model = self.config["model"]
+        return str(model["conditioning"] if self.kind == "diffusion" else model["method"])
 
 
 def resolve_model_path(spec: str | Path | None) -> Path:
@@ -147,26 +158,13 @@ def _check_config(config: dict[str, Any]) -> None:
     window = _field(config, "window", dict)
     for key in ("level", "width"):
         _field(window, key, (int, float), "window.")
-    model = _field(config, "model", dict)
-    for key in model_defaults():  # save_model writes every key: a missing one would silently become a default
-        _field(model, key, object, "model.")
-    try:
-        resolve_config(**model)
-    except (TypeError, ValueError) as exc:
-        raise _FieldError(f"field 'model': {exc}") from None
-    diffusion = _field(config, "diffusion", dict)
-    unknown = sorted(set(diffusion) - set(diffusion_defaults()) - {"betas", "use_timesteps"})
-    if unknown:
-        raise _FieldError(f"field 'diffusion' has unknown key(s) {', '.join(unknown)}")
-    for key, default in diffusion_defaults().items():
-        if default is None:
-            _field(diffusion, key, object, "diffusion.")
-        else:
-            _field(diffusion, key, (int, float) if isinstance(default, float) else type(default), "diffusion.")
-    try:
-        create_diffusion(diffusion)
-    except (TypeError, ValueError) as exc:
-        raise _FieldError(f"field 'diffusion': {exc}") from None
+    kind = config.get("kind", "diffusion")
+    if kind not in KINDS:
+        raise _FieldError(f"field 'kind' must be one of {', '.join(KINDS)}, not {json.dumps(kind)[:40]}")
+    if kind == "generator":
+        _check_generator(_field(config, "model", dict))
+    else:
+        _check_diffusion_model(config)
     means = config.get("class_means")
     if means is not None and (not isinstance(means, list) or len(means) != len(MODEL_CLASSES) or not all(
             isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 1 for m in means)):
@@ -187,6 +185,43 @@ def _check_config(config: dict[str, Any]) -> None:
                 _field(options, key, kind, where)
 
 
+def _check_diffusion_model(config: dict[str, Any]) -> None:
+    model = _field(config, "model", dict)
+    for key in model_defaults():  # save_model writes every key: a missing one would silently become a default
+        _field(model, key, object, "model.")
+    try:
+        resolve_config(**model)
+    except (TypeError, ValueError) as exc:
+        raise _FieldError(f"field 'model': {exc}") from None
+    diffusion = _field(config, "diffusion", dict)
+    unknown = sorted(set(diffusion) - set(diffusion_defaults()) - {"betas", "use_timesteps"})
+    if unknown:
+        raise _FieldError(f"field 'diffusion' has unknown key(s) {', '.join(unknown)}")
+    for key, default in diffusion_defaults().items():
+        if default is None:
+            _field(diffusion, key, object, "diffusion.")
+        else:
+            _field(diffusion, key, (int, float) if isinstance(default, float) else type(default), "diffusion.")
+    try:
+        create_diffusion(diffusion)
+    except (TypeError, ValueError) as exc:
+        raise _FieldError(f"field 'diffusion': {exc}") from None
+
+
+def _check_generator(model: dict[str, Any]) -> None:
+    method = _field(model, "method", str, "model.")
+    try:
+        keys = generator_defaults(method)
+    except ValueError as exc:
+        raise _FieldError(f"field 'model.method': {exc}") from None
+    for key in keys:  # save_model writes every key: a missing one would silently become a default
+        _field(model, key, object, "model.")
+    try:
+        resolve_generator_config(**model)
+    except (TypeError, ValueError) as exc:
+        raise _FieldError(f"field 'model': {exc}") from None
+
+
 def load_model(spec: str | Path | None, device: str | torch.device = "cpu") -> LoadedModel:
     """Load and verify a model folder (hash, config, weight names and shapes) onto ``device``."""
     folder = resolve_model_path(spec)
@@ -201,8 +236,10 @@ def load_model(spec: str | Path | None, device: str | torch.device = "cpu") -> L
             f"{str(config['sha256'])[:12]}...; re-copy the model folder"
         )
     try:
-        model = create_model(config["model"])
-        diffusion = create_diffusion(config["diffusion"])
+        if config.get("kind", "diffusion") == "generator":
+            model, diffusion = create_generator(config["model"]), None
+        else:
+            model, diffusion = create_model(config["model"]), create_diffusion(config["diffusion"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{folder / CONFIG_NAME} describes an invalid model: {exc}") from None
     try:
@@ -238,7 +275,7 @@ def _check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
 def save_model(
     folder: str | Path,
     model: torch.nn.Module,
-    diffusion: GaussianDiffusion,
+    diffusion: GaussianDiffusion | None,
     *,
     name: str,
     extra: dict[str, Any] | None = None,
@@ -247,7 +284,8 @@ def save_model(
 ) -> str:
     """Write a model folder atomically and return the weights' sha256.
 
-    ``model`` and ``diffusion`` must carry a JSON ``config`` dict; ``extra`` adds keys such as ``training``,
+    ``model`` and ``diffusion`` must carry a JSON ``config`` dict; ``diffusion`` None saves a one-pass generator
+    (``kind: generator``, no ``diffusion`` field). ``extra`` adds keys such as ``training``,
     ``sampling`` (recommended sampler preset) or ``description``. ``half`` stores float16 weights.
     """
     folder = Path(folder)
@@ -262,10 +300,11 @@ def save_model(
             "format_version": FORMAT_VERSION,
             "name": name,
             "library_version": __version__,
+            "kind": "diffusion" if diffusion is not None else "generator",
             "classes": list(MODEL_CLASSES),
             "window": {"level": WINDOW_LEVEL, "width": WINDOW_WIDTH},
             "model": model.config,
-            "diffusion": diffusion.config,
+            **({"diffusion": diffusion.config} if diffusion is not None else {}),
             **(extra or {}),
             "sha256": digest,
         }

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from .batch import JobResult
+    from .checkpoint import LoadedModel
     from .io import Volume
     from .synthesis import SamplingOptions
 
@@ -355,9 +356,10 @@ def _synth(args: argparse.Namespace) -> int:
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
     model = load_model(model_folder, device=device)
+    how = _sampling_summary(model, options)
     if not args.quiet:
-        print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {options.sampler} "
-              f"{options.steps} steps, labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
+        print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {how}, "
+              f"labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
               f"device {device} ({precision})", file=sys.stderr)
     results = []
     with _progress(args.quiet or args.progress_lines) as bar:
@@ -392,6 +394,15 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_summary(model: LoadedModel, options: SamplingOptions) -> str:
+    """'ddim 25 steps', or 'one pass' for a one-pass generator (with a note that the sampler options are ignored)."""
+    if model.kind == "generator":
+        _note(f"{model.name} is a one-pass {model.conditioning} generator: --preset, --sampler, --steps and "
+              "--slice-correlation are ignored")
+        return "one pass"
+    return f"{options.sampler} {options.steps} steps"
+
+
 def _numbered(out: Path, sample: int) -> Path:
     """``syn.nii.gz`` -> ``syn_s<sample>.nii.gz``."""
     from .io import WRITE_SUFFIXES
@@ -422,9 +433,10 @@ def _batch(args: argparse.Namespace) -> int:
     shard = shard_from_environment()
     device = rank_device(device, shard)
     model = load_model(model_folder, device=device)
+    how = _sampling_summary(model, options) if shard.rank == 0 else ""
     if not args.quiet and shard.rank == 0:
         print(f"ctsynth: {len(cases)} case(s) x {args.samples} sample(s) with {model.name} (sha256 "
-              f"{model.sha256[:12]}), {options.sampler} {options.steps} steps, device {device}"
+              f"{model.sha256[:12]}), {how}, device {device}"
               + (f", {shard.world_size} ranks" if shard.world_size > 1 else ""), file=sys.stderr)
     label_names = original_labels(cases) if args.nnunet_labels == "original" else None
     settings = BatchSettings(layout, args.labels, args.variance, args.overwrite, label_names)
@@ -486,6 +498,11 @@ def _info(args: argparse.Namespace) -> int:
     cfg = model.config
     params = sum(p.numel() for p in model.model.parameters())
     net = cfg["model"]
+    if model.kind == "generator":
+        print(f"model:        {model.name}  ({model.path})\nsha256:       {model.sha256}\n"
+              f"network:      one-pass {net['method']} generator, {params / 1e6:.1f} M parameters, "
+              f"{net['image_size']}x{net['image_size']}")
+        return 0
     lines = [
         f"model:        {model.name}  ({model.path})",
         f"sha256:       {model.sha256}",

@@ -96,12 +96,20 @@ class VolumeDenoiser:
         return torch.cat(outputs)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """Autocast to the precision's dtype, or nothing for fp32."""
-        dtype = autocast_dtype(self.precision)
-        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+        return precision_autocast(self.device, self.precision)
 
     def memory_format(self, x: Tensor) -> Tensor:
-        """channels_last for 4-D tensors under reduced precision (where oneDNN/cuDNN's fast kernels want it)."""
-        if autocast_dtype(self.precision) is None or x.ndim != 4:
-            return x
-        return x.contiguous(memory_format=torch.channels_last)
+        return to_memory_format(x, self.precision)
+
+
+def precision_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to the precision's dtype, or nothing for fp32."""
+    dtype = autocast_dtype(precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def to_memory_format(x: Tensor, precision: str) -> Tensor:
+    """channels_last for 4-D tensors under reduced precision (where oneDNN/cuDNN's fast kernels want it)."""
+    if autocast_dtype(precision) is None or x.ndim != 4:
+        return x
+    return x.contiguous(memory_format=torch.channels_last)

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
-from .denoiser import VolumeDenoiser
+from .denoiser import VolumeDenoiser, precision_autocast, to_memory_format
 from .device import device_capability, select_device, select_precision
 from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
 from .diffusion.samplers.repaint import Inpainting, Jumps, repaint_loop
 from .diffusion.slice_noise import SliceNoise
-from .errors import CTSynthError, InputError
+from .errors import Cancelled, CTSynthError, InputError
 from .factory import create_diffusion
 from .io import Volume
 from .labels import BACKGROUND, NUM_CLASSES, MappingReport, resolve_adapter
@@ -32,6 +32,7 @@ from .preprocess import (
     body_mask_from_labels,
     condition_inputs,
     hu_to_unit,
+    one_hot,
     unit_to_hu,
 )
 from .provenance import provenance_record
@@ -94,7 +95,8 @@ def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> 
     if not 0 <= options.slice_correlation <= 1:
         raise InputError(f"--slice-correlation {options.slice_correlation} is out of range: use 0..1")
     try:
-        options_sampler(options, create_diffusion(config["diffusion"]))
+        if config.get("kind", "diffusion") == "diffusion":  # a one-pass generator ignores the sampler options
+            options_sampler(options, create_diffusion(config["diffusion"]))
     except ValueError as exc:
         raise InputError(f"--steps {options.steps} (eta {options.eta}) does not fit preset '{preset}' of model "
                          f"'{config.get('name', '?')}': {exc}") from None
@@ -178,6 +180,9 @@ def synthesize(
     if (keep is None) != (region is None):
         raise InputError("regenerating a region needs both the kept CT and the region")
     edit = None if keep is None or region is None else RegionEdit.checked(classes, keep, region)
+    if edit is not None and model.kind != "diffusion":
+        raise InputError(f"model '{model.name}' is a one-pass generator: it cannot regenerate a region (it has no "
+                         "steps to hold the kept CT in); use a diffusion model")
     device = select_device(device) if isinstance(device, str) else device
     precision = select_precision(precision, device)
     model.model.to(device)
@@ -186,8 +191,8 @@ def synthesize(
     resize = PlaneResize(stack.shape[1], stack.shape[2], model.image_size)
     active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
     unit = np.zeros(stack.shape, dtype=np.float32)
-    sampler = options_sampler(options, model.diffusion)
-    prior = _model_prior(model) if options.start_timestep is not None else None
+    sampler = options_sampler(options, model.diffusion) if model.kind == "diffusion" else None
+    prior = _model_prior(model) if options.start_timestep is not None and sampler is not None else None
     if edit is not None:
         active = np.intersect1d(active, np.flatnonzero(orientation.to_stack(edit.region).any(axis=(1, 2))))
     if not len(active):
@@ -195,18 +200,24 @@ def synthesize(
         raise InputError(f"{where} has no body or organ voxel: nothing to synthesize")
     small = torch.cat([resize.to_model(torch.from_numpy(stack[part].astype(np.int64)), labels=True).to(torch.uint8)
                        for part in _parts(active)])
-    inpaint = None if edit is None else _inpainting(edit, orientation, resize, active,
-                                                    jumps or Jumps.scaled(sampler.num_steps, DEFAULT_JUMP_N_SAMPLE))
 
     def on_step(fraction: float) -> None:
         if progress is not None:
             progress(fraction * len(active), len(active))
 
     try:
-        sample = sample_slices(model.model, model.conditioning, sampler, small, active, seed=options.seed,
-                               device=device, batch_size=options.batch_size, prior=prior, precision=precision,
-                               cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
-                               inpaint=inpaint)
+        if sampler is None:
+            inpaint = None
+            sample = generate_slices(model.model, small, active, seed=options.seed, device=device,
+                                     batch_size=options.batch_size, precision=precision, cancel=cancel,
+                                     on_step=on_step)
+        else:
+            inpaint = None if edit is None else _inpainting(
+                edit, orientation, resize, active, jumps or Jumps.scaled(sampler.num_steps, DEFAULT_JUMP_N_SAMPLE))
+            sample = sample_slices(model.model, model.conditioning, sampler, small, active, seed=options.seed,
+                                   device=device, batch_size=options.batch_size, prior=prior, precision=precision,
+                                   cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
+                                   inpaint=inpaint)
     except torch.OutOfMemoryError:
         batch = options.batch_size
         raise CTSynthError(
@@ -219,9 +230,12 @@ def synthesize(
     hu = np.rint(unit_to_hu(unit))
     hu[stack == BACKGROUND] = AIR_HU
     volume = Volume(orientation.from_stack(hu.astype(np.int16)), classes.affine)
-    record = provenance_record(model.name, model.sha256, model.conditioning, sampler.config, asdict(options),
-                               str(device), len(active))
-    record.update(precision=precision, device_capability=device_capability(device))
+    if sampler is None:  # record what a one-pass generator used: no sampler, one step, the seed for its noise
+        options = replace(options, sampler="one-pass", steps=1, start_timestep=None, eta=0.0, slice_correlation=0.0)
+    record = provenance_record(model.name, model.sha256, model.conditioning,
+                               sampler.config if sampler is not None else {"sampler": "one-pass"},
+                               asdict(options), str(device), len(active))
+    record.update(precision=precision, device_capability=device_capability(device), kind=model.kind)
     if edit is not None and inpaint is not None:
         volume = Volume(edit.blend(volume.array), classes.affine)
         record["region"] = edit.record(asdict(inpaint.jumps))
@@ -310,6 +324,42 @@ def sample_slices(
             raise CTSynthError("the model's output became NaN or infinite while sampling; nothing was written: the "
                                "model may be broken, or try --device cpu or --precision fp32")
         return ((x[:, 0].float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def generate_slices(
+    generator: torch.nn.Module,
+    classes: torch.Tensor,
+    slice_index: Sequence[int],
+    *,
+    seed: int,
+    device: torch.device,
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    cancel: Callable[[], bool] | None = None,
+    on_step: Callable[[float], None] | None = None,
+) -> torch.Tensor:
+    """One forward pass of a one-pass generator (:mod:`.models.generators`) for (N, S, S) class slices, ``batch_size``
+    at a time (default: all); returns (N, S, S) intensities in [0, 1] on the CPU. A generator that takes noise
+    (OASIS) draws it from each slice's own generator (seeded as in :func:`sample_slices`), so a slice's image does not
+    depend on its batch. ``cancel()`` is polled before every batch, ``on_step(fraction)`` follows every batch."""
+    batch = len(classes) if batch_size is None else max(1, int(batch_size))
+    noise = None
+    if generator.noise_channels:
+        noise = SliceNoise(seed, slice_index, device=device).draw((len(slice_index), generator.noise_channels))
+    outputs = []
+    with torch.inference_mode(), precision_autocast(device, precision):
+        for first in range(0, len(classes), batch):
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled by the user; nothing was written")
+            mask = to_memory_format(one_hot(classes[first : first + batch].long().to(device)), precision)
+            outputs.append(generator(mask, None if noise is None else noise[first : first + batch]).float())
+            if on_step is not None:
+                on_step(min(1.0, (first + batch) / len(classes)))
+    out = torch.cat(outputs)
+    if not bool(torch.isfinite(out).all()):
+        raise CTSynthError("the generator's output is NaN or infinite; nothing was written: the model may be broken, "
+                           "or try --precision fp32")
+    return ((out[:, 0].clamp(-1, 1) + 1) / 2).cpu()
 
 
 def evaluation_flops(model: LoadedModel) -> int:

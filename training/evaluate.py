@@ -1,10 +1,15 @@
 """Paper-style evaluation (arXiv 2312.06453, Tables 1-2): FID/KID, PSNR/SSIM and TotalSegmentator Dice.
 
     python -m training.evaluate --model runs/mask/model --data cache/amos256 --split test --out eval/amos
+    python -m training.evaluate --model pix2pix=runs/pix2pix/model --model spade=runs/spade/model \
+        --model oasis=runs/oasis/model --model concat=runs/concat/model --data cache/amos256 --out eval/all
     python -m training.evaluate --model concat=runs/a/model --model mask=runs/b/model --data cache/amos256 \
         --volumes-images amos/imagesVa --volumes-labels amos/labelsVa --convention amos --totalseg \
         --preset paper --device cuda --out eval/amos
 
+Models are diffusion models or one-pass GAN baselines (``kind: generator``, from training/train_gan.py: one forward
+per slice, the sampler options do not apply); each lands in one table beside its row of the paper's Table 2
+(``CTSemanticSynthLib.metrics.paper``), and in one column of the figure.
 Slices: every test slice of the cache (or ``--max-slices``, evenly spread) is sampled with each model's preset
 through ``CTSemanticSynthLib.synthesis.synthesize`` (per-slice seeds), in chunks saved under
 ``OUT/samples/<model>-<key>/``, so an interrupted run resumes; a change of model, preset, steps, seed, chunk or
@@ -347,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             volume_results, ceiling = evaluate_volumes(entries, args, device, extractor)
             for name, r in volume_results.items():
                 results[name].update(r)
-        measured = [{"name": e.name, "conditioning": e.model.conditioning, "model": str(e.model.path),
+        measured = [{"name": e.name, "kind": e.model.kind, "conditioning": e.model.conditioning,
+                     "model": str(e.model.path),
                      "sha256": e.model.sha256, "sampling": asdict(e.options), **results[e.name]} for e in entries]
         settings = {"data": str(args.data), "split": args.split, "slices": int(len(rows)), "size": EVAL_SIZE,
                     "preset": args.preset, "device": str(device), "library_version": __version__,

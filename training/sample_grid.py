@@ -36,6 +36,12 @@ def write_sample_grid(path: Path, model: torch.nn.Module, diffusion: GaussianDif
     """PNG grid for real images [B, 1, S, S] in [-1, 1] and their classes [B, S, S]."""
     synthetic = sample_grid_slices(model, diffusion, classes, conditioning, steps=steps, start_timestep=start_timestep,
                               class_means=class_means, device=device)
+    save_grid(path, images, classes, synthetic)
+
+
+def save_grid(path: Path, images: torch.Tensor, classes: torch.Tensor, synthetic: torch.Tensor) -> None:
+    """PNG rows mask | real | synthetic for real images [B, 1, S, S] in [-1, 1], classes [B, S, S] and synthetic
+    slices [B, S, S] in [0, 1]."""
     real = (images[:, 0] + 1) / 2
     colours = np.asarray(COLORS, dtype=np.uint8)
     rows = []

@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ RESUME_FIXED = ("conditioning", "model_channels", "channel_mult", "num_res_block
 TIMESTEP_SAMPLERS = ("uniform", "loss-aware")
 
 
+def trainer_defaults() -> dict[str, Any]:
+    """The settings every trainer has (this one and ``training.train_gan``): data, run folder, optimisation
+    length, EMA, precision, checkpoint/log/sample cadence, seed, device."""
+    return {
+        "data": "", "out": "", "name": "", "batch_size": 16, "lr": 1e-4, "iterations": 150_000, "ema_rate": 0.9999,
+        "precision": "auto", "compile": False, "channels_last": False, "checkpoint_every": 1000, "sample_every": 5000,
+        "log_every": 50, "seed": 0, "device": "auto", "threads": 0, "half_export": False,
+    }
+
+
 def train_defaults() -> dict[str, Any]:
     """The paper's protocol (AMOS22, 256 px, batch 16, Adam 1e-4, 150k iterations) plus trainer settings.
 
@@ -75,20 +86,24 @@ def train_defaults() -> dict[str, Any]:
     """
     network = {k: (0 if v is None else v) for k, v in model_defaults().items() if k not in MODEL_FIXED}
     diffusion = {k: v for k, v in diffusion_defaults().items() if k not in DIFFUSION_FIXED}
-    return {
-        "data": "", "out": "", "name": "", **network, **diffusion,
-        "batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "iterations": 150_000, "ema_rate": 0.9999,
-        "grad_clip": 1.0, "timestep_sampler": "uniform", "max_timestep": 0, "precision": "auto", "compile": False,
-        "channels_last": False,
-        "checkpoint_every": 1000, "sample_every": 5000, "log_every": 50, "sample_steps": 25,
-        "sample_start_timestep": 0, "seed": 0, "device": "auto", "threads": 0, "half_export": False,
+    return trainer_defaults() | network | diffusion | {
+        "weight_decay": 0.0, "grad_clip": 1.0, "timestep_sampler": "uniform", "max_timestep": 0, "sample_steps": 25,
+        "sample_start_timestep": 0,
     }
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
-    """Defaults <- YAML file (--config) <- flags, checked; returns (config, parsed flags)."""
-    defaults = train_defaults()
-    parser = OneLineParser(prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_config(argv: list[str] | None = None, defaults_for: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 check: Callable[[dict[str, Any]], None] | None = None, prog: str = "train",
+                 description: str | None = __doc__) -> tuple[dict[str, Any], argparse.Namespace]:
+    """Defaults <- YAML file (--config) <- flags, checked; returns (config, parsed flags).
+
+    ``defaults_for(explicit)`` gives the defaults given the options set in the YAML file and flags (the GAN trainer's
+    depend on ``method``; every call must return the same keys and types); ``check`` validates the result.
+    """
+    defaults_for = defaults_for or (lambda explicit: train_defaults())
+    check = check or check_config
+    defaults = defaults_for({})
+    parser = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--export-only", action="store_true",
@@ -102,11 +117,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, Any], argpars
         else:
             parser.add_argument(flag, type=type(value), default=None)
     args = parser.parse_args(argv)
-    config = dict(defaults)
-    if args.config is not None:
-        config.update(_read_yaml(args.config, defaults))
-    config.update({k: v for k, v in vars(args).items() if k in defaults and v is not None})
-    check_config(config)
+    explicit = _read_yaml(args.config, defaults) if args.config is not None else {}
+    explicit.update({k: v for k, v in vars(args).items() if k in defaults and v is not None})
+    config = defaults_for(explicit) | explicit
+    check(config)
     return config, args
 
 
@@ -153,27 +167,39 @@ def draw_indices(rows: int, batch: int, seed: int, rank: int, step: int) -> torc
     return torch.randint(rows, (batch,), generator=generator)
 
 
-def check_config(config: dict[str, Any]) -> None:
-    """InputError naming the first option that cannot work; run before anything is read or created."""
-    for key in ("data", "out"):
-        if not config[key]:
-            raise InputError(f"--{key} is required (or set it in the --config file)")
-    at_least = {"batch_size": 1, "iterations": 1, "checkpoint_every": 1, "log_every": 1, "sample_steps": 1,
-                "sample_every": 0, "max_timestep": 0, "sample_start_timestep": 0, "threads": 0, "seed": 0,
-                "weight_decay": 0.0, "encoder_channels": 0}
+def check_options(config: dict[str, Any], at_least: dict[str, float], positive: tuple[str, ...],
+                  choices: dict[str, tuple[str, ...]]) -> None:
+    """InputError for the first option below its minimum, not greater than 0, or not one of its choices."""
     for key, low in at_least.items():
         if config[key] < low:
             raise InputError(f"--{_flag(key)} {config[key]} must be at least {low}")
-    for key in ("lr", "grad_clip"):
+    for key in positive:
         if not config[key] > 0:
             raise InputError(f"--{_flag(key)} {config[key]} must be greater than 0")
+    for key, allowed in choices.items():
+        if config[key] not in allowed:
+            raise InputError(f"--{_flag(key)} {config[key]!r} is not one of {', '.join(allowed)}")
+
+
+def check_trainer_config(config: dict[str, Any]) -> None:
+    """InputError naming the first of the ``trainer_defaults()`` options that cannot work."""
+    for key in ("data", "out"):
+        if not config[key]:
+            raise InputError(f"--{key} is required (or set it in the --config file)")
+    check_options(config, {"batch_size": 1, "iterations": 1, "checkpoint_every": 1, "log_every": 1,
+                           "sample_every": 0, "threads": 0, "seed": 0}, ("lr",), {"precision": PRECISIONS})
     if config["seed"] > MAX_SEED:
         raise InputError(f"--seed {config['seed']} is out of range: use 0..{MAX_SEED}")
     if not 0 <= config["ema_rate"] < 1:
         raise InputError(f"--ema-rate {config['ema_rate']} must lie in [0, 1)")
-    for key, choices in (("precision", PRECISIONS), ("timestep_sampler", TIMESTEP_SAMPLERS)):
-        if config[key] not in choices:
-            raise InputError(f"--{_flag(key)} {config[key]!r} is not one of {', '.join(choices)}")
+    select_device(config["device"])
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """InputError naming the first option that cannot work; run before anything is read or created."""
+    check_trainer_config(config)
+    check_options(config, {"sample_steps": 1, "max_timestep": 0, "sample_start_timestep": 0, "weight_decay": 0.0,
+                           "encoder_channels": 0}, ("grad_clip",), {"timestep_sampler": TIMESTEP_SAMPLERS})
     try:  # the network at its smallest valid size: the slice cache's size is checked when it is read
         resolve_config(**model_config(config, 2 ** max(len(config["channel_mult"]) - 1, 0)))
     except (TypeError, ValueError) as exc:
@@ -182,7 +208,6 @@ def check_config(config: dict[str, Any]) -> None:
         create_diffusion(diffusion_config(config))
     except (TypeError, ValueError) as exc:
         raise InputError(f"diffusion options: {exc}") from None
-    select_device(config["device"])
 
 
 def _flag(key: str) -> str:
@@ -235,7 +260,16 @@ def diffusion_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class Trainer:
-    """Holds the state of one run; ``run()`` trains to ``iterations`` and exports the EMA model."""
+    """Holds the state of one run; ``run()`` trains to ``iterations`` and exports the EMA model.
+
+    A subclass (``training.train_gan.GANTrainer``) replaces the hooks ``_build`` (networks, optimisers),
+    ``_stateful`` (what a checkpoint holds), ``train_step``, ``write_samples`` and ``export``, and the class
+    attributes below; the run folder, data, devices, DDP, precision, checkpoints, resume and logging are shared.
+    """
+
+    RESUME_FIXED: tuple[str, ...] = RESUME_FIXED
+    LOG_KEYS: tuple[str, ...] = ("loss", "mse", "vb", "grad_norm")
+    """The metrics ``train_step`` returns, in log.csv's column order."""
 
     def __init__(self, config: dict[str, Any], resume: bool) -> None:
         self.config = config
@@ -261,50 +295,63 @@ class Trainer:
         except InputError:
             self.test_data = None
         self.class_means = self.train_data.class_means()
-        torch.manual_seed(config["seed"])
-        try:
-            self.model = create_model(model_config(config, self.train_data.image_size)).to(self.device)
-            if config["channels_last"]:
-                self.model = self.model.to(memory_format=torch.channels_last)
-        except ValueError as exc:
-            raise InputError(f"network options do not fit the {self.train_data.image_size} px slices of "
-                             f"{config['data']}: {exc}") from None
-        self.diffusion = create_diffusion(diffusion_config(config))
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"],
-                                           weight_decay=config["weight_decay"])
         self.precision = resolve_precision(config["precision"], self.device)
         self.dtype = AUTOCAST[self.precision]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
-        limit = config["max_timestep"] or self.diffusion.num_timesteps
-        if not 0 < limit <= self.diffusion.num_timesteps or config["sample_start_timestep"] >= limit:
-            raise InputError(f"max_timestep {config['max_timestep']} must lie in 1..{self.diffusion.num_timesteps} "
-                             f"and exceed sample_start_timestep {config['sample_start_timestep']}")
-        self.timesteps = make_timestep_sampler(config["timestep_sampler"], limit)
+        torch.manual_seed(config["seed"])
+        self._build()
         self.generator = torch.Generator(self.device)  # timesteps and noise, reseeded every step
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="slices")
         self._prefetched: tuple[int, Future] | None = None
         self.step = 0
         self.wall = 0.0
-        self.net: torch.nn.Module = self.model
-        if self.world > 1:
-            self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        if config["compile"]:
-            self.net = torch.compile(self.net)
+        self.net = self._wrap(self.model)
         if resume:
             self._load()
         elif (self.out / CHECKPOINT).exists():
             raise InputError(f"{self.out} already holds a run: pass --resume to continue it or choose another --out")
 
+    def _build(self) -> None:
+        """The network, its EMA copy, the optimiser, the diffusion and the timestep sampler."""
+        config = self.config
+        self.model = self._place(lambda: create_model(model_config(config, self.train_data.image_size)), "network")
+        self.diffusion = create_diffusion(diffusion_config(config))
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"],
+                                           weight_decay=config["weight_decay"])
+        limit = config["max_timestep"] or self.diffusion.num_timesteps
+        if not 0 < limit <= self.diffusion.num_timesteps or config["sample_start_timestep"] >= limit:
+            raise InputError(f"max_timestep {config['max_timestep']} must lie in 1..{self.diffusion.num_timesteps} "
+                             f"and exceed sample_start_timestep {config['sample_start_timestep']}")
+        self.timesteps = make_timestep_sampler(config["timestep_sampler"], limit)
+
+    def _place(self, build: Callable[[], torch.nn.Module], what: str) -> torch.nn.Module:
+        """``build()`` on the device (channels_last if asked); InputError when its options do not fit the slices."""
+        try:
+            module = build().to(self.device)
+        except ValueError as exc:
+            raise InputError(f"{what} options do not fit the {self.train_data.image_size} px slices of "
+                             f"{self.config['data']}: {exc}") from None
+        return module.to(memory_format=torch.channels_last) if self.config["channels_last"] else module
+
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module as the training step calls it: in DistributedDataParallel under torchrun, compiled if asked."""
+        net = module
+        if self.world > 1:
+            net = DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.config["compile"] else net
+
     # --- checkpoints ------------------------------------------------------------------------------------
 
+    def _stateful(self) -> dict[str, Any]:
+        """The objects (with ``state_dict``/``load_state_dict``) a checkpoint holds, by key."""
+        return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scaler": self.scaler,
+                "timesteps": self.timesteps}
+
     def _state(self) -> dict[str, Any]:
-        return {
-            "step": self.step, "wall": self.wall, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "precision": self.precision, "world_size": self.world,
-            "timesteps": self.timesteps.state_dict(), "config": json.dumps(self.config),
-        }
+        return {key: value.state_dict() for key, value in self._stateful().items()} | {
+            "step": self.step, "wall": self.wall, "precision": self.precision, "world_size": self.world,
+            "config": json.dumps(self.config)}
 
     def save_checkpoint(self) -> None:
         """Write checkpoint.pt atomically (temp file + rename); rank 0 only."""
@@ -322,17 +369,14 @@ class Trainer:
         except Exception as exc:  # torch raises many types for a damaged file
             raise InputError(f"--resume: {path} cannot be read ({type(exc).__name__}); it may be damaged") from None
         saved = json.loads(state["config"])
-        changed = [k for k in RESUME_FIXED if saved.get(k) != self.config[k]]
+        changed = [k for k in self.RESUME_FIXED if saved.get(k) != self.config[k]]
         if changed:
             raise InputError(f"--resume: {', '.join(changed)} differ from the saved run in {path}")
         if state.get("precision") != self.precision:  # the grad-scaler state exists for fp16 only
             raise InputError(f"--resume: the run in {path} trained in {state.get('precision')}, this one would use "
                              f"{self.precision}: pass --precision {state.get('precision')}")
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.timesteps.load_state_dict(state["timesteps"])
+        for key, value in self._stateful().items():
+            value.load_state_dict(state[key])
         self.step, self.wall = int(state["step"]), float(state["wall"])
 
     # --- training ---------------------------------------------------------------------------------------
@@ -351,6 +395,12 @@ class Trainer:
         self._prefetched = (self.step + 1, self._loader.submit(self._load_slices, self.step + 1))
         return images.to(self.device, non_blocking=True), classes.to(self.device, non_blocking=True)
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast to the run's precision, or nothing for fp32."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimisation step on this rank's batch; returns the batch-mean losses (device tensors: reading them
         waits for the GPU, so the loop does that on logging steps only)."""
@@ -365,9 +415,7 @@ class Trainer:
         self.generator.manual_seed(seed)
         t, weights = self.timesteps.sample(len(images), self.generator)
         noise = torch.randn(images.shape, generator=self.generator, device=self.device)
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
+        with self._autocast():
             losses = self.diffusion.training_losses(self.net, images, t, inputs, noise)
         self.timesteps.update(t, losses["loss"])
         loss = (losses["loss"].float() * weights).mean()
@@ -399,7 +447,7 @@ class Trainer:
         ) as bar:
             log = csv.writer(log_file)
             if new_log:
-                log.writerow(["step", "loss", "mse", "vb", "grad_norm", "lr", "it_per_s", "wall_s"])
+                log.writerow(["step", *self.LOG_KEYS, "lr", "it_per_s", "wall_s"])
             tic, since = time.perf_counter(), self.step
             while self.step < cfg["iterations"]:
                 metrics = self.train_step()
@@ -410,10 +458,10 @@ class Trainer:
                     self.wall += now - tic
                     rate = (self.step - since) / max(now - tic, 1e-9)
                     tic, since = now, self.step
-                    log.writerow([self.step, *(f"{metrics[k]:.6g}" for k in ("loss", "mse", "vb", "grad_norm")),
+                    log.writerow([self.step, *(f"{metrics[k]:.6g}" for k in self.LOG_KEYS),
                                   cfg["lr"], f"{rate:.4g}", f"{self.wall:.1f}"])
                     log_file.flush()
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    bar.set_postfix({k: f"{metrics[k]:.4f}" for k in self.LOG_KEYS[:2]})
                     if writer is not None:
                         for key, value in metrics.items():
                             writer.add_scalar(f"train/{key}", value, self.step)
@@ -437,19 +485,21 @@ class Trainer:
                           class_means=self.class_means, device=self.device)
         return path
 
+    def training_summary(self) -> dict[str, Any]:
+        """The model card's ``training`` record: length, batch, precision, data, hardware, time."""
+        hardware = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        return {"iterations": self.step, "batch_size": self.config["batch_size"], "batch_per_rank": self.rank_batch,
+                "precision": self.precision, "lr": self.config["lr"], "data": str(self.config["data"]),
+                "train_slices": len(self.train_data), "hardware": f"{hardware} x{self.world}",
+                "wall_time_s": round(self.wall, 1), "ema_rate": self.config["ema_rate"]}
+
     def export(self) -> Path:
         """EMA weights -> OUT/model (safetensors + config.json), with the training summary and class means."""
         target = self.out / "model"
-        hardware = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
         extra = {
             "description": f"{self.config['conditioning']} model trained with CTSemanticSynth training/train.py",
             "class_means": self.class_means,
-            "training": {"iterations": self.step, "batch_size": self.config["batch_size"],
-                         "batch_per_rank": self.rank_batch, "precision": self.precision, "lr": self.config["lr"],
-                         "data": str(self.config["data"]), "train_slices": len(self.train_data),
-                         "hardware": f"{hardware} x{self.world}", "wall_time_s": round(self.wall, 1),
-                         "ema_rate": self.config["ema_rate"],
-                         "timesteps_trained": self.timesteps.num_timesteps},
+            "training": self.training_summary() | {"timesteps_trained": self.timesteps.num_timesteps},
         }
         start, steps = self.config["sample_start_timestep"], self.config["sample_steps"]
         if start:  # the model was made to sample from the noised class-mean prior: every preset starts there
@@ -471,22 +521,24 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parse: Callable[[list[str] | None], tuple[dict[str, Any], Any]] = parse_config,
+         trainer_class: type[Trainer] = Trainer, prog: str = "train") -> int:
+    """Parse, train (or ``--export-only``) and export; ``prog: error: ...`` and exit 2 for a user mistake."""
     try:
-        config, args = parse_config(argv)
-        trainer = Trainer(config, resume=args.resume or args.export_only)
+        config, args = parse(argv)
+        trainer = trainer_class(config, resume=args.resume or args.export_only)
         model_dir = trainer.export() if args.export_only else trainer.run()
     except CTSynthError as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("train: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
+        print(f"{prog}: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if trainer.rank == 0:
-        print(f"train: exported {model_dir}", file=sys.stderr)
+        print(f"{prog}: exported {model_dir}", file=sys.stderr)
     return 0
 
 

@@ -552,7 +552,8 @@ class SynthesisLogic:
     def modelSummary(config: dict) -> str:
         """Two lines for the panel: name, conditioning, size, classes; sha256."""
         net = config["model"]
-        return (f"{config.get('name', '?')} ({net['conditioning']}, {net['image_size']}x{net['image_size']}), "
+        kind = net["conditioning"] if "conditioning" in net else net["method"]  # a diffusion model or a generator
+        return (f"{config.get('name', '?')} ({kind}, {net['image_size']}x{net['image_size']}), "
                 f"{len(config['classes']) - 1} classes\nsha256 {config['sha256'][:16]}...")
 
     # --- reader study ------------------------------------------------------------------------------------------

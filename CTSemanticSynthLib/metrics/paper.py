@@ -41,7 +41,7 @@ PAPER_RESULTS: dict[str, dict[str, Any]] = {
 """Table 2 by method; ``dice`` in %, ``dice_mean`` is the mean of the 14 published columns (not in the paper)."""
 
 PAPER_METHOD_FOR_CONDITIONING = {"concat": "Conditional DDPM", "mask_encoder": "Mask-guided DDPM",
-                                 "edge": "Edge-guided DDPM"}
+                                 "edge": "Edge-guided DDPM", "pix2pix": "Pix2Pix", "spade": "SPADE", "oasis": "OASIS"}
 
 
 def _num(value: Any, digits: int) -> str:
