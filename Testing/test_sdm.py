@@ -118,6 +118,16 @@ def test_label_dropout_zeroes_some_training_conditions(amos_cache, tmp_path):
         assert (3 <= dropped <= 21) if expect_dropped else dropped == 0
 
 
+def _labels(amos_cache: Path) -> Path:
+    return amos_cache.parent / "amos" / "labelsTr" / "amos_0001.nii.gz"
+
+
+def _synth(amos_cache: Path, model: Path, out: Path, *extra: str) -> int:
+    """``ctsynth synth`` of a fake AMOS label volume: 2 DDIM steps, every slice in one chunk."""
+    return ctsynth(["synth", "--seg", str(_labels(amos_cache)), "--out", str(out), "--model", str(model), "--steps",
+                    "2", "--labels", "totalseg", "--device", "cpu", "--batch-size", "32", "-q", *extra])
+
+
 def test_train_export_and_synthesize(amos_cache, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(amos_cache, out, *SDM_FLAGS, "--label-dropout", "0.2", "--guidance-scale", "1.5",
@@ -133,13 +143,9 @@ def test_train_export_and_synthesize(amos_cache, tmp_path, capsys):
     assert isinstance(loaded.model, SDMModel) and loaded.conditioning == "spade"
     assert loaded.config["model"]["label_dropout"] == 0.2 and loaded.config["model"]["guidance_scale"] == 1.5
 
-    seg = amos_cache.parent / "amos" / "labelsTr" / "amos_0001.nii.gz"
     syn = tmp_path / "syn.nii.gz"
-    capsys.readouterr()
-    code = ctsynth(["synth", "--seg", str(seg), "--out", str(syn), "--model", str(out / "model"), "--steps", "2",
-                    "--labels", "totalseg", "--device", "cpu", "--batch-size", "32", "-q"])
-    assert code == 0, capsys.readouterr().err
-    result, labels = nib.load(syn), nib.load(seg)
+    assert _synth(amos_cache, out / "model", syn) == 0, capsys.readouterr().err
+    result, labels = nib.load(syn), nib.load(_labels(amos_cache))
     assert result.shape == labels.shape
     np.testing.assert_allclose(result.affine, labels.affine, atol=1e-5)
     body = np.asarray(result.dataobj)[np.asarray(labels.dataobj) > 0]
@@ -190,22 +196,18 @@ def _sdm_folder(folder: Path, label_dropout: float) -> Path:
 
 
 def test_guidance_changes_the_volume_and_needs_label_dropout(amos_cache, tmp_path, capsys):
-    seg = amos_cache.parent / "amos" / "labelsTr" / "amos_0001.nii.gz"
     guided_model = _sdm_folder(tmp_path / "cfg", 0.2)
     volumes = {}
     for guidance in ("0", "2"):
         out = tmp_path / f"g{guidance}.nii.gz"
-        code = ctsynth(["synth", "--seg", str(seg), "--out", str(out), "--model", str(guided_model), "--steps", "2",
-                        "--labels", "totalseg", "--device", "cpu", "--batch-size", "32", "--guidance", guidance, "-q"])
-        assert code == 0, capsys.readouterr().err
+        assert _synth(amos_cache, guided_model, out, "--guidance", guidance) == 0, capsys.readouterr().err
         volumes[guidance] = np.asarray(nib.load(out).dataobj)
     assert not np.array_equal(volumes["0"], volumes["2"])
 
     plain = _sdm_folder(tmp_path / "plain", 0.0)
     capsys.readouterr()
     out = tmp_path / "refused.nii.gz"
-    code = ctsynth(["synth", "--seg", str(seg), "--out", str(out), "--model", str(plain), "--guidance", "1.5",
-                    "--labels", "totalseg", "--device", "cpu", "-q"])
+    code = _synth(amos_cache, plain, out, "--guidance", "1.5")
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "--guidance 1.5 needs a model trained with label dropout" in err and "'plain'" in err
