@@ -118,6 +118,16 @@ def test_label_dropout_zeroes_some_training_conditions(amos_cache, tmp_path):
         assert (3 <= dropped <= 21) if expect_dropped else dropped == 0
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--architecture", "sdm"], "conditioning must be one of spade for architecture sdm, got 'concat'"),
+    ([*SDM_FLAGS, "--label-dropout", "1"], "label_dropout must be a number in [0, 1)"),
+    ([*SDM_FLAGS, "--guidance-scale", "1.5"], "guidance_scale > 0 needs label_dropout > 0"),
+])
+def test_bad_sdm_training_flag_is_one_line(amos_cache, tmp_path, capsys, flags, needle):
+    test_training.test_error_bad_training_flag_is_one_line_and_makes_no_folder(amos_cache, tmp_path, capsys, flags,
+                                                                                needle)
+
+
 def _labels(amos_cache: Path) -> Path:
     return amos_cache.parent / "amos" / "labelsTr" / "amos_0001.nii.gz"
 
