@@ -124,6 +124,7 @@ def test_label_dropout_zeroes_some_training_conditions(amos_cache, tmp_path):
     ([*SDM_FLAGS, "--guidance-scale", "1.5"], "guidance_scale > 0 needs label_dropout > 0"),
 ])
 def test_bad_sdm_training_flag_is_one_line(amos_cache, tmp_path, capsys, flags, needle):
+    flags = [*flags, "--iterations", "1", "--sample-every", "0"]  # quick to fail if the flag were accepted
     test_training.test_error_bad_training_flag_is_one_line_and_makes_no_folder(amos_cache, tmp_path, capsys, flags,
                                                                                 needle)
 
