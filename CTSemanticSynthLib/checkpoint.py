@@ -37,6 +37,8 @@ FORMAT_VERSION = 1
 DEFAULT_MODEL = "demo"
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "Resources" / "models"
 KINDS = ("diffusion", "generator")
+LATER_MODEL_KEYS = {"architecture", "label_dropout", "guidance_scale"}
+"""Model keys newer than format version 1: absent from older folders, whose models their defaults describe."""
 
 
 @dataclass
@@ -188,7 +190,8 @@ def _check_config(config: dict[str, Any]) -> None:
 def _check_diffusion_model(config: dict[str, Any]) -> None:
     model = _field(config, "model", dict)
     for key in model_defaults():  # save_model writes every key: a missing one would silently become a default
-        _field(model, key, object, "model.")
+        if key not in LATER_MODEL_KEYS:
+            _field(model, key, object, "model.")
     try:
         resolve_config(**model)
     except (TypeError, ValueError) as exc:

@@ -153,6 +153,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-correlation", type=float, default=None, metavar="RHO",
                         help="share this fraction (0..1) of the noise with the neighbouring slices, for volumes "
                              "that agree from slice to slice (default 0; see docs/consistency.md)")
+    parser.add_argument("--guidance", type=float, default=None, metavar="S",
+                        help="classifier-free guidance scale s (models trained with label dropout, e.g. SDM; default: "
+                             "the model's; 0: plain conditional; each step then evaluates the network twice)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (and their .json)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
@@ -259,7 +262,8 @@ def _sampling_setup(args: argparse.Namespace) -> tuple[torch.device, str, Path, 
     precision = select_precision(args.precision, device)
     model_folder = resolve_model_path(args.model)
     options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
-                             seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation)
+                             seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation,
+                             guidance=args.guidance)
     check_convention(args.labels)
     return device, precision, model_folder, options
 

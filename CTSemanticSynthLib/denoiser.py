@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .device import autocast_dtype
 from .errors import Cancelled
-from .preprocess import condition_inputs
+from .preprocess import condition_inputs, drop_condition
 
 FEATURE_CACHE_BYTES = 2 * 1024**3
 """Largest total size of cached condition-encoder features; beyond it they are recomputed each step."""
@@ -28,7 +28,8 @@ class VolumeDenoiser:
     (N, S, S), computed ``batch_size`` slices at a time under ``precision``.
 
     ``cancel()`` is polled before each chunk (raises :class:`Cancelled`); ``progress(evaluated)`` gets the number of
-    slice evaluations done so far. ``finite`` turns False once any output is NaN or infinite (read it after the
+    slice evaluations done so far. ``guidance`` s != 0 is classifier-free guidance (for models trained with label
+    dropout): every chunk is evaluated with and without its labels, see :meth:`evaluate`. ``finite`` turns False once any output is NaN or infinite (read it after the
     loop: reading it inside would make a GPU wait every step).
     """
 
@@ -41,6 +42,7 @@ class VolumeDenoiser:
         batch_size: int | None = None,
         device: torch.device,
         precision: str = "fp32",
+        guidance: float = 0.0,
         cancel: Callable[[], bool] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
@@ -50,6 +52,7 @@ class VolumeDenoiser:
         self.batch_size = len(classes) if batch_size is None else max(1, int(batch_size))
         self.device = device
         self.precision = precision
+        self.guidance = guidance
         self.cancel = cancel
         self.progress = progress
         self.evaluated = 0
@@ -87,13 +90,26 @@ class VolumeDenoiser:
             for chunk in self.chunks():
                 if self.cancel is not None and self.cancel():
                     raise Cancelled("cancelled by the user; nothing was written")
-                out = self.network(self.memory_format(x[chunk]), t[chunk], **self.condition(chunk)).float()
+                out = self.evaluate(self.memory_format(x[chunk]), t[chunk], chunk)
                 self.finite = self.finite & torch.isfinite(out).all()  # NaN would become 0 HU; x0 clamps hide inf
                 outputs.append(out)
                 self.evaluated += chunk.stop - chunk.start
                 if self.progress is not None:
                     self.progress(self.evaluated)
         return torch.cat(outputs)
+
+    def evaluate(self, x: Tensor, t: Tensor, chunk: slice) -> Tensor:
+        """The network's float32 output for ``chunk``; with guidance s the prediction channels become
+        ``uncond + (1 + s) (cond - uncond)`` from a second evaluation on the "no label" input (the learned-variance
+        channels stay conditional)."""
+        condition = self.condition(chunk)
+        out = self.network(x, t, **condition).float()
+        if self.guidance:
+            labels = {k: v for k, v in condition.items() if k != "cond_features"}  # the network encodes the null
+            null = drop_condition(labels, torch.zeros(len(x), dtype=torch.bool, device=x.device))
+            uncond, channels = self.network(x, t, **null).float(), x.shape[1]
+            out[:, :channels] = uncond[:, :channels] + (1 + self.guidance) * (out[:, :channels] - uncond[:, :channels])
+        return out
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return precision_autocast(self.device, self.precision)

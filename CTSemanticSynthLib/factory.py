@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .diffusion import GaussianDiffusion
 from .models import UNetModel
+from .models.sdm import SDMModel
 
 
-def create_model(config: dict[str, Any]) -> UNetModel:
-    """Network from its recorded config (``UNetModel(**config)``)."""
-    return UNetModel(**config)
+def create_model(config: dict[str, Any]) -> torch.nn.Module:
+    """Network from its recorded config: ``SDMModel(**config)`` for architecture "sdm", else ``UNetModel(**config)``
+    (which rejects an unknown architecture; configs older than the key mean "unet")."""
+    return (SDMModel if config.get("architecture") == "sdm" else UNetModel)(**config)
 
 
 def create_diffusion(config: dict[str, Any]) -> GaussianDiffusion:

@@ -186,3 +186,9 @@ def condition_inputs(classes: torch.Tensor, conditioning: str) -> dict[str, torc
     if conditioning == "edge":
         inputs["edge"] = semantic_edges(classes)
     return inputs
+
+
+def drop_condition(inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`condition_inputs` with the samples where the (B,) bool ``keep`` is False set to the "no label" input
+    (zeros), which classifier-free guidance trains (label dropout) and samples with."""
+    return {k: v * keep.to(v.dtype).view(-1, *[1] * (v.ndim - 1)) for k, v in inputs.items()}

@@ -50,7 +50,8 @@ given (best Dice, 0.94, against the CT-derived body on the bundled example)."""
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How to sample. ``start_timestep`` < T-1 starts from the noised class-mean prior (SDEdit)."""
+    """How to sample. ``start_timestep`` < T-1 starts from the noised class-mean prior (SDEdit); ``guidance`` s != 0 is
+    classifier-free guidance (models trained with label dropout)."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -59,6 +60,7 @@ class SamplingOptions:
     seed: int = 0
     batch_size: int = 8
     slice_correlation: float = 0.0
+    guidance: float = 0.0
 
 
 DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
@@ -78,7 +80,8 @@ torch's 2**64 limit."""
 
 def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> SamplingOptions:
     """Checked options for a named preset of a model's ``config`` (which may redefine presets under
-    ``sampling_presets``); ``overrides`` that are not None replace the preset's values.
+    ``sampling_presets``); ``overrides`` that are not None replace the preset's values (``guidance`` defaults to the
+    model's ``guidance_scale``).
 
     Cheap (no weights needed): call it before loading the model. Every bad value is an InputError naming it.
     """
@@ -94,6 +97,13 @@ def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> 
         raise InputError(f"--batch-size {options.batch_size} must be at least 1")
     if not 0 <= options.slice_correlation <= 1:
         raise InputError(f"--slice-correlation {options.slice_correlation} is out of range: use 0..1")
+    if overrides.get("guidance") is None:
+        options = replace(options, guidance=float(config["model"].get("guidance_scale", 0.0)))
+    if not 0 <= options.guidance < float("inf"):
+        raise InputError(f"--guidance {options.guidance} is out of range: use a number >= 0 (0: no guidance)")
+    if options.guidance and not config["model"].get("label_dropout"):
+        raise InputError(f"--guidance {options.guidance} needs a model trained with label dropout; model "
+                         f"'{config.get('name', '?')}' was not: use --guidance 0")
     try:
         if config.get("kind", "diffusion") == "diffusion":  # a one-pass generator ignores the sampler options
             options_sampler(options, create_diffusion(config["diffusion"]))
@@ -217,7 +227,7 @@ def synthesize(
             sample = sample_slices(model.model, model.conditioning, sampler, small, active, seed=options.seed,
                                    device=device, batch_size=options.batch_size, prior=prior, precision=precision,
                                    cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
-                                   inpaint=inpaint)
+                                   inpaint=inpaint, guidance=options.guidance)
     except torch.OutOfMemoryError:
         batch = options.batch_size
         raise CTSynthError(
@@ -289,6 +299,7 @@ def sample_slices(
     on_step: Callable[[float], None] | None = None,
     slice_correlation: float = 0.0,
     inpaint: Inpainting | None = None,
+    guidance: float = 0.0,
 ) -> torch.Tensor:
     """Sample the (N, S, S) class slices of one volume together; returns (N, S, S) intensities in [0, 1] on the CPU.
 
@@ -298,8 +309,8 @@ def sample_slices(
     every stochastic step, so a slice's sample does not depend on the batch size; ``slice_correlation`` mixes
     in noise shared with the neighbouring slices (:class:`~.diffusion.slice_noise.SliceNoise`). ``prior`` (per-class
     values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the start (SDEdit).
-    ``precision`` 'bf16'/'fp16' runs the network under autocast with channels_last inputs. ``on_step(fraction)``
-    follows every chunk. Nothing in the loop waits for the device: the finiteness check is read once, at the end.
+    ``guidance`` s != 0 is classifier-free guidance. ``precision`` 'bf16'/'fp16' runs the network under autocast
+    with channels_last inputs. ``on_step(fraction)`` follows every chunk. Nothing in the loop waits for the device: the finiteness check is read once, at the end.
     ``inpaint`` holds a known area to every step (RePaint, :func:`~.diffusion.samplers.repaint.repaint_loop`).
     """
     size = classes.shape[-1]
@@ -311,7 +322,7 @@ def sample_slices(
 
     noise_source = SliceNoise(seed, slice_index, slice_correlation, device=device)
     denoiser = VolumeDenoiser(network, conditioning, classes, batch_size=batch_size, device=device,
-                              precision=precision, cancel=cancel, progress=on_evaluated)
+                              precision=precision, guidance=guidance, cancel=cancel, progress=on_evaluated)
     with torch.inference_mode():
         noise = noise_source.draw((len(slice_index), 1, size, size))
         x = noise if prior is None else sampler.add_noise(prior.to(device)[classes.to(device).long()][:, None], 0,

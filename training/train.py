@@ -44,7 +44,7 @@ from CTSemanticSynthLib.factory import create_diffusion, create_model
 from CTSemanticSynthLib.io import atomic_outputs
 from CTSemanticSynthLib.models import model_defaults
 from CTSemanticSynthLib.models.config import resolve_config
-from CTSemanticSynthLib.preprocess import condition_inputs
+from CTSemanticSynthLib.preprocess import condition_inputs, drop_condition
 from CTSemanticSynthLib.synthesis import MAX_SEED
 
 from .dataset import SliceCache, model_batch
@@ -415,6 +415,9 @@ class Trainer:
         self.generator.manual_seed(seed)
         t, weights = self.timesteps.sample(len(images), self.generator)
         noise = torch.randn(images.shape, generator=self.generator, device=self.device)
+        if cfg["label_dropout"]:  # drawn after the noise, so runs without label dropout keep their streams
+            keep = torch.rand(len(images), generator=self.generator, device=self.device) >= cfg["label_dropout"]
+            inputs = drop_condition(inputs, keep)
         with self._autocast():
             losses = self.diffusion.training_losses(self.net, images, t, inputs, noise)
         self.timesteps.update(t, losses["loss"])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 CONDITIONINGS = ("concat", "mask_encoder", "edge")
+ARCHITECTURES = {"unet": CONDITIONINGS, "sdm": ("spade",)}
+"""Networks (``architecture``) and the conditionings each accepts: SDM feeds the mask to SPADE norms only."""
 
 
 def model_defaults() -> dict[str, Any]:
@@ -13,9 +16,13 @@ def model_defaults() -> dict[str, Any]:
     `attention_resolutions` are downsample factors (improved-diffusion's `UNetModel` convention):
     at 256 px, (16, 32) puts attention at the 16 x 16 and 8 x 8 feature maps. `encoder_channels`
     is the base width of the separate condition encoder ("mask_encoder" and "edge" only); None
-    resolves to half of `model_channels`.
+    resolves to half of `model_channels`. `architecture` "sdm" is the semantic diffusion model
+    (`models/sdm.py`, conditioning "spade"). `label_dropout` is the fraction of training samples whose
+    condition was replaced by the "no label" input (zeros), which classifier-free guidance needs;
+    `guidance_scale` is the guidance the model is sampled with by default (0: plain conditional).
     """
     return {
+        "architecture": "unet",
         "image_size": 256,
         "in_channels": 1,
         "out_channels": 2,
@@ -31,6 +38,8 @@ def model_defaults() -> dict[str, Any]:
         "conv_resample": True,
         "encoder_channels": None,
         "use_checkpoint": False,
+        "label_dropout": 0.0,
+        "guidance_scale": 0.0,
     }
 
 
@@ -55,6 +64,12 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"model config: {name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def resolve_config(**kwargs: Any) -> dict[str, Any]:
     """Fill defaults, check every value, and return the config with lists (JSON round-trips).
 
@@ -66,9 +81,15 @@ def resolve_config(**kwargs: Any) -> dict[str, Any]:
         raise ValueError(f"model config: unknown option(s) {', '.join(unknown)}; known: {', '.join(cfg)}")
     cfg.update(kwargs)
 
-    if cfg["conditioning"] not in CONDITIONINGS:
+    if cfg["architecture"] not in ARCHITECTURES:
         raise ValueError(
-            f"model config: conditioning must be one of {', '.join(CONDITIONINGS)}, got {cfg['conditioning']!r}"
+            f"model config: architecture must be one of {', '.join(ARCHITECTURES)}, got {cfg['architecture']!r}"
+        )
+    conditionings = ARCHITECTURES[cfg["architecture"]]
+    if cfg["conditioning"] not in conditionings:
+        raise ValueError(
+            f"model config: conditioning must be one of {', '.join(conditionings)} for architecture "
+            f"{cfg['architecture']}, got {cfg['conditioning']!r}"
         )
     for key in ("image_size", "in_channels", "out_channels", "num_classes", "model_channels",
                 "num_res_blocks", "num_heads"):
@@ -78,10 +99,15 @@ def resolve_config(**kwargs: Any) -> dict[str, Any]:
     cfg["encoder_channels"] = _positive_int("encoder_channels", cfg["encoder_channels"])
     for key in ("use_scale_shift_norm", "conv_resample", "use_checkpoint"):
         cfg[key] = _flag(key, cfg[key])
-    dropout = cfg["dropout"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"model config: dropout must be a number in [0, 1), got {dropout!r}")
-    cfg["dropout"] = float(dropout)
+    for key in ("dropout", "label_dropout"):
+        cfg[key] = _fraction(key, cfg[key])
+    guidance = cfg["guidance_scale"]
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
+        raise ValueError(f"model config: guidance_scale must be a finite number >= 0, got {guidance!r}")
+    cfg["guidance_scale"] = float(guidance)
+    if guidance and not cfg["label_dropout"]:
+        raise ValueError("model config: guidance_scale > 0 needs label_dropout > 0 (classifier-free guidance "
+                         "needs a model trained without labels some of the time)")
 
     mult = cfg["channel_mult"] = _positive_ints("channel_mult", cfg["channel_mult"], allow_empty=False)
     attn = cfg["attention_resolutions"] = list(

@@ -34,6 +34,8 @@ class UNetModel(nn.Module):
     def __init__(self, **config: Any) -> None:
         super().__init__()
         cfg = self.config = resolve_config(**config)
+        if cfg["architecture"] != "unet":
+            raise ValueError(f"UNetModel builds architecture 'unet', not {cfg['architecture']!r} (use factory.create_model)")
         mc, mult, nrb = cfg["model_channels"], cfg["channel_mult"], cfg["num_res_blocks"]
         attn, heads, ckpt = set(cfg["attention_resolutions"]), cfg["num_heads"], cfg["use_checkpoint"]
         emb_dim = 4 * mc
