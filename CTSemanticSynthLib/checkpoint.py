@@ -155,7 +155,7 @@ def _check_config(config: dict[str, Any]) -> None:
     except (TypeError, ValueError) as exc:
         raise _FieldError(f"field 'model': {exc}") from None
     diffusion = _field(config, "diffusion", dict)
-    unknown = sorted(set(diffusion) - set(diffusion_defaults()) - {"betas", "use_timesteps"})
+    unknown = sorted(set(diffusion) - set(diffusion_defaults()) - {"betas"})
     if unknown:
         raise _FieldError(f"field 'diffusion' has unknown key(s) {', '.join(unknown)}")
     for key, default in diffusion_defaults().items():
@@ -200,11 +200,8 @@ def load_model(spec: str | Path | None, device: str | torch.device = "cpu") -> L
             f"{weights} is corrupt or was replaced: sha256 {digest[:12]}... but config.json says "
             f"{str(config['sha256'])[:12]}...; re-copy the model folder"
         )
-    try:
-        model = create_model(config["model"])
-        diffusion = create_diffusion(config["diffusion"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{folder / CONFIG_NAME} describes an invalid model: {exc}") from None
+    model = create_model(config["model"])  # read_config has built both configs once: they are valid
+    diffusion = create_diffusion(config["diffusion"])
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:

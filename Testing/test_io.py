@@ -160,6 +160,16 @@ def test_float_labelmap_with_integer_values_is_accepted(tmp_path):
     np.testing.assert_array_equal(back.array, labels.array)
 
 
+@pytest.mark.parametrize("top, dtype", [(255, np.uint8), (256, np.int16), (32767, np.int16), (32768, np.int32)])
+def test_labelmap_gets_the_smallest_type_that_holds_its_labels(tmp_path, top, dtype):
+    labels = np.zeros((3, 3, 3), np.int32)
+    labels[1, 1, 1] = top
+    io.write_volume(Volume(labels, np.eye(4)), tmp_path / "seg.nrrd")
+    back, _ = io.read_labelmap(tmp_path / "seg.nrrd")
+    assert back.array.dtype == dtype
+    np.testing.assert_array_equal(back.array, labels)
+
+
 # --- metadata ------------------------------------------------------------------------------------------
 
 
