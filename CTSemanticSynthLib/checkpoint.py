@@ -159,10 +159,7 @@ def _check_config(config: dict[str, Any]) -> None:
     if unknown:
         raise _FieldError(f"field 'diffusion' has unknown key(s) {', '.join(unknown)}")
     for key, default in diffusion_defaults().items():
-        if default is None:
-            _field(diffusion, key, object, "diffusion.")
-        else:
-            _field(diffusion, key, (int, float) if isinstance(default, float) else type(default), "diffusion.")
+        _field(diffusion, key, (int, float) if isinstance(default, float) else type(default), "diffusion.")
     try:
         create_diffusion(diffusion)
     except (TypeError, ValueError) as exc:

@@ -132,9 +132,15 @@ BAD_CONFIGS = [
     (lambda c: c.pop("sha256"), "field 'sha256' is missing"),
     (lambda c: c.update(sha256=12), "field 'sha256' must be a string"),
     (lambda c: c.update(sha256=c["sha256"].upper()), "field 'sha256' must be 64 lower-case hex digits"),
+    (lambda c: c.update(sha256=c["sha256"][:-1] + "X"), "field 'sha256' must be 64 lower-case hex digits"),
     (lambda c: c.pop("window"), "field 'window' is missing"),
     (lambda c: c["window"].update(level=None), "field 'window.level' must be a number"),
     (lambda c: c.update(class_means=[0.5] * 3), "field 'class_means'"),
+    (lambda c: c.update(class_means=[0.5] * 16 + [1.01]), "field 'class_means'"),
+    (lambda c: c.update(class_means=[-0.01] + [0.5] * 16), "field 'class_means'"),
+    (lambda c: c.update(class_means=[True] + [0.5] * 16), "field 'class_means'"),
+    (lambda c: c.update(class_means=["0.5"] * 17), "field 'class_means'"),
+    (lambda c: c.update(class_means="0.5"), "field 'class_means'"),
     (lambda c: c.update(sampling_presets={"fast": {"sampler": "ddim", "stepz": 5}}),
      "field 'sampling_presets.fast' has unknown key.*stepz"),
     (lambda c: c.update(sampling_presets={"fast": {"steps": "many"}}), "field 'sampling_presets.fast.steps'"),
@@ -161,6 +167,17 @@ def test_garbage_weights_and_bad_configs(tmp_path: Path):
     (folder / CONFIG_NAME).write_text("{")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(folder)
+
+
+def test_optional_and_integer_fields_are_accepted(tmp_path: Path):
+    # class means are optional; a float field may hold an integer (JSON written by hand)
+    means = [0, 1] + [0.5] * (len(MODEL_CLASSES) - 2)  # both ends of 0..1 included
+    folder = make_model_folder(tmp_path / "m", class_means=means)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["diffusion"]["vlb_weight"] = 1
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    loaded = load_model(folder)
+    assert loaded.config["class_means"] == means and loaded.diffusion.config["vlb_weight"] == 1
 
 
 def test_weights_with_nan_or_inf_are_refused(tmp_path: Path):
