@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 from pathlib import Path
 
@@ -487,6 +488,28 @@ def test_truncated_file_is_refused(real_files, tmp_path, key, keep):
 
 def _read(path: Path) -> Volume:
     return io.read_labelmap(path)[0] if "seg" in path.name else io.read_image(path)
+
+
+@pytest.mark.parametrize("layout", ["two gzip members", "zero padding", "one byte short"])
+def test_gzip_members_and_padding_are_counted(tmp_path, layout):
+    # the data of a .nii.gz may span several gzip members and be followed by zeros; only missing bytes are refused
+    raw = nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), np.eye(4)).to_bytes()
+    path = tmp_path / "x.nii.gz"
+    path.write_bytes({"two gzip members": gzip.compress(raw[:200]) + gzip.compress(raw[200:]),
+                      "zero padding": gzip.compress(raw) + bytes(64),
+                      "one byte short": gzip.compress(raw[:-1])}[layout])
+    if layout == "one byte short":  # an intact stream that holds less than the header promises
+        with pytest.raises(InputError, match=rf"truncated \({len(raw) - 1} of the {len(raw)} bytes"):
+            io.verify_complete(path)
+    else:
+        io.verify_complete(path)
+
+
+def test_label_above_int32_is_refused(tmp_path):
+    img = sitk.GetImageFromArray(np.full((2, 2, 2), 2**31, np.uint32))
+    sitk.WriteImage(img, str(tmp_path / "seg.nrrd"))
+    with pytest.raises(InputError, match=f"seg.nrrd has label {2**31}, above the supported maximum"):
+        io.read_labelmap(tmp_path / "seg.nrrd")
 
 
 @pytest.mark.parametrize("key", ["seg.nii.gz", "ct.nii.gz", "ct.nrrd", "ct.mha"])
