@@ -490,15 +490,20 @@ def _read(path: Path) -> Volume:
     return io.read_labelmap(path)[0] if "seg" in path.name else io.read_image(path)
 
 
-@pytest.mark.parametrize("layout", ["two gzip members", "zero padding", "one byte short"])
+@pytest.mark.parametrize("layout", ["two gzip members", "zero padding", "one byte short", "nrrd one byte short"])
 def test_gzip_members_and_padding_are_counted(tmp_path, layout):
     # the data of a .nii.gz may span several gzip members and be followed by zeros; only missing bytes are refused
-    raw = nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), np.eye(4)).to_bytes()
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    header, raw = b"", nib.Nifti1Image(array, np.eye(4)).to_bytes()
     path = tmp_path / "x.nii.gz"
-    path.write_bytes({"two gzip members": gzip.compress(raw[:200]) + gzip.compress(raw[200:]),
-                      "zero padding": gzip.compress(raw) + bytes(64),
-                      "one byte short": gzip.compress(raw[:-1])}[layout])
-    if layout == "one byte short":  # an intact stream that holds less than the header promises
+    if layout.startswith("nrrd"):  # a gzip NRRD: the header's byte count is not part of the data
+        path = tmp_path / "x.nrrd"
+        io.write_volume(Volume(array, np.eye(4)), path)
+        header, _, data = path.read_bytes().partition(b"\n\n")
+        header, raw = header + b"\n\n", gzip.decompress(data)
+    path.write_bytes(header + {"two gzip members": gzip.compress(raw[:200]) + gzip.compress(raw[200:]),
+                               "zero padding": gzip.compress(raw) + bytes(64)}.get(layout, gzip.compress(raw[:-1])))
+    if layout.endswith("one byte short"):  # an intact stream that holds less than the header promises
         with pytest.raises(InputError, match=rf"truncated \({len(raw) - 1} of the {len(raw)} bytes"):
             io.verify_complete(path)
     else:
