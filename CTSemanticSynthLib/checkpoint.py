@@ -197,14 +197,11 @@ def _check_diffusion_model(config: dict[str, Any]) -> None:
     except (TypeError, ValueError) as exc:
         raise _FieldError(f"field 'model': {exc}") from None
     diffusion = _field(config, "diffusion", dict)
-    unknown = sorted(set(diffusion) - set(diffusion_defaults()) - {"betas", "use_timesteps"})
+    unknown = sorted(set(diffusion) - set(diffusion_defaults()) - {"betas"})
     if unknown:
         raise _FieldError(f"field 'diffusion' has unknown key(s) {', '.join(unknown)}")
     for key, default in diffusion_defaults().items():
-        if default is None:
-            _field(diffusion, key, object, "diffusion.")
-        else:
-            _field(diffusion, key, (int, float) if isinstance(default, float) else type(default), "diffusion.")
+        _field(diffusion, key, (int, float) if isinstance(default, float) else type(default), "diffusion.")
     try:
         create_diffusion(diffusion)
     except (TypeError, ValueError) as exc:

@@ -121,7 +121,7 @@ def body_mask_from_ct(stack_hu: np.ndarray, threshold_hu: float = BODY_THRESHOLD
 
     def one(s: np.ndarray) -> np.ndarray:
         s = ndimage.binary_opening(s, structure=structure, iterations=2)
-        return ndimage.binary_fill_holes(_largest_component(s)) if s.any() else s
+        return ndimage.binary_fill_holes(_largest_component(s))
 
     return _per_slice(np.asarray(stack_hu) > threshold_hu, one)
 

@@ -1,13 +1,23 @@
 """Model folders: save/load round trip, hash and config validation, lookup, refusal of pickles."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from CTSemanticSynthLib.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, resolve_model_path, save_model
+from CTSemanticSynthLib import __version__
+from CTSemanticSynthLib.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    list_models,
+    load_model,
+    resolve_model_path,
+    save_model,
+)
 from CTSemanticSynthLib.errors import CheckpointError, OutputExistsError
 from CTSemanticSynthLib.labels import MODEL_CLASSES
 
@@ -19,7 +29,9 @@ def test_round_trip_gives_identical_outputs(tmp_path: Path, conditioning):
     folder = make_model_folder(tmp_path / "m", conditioning)
     config = json.loads((folder / CONFIG_NAME).read_text())
     assert config["classes"] == list(MODEL_CLASSES) and config["model"]["conditioning"] == conditioning
+    assert config["library_version"] == __version__  # provenance: which ctsynth wrote the folder
     loaded = load_model(folder)
+    assert loaded.name == f"tiny-{conditioning}"  # the saved name, not the folder's
     assert loaded.sha256 == config["sha256"] and len(loaded.sha256) == 64
     rebuilt = make_model_folder(tmp_path / "again", conditioning)  # same seed -> same weights
     again = load_model(rebuilt)
@@ -47,7 +59,7 @@ def test_save_refuses_existing_folder(tmp_path: Path):
     folder = make_model_folder(tmp_path / "m")
     before = (folder / WEIGHTS_NAME).read_bytes()
     loaded = load_model(folder)
-    with pytest.raises(OutputExistsError):
+    with pytest.raises(OutputExistsError, match=f"{folder} exists"):
         save_model(folder, loaded.model, loaded.diffusion, name="x")
     assert (folder / WEIGHTS_NAME).read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folder left behind
@@ -62,14 +74,42 @@ def test_corrupt_weights_are_refused(tmp_path: Path):
         load_model(folder)
 
 
+def _rehash(folder: Path) -> None:
+    """Record the current weights' hash in config.json, so that only the weights' content is wrong."""
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["sha256"] = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+
+
 def test_weights_from_another_architecture_are_refused(tmp_path: Path):
     folder = make_model_folder(tmp_path / "a", "concat")
     other = make_model_folder(tmp_path / "b", "mask_encoder")
     shutil.copy(other / WEIGHTS_NAME, folder / WEIGHTS_NAME)
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    config["sha256"] = json.loads((other / CONFIG_NAME).read_text())["sha256"]
-    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    _rehash(folder)
     with pytest.raises(CheckpointError, match="do not match its config.json"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda state: state.pop("out.2.bias"), "1 missing .e.g. out.2.bias"),
+    (lambda state: state.update(extra=torch.zeros(2)), "1 unexpected .e.g. extra"),
+    (lambda state: state.update({"out.2.bias": torch.zeros(3)}), r"1 with other shapes .e.g. out.2.bias: \(3,\)"),
+])
+def test_each_kind_of_weight_mismatch_is_refused(tmp_path: Path, change, problem):
+    folder = make_model_folder(tmp_path / "m")
+    state = load_file(folder / WEIGHTS_NAME)
+    assert "out.2.bias" in state
+    change(state)
+    save_file(state, folder / WEIGHTS_NAME)
+    _rehash(folder)
+    with pytest.raises(CheckpointError, match=problem):
+        load_model(folder)
+
+
+def test_missing_weights_file_is_named(tmp_path: Path):
+    folder = make_model_folder(tmp_path / "m")
+    (folder / WEIGHTS_NAME).unlink()
+    with pytest.raises(CheckpointError, match=f"has no {WEIGHTS_NAME}"):
         load_model(folder)
 
 
@@ -77,7 +117,7 @@ BAD_CONFIGS = [
     (lambda c: c.update(classes=c["classes"][:-1]), "field 'classes'"),
     (lambda c: c.update(format_version=99), "field 'format_version' is 99.*upgrade ctsynth"),
     (lambda c: c.update(format_version="1"), "field 'format_version' must be a number"),
-    (lambda c: c.update(format_version=0), "field 'format_version' is 0"),
+    (lambda c: c.update(format_version=0), "field 'format_version' is 0(?!.*upgrade)"),  # too old: no "upgrade"
     (lambda c: c["model"].update(conditioning="spade"), "field 'model'.*conditioning"),
     (lambda c: c["model"].update(image_size="96"), "field 'model'.*image_size"),
     (lambda c: c["model"].update(wings=2), "field 'model'.*unknown option.*wings"),
@@ -85,14 +125,22 @@ BAD_CONFIGS = [
     (lambda c: c["diffusion"].update(num_timesteps="1000"), "field 'diffusion.num_timesteps' must be a number"),
     (lambda c: c["diffusion"].update(schedule="wobbly"), "field 'diffusion'.*wobbly"),
     (lambda c: c["diffusion"].update(speed=3), "field 'diffusion' has unknown key.*speed"),
+    (lambda c: c["diffusion"].update(use_timesteps=[0, 9]), "field 'diffusion' has unknown key.*use_timesteps"),
     (lambda c: c.pop("diffusion"), "field 'diffusion' is missing"),
     (lambda c: c["model"].pop("image_size"), "field 'model.image_size' is missing"),
     (lambda c: c["diffusion"].pop("prediction"), "field 'diffusion.prediction' is missing"),
     (lambda c: c.pop("sha256"), "field 'sha256' is missing"),
     (lambda c: c.update(sha256=12), "field 'sha256' must be a string"),
+    (lambda c: c.update(sha256=c["sha256"].upper()), "field 'sha256' must be 64 lower-case hex digits"),
+    (lambda c: c.update(sha256=c["sha256"][:-1] + "X"), "field 'sha256' must be 64 lower-case hex digits"),
     (lambda c: c.pop("window"), "field 'window' is missing"),
     (lambda c: c["window"].update(level=None), "field 'window.level' must be a number"),
     (lambda c: c.update(class_means=[0.5] * 3), "field 'class_means'"),
+    (lambda c: c.update(class_means=[0.5] * 16 + [1.01]), "field 'class_means'"),
+    (lambda c: c.update(class_means=[-0.01] + [0.5] * 16), "field 'class_means'"),
+    (lambda c: c.update(class_means=[True] + [0.5] * 16), "field 'class_means'"),
+    (lambda c: c.update(class_means=["0.5"] * 17), "field 'class_means'"),
+    (lambda c: c.update(class_means="0.5"), "field 'class_means'"),
     (lambda c: c.update(sampling_presets={"fast": {"sampler": "ddim", "stepz": 5}}),
      "field 'sampling_presets.fast' has unknown key.*stepz"),
     (lambda c: c.update(sampling_presets={"fast": {"steps": "many"}}), "field 'sampling_presets.fast.steps'"),
@@ -106,8 +154,6 @@ def test_garbage_weights_and_bad_configs(tmp_path: Path):
     folder = make_model_folder(tmp_path / "m")
     config = json.loads((folder / CONFIG_NAME).read_text())
     (folder / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
-    import hashlib
-
     config["sha256"] = hashlib.sha256(b"not a safetensors file").hexdigest()
     (folder / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="cannot be read as safetensors"):
@@ -121,6 +167,17 @@ def test_garbage_weights_and_bad_configs(tmp_path: Path):
     (folder / CONFIG_NAME).write_text("{")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(folder)
+
+
+def test_optional_and_integer_fields_are_accepted(tmp_path: Path):
+    # class means are optional; a float field may hold an integer (JSON written by hand)
+    means = [0, 1] + [0.5] * (len(MODEL_CLASSES) - 2)  # both ends of 0..1 included
+    folder = make_model_folder(tmp_path / "m", class_means=means)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["diffusion"]["vlb_weight"] = 1
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    loaded = load_model(folder)
+    assert loaded.config["class_means"] == means and loaded.diffusion.config["vlb_weight"] == 1
 
 
 def test_weights_with_nan_or_inf_are_refused(tmp_path: Path):
@@ -144,3 +201,11 @@ def test_lookup_by_name_in_cache_and_clear_errors(tmp_path: Path, monkeypatch):
         load_model(pickle)
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_model(tmp_path / "home")
+
+
+def test_list_models_names_bundled_and_cached_model_folders(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("CTSYNTH_HOME", str(tmp_path / "home"))
+    make_model_folder(tmp_path / "home" / "models" / "mine")
+    (tmp_path / "home" / "models" / "not-a-model").mkdir()
+    names = list_models()
+    assert "mine" in names and "demo" in names and "not-a-model" not in names

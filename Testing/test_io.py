@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 from pathlib import Path
 
@@ -158,6 +159,16 @@ def test_float_labelmap_with_integer_values_is_accepted(tmp_path):
     back, _ = io.read_labelmap(tmp_path / "seg.nrrd")
     assert back.array.dtype == np.int16
     np.testing.assert_array_equal(back.array, labels.array)
+
+
+@pytest.mark.parametrize("top, dtype", [(255, np.uint8), (256, np.int16), (32767, np.int16), (32768, np.int32)])
+def test_labelmap_gets_the_smallest_type_that_holds_its_labels(tmp_path, top, dtype):
+    labels = np.zeros((3, 3, 3), np.int32)
+    labels[1, 1, 1] = top
+    io.write_volume(Volume(labels, np.eye(4)), tmp_path / "seg.nrrd")
+    back, _ = io.read_labelmap(tmp_path / "seg.nrrd")
+    assert back.array.dtype == dtype
+    np.testing.assert_array_equal(back.array, labels)
 
 
 # --- metadata ------------------------------------------------------------------------------------------
@@ -477,6 +488,33 @@ def test_truncated_file_is_refused(real_files, tmp_path, key, keep):
 
 def _read(path: Path) -> Volume:
     return io.read_labelmap(path)[0] if "seg" in path.name else io.read_image(path)
+
+
+@pytest.mark.parametrize("layout", ["two gzip members", "zero padding", "one byte short", "nrrd one byte short"])
+def test_gzip_members_and_padding_are_counted(tmp_path, layout):
+    # the data of a .nii.gz may span several gzip members and be followed by zeros; only missing bytes are refused
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    header, raw = b"", nib.Nifti1Image(array, np.eye(4)).to_bytes()
+    path = tmp_path / "x.nii.gz"
+    if layout.startswith("nrrd"):  # a gzip NRRD: the header's byte count is not part of the data
+        path = tmp_path / "x.nrrd"
+        io.write_volume(Volume(array, np.eye(4)), path)
+        header, _, data = path.read_bytes().partition(b"\n\n")
+        header, raw = header + b"\n\n", gzip.decompress(data)
+    path.write_bytes(header + {"two gzip members": gzip.compress(raw[:200]) + gzip.compress(raw[200:]),
+                               "zero padding": gzip.compress(raw) + bytes(64)}.get(layout, gzip.compress(raw[:-1])))
+    if layout.endswith("one byte short"):  # an intact stream that holds less than the header promises
+        with pytest.raises(InputError, match=rf"truncated \({len(raw) - 1} of the {len(raw)} bytes"):
+            io.verify_complete(path)
+    else:
+        io.verify_complete(path)
+
+
+def test_label_above_int32_is_refused(tmp_path):
+    img = sitk.GetImageFromArray(np.full((2, 2, 2), 2**31, np.uint32))
+    sitk.WriteImage(img, str(tmp_path / "seg.nrrd"))
+    with pytest.raises(InputError, match=f"seg.nrrd has label {2**31}, above the supported maximum"):
+        io.read_labelmap(tmp_path / "seg.nrrd")
 
 
 @pytest.mark.parametrize("key", ["seg.nii.gz", "ct.nii.gz", "ct.nrrd", "ct.mha"])

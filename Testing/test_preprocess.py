@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from CTSemanticSynthLib.labels import BODY
 from CTSemanticSynthLib.preprocess import (
@@ -13,6 +14,7 @@ from CTSemanticSynthLib.preprocess import (
     add_body_class,
     body_mask_from_ct,
     body_mask_from_labels,
+    condition_inputs,
     hu_to_unit,
     one_hot,
     semantic_edges,
@@ -26,6 +28,9 @@ def test_window_and_exact_inverse():
     np.testing.assert_allclose(unit, [0, 0, 0.25, 0.5, 1, 1])
     inside = np.linspace(-160, 240, 101, dtype=np.float32)
     np.testing.assert_allclose(unit_to_hu(hu_to_unit(inside)), inside, atol=1e-4)
+    np.testing.assert_array_equal(unit_to_hu(np.array([-0.5, 1.5])), [-160, 240])  # clipped to the window first
+    assert hu_to_unit(hu.astype(np.int16)).dtype == np.float32  # float32 for any input: volumes are large
+    assert unit_to_hu(np.array([0.5])).dtype == np.float32
 
 
 def _affine(perm, signs, spacing=(1.0, 2.0, 3.0)):
@@ -68,31 +73,64 @@ def test_oblique_affine_picks_nearest_axes():
     assert o.axes == (2, 1, 0) and o.flips == (False, True, True)
 
 
-def test_plane_resize_pads_to_square_and_inverts():
-    resize = PlaneResize(height=6, width=10, size=10)
-    assert resize.padding == (2, 2, 0, 0)
-    labels = torch.randint(0, 17, (3, 6, 10))
+def test_oblique_choice_ignores_voxel_size():
+    # the nearest axes depend on the directions only: anisotropic spacing must not pull an axis over
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+        affine, scaled = np.eye(4), np.eye(4)
+        affine[:3, :3] = rotation
+        scaled[:3, :3] = rotation @ np.diag(rng.uniform(0.3, 5.0, 3))
+        assert AxialOrientation.from_affine(scaled) == AxialOrientation.from_affine(affine)
+
+
+@pytest.mark.parametrize("height, width", [(6, 10), (10, 6)])
+def test_plane_resize_pads_to_square_and_inverts(height, width):
+    resize = PlaneResize(height=height, width=width, size=10)
+    assert resize.padding == ((2, 2, 0, 0) if height < width else (0, 0, 2, 2))
+    labels = torch.randint(0, 17, (3, height, width))
     small = resize.to_model(labels, labels=True)
     assert small.shape == (3, 10, 10) and small.dtype == labels.dtype
-    assert (small[:, :2] == 0).all() and (small[:, -2:] == 0).all()
+    padded = small if height < width else small.transpose(1, 2)
+    assert (padded[:, :2] == 0).all() and (padded[:, -2:] == 0).all()
     torch.testing.assert_close(resize.from_model(small, labels=True), labels)
-    image = torch.rand(3, 6, 10)
+    image = torch.rand(3, height, width)
     torch.testing.assert_close(resize.from_model(resize.to_model(image, labels=False), labels=False), image)
 
 
-def test_label_resize_never_invents_values():
-    labels = torch.zeros(1, 101, 122, dtype=torch.int64)
-    labels[0, 20:60, 30:90] = 6
-    labels[0, 40:45, 50:55] = 13
-    resize = PlaneResize(101, 122, 64)
+def test_label_resize_never_invents_values_and_is_centred():
+    labels = torch.zeros(1, 80, 101, dtype=torch.int64)  # left-right symmetric
+    labels[0, 20:60, 30:71] = 6
+    labels[0, 40:45, 45:56] = 13
+    resize = PlaneResize(80, 101, 64)
     small = resize.to_model(labels, labels=True)
     assert set(small.unique().tolist()) == {0, 6, 13}
     back = resize.from_model(small, labels=True)
     assert back.shape == labels.shape
     assert (back == labels).float().mean() > 0.98
-    image = torch.rand(2, 101, 122)
+    # symmetric through the model size and back: no half-pixel shift
+    assert torch.equal(small, small.flip(-1)) and torch.equal(back, back.flip(-1))
+    image = torch.rand(2, 80, 101)
     down_up = resize.from_model(resize.to_model(image.clone(), labels=False), labels=False)
     assert down_up.shape == image.shape and 0 <= down_up.min() and down_up.max() <= 1
+
+
+@pytest.mark.parametrize("n_in, n_out", [(64, 16), (16, 64), (40, 64)])
+@pytest.mark.parametrize("direction", ["to_model", "from_model"])
+def test_image_resize_keeps_pixel_centres_and_averages_when_shrinking(direction, n_in, n_out):
+    def resize(image: torch.Tensor) -> torch.Tensor:
+        if direction == "to_model":
+            return PlaneResize(n_in, n_in, n_out).to_model(image, labels=False)
+        return PlaneResize(n_out, n_out, n_in).from_model(image, labels=False)
+
+    # a ramp (value = column) resized is the ramp at the output pixel centres: same field of view, no shift
+    ramp = torch.arange(float(n_in)).repeat(n_in, 1)[None]
+    centres = (torch.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    inner = (centres > 3) & (centres < n_in - 4)  # away from the border, where the filter is cut off
+    torch.testing.assert_close(resize(ramp)[0, n_out // 2, inner], centres[inner])
+    if n_in > n_out:  # shrinking averages every input pixel (antialiasing): noise drops, it does not alias
+        noise = torch.rand(1, n_in, n_in, generator=torch.Generator().manual_seed(0))
+        assert resize(noise).std() < 0.08  # uniform noise: 0.29; bilinear without antialiasing: 0.14
 
 
 def test_body_mask_from_ct_drops_table_and_fills_holes():
@@ -106,6 +144,24 @@ def test_body_mask_from_ct_drops_table_and_fills_holes():
     assert (mask[:, body]).all()
     assert not mask[:, 36].any()
     assert mask.sum() == 2 * body.sum()
+
+
+def test_body_mask_from_ct_cuts_a_thin_table_off_and_keeps_an_arm():
+    # the opening removes a 4-pixel table touching the body but keeps a 6-pixel-thick arm
+    hu = np.full((1, 48, 48), -1000.0)
+    yy, xx = np.mgrid[:48, :48]
+    body = (yy - 20) ** 2 + (xx - 20) ** 2 < 12 ** 2
+    arm = (yy >= 17) & (yy < 23) & (xx >= 30) & (xx < 46)
+    hu[:, body | arm] = 30
+    hu[:, 32:36, 2:46] = 200  # rows 32..35, the body's lowest row is 31
+    mask = body_mask_from_ct(hu)[0]
+    assert mask[body].all() and mask[arm].mean() > 0.9
+    assert mask[32:36].mean() < 0.3  # only the corner where table and body meet stays
+
+
+def test_empty_stack_gives_empty_masks():
+    assert body_mask_from_ct(np.zeros((0, 8, 8))).shape == (0, 8, 8)
+    assert body_mask_from_labels(np.zeros((0, 8, 8), dtype=np.uint8), has_outline=False).shape == (0, 8, 8)
 
 
 @pytest.mark.parametrize("others", [1, 2])
@@ -134,8 +190,22 @@ def test_body_mask_from_labels_outline_and_hull():
     organs[0, 10, 10] = organs[0, 10, 20] = organs[0, 20, 15] = 1
     hull = body_mask_from_labels(organs, has_outline=False)
     assert hull[0, 13, 15] and not hull[0, 25, 25]
+    assert hull[0, 10, 15] and not hull[0, 9, 15]  # by default the exact hull: the top edge is row 10
+    one = body_mask_from_labels(organs, has_outline=False, margin_px=1)
+    assert one[0, 9, 15] and not one[0, 8, 15]
     grown = body_mask_from_labels(organs, has_outline=False, margin_px=3)
-    assert grown.sum() > hull.sum() and grown[0, 23, 15]
+    assert grown.sum() > one.sum() and grown[0, 23, 15]
+
+
+@pytest.mark.parametrize("margin", [0, 2])
+def test_body_mask_from_labels_without_a_hull(margin: int):
+    # two organ pixels, or three in a line, span no area: they stay the body (grown by the margin)
+    for points in ([(3, 3), (6, 9)], [(2, 2), (4, 4), (6, 6)]):
+        organs = np.zeros((1, 12, 12), dtype=np.int32)
+        organs[0][tuple(np.transpose(points))] = 5
+        expected = ndimage.binary_dilation(organs[0] > 0, iterations=margin) if margin else organs[0] > 0
+        np.testing.assert_array_equal(body_mask_from_labels(organs, has_outline=False, margin_px=margin)[0],
+                                      expected)
 
 
 def test_add_body_class_keeps_organs():
@@ -155,3 +225,16 @@ def test_one_hot_and_edges():
     expected[2:4, 1:5] = 1
     expected[1:5, 2:4] = 1
     torch.testing.assert_close(edges[0, 0], expected)
+
+
+@pytest.mark.parametrize("conditioning", ["concat", "mask_encoder", "edge"])
+def test_condition_inputs_per_conditioning(conditioning):
+    classes = torch.zeros(2, 6, 6, dtype=torch.int64)
+    classes[:, 1:4, 2:5] = 9
+    inputs = condition_inputs(classes, conditioning)
+    expected = {"mask": one_hot(classes)}
+    if conditioning == "edge":
+        expected["edge"] = semantic_edges(classes)
+    assert inputs.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(inputs[key], value)
