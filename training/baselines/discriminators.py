@@ -97,7 +97,7 @@ class _ResBlockD(nn.Module):
 
 
 class OASISDiscriminator(nn.Module):
-    """OASIS's segmentation discriminator (Schönfeld et al. 2021, Sec. 3.1): a U-Net of residual blocks on the image
+    """OASIS's segmentation discriminator (Schoenfeld et al. 2021, Sec. 3.1): a U-Net of residual blocks on the image
     alone, widths 2, 2, 4, 4, 8, 8 x 64 down to a 4 x 4 map (fewer blocks for smaller images), mirrored up with skip
     connections, and a 1x1 conv to N+1 logits per pixel (channel 0 = fake, channel c + 1 = class c)."""
 

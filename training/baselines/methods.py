@@ -6,7 +6,7 @@ Values the paper does not state come from the methods' authors:
   objective halved, weights N(0, 0.02), no EMA.
 - SPADE (Park et al. 2019, Sec. 4 / appendix A): Adam betas (0, 0.999), hinge loss, feature matching weight 10,
   Xavier init (gain 0.02), no EMA; no VGG loss (it needs ImageNet VGG-19 weights, i.e. torchvision).
-- OASIS (Schönfeld et al. 2021, Sec. 4 and code): Adam betas (0, 0.999), LabelMix weight 10, 3D noise of 64
+- OASIS (Schoenfeld et al. 2021, Sec. 4 and code): Adam betas (0, 0.999), LabelMix weight 10, 3D noise of 64
   channels, Xavier init (gain 0.02), EMA of the generator with decay 0.9999.
 The batch is 16, the paper's batch for its diffusion models and SDM (it gives none for the GANs).
 """

@@ -1,4 +1,4 @@
-"""OASIS generator (Schönfeld et al. 2021, "You Only Need Adversarial Supervision for Semantic Image Synthesis").
+"""OASIS generator (Schoenfeld et al. 2021, "You Only Need Adversarial Supervision for Semantic Image Synthesis").
 
 The authors' ``OASIS_Generator``: a SPADE-style generator whose input and every SPADE layer see the label map with
 3D noise concatenated (``z_dim`` 64 channels: one 64-d vector per image, broadcast over the pixels, as the authors'
