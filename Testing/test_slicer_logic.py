@@ -157,7 +157,9 @@ def test_synthesis_keeps_geometry_and_records_provenance(scene, logic, tiny_mode
     assert hierarchy.GetItemName(study) == "Abdomen CT"
 
     added = set(node_ids(scene)) - before
-    assert {scene.GetNodeByID(i).GetClassName() for i in added} == {"vtkMRMLScalarVolumeNode", "vtkMRMLScalarVolumeDisplayNode"}
+    assert {scene.GetNodeByID(i).GetClassName() for i in added} == {"vtkMRMLScalarVolumeNode", "vtkMRMLScalarVolumeDisplayNode",
+                                                                     "vtkMRMLLabelMapVolumeNode"}
+    assert all(scene.GetNodeByID(i).GetHideFromEditors() for i in added if "LabelMap" in i)  # the segmentation state
     assert list(tmp_path.iterdir()) == []  # the temporary folder was removed
 
 
