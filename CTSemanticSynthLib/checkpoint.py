@@ -23,10 +23,10 @@ from . import __version__
 from .diffusion import GaussianDiffusion, diffusion_defaults
 from .errors import CheckpointError, OutputExistsError
 from .io import atomic_folder
-from .factory import create_diffusion, create_model
+from .factory import create_diffusion, create_generator, create_model
 from .labels import MODEL_CLASSES
 from .models.config import model_defaults, resolve_config
-from .models.generators import create_generator, generator_defaults, resolve_generator_config
+from .models.generators import generator_defaults, resolve_generator_config
 from .paths import cache_dir, file_digest
 from .preprocess import WINDOW_LEVEL, WINDOW_WIDTH
 

@@ -19,7 +19,7 @@ from CTSemanticSynthLib.checkpoint import CONFIG_NAME, load_model, save_model
 from CTSemanticSynthLib.cli import main as ctsynth
 from CTSemanticSynthLib.errors import CheckpointError
 from CTSemanticSynthLib.labels import NUM_CLASSES
-from CTSemanticSynthLib.models.generators import create_generator
+from CTSemanticSynthLib.factory import create_generator
 from CTSemanticSynthLib.preprocess import one_hot
 
 from conftest import REPO, SAMPLE_SEG, single_thread

@@ -26,7 +26,8 @@ from torch import nn
 from CTSemanticSynthLib.checkpoint import save_model
 from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.labels import NUM_CLASSES
-from CTSemanticSynthLib.models.generators import GENERATORS, create_generator, generator_defaults
+from CTSemanticSynthLib.factory import create_generator
+from CTSemanticSynthLib.models.generators import GENERATORS, generator_defaults
 from CTSemanticSynthLib.preprocess import one_hot
 from CTSemanticSynthLib.synthesis import generate_slices
 
