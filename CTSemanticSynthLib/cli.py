@@ -149,6 +149,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-correlation", type=float, default=None, metavar="RHO",
                         help="share this fraction (0..1) of the noise with the neighbouring slices, for volumes "
                              "that agree from slice to slice (default 0; see docs/consistency.md)")
+    parser.add_argument("--slice-agreement", type=float, default=None, metavar="W",
+                        help="blend every step's prediction with the neighbouring slices' where their labels agree, "
+                             "with this strength (0..1; default: the preset's, see docs/consistency.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (and their .json)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
@@ -166,7 +169,8 @@ def _sampling_setup(args: argparse.Namespace) -> tuple[torch.device, str, Path, 
     precision = select_precision(args.precision, device)
     model_folder = resolve_model_path(args.model)
     options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
-                             seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation)
+                             seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation,
+                             slice_agreement=args.slice_agreement)
     check_convention(args.labels)
     return device, precision, model_folder, options
 

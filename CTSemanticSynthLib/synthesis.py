@@ -18,6 +18,7 @@ from .checkpoint import LoadedModel
 from .denoiser import VolumeDenoiser
 from .device import device_capability, select_device, select_precision
 from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
+from .diffusion.slice_agreement import SliceAgreement
 from .diffusion.slice_noise import SliceNoise
 from .errors import CTSynthError, InputError
 from .factory import create_diffusion
@@ -55,6 +56,8 @@ class SamplingOptions:
     seed: int = 0
     batch_size: int = 8
     slice_correlation: float = 0.0
+    slice_agreement: float = 0.0
+    slice_agreement_below: float = 1.0
 
 
 DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
@@ -90,6 +93,10 @@ def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> 
         raise InputError(f"--batch-size {options.batch_size} must be at least 1")
     if not 0 <= options.slice_correlation <= 1:
         raise InputError(f"--slice-correlation {options.slice_correlation} is out of range: use 0..1")
+    if not 0 <= options.slice_agreement <= 1:
+        raise InputError(f"--slice-agreement {options.slice_agreement} is out of range: use 0..1")
+    if not 0 < options.slice_agreement_below <= 1:
+        raise InputError(f"slice_agreement_below {options.slice_agreement_below} is out of range: use (0, 1]")
     try:
         options_sampler(options, create_diffusion(config["diffusion"]))
     except ValueError as exc:
@@ -185,7 +192,8 @@ def synthesize(
     try:
         sample = sample_slices(model.model, model.conditioning, sampler, small, active, seed=options.seed,
                                device=device, batch_size=options.batch_size, prior=prior, precision=precision,
-                               cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation)
+                               cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
+                               slice_agreement=(options.slice_agreement, options.slice_agreement_below))
     except torch.OutOfMemoryError:
         batch = options.batch_size
         raise CTSynthError(
@@ -239,6 +247,7 @@ def sample_slices(
     cancel: Callable[[], bool] | None = None,
     on_step: Callable[[float], None] | None = None,
     slice_correlation: float = 0.0,
+    slice_agreement: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Sample the (N, S, S) class slices of one volume together; returns (N, S, S) intensities in [0, 1] on the CPU.
 
@@ -246,8 +255,10 @@ def sample_slices(
     network runs ``batch_size`` slices at a time (default: all), see :class:`~.denoiser.VolumeDenoiser`.
     ``slice_index`` seeds one generator per slice, which draws that slice's starting noise and then the noise of
     every stochastic step, so a slice's sample does not depend on the batch size; ``slice_correlation`` mixes
-    in noise shared with the neighbouring slices (:class:`~.diffusion.slice_noise.SliceNoise`). ``prior`` (per-class
-    values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the start (SDEdit).
+    in noise shared with the neighbouring slices (:class:`~.diffusion.slice_noise.SliceNoise`); ``slice_agreement``
+    (strength, below) blends every step's x0 with the neighbours' (:class:`~.diffusion.slice_agreement.SliceAgreement`).
+    ``prior`` (per-class values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the
+    start (SDEdit).
     ``precision`` 'bf16'/'fp16' runs the network under autocast with channels_last inputs. ``on_step(fraction)``
     follows every chunk. Nothing in the loop waits for the device: the finiteness check is read once, at the end.
     """
@@ -261,11 +272,13 @@ def sample_slices(
     noise_source = SliceNoise(seed, slice_index, slice_correlation, device=device)
     denoiser = VolumeDenoiser(network, conditioning, classes, batch_size=batch_size, device=device,
                               precision=precision, cancel=cancel, progress=on_evaluated)
+    model_fn = SliceAgreement(denoiser, sampler.diffusion, classes, slice_index, slice_agreement[0],
+                              below=slice_agreement[1], clip_denoised=sampler.clip_denoised, device=device)
     with torch.inference_mode():
         noise = noise_source.draw((len(slice_index), 1, size, size))
         x = noise if prior is None else sampler.add_noise(prior.to(device)[classes.to(device).long()][:, None], 0,
                                                           noise)
-        for _, _, x, _ in sample_loop(denoiser, sampler, x, {}, noise_source):
+        for _, _, x, _ in sample_loop(model_fn, sampler, x, {}, noise_source):
             pass
         if not bool(denoiser.finite):
             raise CTSynthError("the model's output became NaN or infinite while sampling; nothing was written: the "

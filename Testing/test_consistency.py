@@ -3,12 +3,15 @@ noise correlated along the slice axis (configured correlation, unit variance, in
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from CTSemanticSynthLib.cli import main
+from CTSemanticSynthLib.diffusion import GaussianDiffusion
+from CTSemanticSynthLib.diffusion.slice_agreement import SliceAgreement, neighbour_weights
 from CTSemanticSynthLib.diffusion.slice_noise import SliceNoise, shared_weights
 from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.io import Volume, read_image, write_volume
@@ -188,4 +191,127 @@ def test_a_bad_slice_correlation_is_refused_before_any_work(tmp_path, capsys, ti
     code = main(["synth", "--seg", str(SAMPLE_SEG), "--out", str(out), "--slice-correlation", "-0.1", "-q"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip().startswith("ctsynth: error:") and "--slice-correlation" in err
+    assert not out.exists()
+
+
+# --- neighbour agreement ------------------------------------------------------------------------------------------
+
+
+def _agreement_case(prediction: str = "v", n: int = 6, size: int = 8, seed: int = 0):
+    """A diffusion, random network outputs (prediction + variance channels), a state and random classes."""
+    g = torch.Generator().manual_seed(seed)
+    diffusion = GaussianDiffusion(prediction=prediction)
+    classes = torch.randint(0, 3, (n, size, size), generator=g).to(torch.uint8)
+    output = torch.randn((n, 2, size, size), generator=g)
+    x = torch.randn((n, 1, size, size), generator=g)
+    return diffusion, classes, output, x
+
+
+def _x0(diffusion: GaussianDiffusion, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The x0 prediction a sampler takes from ``output`` (clipped)."""
+    return diffusion.p_mean_variance(output, x, t)["pred_x0"]
+
+
+def test_neighbour_weights_are_gaussian_over_two_slices_each_side():
+    weights = neighbour_weights(1.0)
+    assert sorted(weights) == [-2, -1, 1, 2]
+    assert weights[1] == weights[-1] == pytest.approx(math.exp(-0.5))
+    assert weights[2] == pytest.approx(math.exp(-2.0))
+
+
+def test_zero_agreement_returns_the_network_output_itself():
+    diffusion, classes, output, x = _agreement_case()
+    classes[:] = 1  # every neighbour agrees everywhere
+    t = torch.full((len(x),), 250)
+    off = SliceAgreement(lambda x, t: output, diffusion, classes, range(len(x)), 0.0)
+    assert torch.equal(off(x, t), output)
+    late = SliceAgreement(lambda x, t: output, diffusion, classes, range(len(x)), 1.0, below=0.25)
+    assert torch.equal(late(x, t), output)  # t = 250 is not below 0.25 * 1000
+    assert not torch.equal(late(x, t - 1), output)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_samplers_see_the_blended_x0_and_untouched_variance(prediction):
+    diffusion, classes, output, x = _agreement_case(prediction)
+    t = torch.full((len(x),), 120)
+    agreement = SliceAgreement(lambda x, t: output, diffusion, classes, range(len(x)), 0.7)
+    blended = agreement(x, t)
+    torch.testing.assert_close(_x0(diffusion, blended, x, t), agreement.blend(_x0(diffusion, output, x, t)))
+    assert torch.equal(blended[:, 1:], output[:, 1:])
+    # by hand at one pixel of slice 2: its agreeing neighbours' x0, Gaussian-weighted, pulled in by 0.7
+    x0 = _x0(diffusion, output, x, t)[:, 0, 3, 4]
+    weights = {d: w for d, w in neighbour_weights().items() if classes[2 + d, 3, 4] == classes[2, 3, 4]}
+    average = (x0[2] + sum(w * x0[2 + d] for d, w in weights.items())) / (1 + sum(weights.values()))
+    assert weights and float(_x0(diffusion, blended, x, t)[2, 0, 3, 4]) == pytest.approx(
+        float(x0[2] + 0.7 * (average - x0[2])), abs=1e-5)
+
+
+def test_pixels_whose_labels_differ_from_every_neighbour_are_not_blended():
+    diffusion, classes, output, x = _agreement_case(n=8)
+    classes[:, :4] = torch.arange(8, dtype=torch.uint8)[:, None, None]  # top half: a new class on every slice
+    classes[:, 4:] = 5  # bottom half: one class throughout
+    t = torch.full((len(x),), 200)
+    blended = SliceAgreement(lambda x, t: output, diffusion, classes, range(len(x)), 1.0)(x, t)
+    assert torch.equal(blended[:, :, :4], output[:, :, :4])
+    assert (_x0(diffusion, blended, x, t) - _x0(diffusion, output, x, t))[:, :, 4:].abs().mean() > 0.05
+
+
+def test_only_sampled_slices_numbered_next_to_each_other_are_neighbours():
+    diffusion, classes, output, x = _agreement_case(n=6)
+    classes[:] = 1
+    t = torch.full((6,), 200)
+    agreement = SliceAgreement(lambda x, t: output, diffusion, classes, [0, 1, 2, 7, 8, 9], 1.0)
+    x0 = _x0(diffusion, output, x, t)
+    moved = x0.clone()
+    moved[3:] += 0.5  # slices 7..9: far from slices 0..2
+    torch.testing.assert_close(agreement.blend(moved)[:3], agreement.blend(x0)[:3])
+    torch.testing.assert_close(agreement.blend(moved)[3:], agreement.blend(x0)[3:] + 0.5)
+
+
+def _identical_slices(sample_classes: Volume, n: int = 10) -> Volume:
+    """``n`` copies of one axial slice of the sample (downsampled): every neighbour agrees everywhere."""
+    one = sample_classes.array[::6, ::6, 60:61]
+    return Volume(np.ascontiguousarray(np.repeat(one, n, axis=2)), sample_classes.affine)
+
+
+def _adjacent_difference(volume: Volume, classes: Volume) -> float:
+    """Mean |difference| (HU) between adjacent slices over the body and organs."""
+    inside = (classes.array[..., 1:] != BACKGROUND) & (classes.array[..., :-1] != BACKGROUND)
+    return float(np.abs(np.diff(volume.array.astype(np.float32), axis=2))[inside].mean())
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+def test_full_agreement_makes_identical_label_slices_nearly_identical(sample_classes, tiny_loaded, sampler):
+    classes = _identical_slices(sample_classes)
+    options = SamplingOptions(sampler=sampler, steps=4, start_timestep=300, seed=1, batch_size=4)
+    apart = synthesize(classes, tiny_loaded, options, device="cpu").volume
+    together = synthesize(classes, tiny_loaded, replace(options, slice_agreement=1.0), device="cpu").volume
+    independent, agreeing = _adjacent_difference(apart, classes), _adjacent_difference(together, classes)
+    assert independent > 5.0  # the tiny model's slices differ by several HU on their own
+    assert agreeing < 0.2 * independent
+
+
+def test_agreement_is_independent_of_the_batch_size(sample_classes, tiny_loaded):
+    crop = Volume(np.ascontiguousarray(sample_classes.array[::6, ::6, 40:52]), sample_classes.affine)
+    options = SamplingOptions(sampler="ancestral", steps=3, start_timestep=300, seed=4, batch_size=5,
+                              slice_agreement=0.8)
+    a = synthesize(crop, tiny_loaded, options, device="cpu")
+    b = synthesize(crop, tiny_loaded, replace(options, batch_size=2), device="cpu")
+    np.testing.assert_array_equal(a.volume.array, b.volume.array)
+    assert a.provenance["options"]["slice_agreement"] == 0.8
+    plain = synthesize(crop, tiny_loaded, replace(options, slice_agreement=0.0), device="cpu")
+    assert not np.array_equal(a.volume.array, plain.volume.array)
+
+
+def test_a_bad_slice_agreement_is_refused_before_any_work(tmp_path, capsys, tiny_model):
+    from CTSemanticSynthLib.checkpoint import read_config
+
+    with pytest.raises(InputError, match="--slice-agreement 1.5"):
+        preset_options(read_config(tiny_model), "fast", slice_agreement=1.5)
+    with pytest.raises(InputError, match="slice_agreement_below 0"):
+        preset_options(read_config(tiny_model), "fast", slice_agreement_below=0.0)
+    out = tmp_path / "syn.nii.gz"
+    code = main(["synth", "--seg", str(SAMPLE_SEG), "--out", str(out), "--slice-agreement", "-0.2", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().startswith("ctsynth: error:") and "--slice-agreement" in err
     assert not out.exists()
