@@ -22,7 +22,7 @@ from .errors import CheckpointError, OutputExistsError
 from .io import atomic_folder
 from .factory import create_diffusion, create_model
 from .labels import MODEL_CLASSES
-from .models.config import model_defaults, resolve_config
+from .models.config import ADDED_KEYS, model_defaults, resolve_config
 from .paths import cache_dir, file_digest
 from .preprocess import WINDOW_LEVEL, WINDOW_WIDTH
 
@@ -128,7 +128,9 @@ def _field(config: dict[str, Any], key: str, kind: type | tuple[type, ...], wher
 
 
 _JSON_NAMES = {str: "string", dict: "JSON object", list: "list", bool: "true/false", type(None): "null"}
-_PRESET_FIELDS = {"sampler": str, "steps": int, "start_timestep": (int, type(None)), "eta": (int, float)}
+_PRESET_FIELDS = {"sampler": str, "steps": int, "start_timestep": (int, type(None)), "eta": (int, float),
+                  "slice_correlation": (int, float), "slice_agreement": (int, float),
+                  "slice_agreement_below": (int, float)}
 
 
 def _check_config(config: dict[str, Any]) -> None:
@@ -149,7 +151,8 @@ def _check_config(config: dict[str, Any]) -> None:
         _field(window, key, (int, float), "window.")
     model = _field(config, "model", dict)
     for key in model_defaults():  # save_model writes every key: a missing one would silently become a default
-        _field(model, key, object, "model.")
+        if key not in ADDED_KEYS:
+            _field(model, key, object, "model.")
     try:
         resolve_config(**model)
     except (TypeError, ValueError) as exc:

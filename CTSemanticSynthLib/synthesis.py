@@ -34,6 +34,7 @@ from .preprocess import (
     unit_to_hu,
 )
 from .provenance import provenance_record
+from .slice_context import network_context, with_neighbours
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,9 @@ def sample_slices(
 ) -> torch.Tensor:
     """Sample the (N, S, S) class slices of one volume together; returns (N, S, S) intensities in [0, 1] on the CPU.
 
+    A 2.5D network (``context_slices`` k) also sees the neighbours' classes, taken from ``classes`` by slice number
+    (:func:`~.slice_context.with_neighbours`), unless ``classes`` is (N, 1 + 2k, S, S) with them already.
+
     Every slice walks the same timesteps at the same time (the sampler sees the whole (N, 1, S, S) state); the
     network runs ``batch_size`` slices at a time (default: all), see :class:`~.denoiser.VolumeDenoiser`.
     ``slice_index`` seeds one generator per slice, which draws that slice's starting noise and then the noise of
@@ -262,6 +266,8 @@ def sample_slices(
     ``precision`` 'bf16'/'fp16' runs the network under autocast with channels_last inputs. ``on_step(fraction)``
     follows every chunk. Nothing in the loop waits for the device: the finiteness check is read once, at the end.
     """
+    conditions = with_neighbours(classes, slice_index, network_context(network))
+    classes = conditions[:, 0] if conditions.ndim == 4 else conditions
     size = classes.shape[-1]
     total = len(slice_index) * sampler.num_steps
 
@@ -270,7 +276,7 @@ def sample_slices(
             on_step(min(1.0, evaluated / total))
 
     noise_source = SliceNoise(seed, slice_index, slice_correlation, device=device)
-    denoiser = VolumeDenoiser(network, conditioning, classes, batch_size=batch_size, device=device,
+    denoiser = VolumeDenoiser(network, conditioning, conditions, batch_size=batch_size, device=device,
                               precision=precision, cancel=cancel, progress=on_evaluated)
     model_fn = SliceAgreement(denoiser, sampler.diffusion, classes, slice_index, slice_agreement[0],
                               below=slice_agreement[1], clip_denoised=sampler.clip_denoised, device=device)
@@ -292,7 +298,7 @@ def evaluation_flops(model: LoadedModel) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     size = model.image_size
-    classes = torch.zeros((1, size, size), dtype=torch.long)
+    classes = with_neighbours(torch.zeros((1, size, size), dtype=torch.long), [0], network_context(model.model))
     device = next(model.model.parameters()).device
     kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, model.conditioning).items()}
     with torch.inference_mode():

@@ -4,11 +4,13 @@ noise correlated along the slice axis (configured correlation, unit variance, in
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from CTSemanticSynthLib.checkpoint import load_model, save_model
 from CTSemanticSynthLib.cli import main
 from CTSemanticSynthLib.diffusion import GaussianDiffusion
 from CTSemanticSynthLib.diffusion.slice_agreement import SliceAgreement, neighbour_weights
@@ -17,9 +19,12 @@ from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.io import Volume, read_image, write_volume
 from CTSemanticSynthLib.labels import BACKGROUND, BODY
 from CTSemanticSynthLib.metrics.consistency import plane_fid_gap, slice_ratio, stripe_index
+from CTSemanticSynthLib.models import UNetModel
+from CTSemanticSynthLib.preprocess import condition_inputs, semantic_edges
+from CTSemanticSynthLib.slice_context import context_offsets, with_neighbours
 from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, synthesize
 
-from conftest import SAMPLE_CT, SAMPLE_SEG
+from conftest import SAMPLE_CT, SAMPLE_SEG, randomise_zero_layers, single_thread, tiny_model_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,8 +170,6 @@ def sample_classes() -> Volume:
 
 @pytest.fixture(scope="module")
 def tiny_loaded(tiny_model):
-    from CTSemanticSynthLib.checkpoint import load_model
-
     return load_model(tiny_model)
 
 
@@ -315,3 +318,112 @@ def test_a_bad_slice_agreement_is_refused_before_any_work(tmp_path, capsys, tiny
     err = capsys.readouterr().err
     assert code == 2 and err.strip().startswith("ctsynth: error:") and "--slice-agreement" in err
     assert not out.exists()
+
+
+# --- 2.5D conditioning --------------------------------------------------------------------------------------------
+
+
+def test_with_neighbours_takes_neighbours_by_slice_number_and_background_elsewhere():
+    classes = torch.stack([torch.full((2, 2), k, dtype=torch.uint8) for k in (3, 4, 5, 8)])  # class = slice number
+    context = with_neighbours(classes, [3, 4, 5, 8], 2)
+    assert context_offsets(2) == [0, -1, 1, -2, 2]
+    assert context.shape == (4, 5, 2, 2)
+    assert context[:, :, 0, 0].tolist() == [[3, 0, 4, 0, 5], [4, 3, 5, 0, 0], [5, 4, 0, 3, 0], [8, 0, 0, 0, 0]]
+    assert with_neighbours(classes, [3, 4, 5, 8], 0) is classes
+
+
+def _context_network(conditioning: str, context_slices: int) -> UNetModel:
+    torch.manual_seed(0)
+    config = tiny_model_config(conditioning, image_size=16) | {"context_slices": context_slices}
+    return randomise_zero_layers(UNetModel(**config)).eval()
+
+
+@pytest.mark.parametrize("conditioning", ["concat", "mask_encoder", "edge"])
+def test_neighbour_masks_reach_the_output(conditioning):
+    network = _context_network(conditioning, 1)
+    classes = torch.full((3, 1 + 2, 16, 16), BODY, dtype=torch.long)
+    classes[:, 0, 4:12, 4:12] = LIVER
+    other = classes.clone()
+    other[:, 2, 2:8, 2:8] = 2  # only the slice above changes
+    x, t = torch.randn((3, 1, 16, 16), generator=torch.Generator().manual_seed(0)), torch.full((3,), 500)
+    with torch.no_grad():
+        first, second = (network(x, t, **condition_inputs(c, conditioning)) for c in (classes, other))
+    assert (first - second).abs().mean() > 1e-3
+    inputs = condition_inputs(classes, conditioning)
+    assert inputs["mask"].shape == (3, 3 * 17, 16, 16)
+    torch.testing.assert_close(inputs["mask"][:, :17], condition_inputs(classes[:, 0], conditioning)["mask"])
+    if conditioning == "edge":  # the slice's own edges
+        torch.testing.assert_close(inputs["edge"], semantic_edges(classes[:, 0]))
+    with pytest.raises(ValueError, match="mask must be one-hot"):
+        network(x, t, **condition_inputs(classes[:, 0], conditioning))
+
+
+def test_a_2p5d_model_saves_loads_and_samples_with_its_neighbours(tmp_path, sample_classes):
+    folder = tmp_path / "tiny25d"
+    network = _context_network("concat", 1)
+    save_model(folder, network, GaussianDiffusion(), name="tiny-2.5d", extra={"class_means": [0.0] + [0.55] * 16})
+    loaded = load_model(folder)
+    assert loaded.model.config["context_slices"] == 1
+    for name, value in network.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value)
+    crop = np.ascontiguousarray(sample_classes.array[::3, ::3, 80:86])
+    options = SamplingOptions(sampler="ddim", steps=2, start_timestep=300, seed=2, batch_size=4)
+    a = synthesize(Volume(crop, sample_classes.affine), loaded, options, device="cpu").volume.array
+    changed = crop.copy()
+    changed[..., 4] = np.where(changed[..., 4] != BACKGROUND, BODY, BACKGROUND)  # the organs of slice 4 removed
+    b = synthesize(Volume(changed, sample_classes.affine), loaded, options, device="cpu").volume.array
+    assert a.shape == crop.shape
+    assert not np.array_equal(a[..., 3], b[..., 3]) and not np.array_equal(a[..., 5], b[..., 5])  # neighbours of 4
+    np.testing.assert_array_equal(a[..., :2], b[..., :2])  # slices 0, 1: slice 4 is not within one of them
+    gap = crop.copy()
+    gap[..., 2] = BACKGROUND  # not sampled: slices 1 and 3 are no neighbours of each other
+    c = synthesize(Volume(gap, sample_classes.affine), loaded, options, device="cpu").volume.array
+    gap[..., 1] = np.where(gap[..., 1] != BACKGROUND, BODY, BACKGROUND)
+    d = synthesize(Volume(gap, sample_classes.affine), loaded, options, device="cpu").volume.array
+    assert not np.array_equal(c[..., 0], d[..., 0])
+    np.testing.assert_array_equal(c[..., 3:], d[..., 3:])
+
+
+@pytest.fixture(scope="module")
+def sample_cache(tmp_path_factory) -> Path:
+    """A 32-px slice cache of the bundled sample."""
+    from training import prepare
+
+    root = tmp_path_factory.mktemp("cache")
+    for folder, source in (("images", SAMPLE_CT), ("labels", SAMPLE_SEG)):
+        (root / folder).mkdir()
+        (root / folder / "sample.nii.gz").symlink_to(source)
+    with single_thread():  # prepare forks workers
+        assert prepare.main(["--images", str(root / "images"), "--labels", str(root / "labels"), "--out",
+                             str(root / "cache"), "--size", "32", "--workers", "1", "--convention", "totalseg"]) == 0
+    return root / "cache"
+
+
+def test_the_slice_cache_gives_the_neighbours_classes(sample_cache):
+    from training.dataset import SliceCache
+
+    cache = SliceCache(sample_cache, "train")
+    stack = np.load(sample_cache / "cases" / "sample" / "classes.npy")
+    rows = [0, 80, len(stack) - 1]
+    assert [cache.rows[r][1] for r in rows] == rows
+    _, classes = cache.load(rows, context_slices=2)
+    assert classes.shape == (3, 5, 32, 32)
+    np.testing.assert_array_equal(classes[1].numpy(), stack[[80, 79, 81, 78, 82]])
+    assert (classes[0, [1, 3]] == BACKGROUND).all() and (classes[2, [2, 4]] == BACKGROUND).all()  # beyond the ends
+    np.testing.assert_array_equal(classes[0, [0, 2, 4]].numpy(), stack[[0, 1, 2]])
+    np.testing.assert_array_equal(cache.load(rows)[1].numpy(), stack[rows])
+
+
+def test_the_trainer_trains_and_exports_a_2p5d_model(sample_cache, tmp_path, monkeypatch):
+    from training import train
+
+    grids = []
+    monkeypatch.setattr(train, "write_sample_grid", lambda *args, **kwargs: grids.append(args[4]))
+    out = tmp_path / "run"
+    assert train.main(["--data", str(sample_cache), "--out", str(out), "--context-slices", "1", "--model-channels",
+                       "8", "--channel-mult", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "2",
+                       "--num-heads", "1", "--batch-size", "2", "--iterations", "2", "--sample-every", "2",
+                       "--sample-steps", "2", "--threads", "1", "--device", "cpu", "--checkpoint-every", "2"]) == 0
+    assert [tuple(classes.shape) for classes in grids] == [(4, 3, 32, 32)]  # the sample grid gets the neighbours
+    loaded = load_model(out / "model")
+    assert loaded.model.config["context_slices"] == 1 and loaded.model.mask_channels == 3 * 17

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 CONDITIONINGS = ("concat", "mask_encoder", "edge")
+ADDED_KEYS = ("context_slices",)
+"""Keys added after models were first saved: a saved config without one means its default (the old behaviour)."""
 
 
 def model_defaults() -> dict[str, Any]:
@@ -13,7 +15,8 @@ def model_defaults() -> dict[str, Any]:
     `attention_resolutions` are downsample factors (improved-diffusion's `UNetModel` convention):
     at 256 px, (16, 32) puts attention at the 16 x 16 and 8 x 8 feature maps. `encoder_channels`
     is the base width of the separate condition encoder ("mask_encoder" and "edge" only); None
-    resolves to half of `model_channels`.
+    resolves to half of `model_channels`. `context_slices` k > 0 makes a 2.5D model: the masks of the
+    slices +-1..+-k enter beside the slice's own (see `CTSemanticSynthLib.slice_context`).
     """
     return {
         "image_size": 256,
@@ -31,6 +34,7 @@ def model_defaults() -> dict[str, Any]:
         "conv_resample": True,
         "encoder_channels": None,
         "use_checkpoint": False,
+        "context_slices": 0,
     }
 
 
@@ -76,6 +80,9 @@ def resolve_config(**kwargs: Any) -> dict[str, Any]:
     if cfg["encoder_channels"] is None:
         cfg["encoder_channels"] = max(1, cfg["model_channels"] // 2)
     cfg["encoder_channels"] = _positive_int("encoder_channels", cfg["encoder_channels"])
+    context = cfg["context_slices"]
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise ValueError(f"model config: context_slices must be a non-negative integer, got {context!r}")
     for key in ("use_scale_shift_norm", "conv_resample", "use_checkpoint"):
         cfg[key] = _flag(key, cfg[key])
     dropout = cfg["dropout"]
