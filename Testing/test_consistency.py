@@ -185,16 +185,20 @@ def test_correlated_sampling_is_independent_of_the_batch_size(sample_classes, ti
     assert not np.array_equal(a.volume.array, plain.volume.array)
 
 
-def test_a_bad_slice_correlation_is_refused_before_any_work(tmp_path, capsys, tiny_model):
+@pytest.mark.parametrize("option", ["slice_correlation", "slice_agreement"])
+def test_a_bad_slice_option_is_refused_before_any_work(tmp_path, capsys, tiny_model, option):
     from CTSemanticSynthLib.checkpoint import read_config
 
-    with pytest.raises(InputError, match="--slice-correlation 1.5"):
-        preset_options(read_config(tiny_model), "fast", slice_correlation=1.5)
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(InputError, match=f"{flag} 1.5"):
+        preset_options(read_config(tiny_model), "fast", **{option: 1.5})
     out = tmp_path / "syn.nii.gz"
-    code = main(["synth", "--seg", str(SAMPLE_SEG), "--out", str(out), "--slice-correlation", "-0.1", "-q"])
+    code = main(["synth", "--seg", str(SAMPLE_SEG), "--out", str(out), flag, "-0.1", "-q"])
     err = capsys.readouterr().err
-    assert code == 2 and err.strip().startswith("ctsynth: error:") and "--slice-correlation" in err
+    assert code == 2 and err.strip().startswith("ctsynth: error:") and flag in err
     assert not out.exists()
+    with pytest.raises(InputError, match="slice_agreement_below 0"):
+        preset_options(read_config(tiny_model), "fast", slice_agreement_below=0.0)
 
 
 # --- neighbour agreement ------------------------------------------------------------------------------------------
@@ -306,20 +310,6 @@ def test_agreement_is_independent_of_the_batch_size(sample_classes, tiny_loaded)
     assert not np.array_equal(a.volume.array, plain.volume.array)
 
 
-def test_a_bad_slice_agreement_is_refused_before_any_work(tmp_path, capsys, tiny_model):
-    from CTSemanticSynthLib.checkpoint import read_config
-
-    with pytest.raises(InputError, match="--slice-agreement 1.5"):
-        preset_options(read_config(tiny_model), "fast", slice_agreement=1.5)
-    with pytest.raises(InputError, match="slice_agreement_below 0"):
-        preset_options(read_config(tiny_model), "fast", slice_agreement_below=0.0)
-    out = tmp_path / "syn.nii.gz"
-    code = main(["synth", "--seg", str(SAMPLE_SEG), "--out", str(out), "--slice-agreement", "-0.2", "-q"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.strip().startswith("ctsynth: error:") and "--slice-agreement" in err
-    assert not out.exists()
-
-
 # --- 2.5D conditioning --------------------------------------------------------------------------------------------
 
 
@@ -427,3 +417,12 @@ def test_the_trainer_trains_and_exports_a_2p5d_model(sample_cache, tmp_path, mon
     assert [tuple(classes.shape) for classes in grids] == [(4, 3, 32, 32)]  # the sample grid gets the neighbours
     loaded = load_model(out / "model")
     assert loaded.model.config["context_slices"] == 1 and loaded.model.mask_channels == 3 * 17
+
+
+def test_the_demo_models_default_preset_carries_its_agreement_and_a_flag_overrides_it():
+    from CTSemanticSynthLib.checkpoint import read_config, resolve_model_path
+
+    config = read_config(resolve_model_path("demo"))
+    assert preset_options(config, "fast").slice_agreement == config["sampling_presets"]["fast"]["slice_agreement"] > 0
+    assert preset_options(config, "fast", slice_agreement=0.0).slice_agreement == 0.0
+    assert preset_options(config, "balanced").slice_agreement == 0.0  # measured on the fast preset only
