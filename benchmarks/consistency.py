@@ -64,7 +64,8 @@ def summary(report: dict) -> dict[str, float]:
     """The table's numbers of one run."""
     errors = organ_errors(report)
     worst = max(errors, key=errors.get)
-    return {"stripe_index": report["consistency"]["stripe_index"], "hu_error_mean": float(np.mean(list(errors.values()))),
+    return {"stripe_index": report["consistency"]["stripe_index"],
+            "hu_error_mean": float(np.mean(list(errors.values()))),
             "hu_error_max": errors[worst], "hu_error_worst": worst, "psnr": report["image"]["psnr"]["mean"],
             "ssim": report["image"]["ssim"]["mean"], "cpu_s": report["cpu_s"]}
 
