@@ -25,7 +25,7 @@ from .errors import CheckpointError, OutputExistsError
 from .io import atomic_folder
 from .factory import create_diffusion, create_generator, create_model
 from .labels import MODEL_CLASSES
-from .models.config import model_defaults, resolve_config
+from .models.config import ADDED_KEYS, model_defaults, resolve_config
 from .models.generators import generator_defaults, resolve_generator_config
 from .paths import cache_dir, file_digest
 from .preprocess import WINDOW_LEVEL, WINDOW_WIDTH
@@ -37,8 +37,6 @@ FORMAT_VERSION = 1
 DEFAULT_MODEL = "demo"
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "Resources" / "models"
 KINDS = ("diffusion", "generator")
-LATER_MODEL_KEYS = {"architecture", "label_dropout", "guidance_scale"}
-"""Model keys newer than format version 1: absent from older folders, whose models their defaults describe."""
 
 
 @dataclass
@@ -141,7 +139,9 @@ def _field(config: dict[str, Any], key: str, kind: type | tuple[type, ...], wher
 
 
 _JSON_NAMES = {str: "string", dict: "JSON object", list: "list", bool: "true/false", type(None): "null"}
-_PRESET_FIELDS = {"sampler": str, "steps": int, "start_timestep": (int, type(None)), "eta": (int, float)}
+_PRESET_FIELDS = {"sampler": str, "steps": int, "start_timestep": (int, type(None)), "eta": (int, float),
+                  "slice_correlation": (int, float), "slice_agreement": (int, float),
+                  "slice_agreement_below": (int, float)}
 
 
 def _check_config(config: dict[str, Any]) -> None:
@@ -190,7 +190,7 @@ def _check_config(config: dict[str, Any]) -> None:
 def _check_diffusion_model(config: dict[str, Any]) -> None:
     model = _field(config, "model", dict)
     for key in model_defaults():  # save_model writes every key: a missing one would silently become a default
-        if key not in LATER_MODEL_KEYS:
+        if key not in ADDED_KEYS:
             _field(model, key, object, "model.")
     try:
         resolve_config(**model)

@@ -156,6 +156,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=None, metavar="S",
                         help="classifier-free guidance scale s (models trained with label dropout, e.g. SDM; default: "
                              "the model's; 0: plain conditional; each step then evaluates the network twice)")
+    parser.add_argument("--slice-agreement", type=float, default=None, metavar="W",
+                        help="blend every step's prediction with the neighbouring slices' where their labels agree, "
+                             "with this strength (0..1; default: the preset's, see docs/consistency.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (and their .json)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
@@ -263,7 +266,7 @@ def _sampling_setup(args: argparse.Namespace) -> tuple[torch.device, str, Path, 
     model_folder = resolve_model_path(args.model)
     options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
                              seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation,
-                             guidance=args.guidance)
+                             guidance=args.guidance, slice_agreement=args.slice_agreement)
     check_convention(args.labels)
     return device, precision, model_folder, options
 

@@ -181,10 +181,14 @@ def semantic_edges(classes: torch.Tensor) -> torch.Tensor:
 
 
 def condition_inputs(classes: torch.Tensor, conditioning: str) -> dict[str, torch.Tensor]:
-    """Model keyword inputs for (N, H, W) class slices: one-hot ``mask``, plus ``edge`` for edge-guided models."""
-    inputs = {"mask": one_hot(classes)}
+    """Model keyword inputs for (N, H, W) class slices: one-hot ``mask``, plus ``edge`` for edge-guided models.
+
+    (N, 1 + 2k, H, W) classes (a slice and its neighbours, for 2.5D models) give their one-hot masks side by side
+    and the edges of channel 0, the slice itself."""
+    stack = classes if classes.ndim == 4 else classes[:, None]
+    inputs = {"mask": one_hot(stack.flatten(0, 1)).unflatten(0, stack.shape[:2]).flatten(1, 2)}
     if conditioning == "edge":
-        inputs["edge"] = semantic_edges(classes)
+        inputs["edge"] = semantic_edges(stack[:, 0])
     return inputs
 
 

@@ -19,6 +19,7 @@ from .denoiser import VolumeDenoiser, precision_autocast, to_memory_format
 from .device import device_capability, select_device, select_precision
 from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
 from .diffusion.samplers.repaint import Inpainting, Jumps, repaint_loop
+from .diffusion.slice_agreement import SliceAgreement
 from .diffusion.slice_noise import SliceNoise
 from .errors import Cancelled, CTSynthError, InputError
 from .factory import create_diffusion
@@ -37,6 +38,7 @@ from .preprocess import (
 )
 from .provenance import provenance_record
 from .regenerate import DEFAULT_JUMP_N_SAMPLE, RegionEdit
+from .slice_context import network_context, with_neighbours
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class SamplingOptions:
     batch_size: int = 8
     slice_correlation: float = 0.0
     guidance: float = 0.0
+    slice_agreement: float = 0.0
+    slice_agreement_below: float = 1.0
 
 
 DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
@@ -104,6 +108,10 @@ def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> 
     if options.guidance and not config["model"].get("label_dropout"):
         raise InputError(f"--guidance {options.guidance} needs a model trained with label dropout; model "
                          f"'{config.get('name', '?')}' was not: use --guidance 0")
+    if not 0 <= options.slice_agreement <= 1:
+        raise InputError(f"--slice-agreement {options.slice_agreement} is out of range: use 0..1")
+    if not 0 < options.slice_agreement_below <= 1:
+        raise InputError(f"slice_agreement_below {options.slice_agreement_below} is out of range: use (0, 1]")
     try:
         if config.get("kind", "diffusion") == "diffusion":  # a one-pass generator ignores the sampler options
             options_sampler(options, create_diffusion(config["diffusion"]))
@@ -227,7 +235,8 @@ def synthesize(
             sample = sample_slices(model.model, model.conditioning, sampler, small, active, seed=options.seed,
                                    device=device, batch_size=options.batch_size, prior=prior, precision=precision,
                                    cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
-                                   inpaint=inpaint, guidance=options.guidance)
+                                   inpaint=inpaint, guidance=options.guidance,
+                                   slice_agreement=(options.slice_agreement, options.slice_agreement_below))
     except torch.OutOfMemoryError:
         batch = options.batch_size
         raise CTSynthError(
@@ -300,19 +309,27 @@ def sample_slices(
     slice_correlation: float = 0.0,
     inpaint: Inpainting | None = None,
     guidance: float = 0.0,
+    slice_agreement: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Sample the (N, S, S) class slices of one volume together; returns (N, S, S) intensities in [0, 1] on the CPU.
+
+    A 2.5D network (``context_slices`` k) also sees the neighbours' classes, taken from ``classes`` by slice number
+    (:func:`~.slice_context.with_neighbours`), unless ``classes`` is (N, 1 + 2k, S, S) with them already.
 
     Every slice walks the same timesteps at the same time (the sampler sees the whole (N, 1, S, S) state); the
     network runs ``batch_size`` slices at a time (default: all), see :class:`~.denoiser.VolumeDenoiser`.
     ``slice_index`` seeds one generator per slice, which draws that slice's starting noise and then the noise of
     every stochastic step, so a slice's sample does not depend on the batch size; ``slice_correlation`` mixes
-    in noise shared with the neighbouring slices (:class:`~.diffusion.slice_noise.SliceNoise`). ``prior`` (per-class
-    values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the start (SDEdit).
-    ``guidance`` s != 0 is classifier-free guidance. ``precision`` 'bf16'/'fp16' runs the network under autocast
-    with channels_last inputs. ``on_step(fraction)`` follows every chunk. Nothing in the loop waits for the device: the finiteness check is read once, at the end.
-    ``inpaint`` holds a known area to every step (RePaint, :func:`~.diffusion.samplers.repaint.repaint_loop`).
+    in noise shared with the neighbouring slices (:class:`~.diffusion.slice_noise.SliceNoise`); ``slice_agreement``
+    (strength, below) blends every step's x0 with the neighbours' (:class:`~.diffusion.slice_agreement.SliceAgreement`).
+    ``prior`` (per-class values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the
+    start (SDEdit). ``guidance`` s != 0 is classifier-free guidance. ``inpaint`` holds a known area to every step
+    (RePaint, :func:`~.diffusion.samplers.repaint.repaint_loop`). ``precision`` 'bf16'/'fp16' runs the network under
+    autocast with channels_last inputs. ``on_step(fraction)`` follows every chunk. Nothing in the loop waits for the
+    device: the finiteness check is read once, at the end.
     """
+    conditions = with_neighbours(classes, slice_index, network_context(network))
+    classes = conditions[:, 0] if conditions.ndim == 4 else conditions
     size = classes.shape[-1]
     total = len(slice_index) * (sampler.num_steps if inpaint is None else inpaint.jumps.evaluations(sampler.num_steps))
 
@@ -321,14 +338,16 @@ def sample_slices(
             on_step(min(1.0, evaluated / total))
 
     noise_source = SliceNoise(seed, slice_index, slice_correlation, device=device)
-    denoiser = VolumeDenoiser(network, conditioning, classes, batch_size=batch_size, device=device,
+    denoiser = VolumeDenoiser(network, conditioning, conditions, batch_size=batch_size, device=device,
                               precision=precision, guidance=guidance, cancel=cancel, progress=on_evaluated)
+    model_fn = SliceAgreement(denoiser, sampler.diffusion, classes, slice_index, slice_agreement[0],
+                              below=slice_agreement[1], clip_denoised=sampler.clip_denoised, device=device)
     with torch.inference_mode():
         noise = noise_source.draw((len(slice_index), 1, size, size))
         x = noise if prior is None else sampler.add_noise(prior.to(device)[classes.to(device).long()][:, None], 0,
                                                           noise)
-        loop = (sample_loop(denoiser, sampler, x, {}, noise_source) if inpaint is None else
-                repaint_loop(denoiser, sampler, x, inpaint.to(device), noise_source))
+        loop = (sample_loop(model_fn, sampler, x, {}, noise_source) if inpaint is None else
+                repaint_loop(model_fn, sampler, x, inpaint.to(device), noise_source))
         for _, _, x, _ in loop:
             pass
         if not bool(denoiser.finite):
@@ -379,7 +398,7 @@ def evaluation_flops(model: LoadedModel) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     size = model.image_size
-    classes = torch.zeros((1, size, size), dtype=torch.long)
+    classes = with_neighbours(torch.zeros((1, size, size), dtype=torch.long), [0], network_context(model.model))
     device = next(model.model.parameters()).device
     kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, model.conditioning).items()}
     with torch.inference_mode():

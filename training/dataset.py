@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from CTSemanticSynthLib.errors import InputError
-from CTSemanticSynthLib.labels import MODEL_CLASSES, NUM_CLASSES
+from CTSemanticSynthLib.labels import BACKGROUND, MODEL_CLASSES, NUM_CLASSES
+from CTSemanticSynthLib.slice_context import context_offsets
 
 
 class SliceCache:
@@ -42,17 +43,29 @@ class SliceCache:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load(self, indices: torch.Tensor | list[int], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, indices: torch.Tensor | list[int], pin: bool = False,
+             context_slices: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored arrays for the given row indices: images [B, S, S] float16 in [0, 1], classes [B, S, S]
-        uint8 (what a training step copies to its device; ``pin`` puts them in page-locked memory)."""
+        uint8 (what a training step copies to its device; ``pin`` puts them in page-locked memory). With
+        ``context_slices`` k > 0 (2.5D models) classes are [B, 1 + 2k, S, S]: the slice's, then its neighbours' in
+        the case (``slice_context.context_offsets``; background beyond the case's ends)."""
         picks = [self.rows[int(i)] for i in indices]
         images = torch.from_numpy(np.stack([self._images[c][s] for c, s in picks]))
-        classes = torch.from_numpy(np.stack([self._classes[c][s] for c, s in picks]))
+        if context_slices:
+            classes = torch.from_numpy(np.stack([np.stack([self._neighbour(c, s + d) for d in
+                                                           context_offsets(context_slices)]) for c, s in picks]))
+        else:
+            classes = torch.from_numpy(np.stack([self._classes[c][s] for c, s in picks]))
         return (images.pin_memory(), classes.pin_memory()) if pin else (images, classes)
 
-    def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images scaled to [-1, 1] (float32) and classes (int64) for the given row indices."""
-        return model_batch(*self.load(indices))
+    def _neighbour(self, case: str, index: int) -> np.ndarray:
+        """Classes of slice ``index`` of ``case``, background when the case has no such slice."""
+        stack = self._classes[case]
+        return stack[index] if 0 <= index < len(stack) else np.full_like(stack[0], BACKGROUND)
+
+    def batch(self, indices: torch.Tensor | list[int], context_slices: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images scaled to [-1, 1] (float32) and classes (int64) for the given row indices (see ``load``)."""
+        return model_batch(*self.load(indices, context_slices=context_slices))
 
     def class_means(self, max_slices: int = 2000) -> list[float]:
         """Mean [0,1] intensity per model class over (up to ``max_slices`` of) the split; 0 for absent classes."""

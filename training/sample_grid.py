@@ -17,7 +17,8 @@ from CTSemanticSynthLib.synthesis import class_prior, sample_slices
 def sample_grid_slices(model: torch.nn.Module, diffusion: GaussianDiffusion, classes: torch.Tensor,
                        conditioning: str, *, steps: int, start_timestep: int | None,
                        class_means: list[float] | None, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """DDIM samples [B, S, S] in [0, 1] for class slices [B, S, S]; from the noised class-mean prior if asked."""
+    """DDIM samples [B, S, S] in [0, 1] for class slices [B, S, S] (with a 2.5D model's neighbours: [B, 1 + 2k, S, S]);
+    from the noised class-mean prior if asked."""
     if start_timestep is not None and class_means is None:
         raise ValueError("a start timestep needs the class means")
     sampler = make_sampler("ddim", diffusion, steps, start_timestep=start_timestep)
@@ -33,7 +34,7 @@ def sample_grid_slices(model: torch.nn.Module, diffusion: GaussianDiffusion, cla
 def write_sample_grid(path: Path, model: torch.nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor,
                       classes: torch.Tensor, conditioning: str, *, steps: int, start_timestep: int | None,
                       class_means: list[float] | None, device: torch.device) -> None:
-    """PNG grid for real images [B, 1, S, S] in [-1, 1] and their classes [B, S, S]."""
+    """PNG grid for real images [B, 1, S, S] in [-1, 1] and their classes [B, S, S] (or [B, 1 + 2k, S, S])."""
     synthetic = sample_grid_slices(model, diffusion, classes, conditioning, steps=steps, start_timestep=start_timestep,
                               class_means=class_means, device=device)
     save_grid(path, images, classes, synthetic)
@@ -45,7 +46,7 @@ def save_grid(path: Path, images: torch.Tensor, classes: torch.Tensor, synthetic
     real = (images[:, 0] + 1) / 2
     colours = np.asarray(COLORS, dtype=np.uint8)
     rows = []
-    for c, r, s in zip(classes.numpy(), real.numpy(), synthetic.numpy()):
+    for c, r, s in zip((classes if classes.ndim == 3 else classes[:, 0]).numpy(), real.numpy(), synthetic.numpy()):
         grey = [np.repeat((np.clip(a, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1) for a in (r, s)]
         rows.append(np.concatenate([colours[c], *grey], axis=1))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,8 @@ DIFFUSION_FIXED = ("learn_sigma", "timestep_respacing")
 sampling."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-RESUME_FIXED = ("conditioning", "model_channels", "channel_mult", "num_res_blocks", "schedule", "prediction",
-                "data", "batch_size")
+RESUME_FIXED = ("conditioning", "model_channels", "channel_mult", "num_res_blocks", "context_slices", "schedule",
+                "prediction", "data", "batch_size")
 """Options a resumed run must share with the saved one (the global batch too: it sets the optimisation)."""
 TIMESTEP_SAMPLERS = ("uniform", "loss-aware")
 
@@ -383,7 +383,8 @@ class Trainer:
 
     def _load_slices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         indices = draw_indices(len(self.train_data), self.rank_batch, self.config["seed"], self.rank, step)
-        return self.train_data.load(indices, pin=self.device.type == "cuda")
+        return self.train_data.load(indices, pin=self.device.type == "cuda",
+                                    context_slices=self.config["context_slices"])
 
     def _slices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's stored slices (uint8 classes, float16 images) on the device; the next step's are read from
@@ -481,7 +482,7 @@ class Trainer:
         """A grid mask | real | synthetic (EMA model) for fixed held-out (or training) slices."""
         data = self.test_data or self.train_data
         index = torch.linspace(0, len(data) - 1, steps=min(4, len(data))).long()
-        images, classes = data.batch(index)
+        images, classes = data.batch(index, context_slices=self.config["context_slices"])
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         write_sample_grid(path, self.ema, self.diffusion, images, classes, self.config["conditioning"],
                           steps=self.config["sample_steps"], start_timestep=self.config["sample_start_timestep"] or None,

@@ -183,6 +183,14 @@ class GaussianDiffusion:
         scaled = _extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
         return scaled - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
 
+    def x0_from_prediction(self, x_t: Tensor, t: Tensor, prediction: Tensor) -> Tensor:
+        """x_0 implied by the model's prediction (eps, x0 or v, see ``prediction``); inverse: ``prediction_target``."""
+        if self.prediction == "eps":
+            return self.x0_from_eps(x_t, t, prediction)
+        if self.prediction == "x0":
+            return prediction
+        return self.x0_from_v(x_t, t, prediction)
+
     def velocity(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """The v target sqrt(abar_t) noise - sqrt(1 - abar_t) x_0."""
         scaled = _extract(self.sqrt_alphas_cumprod, t, x0) * noise
@@ -227,12 +235,7 @@ class GaussianDiffusion:
             frac = (var_values + 1.0) / 2.0
             log_variance = frac * max_log + (1.0 - frac) * min_log
 
-        if self.prediction == "eps":
-            pred_x0 = self.x0_from_eps(x_t, t, prediction)
-        elif self.prediction == "x0":
-            pred_x0 = prediction
-        else:
-            pred_x0 = self.x0_from_v(x_t, t, prediction)
+        pred_x0 = self.x0_from_prediction(x_t, t, prediction)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         if self.prediction == "eps" and not clip_denoised:

@@ -8,6 +8,8 @@ from typing import Any
 CONDITIONINGS = ("concat", "mask_encoder", "edge")
 ARCHITECTURES = {"unet": CONDITIONINGS, "sdm": ("spade",)}
 """Networks (``architecture``) and the conditionings each accepts: SDM feeds the mask to SPADE norms only."""
+ADDED_KEYS = ("architecture", "label_dropout", "guidance_scale", "context_slices")
+"""Keys added after models were first saved: a saved config without one means its default (the old behaviour)."""
 
 
 def model_defaults() -> dict[str, Any]:
@@ -20,6 +22,8 @@ def model_defaults() -> dict[str, Any]:
     (`models/sdm.py`, conditioning "spade"). `label_dropout` is the fraction of training samples whose
     condition was replaced by the "no label" input (zeros), which classifier-free guidance needs;
     `guidance_scale` is the guidance the model is sampled with by default (0: plain conditional).
+    `context_slices` k > 0 makes a 2.5D model: the masks of the slices +-1..+-k enter beside the slice's
+    own (see `CTSemanticSynthLib.slice_context`).
     """
     return {
         "architecture": "unet",
@@ -40,6 +44,7 @@ def model_defaults() -> dict[str, Any]:
         "use_checkpoint": False,
         "label_dropout": 0.0,
         "guidance_scale": 0.0,
+        "context_slices": 0,
     }
 
 
@@ -97,6 +102,9 @@ def resolve_config(**kwargs: Any) -> dict[str, Any]:
     if cfg["encoder_channels"] is None:
         cfg["encoder_channels"] = max(1, cfg["model_channels"] // 2)
     cfg["encoder_channels"] = _positive_int("encoder_channels", cfg["encoder_channels"])
+    context = cfg["context_slices"]
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise ValueError(f"model config: context_slices must be a non-negative integer, got {context!r}")
     for key in ("use_scale_shift_norm", "conv_resample", "use_checkpoint"):
         cfg[key] = _flag(key, cfg[key])
     for key in ("dropout", "label_dropout"):

@@ -27,6 +27,9 @@ class UNetModel(nn.Module):
       (that block's input channels absorb them).
     - ``"edge"``: both: mask concatenated at the input, semantic edge map through the encoder.
 
+    With `context_slices` k > 0 (2.5D) the mask holds the one-hot masks of the slice and of its neighbours
+    (`mask_channels` = num_classes * (1 + 2k)) wherever the slice's own mask goes.
+
     The output has `out_channels` channels: by default the noise prediction and the learned-variance
     interpolation value v.
     """
@@ -46,17 +49,18 @@ class UNetModel(nn.Module):
         self.conditioning: str = cfg["conditioning"]
         self.uses_concat = self.conditioning in ("concat", "edge")
         self.size_multiple = 2 ** (len(mult) - 1)
+        self.mask_channels = cfg["num_classes"] * (1 + 2 * cfg["context_slices"])
         self.cond_encoder: ConditionEncoder | None = None
         cond_ch = [0] * len(mult)
         if self.conditioning in ("mask_encoder", "edge"):
-            enc_in = 1 if self.conditioning == "edge" else cfg["num_classes"]
+            enc_in = 1 if self.conditioning == "edge" else self.mask_channels
             self.cond_encoder = ConditionEncoder(
                 enc_in, cfg["encoder_channels"], mult, nrb, cfg["conv_resample"], ckpt
             )
             cond_ch = self.cond_encoder.out_channels
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        in_ch = cfg["in_channels"] + (cfg["num_classes"] if self.uses_concat else 0)
+        in_ch = cfg["in_channels"] + (self.mask_channels if self.uses_concat else 0)
         self.input_conv = nn.Conv2d(in_ch, mc, 3, padding=1)
 
         # Encoder. `*_inject[i]` is the condition-encoder level concatenated before block i, or None.
@@ -129,7 +133,7 @@ class UNetModel(nn.Module):
         """Predict [B, out_channels, H, W] from the noisy image x [B, in_channels, H, W].
 
         `timesteps` [B] (or a scalar) are on the diffusion's original 0..T-1 scale, int or float;
-        `mask` is the one-hot mask [B, num_classes, H, W]; `edge` [B, 1, H, W] is required exactly
+        `mask` is the one-hot mask [B, mask_channels, H, W]; `edge` [B, 1, H, W] is required exactly
         for "edge" models (unless precomputed `cond_features` from `encode_condition` are given).
         """
         self._check_inputs(x, timesteps, mask, edge, cond_features)
@@ -174,9 +178,9 @@ class UNetModel(nn.Module):
             )
         if timesteps.shape not in ((), (b,)):
             raise ValueError(f"timesteps must be a scalar or have shape [{b}], got {tuple(timesteps.shape)}")
-        if mask.shape != (b, cfg["num_classes"], height, width):
+        if mask.shape != (b, self.mask_channels, height, width):
             raise ValueError(
-                f"mask must be one-hot [{b}, {cfg['num_classes']}, {height}, {width}], got {tuple(mask.shape)}"
+                f"mask must be one-hot [{b}, {self.mask_channels}, {height}, {width}], got {tuple(mask.shape)}"
             )
         if cond_features is not None and self.cond_encoder is None:
             raise ValueError('cond_features were given but a "concat" model has no condition encoder')
