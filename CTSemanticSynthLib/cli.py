@@ -309,7 +309,7 @@ def _progress(quiet: bool) -> Iterator[Callable[[float, int], None]]:
 
 def _synth(args: argparse.Namespace) -> int:
     from .batch import std_header, std_map
-    from .checkpoint import load_model
+    from .checkpoint import load_model, read_config
     from .evaluate_cli import labels_file
     from .grid import onto_grid
     from .io import (WRITE_SUFFIXES, atomic_outputs, check_distinct_paths, check_output_path, read_image,
@@ -334,6 +334,9 @@ def _synth(args: argparse.Namespace) -> int:
     if args.progress_lines and sys.stdout is None:
         raise InputError("--progress-lines writes to stdout, which is closed")
     _region_checks(args)
+    if args.keep_ct is not None and read_config(model_folder).get("kind", "diffusion") != "diffusion":
+        raise InputError(f"--keep-ct: the model in {model_folder} is a one-pass generator, which cannot regenerate "
+                         "a region (it has no steps to hold the kept CT in); use a diffusion model")
     volumes = [args.out] if args.samples == 1 else [_numbered(args.out, k) for k in range(args.samples)]
     outputs: dict[str, Path | None] = {}
     for k, path in enumerate(volumes):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from CTSemanticSynthLib.checkpoint import load_model
+from CTSemanticSynthLib.checkpoint import load_model, save_model
 from CTSemanticSynthLib.cli import main, sidecar_path
 from CTSemanticSynthLib.diffusion import GaussianDiffusion, diffusion_defaults, make_sampler
 from CTSemanticSynthLib.diffusion.samplers.repaint import Inpainting, Jumps, repaint_loop
 from CTSemanticSynthLib.errors import InputError
+from CTSemanticSynthLib.factory import create_generator
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_volume
 from CTSemanticSynthLib.labels import BACKGROUND
 from CTSemanticSynthLib.regenerate import RegionEdit, changed_region, grow, organ_classes
@@ -285,3 +286,13 @@ def test_cli_previous_seg_needs_keep_ct(capsys, tiny_model, files, tmp_path):
                     tmp_path / "o.nii.gz", "--model", tiny_model, "-q")
     assert code == 2 and err.strip() == "ctsynth: error: --previous-seg needs --keep-ct (the CT to keep outside the region)"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_one_pass_generator_cannot_regenerate_a_region(capsys, files, tmp_path):
+    folder = tmp_path / "pix2pix"
+    save_model(folder, create_generator({"method": "pix2pix", "image_size": 32, "channels": 2}), None,
+               name="tiny-pix2pix")
+    out = tmp_path / "edited.nii.gz"
+    code, err = regen(capsys, folder, files, out, "--previous-seg", files["old"])
+    assert code == 2 and err.count("\n") == 1 and "one-pass generator" in err and "Traceback" not in err
+    assert not out.exists()
