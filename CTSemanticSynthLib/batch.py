@@ -206,6 +206,10 @@ def _label_record(label_names: dict[int, str] | None) -> dict[str, str] | None:
     return None if label_names is None else {str(v): name for v, name in sorted(label_names.items())}
 
 
+NEUTRAL_OPTIONS = {"slice_correlation": 0.0, "guidance": 0.0, "slice_agreement": 0.0, "slice_agreement_below": 1.0}
+"""Sampling options added after the first records, at their 'off' values: what an older record's run used."""
+
+
 def _made_by(job: Job, model_sha256: str, options: SamplingOptions, label_names: dict[int, str] | None,
              precision: str) -> bool:
     """Whether the job's sidecar records this model, these options, the job's seed, these label values and this
@@ -219,7 +223,8 @@ def _made_by(job: Job, model_sha256: str, options: SamplingOptions, label_names:
     if not isinstance(record.get("batch"), dict) or record["batch"].get("labels") != _label_record(label_names):
         return False
     expected = dataclasses.asdict(dataclasses.replace(options, seed=job.seed))
-    return {**record["options"], "batch_size": None} == {**expected, "batch_size": None}
+    recorded = {**NEUTRAL_OPTIONS, **record["options"]}  # options added since the record was written were off
+    return {**recorded, "batch_size": None} == {**expected, "batch_size": None}
 
 
 def _complete(job: Job) -> bool:

@@ -194,6 +194,22 @@ def test_files_made_otherwise_are_not_replaced(capsys, segs, tiny_model, tmp_pat
     assert voxels(out / "caseB_s0.nii.gz").shape == (60, 60, 2)
 
 
+def test_records_from_before_newer_options_still_count_as_done(capsys, monkeypatch, segs, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    assert run_batch(capsys, segs, out, tiny_model, "-q")[0] == 0
+    for sidecar in out.glob("*.json"):
+        record = json.loads(sidecar.read_text())
+        for key in batch.NEUTRAL_OPTIONS:  # as written before these options existed
+            del record["options"][key]
+        sidecar.write_text(json.dumps(record))
+    calls = []
+    monkeypatch.setattr(batch, "synthesize", lambda *a, **k: calls.append(1))
+    assert run_batch(capsys, segs, out, tiny_model, "-q")[0] == 0
+    assert calls == []
+    code, err = run_batch(capsys, segs, out, tiny_model, "-q", "--slice-agreement", "0.5")
+    assert code == 2 and "was made otherwise" in err
+
+
 def test_files_made_in_another_precision_are_not_taken_as_done(capsys, segs, tiny_model, tmp_path):
     out = tmp_path / "out"
     assert run_batch(capsys, segs, out, tiny_model, "-q", "--precision", "fp32")[0] == 0
