@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
-from .denoiser import VolumeDenoiser
+from .denoiser import AUTO, VolumeDenoiser
 from .device import device_capability, select_device, select_precision
 from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
 from .diffusion.slice_noise import SliceNoise
@@ -46,15 +46,19 @@ given (best Dice, 0.94, against the CT-derived body on the bundled example)."""
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How to sample. ``start_timestep`` < T-1 starts from the noised class-mean prior (SDEdit)."""
+    """How to sample. ``start_timestep`` < T-1 starts from the noised class-mean prior (SDEdit). ``batch_size``:
+    slices the network evaluates together, or "auto" (measured from free GPU memory, see
+    :meth:`~.denoiser.VolumeDenoiser.measured_batch_size`). ``compile``: torch.compile the network (pays on CUDA,
+    not on the CPU: see docs/benchmarks.md)."""
 
     sampler: str = "ddim"
     steps: int = 50
     start_timestep: int | None = None
     eta: float = 0.0
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | str = 8
     slice_correlation: float = 0.0
+    compile: bool = False
 
 
 DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
@@ -86,8 +90,8 @@ def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> 
         raise InputError(f"unknown sampler '{options.sampler}': use one of {', '.join(SAMPLERS)}")
     if not 0 <= options.seed <= MAX_SEED:
         raise InputError(f"--seed {options.seed} is out of range: use 0..{MAX_SEED}")
-    if options.batch_size < 1:
-        raise InputError(f"--batch-size {options.batch_size} must be at least 1")
+    if options.batch_size != AUTO and (not isinstance(options.batch_size, int) or options.batch_size < 1):
+        raise InputError(f"--batch-size {options.batch_size} must be at least 1 (or auto)")
     if not 0 <= options.slice_correlation <= 1:
         raise InputError(f"--slice-correlation {options.slice_correlation} is out of range: use 0..1")
     try:
@@ -159,7 +163,8 @@ def synthesize(
     defaults to auto, the library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic
     stays float32. The same seed, options, device and precision give the same volume, whatever the batch size (the
     slices sampled together by the network; the whole volume walks the timesteps together). ``cancel()`` is polled
-    before every batch and raises :class:`Cancelled`. Raises :class:`CTSynthError` for out-of-memory with advice on the batch size.
+    before every batch and raises :class:`Cancelled`. Out of memory halves the batch size and retries (the
+    provenance's ``batch_size_used`` is the last one); at batch size 1 it raises :class:`CTSynthError`.
     """
     if classes.array.max() >= NUM_CLASSES:
         raise InputError(f"class volume has values >= {NUM_CLASSES}; map labels with prepare_classes first")
@@ -178,19 +183,21 @@ def synthesize(
     small = torch.cat([resize.to_model(torch.from_numpy(stack[part].astype(np.int64)), labels=True).to(torch.uint8)
                        for part in _parts(active)])
 
+    used: list[int] = []  # the batch sizes the denoiser took
+
     def on_step(fraction: float) -> None:
         if progress is not None:
             progress(fraction * len(active), len(active))
 
     try:
-        sample = sample_slices(model.model, model.conditioning, sampler, small, active, seed=options.seed,
+        network = torch.compile(model.model) if options.compile else model.model
+        sample = sample_slices(network, model.conditioning, sampler, small, active, seed=options.seed,
                                device=device, batch_size=options.batch_size, prior=prior, precision=precision,
-                               cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation)
+                               cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
+                               on_batch_size=used.append)
     except torch.OutOfMemoryError:
-        batch = options.batch_size
-        raise CTSynthError(
-            f"out of memory on {device} with batch size {batch}: use --batch-size {max(1, batch // 2)} or --device cpu"
-        ) from None
+        raise CTSynthError(f"out of memory on {device} even with batch size 1 (one slice at a time): use --device cpu "
+                           "or a smaller model") from None
     first = 0
     for part in _parts(active):
         unit[part] = resize.from_model(sample[first : first + len(part)], labels=False).numpy()
@@ -200,7 +207,7 @@ def synthesize(
     volume = Volume(orientation.from_stack(hu.astype(np.int16)), classes.affine)
     record = provenance_record(model.name, model.sha256, model.conditioning, sampler.config, asdict(options),
                                str(device), len(active))
-    record.update(precision=precision, device_capability=device_capability(device))
+    record.update(precision=precision, device_capability=device_capability(device), batch_size_used=used[-1])
     return SynthesisResult(volume, record)
 
 
@@ -233,17 +240,19 @@ def sample_slices(
     *,
     seed: int,
     device: torch.device,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     prior: torch.Tensor | None = None,
     precision: str = "fp32",
     cancel: Callable[[], bool] | None = None,
     on_step: Callable[[float], None] | None = None,
     slice_correlation: float = 0.0,
+    on_batch_size: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Sample the (N, S, S) class slices of one volume together; returns (N, S, S) intensities in [0, 1] on the CPU.
 
     Every slice walks the same timesteps at the same time (the sampler sees the whole (N, 1, S, S) state); the
-    network runs ``batch_size`` slices at a time (default: all), see :class:`~.denoiser.VolumeDenoiser`.
+    network runs ``batch_size`` slices at a time (default: all; "auto": measured, halved on out-of-memory, each
+    batch size taken goes to ``on_batch_size``), see :class:`~.denoiser.VolumeDenoiser`.
     ``slice_index`` seeds one generator per slice, which draws that slice's starting noise and then the noise of
     every stochastic step, so a slice's sample does not depend on the batch size; ``slice_correlation`` mixes
     in noise shared with the neighbouring slices (:class:`~.diffusion.slice_noise.SliceNoise`). ``prior`` (per-class
@@ -260,7 +269,7 @@ def sample_slices(
 
     noise_source = SliceNoise(seed, slice_index, slice_correlation, device=device)
     denoiser = VolumeDenoiser(network, conditioning, classes, batch_size=batch_size, device=device,
-                              precision=precision, cancel=cancel, progress=on_evaluated)
+                              precision=precision, cancel=cancel, progress=on_evaluated, on_batch_size=on_batch_size)
     with torch.inference_mode():
         noise = noise_source.draw((len(slice_index), 1, size, size))
         x = noise if prior is None else sampler.add_noise(prior.to(device)[classes.to(device).long()][:, None], 0,
