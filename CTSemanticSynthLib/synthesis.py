@@ -174,8 +174,7 @@ def synthesize(
     orientation = AxialOrientation.from_affine(classes.affine)
     stack = orientation.to_stack(classes.array)
     resize = PlaneResize(stack.shape[1], stack.shape[2], model.image_size)
-    active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
-    unit = np.zeros(stack.shape, dtype=np.float32)
+    active = np.flatnonzero(stack.any(axis=(1, 2)))
     sampler = options_sampler(options, model.diffusion)
     prior = _model_prior(model) if options.start_timestep is not None else None
     if not len(active):
@@ -198,13 +197,13 @@ def synthesize(
     except torch.OutOfMemoryError:
         raise CTSynthError(f"out of memory on {device} even with batch size 1 (one slice at a time): use --device cpu "
                            "or a smaller model") from None
-    first = 0
+    hu = np.full(classes.array.shape, AIR_HU, dtype=np.int16)  # the output, filled through its stack view part
+    hu_stack, first = orientation.to_stack(hu), 0                 # by part: no full-volume float temporaries
     for part in _parts(active):
-        unit[part] = resize.from_model(sample[first : first + len(part)], labels=False).numpy()
+        unit = resize.from_model(sample[first : first + len(part)], labels=False).numpy()
+        hu_stack[part] = np.where(stack[part] == BACKGROUND, AIR_HU, np.rint(unit_to_hu(unit)))
         first += len(part)
-    hu = np.rint(unit_to_hu(unit))
-    hu[stack == BACKGROUND] = AIR_HU
-    volume = Volume(orientation.from_stack(hu.astype(np.int16)), classes.affine)
+    volume = Volume(hu, classes.affine)
     record = provenance_record(model.name, model.sha256, model.conditioning, sampler.config, asdict(options),
                                str(device), len(active))
     record.update(precision=precision, device_capability=device_capability(device), batch_size_used=used[-1])

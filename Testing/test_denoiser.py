@@ -123,6 +123,7 @@ def test_out_of_memory_halves_the_batch_and_retries_the_chunk(caplog, conditioni
     assert sizes == [8, 4, 2] and denoiser.batch_size == 2
     assert failing.calls == [7, 4, 2, 2, 2, 1]
     assert seen == [2, 4, 6, 7] and denoiser.evaluated == 7  # failed chunks are not counted
+    assert set(denoiser._features) == (set() if conditioning == "concat" else {(0, 2), (2, 4), (4, 6), (6, 7)})
     assert [r.getMessage() for r in caplog.records] == [
         "out of memory on cpu with 8 slices at a time: retrying with 4",
         "out of memory on cpu with 4 slices at a time: retrying with 2"]
