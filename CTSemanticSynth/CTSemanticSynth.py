@@ -21,6 +21,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 PRESETS = ("fast", "balanced", "paper")
+SAMPLERS = ("preset", "ddim", "dpmsolver++", "ancestral")  # "preset": the preset's own sampler
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu", "mps")
 # Slicer 5.10 and newer ship Python 3.12; older Slicer (Python 3.9) gets one message instead of a traceback. Nothing
 # above this line may need a newer Python than 3.9.
@@ -38,7 +40,6 @@ if SUPPORTED:
     from CTSemanticSynthSlicerLib.segments import CONVENTIONS
 else:  # placeholders so that the classes below can be defined; the Widget shows TOO_OLD instead of the panel
     SynthesisLogic, CONVENTIONS, ORIENTATIONS = object, ("auto",), ("Axial",)
-
 
 
 class CTSemanticSynth(ScriptedLoadableModule):
@@ -64,13 +65,12 @@ Module layout after the Slicer scripted-module template and SlicerMONAIAuto3DSeg
             logging.error(TOO_OLD)
 
 
-
 @parameterNodeWrapper
 class CTSemanticSynthParameterNode:
     """
     inputSegmentation - the organs to synthesize from; referenceVolume - optional real CT (grid, review, Dice
-    ceiling); outputVolume - where the synthetic CT goes (None: a new node). Sampling: preset, steps (0 = the
-    preset's), seed (randomSeed draws one on Apply and stores it here), device, batchSize, samples. Review:
+    ceiling); outputVolume - where the synthetic CT goes (None: a new node). Sampling: preset, sampler/steps
+    ("preset"/0: the preset's), precision, seed (randomSeed: drawn on Apply), device, batchSize, samples. Review:
     blindReview, reviewOrientation. Reader study: studyFromScene or studyFolder, studyCsv, readerName, studySeed.
     """
 
@@ -83,7 +83,9 @@ class CTSemanticSynthParameterNode:
     mappingFile: pathlib.Path
     allowUnknownSegments: bool = True
     preset: Annotated[str, Choice(list(PRESETS))] = "fast"
+    sampler: Annotated[str, Choice(list(SAMPLERS))] = "preset"
     steps: Annotated[int, WithinRange(0, 1000)] = 0
+    precision: Annotated[str, Choice(list(PRECISIONS))] = "auto"
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     randomSeed: bool = False
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
@@ -97,7 +99,6 @@ class CTSemanticSynthParameterNode:
     studyCsv: pathlib.Path
     readerName: str = ""
     studySeed: Annotated[int, WithinRange(0, 2147483647)] = 0
-
 
 
 class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -258,7 +259,8 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 model=self._modelSpec(), labels=p.labelConvention,
                 mappingFile=str(p.mappingFile) if p.labelConvention == "json" else None,
                 strictLabels=not p.allowUnknownSegments, preset=p.preset, steps=p.steps, seed=p.seed, device=p.device,
-                batchSize=p.batchSize, samples=p.samples)
+                batchSize=p.batchSize, samples=p.samples, sampler=None if p.sampler == "preset" else p.sampler,
+                precision=p.precision)
             self._startTask(task, _("Synthesizing..."))
 
     def _startTask(self, task, message: str) -> None:
@@ -419,7 +421,6 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanApply()
 
 
-
 class CTSemanticSynthLogic(ScriptedLoadableModuleLogic, SynthesisLogic):
     """All computation, usable without the GUI (see CTSemanticSynthSlicerLib/logic.py, which tests run headless):
     ``startSynthesis``/``finishSynthesis`` (or the blocking ``synthesize``), ``showReview``/``reveal``,
@@ -431,7 +432,6 @@ class CTSemanticSynthLogic(ScriptedLoadableModuleLogic, SynthesisLogic):
 
     def getParameterNode(self):
         return CTSemanticSynthParameterNode(super().getParameterNode())
-
 
 
 class CTSemanticSynthTest(ScriptedLoadableModuleTest):

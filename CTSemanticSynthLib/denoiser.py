@@ -136,7 +136,7 @@ class VolumeDenoiser:
         except torch.OutOfMemoryError:
             if self.batch_size == 1:
                 raise
-        except RuntimeError as exc:  # only a torch.compile'd network raises BackendCompilerFailed (torch._dynamo loaded)
+        except RuntimeError as exc:  # BackendCompilerFailed: only from a torch.compile'd network
             if "torch._dynamo" in sys.modules and isinstance(exc, torch._dynamo.exc.BackendCompilerFailed):
                 raise CTSynthError(f"--compile: torch.compile failed ({str(exc).splitlines()[0]}); it needs a working "
                                    "C++ compiler on the CPU, Triton on CUDA: install one or run without --compile"

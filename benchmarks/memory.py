@@ -6,8 +6,9 @@ Builds a synthetic label volume of ``--shape`` (the bundled sample segmentation 
 so every slice holds body and organs), then runs ``ctsynth synth`` on it in a child process and reads that
 child's peak resident set size (``resource.getrusage(RUSAGE_CHILDREN)``, Linux: KiB). The same command on a
 64 x 64 x 4 volume, run first, gives the fixed cost (torch, ITK, the model), so the table separates that runtime,
-the input label map (uint8), the output volume (int16) and the rest: the working set. Memory does not depend on the number
-of sampling steps (the sampler keeps one (N, 1, S, S) state at the model's size), so ``--steps 1`` keeps it short.
+the input label map (uint8), the output volume (int16) and the rest: the working set. Memory does not depend on
+the number of sampling steps (the sampler keeps one (N, 1, S, S) state at the model's size), so ``--steps 1``
+keeps it short.
 ``--pythonpath`` measures another checkout (e.g. an older commit exported with ``git archive``).
 """
 
@@ -70,8 +71,8 @@ def main() -> int:
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     print(f"checkout: {args.pythonpath}; machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; threads {args.threads}")
-    print("| shape | steps | wall s | peak RSS MiB | runtime (64x64x4 run) MiB | labels (uint8) MiB | output (int16) MiB "
-          "| working set MiB |")
+    print("| shape | steps | wall s | peak RSS MiB | runtime (64x64x4 run) MiB | labels (uint8) MiB "
+          "| output (int16) MiB | working set MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {'x'.join(map(str, args.shape))} | {args.steps} | {seconds:.0f} | {peak:.0f} | {runtime:.0f} | "
           f"{labels:.0f} | {output:.0f} | {peak - runtime - labels - output:.0f} |")
