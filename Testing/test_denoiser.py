@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -215,3 +218,31 @@ def test_cli_batch_size_auto_is_the_default_and_recorded(tiny_model, tmp_path, c
         assert code == 2 and err.startswith("ctsynth: error:") and len(err.strip().splitlines()) == 1
         assert "--batch-size" in err and "Traceback" not in err
     assert not (tmp_path / "bad.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_volume_within_one_hu(tiny_model, slab):
+    """``compile`` (torch.compile of the network; minutes on a loaded 2-core CPU, hence slow): fused kernels round
+    differently (network outputs agree to ~1e-5), so a voxel may land on the other side of a HU rounding step."""
+    options = SamplingOptions(sampler="ddim", steps=2, start_timestep=300, seed=3, batch_size=6)
+    loaded = load_model(tiny_model)
+    eager = synthesize(slab, loaded, options, device="cpu")
+    compiled = synthesize(slab, loaded, dataclasses.replace(options, compile=True), device="cpu")
+    difference = np.abs(compiled.volume.array.astype(int) - eager.volume.array)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+    assert compiled.provenance["options"]["compile"] is True
+
+
+@pytest.mark.slow
+def test_compile_without_a_compiler_is_one_line(tiny_model, tmp_path):
+    image = nib.load(SAMPLE_SEG)
+    seg = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 50:52], image.affine), seg)
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "CTSemanticSynthLib.cli", "synth", "--seg", str(seg), "--out",
+                             str(tmp_path / "syn.nii.gz"), "--model", str(tiny_model), "--steps", "1", "--compile",
+                             "--device", "cpu", "-q"], capture_output=True, text=True, encoding="utf-8", env=env,
+                            timeout=900)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.startswith("ctsynth: error: --compile: torch.compile failed")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "syn.nii.gz").exists()
