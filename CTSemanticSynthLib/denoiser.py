@@ -80,7 +80,7 @@ class VolumeDenoiser:
         self.on_batch_size = on_batch_size
         self.batch_size = 0  # set below, or by the first call for "auto"
         if batch_size != AUTO:
-            self._set_batch_size(len(classes) if batch_size is None else max(1, int(batch_size)))
+            self._set_batch_size(max(1, min(len(classes), len(classes) if batch_size is None else int(batch_size))))
         self.evaluated = 0
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self._features: dict[tuple[int, int], list[Tensor]] = {}

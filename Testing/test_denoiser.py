@@ -115,21 +115,19 @@ class _OutOfMemoryAbove(torch.nn.Module):
 def test_out_of_memory_halves_the_batch_and_retries_the_chunk(caplog, conditioning):
     network = _network(conditioning)
     classes, x, t = _inputs()
-    failing, sizes, seen = _OutOfMemoryAbove(network, limit=2), [], []
+    failing, sizes, seen = _OutOfMemoryAbove(network, limit=3), [], []
     with torch.inference_mode():
-        expected = VolumeDenoiser(network, conditioning, classes, batch_size=2, device=CPU)(x, t)
-        denoiser = VolumeDenoiser(failing, conditioning, classes, batch_size=8, device=CPU, on_batch_size=sizes.append,
-                                  progress=seen.append)
+        expected = VolumeDenoiser(network, conditioning, classes, batch_size=3, device=CPU)(x, t)
+        denoiser = VolumeDenoiser(failing, conditioning, classes, batch_size=100, device=CPU,
+                                  on_batch_size=sizes.append, progress=seen.append)
         with caplog.at_level("WARNING", logger="CTSemanticSynthLib.denoiser"):
             out = denoiser(x, t)
     assert torch.equal(out, expected)  # the same volume as an uninterrupted run at the batch size that fits
-    assert sizes == [8, 4, 2] and denoiser.batch_size == 2
-    assert failing.calls == [7, 4, 2, 2, 2, 1]
-    assert seen == [2, 4, 6, 7] and denoiser.evaluated == 7  # failed chunks are not counted
-    assert set(denoiser._features) == (set() if conditioning == "concat" else {(0, 2), (2, 4), (4, 6), (6, 7)})
-    assert [r.getMessage() for r in caplog.records] == [
-        "out of memory on cpu with 8 slices at a time: retrying with 4",
-        "out of memory on cpu with 4 slices at a time: retrying with 2"]
+    assert sizes == [7, 3] and denoiser.batch_size == 3  # at most all slices, then halved
+    assert failing.calls == [7, 3, 3, 1]
+    assert seen == [3, 6, 7] and denoiser.evaluated == 7  # failed chunks are not counted
+    assert set(denoiser._features) == (set() if conditioning == "concat" else {(0, 3), (3, 6), (6, 7)})
+    assert [r.getMessage() for r in caplog.records] == ["out of memory on cpu with 7 slices at a time: retrying with 3"]
 
 
 def test_out_of_memory_at_one_slice_is_raised():
@@ -237,10 +235,11 @@ def test_compile_gives_the_same_volume_within_one_hu(tiny_model, slab):
 def test_compile_without_a_compiler_is_one_line(tiny_model, tmp_path):
     image = nib.load(SAMPLE_SEG)
     seg = tmp_path / "seg.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 50:52], image.affine), seg)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 50:52], image.affine), seg)  # two slices
     env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "CTSemanticSynthLib.cli", "synth", "--seg", str(seg), "--out",
                              str(tmp_path / "syn.nii.gz"), "--model", str(tiny_model), "--steps", "1", "--compile",
+                             "--labels", "totalseg",
                              "--device", "cpu", "-q"], capture_output=True, text=True, encoding="utf-8", env=env,
                             timeout=900)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]

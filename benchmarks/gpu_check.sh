@@ -205,7 +205,7 @@ a, b = (np.asarray(nib.load(os.environ['WORK'] + f'/syn{i}.nii.gz').dataobj) for
 print(f'same seed twice: identical {np.array_equal(a, b)}, max |difference| {np.abs(a.astype(int) - b).max()} HU, shape {a.shape}')
 print('batch size auto used', json.load(open(os.environ['WORK'] + '/syn1.json'))['batch_size_used'])"
 echo "-- out of memory: all $SLICES slices at once (--batch-size 100000) with the GPU capped at 5 % of its memory"
-timeout 240 "$PY" - "${SYN[@]:2}" --out "$WORK/oom.nii.gz" --batch-size 100000 -v <<'EOF' 2>&1 | grep -E "out of memory|error|status" | tail -8
+timeout 240 "$PY" - -v "${SYN[@]:2}" --out "$WORK/oom.nii.gz" --batch-size 100000 <<'EOF' 2>&1 | grep -E "out of memory|error|status" | tail -8
 import json, os, sys, torch
 from CTSemanticSynthLib.cli import main
 if torch.cuda.is_available():

@@ -27,7 +27,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -123,13 +122,6 @@ def measure(args: argparse.Namespace) -> dict:
     return {"seconds": seconds, "peak_mib": peak / 2**20, "precision": precision, "threads": torch.get_num_threads()}
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("diffusers") is None:
         print("sampling_peer: diffusers is not installed (pip install '.[bench]'): nothing to compare, skipped")
         return 0
-    import diffusers
+    from train_step import machine
 
     rows = []
     for sampler in args.samplers.split(","):
@@ -164,10 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((sampler, pair))
     first = rows[0][1]["ours"]
     print(f"command: HF_HUB_OFFLINE=1 python benchmarks/sampling_peer.py {' '.join(argv)}")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{platform.system()} {platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, "
-          f"diffusers {diffusers.__version__}; threads {first['threads']}, device {args.device}, precision "
-          f"{first['precision']}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (after the runs)")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine(args).items())
+          + f", capability {torch.backends.cpu.get_cpu_capability()}; threads {first['threads']}, device {args.device}, "
+          f"precision {first['precision']}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (after)")
     print(f"setting: {args.slices} slices, {args.steps} steps, batch {args.batch_size}, demo layout at 96 x 96\n")
     memory = "peak MiB allocated" if args.device.startswith("cuda") else "peak RSS MiB"
     print(f"| sampler | ours s/volume | diffusers s/volume | diffusers / ours | ours {memory} | diffusers {memory} |")
