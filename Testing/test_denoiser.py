@@ -184,6 +184,13 @@ def slab():
     return Volume(np.ascontiguousarray(classes.array[:, :, 50:62]), classes.affine)
 
 
+def _slab_file(folder) -> str:
+    """The sample segmentation's slices 50-61 as a NIfTI file in ``folder``."""
+    image, seg = nib.load(SAMPLE_SEG), folder / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 50:62], image.affine), seg)
+    return str(seg)
+
+
 def test_synthesize_survives_out_of_memory_and_records_the_batch_used(tiny_model, slab, caplog):
     options = SamplingOptions(sampler="ddim", steps=2, start_timestep=300, seed=3, batch_size=12)
     loaded = load_model(tiny_model)
@@ -200,17 +207,15 @@ def test_synthesize_survives_out_of_memory_and_records_the_batch_used(tiny_model
 
 
 def test_cli_batch_size_auto_is_the_default_and_recorded(tiny_model, tmp_path, capsys):
-    image = nib.load(SAMPLE_SEG)
-    seg, out = tmp_path / "seg.nii.gz", tmp_path / "syn.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 50:62], image.affine), seg)
-    code = main(["synth", "--seg", str(seg), "--out", str(out), "--model", str(tiny_model), "--steps", "2",
+    seg, out = _slab_file(tmp_path), tmp_path / "syn.nii.gz"
+    code = main(["synth", "--seg", seg, "--out", str(out), "--model", str(tiny_model), "--steps", "2",
                  "--device", "cpu", "--labels", "totalseg", "-q"])
     record = json.loads(out.with_name("syn.json").read_text())
     capsys.readouterr()
     assert code == 0 and record["options"]["batch_size"] == "auto"
     assert record["batch_size_used"] == denoiser_module.FIXED_AUTO_BATCH and record["options"]["compile"] is False
     for bad in ("two", "0", "-3", "1.5"):
-        code = main(["synth", "--seg", str(seg), "--out", str(tmp_path / "bad.nii.gz"), "--model",
+        code = main(["synth", "--seg", seg, "--out", str(tmp_path / "bad.nii.gz"), "--model",
                      str(tiny_model), "--batch-size", bad, "--device", "cpu", "-q"])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("ctsynth: error:") and len(err.strip().splitlines()) == 1
@@ -233,11 +238,9 @@ def test_compile_gives_the_same_volume_within_one_hu(tiny_model, slab):
 
 @pytest.mark.slow
 def test_compile_without_a_compiler_is_one_line(tiny_model, tmp_path):
-    image = nib.load(SAMPLE_SEG)
-    seg = tmp_path / "seg.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 50:52], image.affine), seg)  # two slices
+    seg = _slab_file(tmp_path)
     env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-m", "CTSemanticSynthLib.cli", "synth", "--seg", str(seg), "--out",
+    result = subprocess.run([sys.executable, "-m", "CTSemanticSynthLib.cli", "synth", "--seg", seg, "--out",
                              str(tmp_path / "syn.nii.gz"), "--model", str(tiny_model), "--steps", "1", "--compile",
                              "--labels", "totalseg",
                              "--device", "cpu", "-q"], capture_output=True, text=True, encoding="utf-8", env=env,
