@@ -51,7 +51,8 @@ def synth_peak_mib(shape: tuple[int, int, int], args: argparse.Namespace, work: 
     tic = time.perf_counter()
     subprocess.run([sys.executable, "-m", "CTSemanticSynthLib.cli", "synth", "--seg", str(seg), "--out", str(out),
                     "--model", args.model, "--labels", "totalseg", "--steps", str(args.steps), "--device", "cpu",
-                    "-q"], env=env, check=True, stdout=subprocess.DEVNULL)
+                    "-q"], env=env, check=True, stdout=subprocess.DEVNULL, cwd=work)  # not this checkout's cwd:
+    # python -m puts the working folder first on sys.path, ahead of --pythonpath
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, time.perf_counter() - tic
 
 
