@@ -20,8 +20,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-PRESETS = ("fast", "balanced", "paper")
-DEVICES = ("auto", "cuda", "cpu", "mps")
+from CTSemanticSynthSlicerLib.choices import CONVENTIONS, DEVICES, ORIENTATIONS, PRECISIONS, PRESETS, SAMPLERS
+
 # Slicer 5.10 and newer ship Python 3.12; older Slicer (Python 3.9) gets one message instead of a traceback. Nothing
 # above this line may need a newer Python than 3.9.
 SUPPORTED = sys.version_info >= (3, 12)
@@ -34,10 +34,8 @@ if SUPPORTED:
     from CTSemanticSynthSlicerLib.nodes import segmentationFromArray
     from CTSemanticSynthSlicerLib.process import State, formatDuration
     from CTSemanticSynthSlicerLib.reader_study import ReaderStudy, casesFromFolder
-    from CTSemanticSynthSlicerLib.review import ORIENTATIONS
-    from CTSemanticSynthSlicerLib.segments import CONVENTIONS
-else:  # placeholders so that the classes below can be defined; the Widget shows TOO_OLD instead of the panel
-    SynthesisLogic, CONVENTIONS, ORIENTATIONS = object, ("auto",), ("Axial",)
+else:  # a placeholder so that the classes below can be defined; the Widget shows TOO_OLD instead of the panel
+    SynthesisLogic = object
 
 
 class CTSemanticSynth(ScriptedLoadableModule):
@@ -65,13 +63,11 @@ Module layout after the Slicer scripted-module template and SlicerMONAIAuto3DSeg
 
 @parameterNodeWrapper
 class CTSemanticSynthParameterNode:
-    """
-    inputSegmentation - the organs to synthesize from; referenceVolume - optional real CT (grid, review, Dice
-    ceiling); outputVolume - where the synthetic CT goes (None: a new node). Sampling: preset, steps (0 = the
-    preset's), seed (randomSeed draws one on Apply and stores it here), device, batchSize, samples; regionMargin
-    (mm) grows the edited voxels that "Regenerate edited region" resamples in outputVolume. Review:
-    blindReview, reviewOrientation. Reader study: studyFromScene or studyFolder, studyCsv, readerName, studySeed.
-    """
+    """inputSegmentation - the organs to synthesize from; referenceVolume - optional real CT (grid, review, Dice
+    ceiling); outputVolume - where the synthetic CT goes (None: a new node). Sampling: preset, sampler/steps
+    ("preset"/0: the preset's), precision, seed (randomSeed: drawn on Apply), device, batchSize, samples;
+    regionMargin (mm) grows the edited voxels that "Regenerate edited region" resamples in outputVolume. Review:
+    blindReview, reviewOrientation. Reader study: studyFromScene or studyFolder, studyCsv, readerName, studySeed."""
 
     inputSegmentation: vtkMRMLSegmentationNode
     referenceVolume: vtkMRMLScalarVolumeNode
@@ -82,7 +78,9 @@ class CTSemanticSynthParameterNode:
     mappingFile: pathlib.Path
     allowUnknownSegments: bool = True
     preset: Annotated[str, Choice(list(PRESETS))] = "fast"
+    sampler: Annotated[str, Choice(list(SAMPLERS))] = "preset"
     steps: Annotated[int, WithinRange(0, 1000)] = 0
+    precision: Annotated[str, Choice(list(PRECISIONS))] = "auto"
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     randomSeed: bool = False
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
@@ -260,7 +258,8 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 model=self._modelSpec(), labels=p.labelConvention,
                 mappingFile=str(p.mappingFile) if p.labelConvention == "json" else None,
                 strictLabels=not p.allowUnknownSegments, preset=p.preset, steps=p.steps, seed=p.seed, device=p.device,
-                batchSize=p.batchSize, samples=p.samples, regionMarginMm=p.regionMargin if regenerate else None)
+                batchSize=p.batchSize, samples=p.samples, sampler=None if p.sampler == "preset" else p.sampler,
+                precision=p.precision, regionMarginMm=p.regionMargin if regenerate else None)
             self._startTask(task, _("Regenerating the edited region...") if regenerate else _("Synthesizing..."))
 
     def _startTask(self, task, message: str) -> None:

@@ -149,7 +149,12 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="network arithmetic: auto (default: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, "
                              "else fp32), fp32, bf16 or fp16 (autocast)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices sampled together (default 8)")
+    parser.add_argument("--batch-size", type=_batch_size, default="auto", metavar="B|auto",
+                        help="slices the network evaluates together: auto (default: on CUDA as many as fit the free "
+                             "memory, measured; elsewhere 8) or a number; out of memory halves it and retries")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (for CUDA: on a CPU the first step compiles for minutes and "
+                             "later steps are not faster; needs a C++ compiler, see docs/benchmarks.md)")
     parser.add_argument("--slice-correlation", type=float, default=None, metavar="RHO",
                         help="share this fraction (0..1) of the noise with the neighbouring slices, for volumes "
                              "that agree from slice to slice (default 0; see docs/consistency.md)")
@@ -266,9 +271,20 @@ def _sampling_setup(args: argparse.Namespace) -> tuple[torch.device, str, Path, 
     model_folder = resolve_model_path(args.model)
     options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
                              seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation,
-                             guidance=args.guidance, slice_agreement=args.slice_agreement)
+                             guidance=args.guidance, slice_agreement=args.slice_agreement,
+                             compile=args.compile)
     check_convention(args.labels)
     return device, precision, model_folder, options
+
+
+def _batch_size(text: str) -> int | str:
+    """``--batch-size``: 'auto' or a whole number (checked against 1 by preset_options)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a whole number nor auto") from None
 
 
 def _note(message: str) -> None:

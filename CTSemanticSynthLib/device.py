@@ -87,3 +87,12 @@ def select_precision(name: str, device: torch.device) -> str:
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a resolved precision ('bf16', 'fp16'), or None for fp32 (no autocast)."""
     return _AUTOCAST_DTYPES.get(precision)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give this process (free device memory plus what torch's caching allocator holds
+    unused), or None where it cannot be asked (CPU, MPS)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

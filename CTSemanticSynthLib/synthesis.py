@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
-from .denoiser import VolumeDenoiser, precision_autocast, to_memory_format
+from .denoiser import AUTO, FIXED_AUTO_BATCH, VolumeDenoiser, precision_autocast, to_memory_format
 from .device import device_capability, select_device, select_precision
 from .diffusion import SAMPLERS, GaussianDiffusion, Sampler, make_sampler, sample_loop
 from .diffusion.samplers.repaint import Inpainting, Jumps, repaint_loop
@@ -53,18 +53,21 @@ given (best Dice, 0.94, against the CT-derived body on the bundled example)."""
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to sample. ``start_timestep`` < T-1 starts from the noised class-mean prior (SDEdit); ``guidance`` s != 0 is
-    classifier-free guidance (models trained with label dropout)."""
+    classifier-free guidance (models trained with label dropout). ``batch_size``: slices the network evaluates
+    together, or "auto" (measured from free GPU memory, see :meth:`~.denoiser.VolumeDenoiser.measured_batch_size`).
+    ``compile``: torch.compile the network (pays on CUDA, not on the CPU: see docs/benchmarks.md)."""
 
     sampler: str = "ddim"
     steps: int = 50
     start_timestep: int | None = None
     eta: float = 0.0
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | str = 8
     slice_correlation: float = 0.0
     guidance: float = 0.0
     slice_agreement: float = 0.0
     slice_agreement_below: float = 1.0
+    compile: bool = False
 
 
 DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
@@ -97,8 +100,8 @@ def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> 
         raise InputError(f"unknown sampler '{options.sampler}': use one of {', '.join(SAMPLERS)}")
     if not 0 <= options.seed <= MAX_SEED:
         raise InputError(f"--seed {options.seed} is out of range: use 0..{MAX_SEED}")
-    if options.batch_size < 1:
-        raise InputError(f"--batch-size {options.batch_size} must be at least 1")
+    if options.batch_size != AUTO and (not isinstance(options.batch_size, int) or options.batch_size < 1):
+        raise InputError(f"--batch-size {options.batch_size} must be at least 1 (or auto)")
     if not 0 <= options.slice_correlation <= 1:
         raise InputError(f"--slice-correlation {options.slice_correlation} is out of range: use 0..1")
     if overrides.get("guidance") is None:
@@ -191,7 +194,8 @@ def synthesize(
     defaults to auto, the library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic
     stays float32. The same seed, options, device and precision give the same volume, whatever the batch size (the
     slices sampled together by the network; the whole volume walks the timesteps together). ``cancel()`` is polled
-    before every batch and raises :class:`Cancelled`. Raises :class:`CTSynthError` for out-of-memory with advice on the batch size.
+    before every batch and raises :class:`Cancelled`. Out of memory halves the batch size and retries (the
+    provenance's ``batch_size_used`` is the last one); at batch size 1 it raises :class:`CTSynthError`.
     """
     if classes.array.max() >= NUM_CLASSES:
         raise InputError(f"class volume has values >= {NUM_CLASSES}; map labels with prepare_classes first")
@@ -207,8 +211,7 @@ def synthesize(
     orientation = AxialOrientation.from_affine(classes.affine)
     stack = orientation.to_stack(classes.array)
     resize = PlaneResize(stack.shape[1], stack.shape[2], model.image_size)
-    active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
-    unit = np.zeros(stack.shape, dtype=np.float32)
+    active = np.flatnonzero(stack.any(axis=(1, 2)))
     sampler = options_sampler(options, model.diffusion) if model.kind == "diffusion" else None
     prior = _model_prior(model) if options.start_timestep is not None and sampler is not None else None
     if edit is not None:
@@ -219,42 +222,45 @@ def synthesize(
     small = torch.cat([resize.to_model(torch.from_numpy(stack[part].astype(np.int64)), labels=True).to(torch.uint8)
                        for part in _parts(active)])
 
+    used: list[int] = []  # the batch sizes the denoiser took
+
     def on_step(fraction: float) -> None:
         if progress is not None:
             progress(fraction * len(active), len(active))
 
     try:
+        network = torch.compile(model.model) if options.compile else model.model
         if sampler is None:
             inpaint = None
-            sample = generate_slices(model.model, small, active, seed=options.seed, device=device,
+            sample = generate_slices(network, small, active, seed=options.seed, device=device,
                                      batch_size=options.batch_size, precision=precision, cancel=cancel,
-                                     on_step=on_step)
+                                     on_step=on_step, on_batch_size=used.append)
         else:
             inpaint = None if edit is None else _inpainting(
                 edit, orientation, resize, active, jumps or Jumps.scaled(sampler.num_steps, DEFAULT_JUMP_N_SAMPLE))
-            sample = sample_slices(model.model, model.conditioning, sampler, small, active, seed=options.seed,
+            sample = sample_slices(network, model.conditioning, sampler, small, active, seed=options.seed,
                                    device=device, batch_size=options.batch_size, prior=prior, precision=precision,
                                    cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
                                    inpaint=inpaint, guidance=options.guidance,
-                                   slice_agreement=(options.slice_agreement, options.slice_agreement_below))
+                                   slice_agreement=(options.slice_agreement, options.slice_agreement_below),
+                                   on_batch_size=used.append)
     except torch.OutOfMemoryError:
-        batch = options.batch_size
-        raise CTSynthError(
-            f"out of memory on {device} with batch size {batch}: use --batch-size {max(1, batch // 2)} or --device cpu"
-        ) from None
-    first = 0
+        raise CTSynthError(f"out of memory on {device} even with batch size 1 (one slice at a time): use --device cpu "
+                           "or a smaller model") from None
+    hu = np.full(classes.array.shape, AIR_HU, dtype=np.int16)  # the output, filled through its stack view part
+    hu_stack, first = orientation.to_stack(hu), 0                 # by part: no full-volume float temporaries
     for part in _parts(active):
-        unit[part] = resize.from_model(sample[first : first + len(part)], labels=False).numpy()
+        unit = resize.from_model(sample[first : first + len(part)], labels=False).numpy()
+        hu_stack[part] = np.where(stack[part] == BACKGROUND, AIR_HU, np.rint(unit_to_hu(unit)))
         first += len(part)
-    hu = np.rint(unit_to_hu(unit))
-    hu[stack == BACKGROUND] = AIR_HU
-    volume = Volume(orientation.from_stack(hu.astype(np.int16)), classes.affine)
+    volume = Volume(hu, classes.affine)
     if sampler is None:  # record what a one-pass generator used: no sampler, one step, the seed for its noise
         options = replace(options, sampler="one-pass", steps=1, start_timestep=None, eta=0.0, slice_correlation=0.0)
     record = provenance_record(model.name, model.sha256, model.conditioning,
                                sampler.config if sampler is not None else {"sampler": "one-pass"},
                                asdict(options), str(device), len(active))
-    record.update(precision=precision, device_capability=device_capability(device), kind=model.kind)
+    record.update(precision=precision, device_capability=device_capability(device), kind=model.kind,
+                  batch_size_used=used[-1])
     if edit is not None and inpaint is not None:
         volume = Volume(edit.blend(volume.array), classes.affine)
         record["region"] = edit.record(asdict(inpaint.jumps))
@@ -301,7 +307,7 @@ def sample_slices(
     *,
     seed: int,
     device: torch.device,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     prior: torch.Tensor | None = None,
     precision: str = "fp32",
     cancel: Callable[[], bool] | None = None,
@@ -310,6 +316,7 @@ def sample_slices(
     inpaint: Inpainting | None = None,
     guidance: float = 0.0,
     slice_agreement: tuple[float, float] = (0.0, 1.0),
+    on_batch_size: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Sample the (N, S, S) class slices of one volume together; returns (N, S, S) intensities in [0, 1] on the CPU.
 
@@ -317,7 +324,8 @@ def sample_slices(
     (:func:`~.slice_context.with_neighbours`), unless ``classes`` is (N, 1 + 2k, S, S) with them already.
 
     Every slice walks the same timesteps at the same time (the sampler sees the whole (N, 1, S, S) state); the
-    network runs ``batch_size`` slices at a time (default: all), see :class:`~.denoiser.VolumeDenoiser`.
+    network runs ``batch_size`` slices at a time (default: all; "auto": measured, halved on out-of-memory, each
+    batch size taken goes to ``on_batch_size``), see :class:`~.denoiser.VolumeDenoiser`.
     ``slice_index`` seeds one generator per slice, which draws that slice's starting noise and then the noise of
     every stochastic step, so a slice's sample does not depend on the batch size; ``slice_correlation`` mixes
     in noise shared with the neighbouring slices (:class:`~.diffusion.slice_noise.SliceNoise`); ``slice_agreement``
@@ -339,7 +347,8 @@ def sample_slices(
 
     noise_source = SliceNoise(seed, slice_index, slice_correlation, device=device)
     denoiser = VolumeDenoiser(network, conditioning, conditions, batch_size=batch_size, device=device,
-                              precision=precision, guidance=guidance, cancel=cancel, progress=on_evaluated)
+                              precision=precision, guidance=guidance, cancel=cancel, progress=on_evaluated,
+                              on_batch_size=on_batch_size)
     model_fn = SliceAgreement(denoiser, sampler.diffusion, classes, slice_index, slice_agreement[0],
                               below=slice_agreement[1], clip_denoised=sampler.clip_denoised, device=device)
     with torch.inference_mode():
@@ -363,16 +372,19 @@ def generate_slices(
     *,
     seed: int,
     device: torch.device,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     precision: str = "fp32",
     cancel: Callable[[], bool] | None = None,
     on_step: Callable[[float], None] | None = None,
+    on_batch_size: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """One forward pass of a one-pass generator (:mod:`.models.generators`) for (N, S, S) class slices, ``batch_size``
-    at a time (default: all); returns (N, S, S) intensities in [0, 1] on the CPU. A generator that takes noise
+    at a time (default: all; "auto": :data:`~.denoiser.FIXED_AUTO_BATCH`); returns (N, S, S) intensities in [0, 1] on the CPU. A generator that takes noise
     (OASIS) draws it from each slice's own generator (seeded as in :func:`sample_slices`), so a slice's image does not
     depend on its batch. ``cancel()`` is polled before every batch, ``on_step(fraction)`` follows every batch."""
-    batch = len(classes) if batch_size is None else max(1, int(batch_size))
+    batch = len(classes) if batch_size is None else FIXED_AUTO_BATCH if batch_size == AUTO else max(1, int(batch_size))
+    if on_batch_size is not None:
+        on_batch_size(batch)
     noise = None
     if generator.noise_channels:
         noise = SliceNoise(seed, slice_index, device=device).draw((len(slice_index), generator.noise_channels))

@@ -1,15 +1,28 @@
 """The whole-volume denoiser: chunked network evaluation equals one evaluation, with or without cached features."""
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
 from CTSemanticSynthLib import denoiser as denoiser_module
+from CTSemanticSynthLib.checkpoint import load_model
+from CTSemanticSynthLib.cli import main
 from CTSemanticSynthLib.denoiser import VolumeDenoiser
-from CTSemanticSynthLib.errors import Cancelled
+from CTSemanticSynthLib.errors import Cancelled, CTSynthError
+from CTSemanticSynthLib.io import Volume, read_labelmap
 from CTSemanticSynthLib.models import UNetModel
 from CTSemanticSynthLib.preprocess import condition_inputs
 
-from conftest import randomise_zero_layers, tiny_model_config
+from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, synthesize
+
+from conftest import SAMPLE_SEG, randomise_zero_layers, tiny_model_config
 
 CPU = torch.device("cpu")
 
@@ -79,3 +92,159 @@ def test_non_finite_output_is_flagged():
         assert bool(denoiser.finite)
         denoiser(x.index_fill(0, torch.tensor([1]), float("inf")), t)
     assert not bool(denoiser.finite)
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """A network that raises torch.OutOfMemoryError when asked for more than ``limit`` slices at once."""
+
+    def __init__(self, network: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.network, self.limit, self.calls = network, limit, []
+
+    def encode_condition(self, **kwargs):
+        return self.network.encode_condition(**kwargs)
+
+    def forward(self, x, t, **kwargs):
+        self.calls.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"fake: {len(x)} slices > {self.limit}")
+        return self.network(x, t, **kwargs)
+
+
+@pytest.mark.parametrize("conditioning", ["concat", "mask_encoder"])
+def test_out_of_memory_halves_the_batch_and_retries_the_chunk(caplog, conditioning):
+    network = _network(conditioning)
+    classes, x, t = _inputs()
+    failing, sizes, seen = _OutOfMemoryAbove(network, limit=3), [], []
+    with torch.inference_mode():
+        expected = VolumeDenoiser(network, conditioning, classes, batch_size=3, device=CPU)(x, t)
+        denoiser = VolumeDenoiser(failing, conditioning, classes, batch_size=100, device=CPU,
+                                  on_batch_size=sizes.append, progress=seen.append)
+        with caplog.at_level("WARNING", logger="CTSemanticSynthLib.denoiser"):
+            out = denoiser(x, t)
+    assert torch.equal(out, expected)  # the same volume as an uninterrupted run at the batch size that fits
+    assert sizes == [7, 3] and denoiser.batch_size == 3  # at most all slices, then halved
+    assert failing.calls == [7, 3, 3, 1]
+    assert seen == [3, 6, 7] and denoiser.evaluated == 7  # failed chunks are not counted
+    assert set(denoiser._features) == (set() if conditioning == "concat" else {(0, 3), (3, 6), (6, 7)})
+    assert [r.getMessage() for r in caplog.records] == ["out of memory on cpu with 7 slices at a time: retrying with 3"]
+
+
+def test_out_of_memory_at_one_slice_is_raised():
+    classes, x, t = _inputs(3)
+    failing = _OutOfMemoryAbove(_network("concat"), limit=0)
+    denoiser = VolumeDenoiser(failing, "concat", classes, batch_size=2, device=CPU)
+    with torch.inference_mode(), pytest.raises(torch.OutOfMemoryError):
+        denoiser(x, t)
+    assert failing.calls == [2, 1] and denoiser.batch_size == 1
+
+
+def test_auto_batch_is_fixed_where_free_memory_is_unknown():
+    classes, x, t = _inputs(11)
+    sizes = []
+    with torch.inference_mode():
+        VolumeDenoiser(_network("concat"), "concat", classes, batch_size="auto", device=CPU,
+                       on_batch_size=sizes.append)(x, t)
+        VolumeDenoiser(_network("concat"), "concat", classes[:5], batch_size="auto", device=CPU,
+                       on_batch_size=sizes.append)(x[:5], t[:5])
+    assert sizes == [denoiser_module.FIXED_AUTO_BATCH, 5]
+
+
+@pytest.mark.parametrize("conditioning", ["concat", "mask_encoder"])
+def test_auto_batch_fills_the_free_memory_at_the_probed_cost_per_slice(monkeypatch, conditioning):
+    """The CUDA planning rule with the memory counters replaced: free 100 MB, the probe chunk peaks at 2 MB per
+    slice -> 80 MB / 2 MB = 40 slices, less the feature cache (mask encoder), at most all slices."""
+    per_slice, free = 2_000_000, 100_000_000
+    monkeypatch.setattr(denoiser_module, "free_memory", lambda device: free)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5_000_000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated",
+                        lambda device=None: 5_000_000 + denoiser_module.PROBE_SLICES * per_slice)
+    network = _network(conditioning)
+    classes = torch.randint(0, 17, (300, 16, 16), generator=torch.Generator().manual_seed(2)).to(torch.uint8)
+    denoiser = VolumeDenoiser(network, conditioning, classes, batch_size="auto", device=CPU)
+    with torch.inference_mode():
+        batch = denoiser.measured_batch_size()
+        features = network.encode_condition(**condition_inputs(classes[:1].long(), conditioning))
+    cache = 0 if features is None else sum(f.numel() * f.element_size() for f in features) * 300
+    assert cache > 0 or conditioning == "concat"
+    assert batch == int((free * denoiser_module.MEMORY_FRACTION - cache) / per_slice) >= 1
+    assert denoiser._features == {}  # the probe's features are not kept
+    denoiser.classes = classes[:30]
+    with torch.inference_mode():
+        assert denoiser.measured_batch_size() <= 30  # at most all slices
+
+
+@pytest.fixture(scope="module")
+def slab():
+    """Twelve axial slices of the sample's model classes."""
+    seg, names = read_labelmap(SAMPLE_SEG)
+    classes, _ = prepare_classes(seg, names, "totalseg")
+    return Volume(np.ascontiguousarray(classes.array[:, :, 50:62]), classes.affine)
+
+
+def _slab_file(folder) -> str:
+    """The sample segmentation's slices 50-61 as a NIfTI file in ``folder``."""
+    image, seg = nib.load(SAMPLE_SEG), folder / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 50:62], image.affine), seg)
+    return str(seg)
+
+
+def test_synthesize_survives_out_of_memory_and_records_the_batch_used(tiny_model, slab, caplog):
+    options = SamplingOptions(sampler="ddim", steps=2, start_timestep=300, seed=3, batch_size=12)
+    loaded = load_model(tiny_model)
+    uninterrupted = synthesize(slab, loaded, dataclasses.replace(options, batch_size=3), device="cpu")
+    failing = dataclasses.replace(loaded, model=_OutOfMemoryAbove(loaded.model, limit=3))
+    with caplog.at_level("WARNING", logger="CTSemanticSynthLib.denoiser"):
+        result = synthesize(slab, failing, options, device="cpu")
+    assert np.array_equal(result.volume.array, uninterrupted.volume.array)
+    assert result.provenance["batch_size_used"] == 3 and result.provenance["options"]["batch_size"] == 12
+    assert len(caplog.records) == 2  # 12 -> 6 -> 3, one line each
+    never = dataclasses.replace(loaded, model=_OutOfMemoryAbove(loaded.model, limit=0))
+    with pytest.raises(CTSynthError, match="out of memory on cpu even with batch size 1"):
+        synthesize(slab, never, options, device="cpu")
+
+
+def test_cli_batch_size_auto_is_the_default_and_recorded(tiny_model, tmp_path, capsys):
+    seg, out = _slab_file(tmp_path), tmp_path / "syn.nii.gz"
+    code = main(["synth", "--seg", seg, "--out", str(out), "--model", str(tiny_model), "--steps", "2",
+                 "--device", "cpu", "--labels", "totalseg", "-q"])
+    record = json.loads(out.with_name("syn.json").read_text())
+    capsys.readouterr()
+    assert code == 0 and record["options"]["batch_size"] == "auto"
+    assert record["batch_size_used"] == denoiser_module.FIXED_AUTO_BATCH and record["options"]["compile"] is False
+    for bad in ("two", "0", "-3", "1.5"):
+        code = main(["synth", "--seg", seg, "--out", str(tmp_path / "bad.nii.gz"), "--model",
+                     str(tiny_model), "--batch-size", bad, "--device", "cpu", "-q"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("ctsynth: error:") and len(err.strip().splitlines()) == 1
+        assert "--batch-size" in err and "Traceback" not in err
+    assert not (tmp_path / "bad.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_volume_within_one_hu(tiny_model, slab):
+    """``compile`` (torch.compile of the network; minutes on a loaded 2-core CPU, hence slow): fused kernels round
+    differently (network outputs agree to ~1e-5), so a voxel may land on the other side of a HU rounding step."""
+    options = SamplingOptions(sampler="ddim", steps=2, start_timestep=300, seed=3, batch_size=6)
+    loaded = load_model(tiny_model)
+    eager = synthesize(slab, loaded, options, device="cpu")
+    compiled = synthesize(slab, loaded, dataclasses.replace(options, compile=True), device="cpu")
+    difference = np.abs(compiled.volume.array.astype(int) - eager.volume.array)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+    assert compiled.provenance["options"]["compile"] is True
+
+
+@pytest.mark.slow
+def test_compile_without_a_compiler_is_one_line(tiny_model, tmp_path):
+    seg = _slab_file(tmp_path)
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "CTSemanticSynthLib.cli", "synth", "--seg", seg, "--out",
+                             str(tmp_path / "syn.nii.gz"), "--model", str(tiny_model), "--steps", "1", "--compile",
+                             "--labels", "totalseg",
+                             "--device", "cpu", "-q"], capture_output=True, text=True, encoding="utf-8", env=env,
+                            timeout=900)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.startswith("ctsynth: error: --compile: torch.compile failed")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "syn.nii.gz").exists()

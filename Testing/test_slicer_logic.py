@@ -409,6 +409,7 @@ def test_command_mapping_and_body_outline(scene, tmp_path):
     option = lambda name: args[args.index(name) + 1]  # noqa: E731
     assert (option("--preset"), option("--seed"), option("--model")) == ("balanced", "9", "demo")
     assert "--steps" not in args and Path(option("--body-mask")).is_file()
+    assert "--sampler" not in args and option("--precision") == "auto"  # the preset's sampler, the CLI's default
     assert "--progress-lines" in args and set(a for a in args if a.startswith("--")) <= cli_options("synth")
     mapping = json.loads(Path(option("--labels")).read_text())
     assert mapping["1"] == "body" and "liver" in mapping.values() and "spleen" not in mapping.values()
@@ -424,6 +425,23 @@ def test_command_mapping_and_body_outline(scene, tmp_path):
     assert np.array_equal(values == liver_value, reference == 5)  # the liver voxels, on the same grid
     with pytest.raises(SynthesisError):
         logic.finishSynthesis(task)  # the stand-in wrote nothing
+
+
+@pytest.mark.parametrize("sampler,precision", [("dpmsolver++", "bf16"), ("ancestral", "fp32")])
+def test_sampler_and_precision_reach_the_command(scene, tmp_path, sampler, precision):
+    """The panel's Sampler and Precision combo boxes become ctsynth's --sampler and --precision."""
+    true = shutil.which("true")
+    if true is None:
+        pytest.skip("needs a 'true' executable to stand in for PythonSlicer")
+    logic = SynthesisLogic(pythonExecutable=true, tempRoot=str(tmp_path))
+    task = logic.startSynthesis(load_segmentation(scene, names="totalseg"), sampler=sampler, precision=precision,
+                                steps=4)
+    task.wait(30)
+    args = task.process.args
+    option = lambda name: args[args.index(name) + 1]  # noqa: E731
+    assert (option("--sampler"), option("--precision"), option("--steps")) == (sampler, precision, "4")
+    assert {"--sampler", "--precision"} <= cli_options("synth")
+    task.cleanup()
 
 
 def test_finish_dice_loads_table_and_segmentation(scene, logic, tmp_path):

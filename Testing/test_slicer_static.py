@@ -68,6 +68,17 @@ def test_parameter_names_in_the_ui_are_parameter_node_fields_of_a_matching_widge
         assert widget.get("class") == expected, f"{field}: {fields[field]} bound to a {widget.get('class')}"
 
 
+def test_apply_passes_the_sampling_fields_to_the_logic():
+    """Every sampling field of the parameter node reaches startSynthesis (the combo boxes are not decoration)."""
+    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+    call = next(n for n in ast.walk(tree)
+                if isinstance(n, ast.Call) and ast.unparse(n.func) == "self.logic.startSynthesis")
+    passed = {k.arg: ast.unparse(k.value) for k in call.keywords}
+    for field in ("preset", "sampler", "steps", "precision", "seed", "device", "batchSize", "samples"):
+        assert f"p.{field}" in passed.get(field, ""), f"{field} is not passed from the parameter node"
+    assert set(_parameter_fields()) >= {"sampler", "precision"}
+
+
 def test_mrml_widgets_get_the_scene():
     root = ET.parse(UI).getroot()
     assert root.find("widget").get("class") == "qMRMLWidget"

@@ -10,7 +10,8 @@
 # it/s, achieved TFLOP/s against the chip's bf16 peak, time waiting for data and host-device copies per step
 # (torch.profiler); peak memory at batch 16/32/64 with and without activation checkpointing, channels_last and
 # torch.compile; bf16 vs fp32 loss at t in {0, 1, 10, 999}; the attention kernel; sampling a 300-slice volume
-# twice with one seed (identical?) and an out-of-memory during sampling (one clear line?).
+# twice with one seed (identical? batch size auto), an out-of-memory during sampling (halved and retried, volume
+# written?), and the volume per preset and precision (TFLOP/s, peak memory).
 # Environment: PYTHON (default .venv/bin/python, else python3), WORK (default a new temporary folder).
 set -uo pipefail
 
@@ -27,12 +28,12 @@ if (( DRY )); then
   DEVICE=cpu SIZE=32 BATCHES="2" ITERS=6 HALF=4 PRECISION=fp32 SLICES=12  # CPU bf16 can be emulated (slow)
   NET=(--model-channels 8 --channel-mult 1,2 --num-res-blocks 1 --attention-resolutions 2 --num-heads 1)
   ARCH=(--arch demo --image-size 32 --threads 1 --iterations 2 --warmup 1)
-  SYNTH=(--steps 2 --threads 1)
+  SYNTH=(--steps 2 --threads 1) SAMPLING=("fast fp32")
 else
   DEVICE=cuda SIZE=256 BATCHES="16 32 64" ITERS=80 HALF=60 PRECISION=bf16 SLICES=300
   NET=()  # the paper's network (train_defaults)
   ARCH=(--arch paper --image-size 256 --iterations 5 --warmup 2)
-  SYNTH=()
+  SYNTH=() SAMPLING=("fast bf16" "fast fp32" "balanced bf16")
 fi
 export DEVICE SIZE PRECISION SLICES
 
@@ -199,18 +200,27 @@ for i in 1 2; do
   echo "synth run $i: $((SECONDS - tic)) s wall (model load included)"
 done
 "$PY" -c "
-import nibabel as nib, numpy as np, os
+import json, nibabel as nib, numpy as np, os
 a, b = (np.asarray(nib.load(os.environ['WORK'] + f'/syn{i}.nii.gz').dataobj) for i in (1, 2))
-print(f'same seed twice: identical {np.array_equal(a, b)}, max |difference| {np.abs(a.astype(int) - b).max()} HU, shape {a.shape}')"
-echo "-- out of memory (batch of 100000 slices): the whole stderr follows"
-timeout 120 "$PY" "${SYN[@]}" --out "$WORK/oom.nii.gz" --batch-size 100000 2>&1 | tail -5
-echo "exit status $? ; output written: $([[ -e $WORK/oom.nii.gz ]] && echo yes || echo no)"
-if "$PY" benchmarks/synthesis.py --help 2>/dev/null | grep -q -- "--device"; then
-  echo "-- benchmarks/synthesis.py --device $DEVICE"
-  timeout 240 "$PY" benchmarks/synthesis.py --device "$DEVICE" --model "$WORK/whole/model" --repeats 1 "${SYNTH[@]}" 2>&1 | tail -8
-else
-  echo "benchmarks/synthesis.py has no --device option: skipped"
-fi
+print(f'same seed twice: identical {np.array_equal(a, b)}, max |difference| {np.abs(a.astype(int) - b).max()} HU, shape {a.shape}')
+print('batch size auto used', json.load(open(os.environ['WORK'] + '/syn1.json'))['batch_size_used'])"
+echo "-- out of memory: all $SLICES slices at once (--batch-size 100000) with the GPU capped at 5 % of its memory"
+timeout 240 "$PY" - -v "${SYN[@]:2}" --out "$WORK/oom.nii.gz" --batch-size 100000 <<'EOF' 2>&1 | grep -E "out of memory|error|status" | tail -8
+import json, os, sys, torch
+from CTSemanticSynthLib.cli import main
+if torch.cuda.is_available():
+    torch.cuda.set_per_process_memory_fraction(0.05)
+code = main(sys.argv[1:])
+out = os.environ["WORK"] + "/oom.json"
+print(f"exit status {code}; volume written: {os.path.exists(out)}"
+      + (f", batch size used {json.load(open(out))['batch_size_used']}" if os.path.exists(out) else ""))
+EOF
+for run in "${SAMPLING[@]}"; do
+  read -r preset precision <<< "$run"
+  echo "-- benchmarks/synthesis.py: $SLICES slices, preset $preset, $precision, batch size auto"
+  timeout 240 "$PY" benchmarks/synthesis.py --device "$DEVICE" --seg "$WORK/long_seg.nii.gz" --model "$WORK/whole/model" \
+    --preset "$preset" --precision "$precision" --batch-size auto --repeats 1 "${SYNTH[@]}" 2>&1 | tail -4
+done
 
 stage "done"
 echo "total $((SECONDS - START)) s; work folder $WORK"

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import slicer
 
+from .choices import ORIENTATIONS
+
 VIEWS = ("Red", "Yellow")  # left, right in the side-by-side layout
-ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
 WINDOW, LEVEL = 400.0, 40.0  # abdomen window, the model's L40/W400
 
 

@@ -26,8 +26,8 @@ from CTSemanticSynthLib.labels import (
     totalsegmentator_names,
 )
 
-CONVENTIONS = ("auto", "amos", "totalseg", "totalseg_v1", "json")
-"""auto: segment names; amos / totalseg / totalseg_v1: segment label values; json: a mapping file."""
+from .choices import CONVENTIONS
+
 
 
 class LabelMappingError(ValueError):

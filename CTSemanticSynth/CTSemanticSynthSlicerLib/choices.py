@@ -1,0 +1,10 @@
+"""The panel's fixed choices, in one place. Plain tuples that Python 3.9 can import, so that the module file can
+declare its parameter node before it checks the Slicer version."""
+
+PRESETS = ("fast", "balanced", "paper")
+SAMPLERS = ("preset", "ddim", "dpmsolver++", "ancestral")  # "preset": the preset's own sampler
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cuda", "cpu", "mps")
+CONVENTIONS = ("auto", "amos", "totalseg", "totalseg_v1", "json")
+"""auto: segment names; amos / totalseg / totalseg_v1: segment label values; json: a mapping file."""
+ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
