@@ -210,11 +210,15 @@ NEUTRAL_OPTIONS = {"slice_correlation": 0.0, "guidance": 0.0, "slice_agreement":
 """Sampling options added after the first records, at their 'off' values: what an older record's run used."""
 
 
+HOW_NOT_WHAT = {"batch_size": None, "compile": None}
+"""Options that change how a volume is computed, not what it is (up to float rounding): ignored when resuming."""
+
+
 def _made_by(job: Job, model_sha256: str, options: SamplingOptions, label_names: dict[int, str] | None,
              precision: str) -> bool:
     """Whether the job's sidecar records this model, these options, the job's seed, these label values and this
     precision (records from before precision was recorded were fp32; the batch size, which does not change the
-    result, may differ)."""
+    result, may differ, and so may --compile)."""
     record = read_record(job.outputs[-1])
     if record is None or record.get("model_sha256") != model_sha256 or not isinstance(record.get("options"), dict):
         return False
@@ -224,7 +228,7 @@ def _made_by(job: Job, model_sha256: str, options: SamplingOptions, label_names:
         return False
     expected = dataclasses.asdict(dataclasses.replace(options, seed=job.seed))
     recorded = {**NEUTRAL_OPTIONS, **record["options"]}  # options added since the record was written were off
-    return {**recorded, "batch_size": None} == {**expected, "batch_size": None}
+    return {**recorded, **HOW_NOT_WHAT} == {**expected, **HOW_NOT_WHAT}
 
 
 def _complete(job: Job) -> bool:

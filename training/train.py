@@ -381,10 +381,14 @@ class Trainer:
 
     # --- training ---------------------------------------------------------------------------------------
 
+    @property
+    def context_slices(self) -> int:
+        """Neighbouring slices per side a 2.5D model sees (0: none; the GAN configs have no such key)."""
+        return int(self.config.get("context_slices", 0))
+
     def _load_slices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         indices = draw_indices(len(self.train_data), self.rank_batch, self.config["seed"], self.rank, step)
-        return self.train_data.load(indices, pin=self.device.type == "cuda",
-                                    context_slices=self.config["context_slices"])
+        return self.train_data.load(indices, pin=self.device.type == "cuda", context_slices=self.context_slices)
 
     def _slices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's stored slices (uint8 classes, float16 images) on the device; the next step's are read from
@@ -482,7 +486,7 @@ class Trainer:
         """A grid mask | real | synthetic (EMA model) for fixed held-out (or training) slices."""
         data = self.test_data or self.train_data
         index = torch.linspace(0, len(data) - 1, steps=min(4, len(data))).long()
-        images, classes = data.batch(index, context_slices=self.config["context_slices"])
+        images, classes = data.batch(index, context_slices=self.context_slices)
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         write_sample_grid(path, self.ema, self.diffusion, images, classes, self.config["conditioning"],
                           steps=self.config["sample_steps"], start_timestep=self.config["sample_start_timestep"] or None,
