@@ -498,7 +498,7 @@ def test_sample_loop_yields_every_step(diffusion: GaussianDiffusion) -> None:
         next(sample_loop(model_fn, sampler, x_T, {"scale": 2.0}, start_index=12))
     rebuilt = make_sampler(diffusion=diffusion, **json.loads(json.dumps(sampler.config)))
     assert torch.equal(rebuilt.timesteps, sampler.timesteps)
-    with pytest.raises(ValueError, match="^unknown sampler 'euler'; choose one of ancestral, ddim, dpmsolver\+\+$"):
+    with pytest.raises(ValueError, match=r"^unknown sampler 'euler'; choose one of ancestral, ddim, dpmsolver\+\+$"):
         make_sampler("euler", diffusion, 10)
     with pytest.raises(ValueError):
         make_sampler("ddim", diffusion, 1001)
