@@ -26,31 +26,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import AttentionBlock, Downsample, EmbedSequential, ResBlock, Upsample
 from .config import resolve_config
+from .generators.spade_blocks import SPADE
 from .nn import GroupNorm32, group_count, normalization, timestep_embedding, zero_module
 
 SPADE_HIDDEN = 128
 """Width of the conv net that turns the mask into a SPADE norm's scale and shift (the authors' ``nhidden``)."""
 
 
-class SPADEGroupNorm(nn.Module):
-    """GroupNorm without affine parameters, modulated per pixel by the semantic map: ``norm(x) * (1 + gamma) + beta``."""
-
-    def __init__(self, channels: int, label_channels: int) -> None:
-        super().__init__()
-        self.norm = GroupNorm32(group_count(channels), channels, affine=False)
-        self.shared = nn.Sequential(nn.Conv2d(label_channels, SPADE_HIDDEN, 3, padding=1), nn.ReLU())
-        self.gamma = nn.Conv2d(SPADE_HIDDEN, channels, 3, padding=1)
-        self.beta = nn.Conv2d(SPADE_HIDDEN, channels, 3, padding=1)
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        hidden = self.shared(F.interpolate(mask, size=x.shape[-2:], mode="nearest"))
-        return self.norm(x) * (1 + self.gamma(hidden)) + self.beta(hidden)
+def spade_group_norm(channels: int, label_channels: int) -> SPADE:
+    """SPADE over a GroupNorm without affine parameters (SDM's decoder norm)."""
+    return SPADE(channels, label_channels, SPADE_HIDDEN, norm=GroupNorm32(group_count(channels), channels, affine=False))
 
 
 class SPADEResBlock(ResBlock):
@@ -59,8 +49,8 @@ class SPADEResBlock(ResBlock):
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, label_channels: int,
                  dropout: float, use_scale_shift_norm: bool, use_checkpoint: bool) -> None:
         super().__init__(in_channels, out_channels, emb_channels, dropout, use_scale_shift_norm, use_checkpoint)
-        self.in_layers[0] = SPADEGroupNorm(in_channels, label_channels)
-        self.out_norm = SPADEGroupNorm(out_channels, label_channels)
+        self.in_layers[0] = spade_group_norm(in_channels, label_channels)
+        self.out_norm = spade_group_norm(out_channels, label_channels)
 
     def forward(self, x: Tensor, emb: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():

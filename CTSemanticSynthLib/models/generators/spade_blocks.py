@@ -8,12 +8,13 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 
 class SPADE(nn.Module):
-    """Spatially-adaptive normalisation: parameter-free batch norm, then a per-pixel scale and shift predicted from
-    the (resized) label map by a shared 3x3 conv + ReLU and two 3x3 convs: ``norm(x) * (1 + gamma) + beta``."""
+    """Spatially-adaptive normalisation: a parameter-free ``norm`` (default batch norm; SDM passes group norm),
+    then a per-pixel scale and shift predicted from the (resized) label map by a shared 3x3 conv + ReLU and two
+    3x3 convs: ``norm(x) * (1 + gamma) + beta``."""
 
-    def __init__(self, channels: int, label_channels: int, hidden: int) -> None:
+    def __init__(self, channels: int, label_channels: int, hidden: int, norm: nn.Module | None = None) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.norm = nn.BatchNorm2d(channels, affine=False) if norm is None else norm
         self.shared = nn.Sequential(nn.Conv2d(label_channels, hidden, 3, padding=1), nn.ReLU())
         self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
         self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
