@@ -64,12 +64,15 @@ def provenance_record(model_name: str, model_sha256: str, conditioning: str, sam
 def provenance_header(provenance: Mapping[str, Any]) -> dict[str, str]:
     """Header fields: a short NIfTI ``descrip`` (80 chars) and ``ctsynth_*`` keys for NRRD."""
     options = provenance["options"]
+    one_pass = options["sampler"] == "one-pass"  # a generator: no steps, no start
+    method = "one-pass" if one_pass else f"{options['sampler']}{options['steps']}"
     descrip = (
         f"SYNTHETIC CT {provenance['generator']} {provenance['model']} sha256:{provenance['model_sha256'][:12]} "
-        f"{options['sampler']}{options['steps']} seed{options['seed']}"
+        f"{method} seed{options['seed']}"
     )
     header = {"descrip": descrip[:80], "ctsynth_synthetic": "true"}
     header.update({f"ctsynth_{k}": str(provenance[k]) for k in ("generator", "model", "model_sha256", "created")})
-    header["ctsynth_sampling"] = (f"{options['sampler']} steps={options['steps']} start={options['start_timestep']} "
+    header["ctsynth_sampling"] = (f"one-pass seed={options['seed']}" if one_pass else
+                                  f"{options['sampler']} steps={options['steps']} start={options['start_timestep']} "
                                   f"seed={options['seed']}")
     return header

@@ -155,6 +155,8 @@ def test_train_resume_export_and_synthesize(cache, tmp_path, capsys, method):
     record = json.loads(syn.with_name("syn.json").read_text())
     assert record["kind"] == "generator" and record["conditioning"] == method
     assert record["sampler"] == {"sampler": "one-pass"} and record["options"]["steps"] == 1
+    descrip = result.header["descrip"].tobytes().decode().rstrip("\x00")
+    assert descrip.endswith(" one-pass seed0"), descrip  # not "one-pass1": a generator takes no steps
 
 
 def test_epochs_set_the_iterations(cache, tmp_path):
