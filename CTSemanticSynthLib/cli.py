@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -515,7 +515,7 @@ def _batch_progress(quiet: bool, rank: int) -> Iterator[tuple[Callable[[JobResul
 
 def _info(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .synthesis import evaluation_flops
+    from .synthesis import evaluation_flops, model_presets
 
     model = load_model(args.model)
     if args.json:
@@ -529,13 +529,18 @@ def _info(args: argparse.Namespace) -> int:
               f"network:      one-pass {net['method']} generator, {params / 1e6:.1f} M parameters, "
               f"{net['image_size']}x{net['image_size']}")
         return 0
+    architecture = {"unet": "U-Net", "sdm": "SDM U-Net (SPADE decoder)"}[net.get("architecture", "unet")]
+    guidance = float(net.get("guidance_scale", 0.0))  # classifier-free guidance: two evaluations per step
+    cost = evaluation_flops(model) * (2 if guidance else 1) / 1e9
     lines = [
         f"model:        {model.name}  ({model.path})",
         f"sha256:       {model.sha256}",
         f"conditioning: {net['conditioning']}",
-        f"network:      U-Net {params / 1e6:.1f} M parameters, {net['image_size']}x{net['image_size']}, "
+        f"network:      {architecture} {params / 1e6:.1f} M parameters, {net['image_size']}x{net['image_size']}, "
         f"channels {net['model_channels']} x {net['channel_mult']}",
-        f"cost:         {evaluation_flops(model) / 1e9:.2f} GFLOP per slice per sampling step",
+        f"cost:         {cost:.2f} GFLOP per slice per sampling step"
+        + (f" (2 evaluations: guidance {guidance:g} by default)" if guidance else ""),
+        f"presets:      {'; '.join(_preset_summary(name, preset) for name, preset in model_presets(cfg).items())}",
         f"diffusion:    T={cfg['diffusion']['num_timesteps']} {cfg['diffusion']['schedule']} schedule, "
         f"predicts {cfg['diffusion']['prediction']}, {cfg['diffusion']['loss']} loss",
         f"window:       L{cfg['window']['level']:g} / W{cfg['window']['width']:g}",
@@ -547,6 +552,15 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(f"training:     {json.dumps(cfg['training'])}")
     print("\n".join(lines))
     return 0
+
+
+def _preset_summary(name: str, preset: Mapping[str, Any]) -> str:
+    """'fast: ddim 7 steps from t=300, slice agreement 0.3'."""
+    text = f"{name}: {preset['sampler']} {preset['steps']} steps"
+    if preset.get("start_timestep") is not None:
+        text += f" from t={preset['start_timestep']}"
+    extras = {"eta": "eta", "slice_correlation": "slice correlation", "slice_agreement": "slice agreement"}
+    return ", ".join([text, *(f"{label} {preset[key]:g}" for key, label in extras.items() if preset.get(key))])
 
 
 def _classes(_: argparse.Namespace) -> int:

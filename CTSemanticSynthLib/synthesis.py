@@ -85,6 +85,11 @@ MAX_SEED = 2**32 - 1
 torch's 2**64 limit."""
 
 
+def model_presets(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The sampler presets of a model: the defaults, with those its ``sampling_presets`` redefines or adds."""
+    return {**DEFAULT_PRESETS, **config.get("sampling_presets", {})}
+
+
 def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> SamplingOptions:
     """Checked options for a named preset of a model's ``config`` (which may redefine presets under
     ``sampling_presets``); ``overrides`` that are not None replace the preset's values (``guidance`` defaults to the
@@ -92,7 +97,7 @@ def preset_options(config: Mapping[str, Any], preset: str, **overrides: Any) -> 
 
     Cheap (no weights needed): call it before loading the model. Every bad value is an InputError naming it.
     """
-    presets = {**DEFAULT_PRESETS, **config.get("sampling_presets", {})}
+    presets = model_presets(config)
     if preset not in presets:
         raise InputError(f"unknown preset '{preset}': use one of {', '.join(presets)}")
     options = replace(SamplingOptions(**presets[preset]), **{k: v for k, v in overrides.items() if v is not None})

@@ -165,6 +165,7 @@ def test_info_and_classes(capsys, tiny_model):
     code = main(["info", str(tiny_model)])
     out = capsys.readouterr().out
     assert code == 0 and "sha256:" in out and "concat" in out and "prostate_uterus" in out
+    assert "network:      U-Net" in out and "presets:      fast: ddim 25 steps; balanced: ddim 100 steps" in out
     assert main(["info", str(tiny_model), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["conditioning"] == "concat"
     assert main(["classes"]) == 0 and "16  body" in capsys.readouterr().out

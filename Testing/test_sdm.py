@@ -3,6 +3,7 @@ label dropout, exact resume, export + ``ctsynth synth``, and classifier-free gui
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +21,7 @@ from CTSemanticSynthLib.models import UNetModel
 from CTSemanticSynthLib.models.sdm import SDMModel
 from CTSemanticSynthLib.preprocess import condition_inputs, one_hot
 from CTSemanticSynthLib.provenance import read_record, sidecar_path
+from CTSemanticSynthLib.synthesis import evaluation_flops
 
 from conftest import randomise_zero_layers, tiny_model_config
 from test_training import _train, amos_cache  # noqa: F401  (the module's slice-cache fixture)
@@ -223,6 +225,22 @@ def test_guidance_changes_the_volume_and_needs_label_dropout(amos_cache, tmp_pat
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "--guidance 1.5 needs a model trained with label dropout" in err and "'plain'" in err
     assert not out.exists()
+
+
+def test_info_names_the_architecture_and_counts_both_guided_evaluations(tmp_path, capsys):
+    for dropout, guided in ((0.2, True), (0.0, False)):
+        folder = _sdm_folder(tmp_path / f"d{dropout}", dropout)
+        if guided:
+            config = json.loads((folder / "config.json").read_text())
+            config["model"]["guidance_scale"] = 1.5
+            (folder / "config.json").write_text(json.dumps(config))
+        assert ctsynth(["info", str(folder)]) == 0
+        out = capsys.readouterr().out
+        assert "network:      SDM U-Net (SPADE decoder)" in out
+        one = evaluation_flops(load_model(folder)) / 1e9
+        cost = float(re.search(r"cost: +([0-9.]+) GFLOP", out).group(1))
+        assert cost == pytest.approx(one * (2 if guided else 1), abs=0.006)
+        assert ("2 evaluations: guidance 1.5 by default" in out) == guided
 
 
 def test_model_folders_older_than_the_architecture_key_load_as_unets(tmp_path):
