@@ -65,7 +65,7 @@ Module layout after the Slicer scripted-module template and SlicerMONAIAuto3DSeg
 class CTSemanticSynthParameterNode:
     """inputSegmentation - the organs to synthesize from; referenceVolume - optional real CT (grid, review, Dice
     ceiling); outputVolume - where the synthetic CT goes (None: a new node). Sampling: preset, sampler/steps
-    ("preset"/0: the preset's), precision, seed (randomSeed: drawn on Apply), device, batchSize, samples;
+    ("preset"/0: the preset's), precision, seed (randomSeed: drawn on Apply), device, batchSize (0: auto), samples;
     regionMargin (mm) grows the edited voxels that "Regenerate edited region" resamples in outputVolume. Review:
     blindReview, reviewOrientation. Reader study: studyFromScene or studyFolder, studyCsv, readerName, studySeed."""
 
@@ -84,7 +84,7 @@ class CTSemanticSynthParameterNode:
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     randomSeed: bool = False
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
-    batchSize: Annotated[int, WithinRange(1, 256)] = 8
+    batchSize: Annotated[int, WithinRange(0, 256)] = 0  # 0: auto
     samples: Annotated[int, WithinRange(1, 16)] = 1
     regionMargin: Annotated[float, WithinRange(0.0, 100.0)] = 10.0
     blindReview: bool = False

@@ -410,6 +410,7 @@ def test_command_mapping_and_body_outline(scene, tmp_path):
     assert (option("--preset"), option("--seed"), option("--model")) == ("balanced", "9", "demo")
     assert "--steps" not in args and Path(option("--body-mask")).is_file()
     assert "--sampler" not in args and option("--precision") == "auto"  # the preset's sampler, the CLI's default
+    assert option("--batch-size") == "auto"  # the panel's default 0 shows as "auto"
     assert "--progress-lines" in args and set(a for a in args if a.startswith("--")) <= cli_options("synth")
     mapping = json.loads(Path(option("--labels")).read_text())
     assert mapping["1"] == "body" and "liver" in mapping.values() and "spleen" not in mapping.values()
@@ -435,11 +436,12 @@ def test_sampler_and_precision_reach_the_command(scene, tmp_path, sampler, preci
         pytest.skip("needs a 'true' executable to stand in for PythonSlicer")
     logic = SynthesisLogic(pythonExecutable=true, tempRoot=str(tmp_path))
     task = logic.startSynthesis(load_segmentation(scene, names="totalseg"), sampler=sampler, precision=precision,
-                                steps=4)
+                                steps=4, batchSize=3)
     task.wait(30)
     args = task.process.args
     option = lambda name: args[args.index(name) + 1]  # noqa: E731
     assert (option("--sampler"), option("--precision"), option("--steps")) == (sampler, precision, "4")
+    assert option("--batch-size") == "3"
     assert {"--sampler", "--precision"} <= cli_options("synth")
     task.cleanup()
 

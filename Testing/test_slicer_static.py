@@ -68,6 +68,18 @@ def test_parameter_names_in_the_ui_are_parameter_node_fields_of_a_matching_widge
         assert widget.get("class") == expected, f"{field}: {fields[field]} bound to a {widget.get('class')}"
 
 
+def test_spin_boxes_whose_zero_means_a_default_name_it():
+    """steps 0 (the preset's) and batchSize 0 (auto) show a word, not a bare 0, and default to it."""
+    bound = {p.find("string").text: w for w in ui_widgets().values() for p in w.findall("property")
+             if p.get("name") == "SlicerParameterName"}
+    special = {name: w for name, w in bound.items()
+               if any(p.get("name") == "specialValueText" for p in w.findall("property"))}
+    assert set(special) == {"steps", "batchSize"}  # seed 0 is a seed
+    text = MODULE_PY.read_text(encoding="utf-8")
+    for name in ("steps", "batchSize"):
+        assert re.search(rf"\n    {name}: Annotated\[int, WithinRange\(0, \d+\)\] = 0\b", text), name
+
+
 def test_apply_passes_the_sampling_fields_to_the_logic():
     """Every sampling field of the parameter node reaches startSynthesis (the combo boxes are not decoration)."""
     tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))

@@ -216,16 +216,17 @@ class SynthesisLogic:
     # --- synthesis ---------------------------------------------------------------------------------------------
     def startSynthesis(self, segmentationNode, outputVolumeNode=None, referenceVolumeNode=None, model: str | None = None,
                        labels: str = "auto", mappingFile: str | None = None, strictLabels: bool = False,
-                       preset: str = "fast", steps: int = 0, seed: int = 0, device: str = "auto", batchSize: int = 8,
+                       preset: str = "fast", steps: int = 0, seed: int = 0, device: str = "auto", batchSize: int = 0,
                        outputName: str | None = None, samples: int = 1, sampler: str | None = None,
                        precision: str = "auto", regionMarginMm: float | None = None) -> BackgroundTask:
         """Export the inputs and start ``ctsynth synth`` in the background; the scene is not changed.
 
-        ``steps`` 0 and ``sampler`` None keep the preset's; ``precision`` is ``ctsynth --precision``. ``samples``
-        N >= 2 makes N CTs (seeds seed..seed+N-1) and their per-voxel standard deviation. ``regionMarginMm``
-        regenerates only what was edited: the synthetic CT ``outputVolumeNode`` is kept outside the voxels whose
-        class changed since it was made (see :meth:`regionArguments`), grown by that margin. Finish with
-        :meth:`finishSynthesis` once ``task.poll()`` says SUCCEEDED.
+        ``steps`` 0 and ``sampler`` None keep the preset's; ``batchSize`` 0 is ``--batch-size auto``; ``precision``
+        is ``ctsynth --precision``. ``samples`` N >= 2 makes N CTs (seeds seed..seed+N-1) and their per-voxel
+        standard deviation. ``regionMarginMm`` regenerates only what was edited: the synthetic CT
+        ``outputVolumeNode`` is kept outside the voxels whose class changed since it was made (see
+        :meth:`regionArguments`), grown by that margin. Finish with :meth:`finishSynthesis` once ``task.poll()`` says
+        SUCCEEDED.
         """
         regenerating = regionMarginMm is not None
         if outputVolumeNode is not None and (outputVolumeNode is referenceVolumeNode
@@ -248,7 +249,7 @@ class SynthesisLogic:
             ijkToRAS, dims = self.exportLabelmap(segmentationNode, [s.segmentId for s, _ in order], geometryNode, labelsPath)
             mappingPath.write_text(mappingJson(order))
             args = ["synth", "--seg", labelsPath, "--out", workDir / "synthetic.nrrd", "--labels", mappingPath,
-                    "--preset", preset, "--seed", int(seed), "--device", device, "--batch-size", int(batchSize),
+                    "--preset", preset, "--seed", int(seed), "--device", device, "--batch-size", int(batchSize) or "auto",
                     "--precision", precision, "--progress-lines"]
             outputs = [workDir / "synthetic.nrrd"]
             if samples > 1:
