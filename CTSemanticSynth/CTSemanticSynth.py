@@ -43,7 +43,6 @@ class CTSemanticSynth(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("CT Semantic Synthesis")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []
         self.parent.contributors = ["CTSemanticSynth contributors (CTSemanticSynth project)"]
         self.parent.helpText = _("""
 Turn an abdominal segmentation (15 AMOS organs, from TotalSegmentator, AMOS label maps or named segments) into a
@@ -108,10 +107,8 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._infoTask = None
         self._swapped = False
         self._shownModel = ()
-        self._study = None
-        self._studyNodes = []
-        self._timer = qt.QTimer()
-        self._timer.setInterval(500)
+        self._study, self._studyNodes = None, []
+        self._timer = qt.QTimer()  # started with a 500 ms interval
         self._timer.timeout.connect(self.onTimer)
 
     def setup(self) -> None:
@@ -130,6 +127,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.regenerateButton.connect("clicked()", lambda: self.onApplyButton(regenerate=True))
+        self.ui.undoRegenerationButton.connect("clicked()", self.onUndoRegeneration)
         self.ui.reviewButton.connect("clicked(bool)", self.onReviewButton)
         self.ui.swapButton.connect("clicked(bool)", self.onSwapButton)
         self.ui.revealButton.connect("clicked(bool)", self.onRevealButton)
@@ -196,6 +194,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasOutput = bool(p and self.logic.isSynthetic(p.outputVolume))
         self.ui.regenerateButton.enabled = kind == "synthesis" or (not busy and hasOutput and bool(p.inputSegmentation))
         self.ui.regenerateButton.text = _("Cancel") if kind == "synthesis" else _("Regenerate edited region")
+        self.ui.undoRegenerationButton.enabled = not busy and bool(p) and self.logic.canUndoRegeneration(p.outputVolume)
         for button in (self.ui.reviewButton, self.ui.swapButton):
             button.enabled = hasOutput and not busy and self._study is None
         self.ui.revealButton.enabled = self.logic.blinding.active and self._study is None
@@ -225,7 +224,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             self._infoTask = self.logic.startModelInfo(self._modelSpec())
             self.ui.modelInfoLabel.text = _("checking the model...")
-            self._timer.start()
+            self._timer.start(500)
         except (OSError, ValueError) as exc:
             self._infoTask = None
             self.ui.modelInfoLabel.text = str(exc)
@@ -262,13 +261,17 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 precision=p.precision, regionMarginMm=p.regionMargin if regenerate else None)
             self._startTask(task, _("Regenerating the edited region...") if regenerate else _("Synthesizing..."))
 
+    def onUndoRegeneration(self) -> None:
+        self.logic.undoRegeneration(self._parameterNode.outputVolume)
+        self._endTask(_("The last regeneration was undone."))
+
     def _startTask(self, task, message: str) -> None:
         self._task = task
         self.ui.logTextEdit.setPlainText("\n".join(task.warnings))
         self.ui.statusLabel.text = message
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
-        self._timer.start()
+        self._timer.start(500)
         self._checkCanApply()
 
     def _endTask(self, message: str) -> None:
@@ -331,8 +334,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRevealButton(self) -> None:
         self.logic.reveal()
         self._setBlindGui(False)
-        side = _("right") if not self._swapped else _("left")
-        self.ui.statusLabel.text = _("The synthetic CT is on the {side}.").format(side=side)
+        self.ui.statusLabel.text = _("The synthetic CT is on the {side}.").format(side=_("left") if self._swapped else _("right"))
         self._checkCanApply()
 
     def _showReview(self) -> None:
@@ -449,8 +451,7 @@ class CTSemanticSynthTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _wait(task, timeout: float = 600.0):
-        """Poll ``task`` from a QTimer in a local event loop (the GUI stays live) until it ends or ``timeout`` s pass
-        (then it is cancelled); returns its state."""
+        """Poll ``task`` in a local event loop (the GUI stays live) until it ends or ``timeout`` s pass (then cancel it)."""
         loop, timer = qt.QEventLoop(), qt.QTimer()
         timer.timeout.connect(lambda: task.poll().finished and loop.quit())
         qt.QTimer.singleShot(int(1000 * timeout), loop.quit)

@@ -80,6 +80,20 @@ def test_spin_boxes_whose_zero_means_a_default_name_it():
         assert re.search(rf"\n    {name}: Annotated\[int, WithinRange\(0, \d+\)\] = 0\b", text), name
 
 
+def test_every_button_is_connected_and_those_disabled_in_the_ui_get_enabled():
+    """A push button without a handler, or one the .ui disables that nothing ever enables, is dead."""
+    text = MODULE_PY.read_text(encoding="utf-8")
+    check = next(n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.FunctionDef) and n.name == "_checkCanApply")
+    enabling = ast.unparse(check)
+    for name, widget in ui_widgets().items():
+        if widget.get("class") != "QPushButton":
+            continue
+        assert re.search(rf'self\.ui\.{name}\.connect\("clicked\(', text), f"{name} is not connected"
+        disabled = any(p.get("name") == "enabled" and p.findtext("bool") == "false" for p in widget.findall("property"))
+        if disabled:
+            assert f"self.ui.{name}" in enabling and ".enabled = " in enabling, f"{name} is never enabled"
+
+
 def test_apply_passes_the_sampling_fields_to_the_logic():
     """Every sampling field of the parameter node reaches startSynthesis (the combo boxes are not decoration)."""
     tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
