@@ -174,6 +174,78 @@ def test_training_evaluate_writes_parseable_reports_and_resumes(tmp_path, tiny_c
     assert json.loads((out / "results.json").read_text())["models"][0]["psnr"] == pytest.approx(model["psnr"])
 
 
+class _TwoCases:
+    """Stands in for a SliceCache: case "a" has 8 slices valued 10..17, case "b" 3 slices valued 20..22."""
+
+    def case_classes(self, case: str) -> np.ndarray:
+        first, n = {"a": (10, 8), "b": (20, 3)}[case]
+        return np.arange(first, first + n, dtype=np.uint8)[:, None, None].repeat(2, 1).repeat(2, 2)
+
+
+@pytest.mark.parametrize("margin", [0, 1, 2])
+def test_pseudo_volume_gives_each_pick_its_own_cases_neighbours(margin):
+    from training.evaluate import pseudo_volume
+
+    picks = [("a", 1), ("a", 2), ("b", 0), ("a", 6)]
+    stack, at = pseudo_volume(_TwoCases(), picks, margin)
+    values = stack[:, 0, 0].astype(int)
+    expected = {("a", k): 10 + k for k in range(8)} | {("b", k): 20 + k for k in range(3)}
+    assert [values[i] for i in at] == [expected[p] for p in picks]
+    if margin == 0:
+        assert values.tolist() == [11, 12, 20, 16]  # the picks side by side, in order, as before
+        return
+    for (case, index), i in zip(picks, at):
+        for d in range(-margin, margin + 1):
+            j, neighbour = i + d, expected.get((case, index + d), 0)  # 0: the case has no such slice
+            assert (values[j] if 0 <= j < len(values) else 0) == neighbour, (case, index, d)
+
+
+def test_evaluation_gives_a_2p5d_model_the_neighbours_the_trainer_gave_it(tiny_cache):
+    """With --max-slices the test slices are spread out: a 2.5D model must still see each one's real neighbours."""
+    from CTSemanticSynthLib.slice_context import with_neighbours
+    from training.dataset import SliceCache
+    from training.evaluate import pseudo_volume, select_rows
+
+    cache = SliceCache(tiny_cache, "test")
+    rows = select_rows(len(cache), 4)
+    stack, at = pseudo_volume(cache, [cache.rows[i] for i in rows], margin=2)
+    active = np.flatnonzero(stack.any(axis=(1, 2)))
+    seen = with_neighbours(torch.from_numpy(stack[active]).long(), active.tolist(), 2)
+    _, trained = cache.load(rows.tolist(), context_slices=2)
+    picked = [active.tolist().index(i) for i in at]
+    np.testing.assert_array_equal(seen[picked].numpy(), trained.numpy())
+
+
+def test_neighbour_margin_follows_the_network_and_the_agreement(tiny_model):
+    from CTSemanticSynthLib.checkpoint import load_model
+    from CTSemanticSynthLib.synthesis import SamplingOptions
+    from training.evaluate import neighbour_margin
+
+    model = load_model(tiny_model)
+    assert neighbour_margin(model, SamplingOptions()) == 0
+    assert neighbour_margin(model, SamplingOptions(slice_agreement=0.3)) == 4  # reach 2, and the neighbours' reach
+    model.model.config["context_slices"] = 3
+    assert neighbour_margin(model, SamplingOptions()) == 3
+
+
+def test_a_chunk_sampled_with_agreement_is_the_picks_only(tiny_cache, tiny_model, tmp_path):
+    from CTSemanticSynthLib.checkpoint import load_model
+    from CTSemanticSynthLib.synthesis import SamplingOptions
+    from training.dataset import SliceCache
+    from training.evaluate import Entry, sample_chunk, select_rows
+
+    cache = SliceCache(tiny_cache, "test")
+    picks = [cache.rows[i] for i in select_rows(len(cache), 3)]
+    options = SamplingOptions(sampler="ddim", steps=2, slice_agreement=0.5)
+    entry = Entry("tiny", load_model(tiny_model), options, tmp_path, tmp_path)
+    with_agreement = sample_chunk(entry, cache, picks, 0, torch.device("cpu")).astype(np.float32)
+    entry.options = SamplingOptions(sampler="ddim", steps=2)
+    alone = sample_chunk(entry, cache, picks, 0, torch.device("cpu")).astype(np.float32)
+    assert with_agreement.shape == alone.shape == (3, 32, 32) and np.isfinite(with_agreement).all()
+    assert 0 <= with_agreement.min() and with_agreement.max() <= 1 and with_agreement.std() > 0.01
+    assert not np.array_equal(with_agreement, alone)  # sampled among its neighbours
+
+
 def test_training_evaluate_refuses_a_model_of_another_size(tmp_path, tiny_cache, capsys):
     from CTSemanticSynthLib.checkpoint import save_model
     from CTSemanticSynthLib.diffusion import GaussianDiffusion, diffusion_defaults

@@ -58,6 +58,10 @@ class SliceCache:
             classes = torch.from_numpy(np.stack([self._classes[c][s] for c, s in picks]))
         return (images.pin_memory(), classes.pin_memory()) if pin else (images, classes)
 
+    def case_classes(self, case: str) -> np.ndarray:
+        """The classes [slices, S, S] (uint8, memory-mapped) of every slice of ``case``."""
+        return self._classes[case]
+
     def _neighbour(self, case: str, index: int) -> np.ndarray:
         """Classes of slice ``index`` of ``case``, background when the case has no such slice."""
         stack = self._classes[case]

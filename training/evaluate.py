@@ -13,7 +13,8 @@ per slice, the sampler options do not apply); each lands in one table beside its
 Slices: every test slice of the cache (or ``--max-slices``, evenly spread) is sampled with each model's preset
 through ``CTSemanticSynthLib.synthesis.synthesize`` (per-slice seeds), in chunks saved under
 ``OUT/samples/<model>-<key>/``, so an interrupted run resumes; a change of model, preset, steps, seed, chunk or
-slice set gets a new folder. Real and synthetic slices are compared at 256 x 256 in [0, 1] (L40/W400): PSNR and
+slice set gets a new folder. A 2.5D model, or slice agreement, needs a slice's neighbours: those are taken from the
+slice's own case and sampled with it (up to 4 more slices per slice with ``--max-slices``; see ``pseudo_volume``). Real and synthetic slices are compared at 256 x 256 in [0, 1] (L40/W400): PSNR and
 SSIM per slice, FID/KID over the Inception features of the sets.
 Volumes (optional): CT/label pairs are synthesized whole (cached as NIfTI under ``OUT/volumes/``), scored with
 TotalSegmentator (Dice per organ; on the real CT too, the ceiling), with FID per plane (and the gap between planes)
@@ -41,6 +42,7 @@ from tqdm import tqdm
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.checkpoint import LoadedModel, load_model
 from CTSemanticSynthLib.device import select_device
+from CTSemanticSynthLib.diffusion.slice_agreement import neighbour_weights
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.evaluation import json_safe
 from CTSemanticSynthLib.io import Volume, atomic_outputs, read_image, read_labelmap, write_bytes, write_volume
@@ -51,6 +53,7 @@ from CTSemanticSynthLib.metrics.consistency import plane_fid_gap, stripe_index
 from CTSemanticSynthLib.metrics.paper import PAPER_ORGANS, csv_rows, to_csv, to_markdown
 from CTSemanticSynthLib.metrics.planes import PLANES, plane_slices
 from CTSemanticSynthLib.preprocess import AxialOrientation, body_mask_from_ct, hu_to_unit
+from CTSemanticSynthLib.slice_context import network_context
 from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, synthesize
 from CTSemanticSynthLib.totalseg import check_totalsegmentator, run_totalsegmentator, totalseg_organs
 
@@ -105,12 +108,47 @@ def parse_model(spec: str) -> tuple[str | None, str]:
     return (name, path) if sep and name and not Path(spec).exists() else (None, spec)
 
 
-def sample_chunk(entry: Entry, classes: torch.Tensor, chunk_index: int, device: torch.device) -> np.ndarray:
-    """Synthetic [0, 1] slices (float16) for a chunk of class slices [B, S, S]."""
-    volume = Volume(classes.numpy().astype(np.uint8), STACK_AFFINE)
+def neighbour_margin(model: LoadedModel, options: SamplingOptions) -> int:
+    """Slices on each side of a test slice that its sample depends on: a 2.5D network's ``context_slices`` (their
+    classes) and, with slice agreement, twice the agreement's reach (their samples, blended at every step)."""
+    agreement = 2 * max(neighbour_weights()) if options.slice_agreement and model.kind == "diffusion" else 0
+    return max(network_context(model.model), agreement)
+
+
+def pseudo_volume(cache: SliceCache, picks: list[tuple[str, int]], margin: int) -> tuple[np.ndarray, list[int]]:
+    """The class slices [N, S, S] to sample for the (case, slice) ``picks`` along one axis, and where each pick lies.
+
+    With ``margin`` m > 0 every pick comes with its case's slices within m (those the case has), runs of one case's
+    consecutive slices stay neighbours, and other runs are m + 1 empty (skipped) slices apart, so that a pick's
+    neighbours are its real ones, never another case's. With m = 0 the picks are laid side by side in order.
+    """
+    wanted: dict[tuple[str, int], None] = {}
+    for case, index in picks:
+        for k in range(index - margin, index + margin + 1):
+            if 0 <= k < len(cache.case_classes(case)):
+                wanted[case, k] = None
+    case_rank = {case: rank for rank, case in enumerate(dict.fromkeys(case for case, _ in picks))}
+    order = sorted(wanted, key=lambda key: (case_rank[key[0]], key[1])) if margin else list(wanted)
+    position, slices = {}, []
+    for key in order:
+        previous = slices[-1][0] if slices else None
+        step = 1 if not margin or previous == (key[0], key[1] - 1) else margin + 2
+        position[key] = 0 if not slices else position[previous] + step
+        slices.append((key, cache.case_classes(key[0])[key[1]]))
+    stack = np.zeros((position[order[-1]] + 1, *slices[0][1].shape), dtype=np.uint8)
+    for key, classes in slices:
+        stack[position[key]] = classes
+    return stack, [position[pick] for pick in picks]
+
+
+def sample_chunk(entry: Entry, cache: SliceCache, picks: list[tuple[str, int]], chunk_index: int,
+                 device: torch.device) -> np.ndarray:
+    """Synthetic [0, 1] slices (float16) for a chunk of (case, slice) picks, each sampled with its real neighbours
+    where the model or the options look at neighbours (:func:`neighbour_margin`)."""
+    stack, at = pseudo_volume(cache, picks, neighbour_margin(entry.model, entry.options))
     options = replace(entry.options, seed=entry.options.seed * 100_003 + chunk_index)
-    result = synthesize(volume, entry.model, options, device=device)
-    return hu_to_unit(result.volume.array).astype(np.float16)
+    result = synthesize(Volume(stack, STACK_AFFINE), entry.model, options, device=device)
+    return hu_to_unit(result.volume.array[at]).astype(np.float16)
 
 
 def sample_all(entries: list[Entry], cache: SliceCache, rows: np.ndarray, chunk: int, device: torch.device) -> None:
@@ -121,8 +159,8 @@ def sample_all(entries: list[Entry], cache: SliceCache, rows: np.ndarray, chunk:
         with tqdm(total=len(rows), initial=done, unit="slice", desc=f"sampling {entry.name}") as bar:
             for c in todo:
                 index = rows[c * chunk:(c + 1) * chunk]
-                _, classes = cache.batch(index.tolist())
-                _save_npy(entry.folder / f"chunk_{c:05d}.npy", sample_chunk(entry, classes, c, device))
+                picks = [cache.rows[i] for i in index]
+                _save_npy(entry.folder / f"chunk_{c:05d}.npy", sample_chunk(entry, cache, picks, c, device))
                 bar.update(len(index))
 
 
@@ -336,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             options = preset_options(model.config, args.preset, steps=args.steps, seed=args.seed, batch_size=args.batch_size)
             key = {"sha256": model.sha256, "options": asdict(options), "split": args.split,
                    "rows": [cache.rows[i] for i in rows], "chunk": args.batch_size, "version": 1}
+            if neighbour_margin(model, options):  # sampled with real neighbours (before: with the chunk's rows)
+                key["neighbour_margin"] = neighbour_margin(model, options)
             folder = args.out / "samples" / f"{name or model.name}-{_digest(key)}"
             folder.mkdir(parents=True, exist_ok=True)
             write_bytes(folder / "key.json", json.dumps({k: v for k, v in key.items() if k != "rows"}, indent=1).encode(),
