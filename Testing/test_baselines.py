@@ -206,6 +206,8 @@ def _edit_config(src: Path, dst: Path, drop: tuple[str, ...] = (), **model) -> P
      "do not match its config.json"),
     ({"channels": 4}, (), "do not match its config.json"),
     ({"method": "cyclegan"}, (), "model.method"),
+    ({}, ("method",), "field 'model.method' is missing"),
+    ({"method": 3}, (), "field 'model.method' must be a string"),
     ({"dropout": 2}, (), "dropout must be a number in [0, 1)"),
     ({}, ("channels",), "field 'model.channels' is missing"),
 ])

@@ -70,8 +70,26 @@ def test_corrupt_weights_are_refused(tmp_path: Path):
     data = bytearray((folder / WEIGHTS_NAME).read_bytes())
     data[-10] ^= 0xFF
     (folder / WEIGHTS_NAME).write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt or was replaced"):
+    recorded = json.loads((folder / CONFIG_NAME).read_text())["sha256"]
+    found = hashlib.sha256(bytes(data)).hexdigest()
+    with pytest.raises(CheckpointError, match=f"corrupt or was replaced: sha256 {found[:12]}... but config.json says "
+                                              f"{recorded[:12]}...; re-copy"):
         load_model(folder)
+
+
+def test_a_config_the_checks_pass_but_the_builder_rejects_is_one_error(tmp_path: Path, monkeypatch):
+    """Defensive: a network builder that refuses a checked config still gives the model's config file and why."""
+    import CTSemanticSynthLib.checkpoint as checkpoint
+
+    folder = make_model_folder(tmp_path / "m")
+
+    def refuse(config):
+        raise ValueError("no such network")
+
+    monkeypatch.setattr(checkpoint, "create_model", refuse)
+    with pytest.raises(CheckpointError) as error:
+        load_model(folder)
+    assert str(error.value) == f"{folder / CONFIG_NAME} describes an invalid model: no such network"
 
 
 def _rehash(folder: Path) -> None:
@@ -102,8 +120,9 @@ def test_each_kind_of_weight_mismatch_is_refused(tmp_path: Path, change, problem
     change(state)
     save_file(state, folder / WEIGHTS_NAME)
     _rehash(folder)
-    with pytest.raises(CheckpointError, match=problem):
+    with pytest.raises(CheckpointError, match=problem) as error:
         load_model(folder)
+    assert str(error.value).startswith(f"weights in {folder} do not match its config.json: ")
 
 
 def test_missing_weights_file_is_named(tmp_path: Path):
