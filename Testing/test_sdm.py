@@ -227,6 +227,23 @@ def test_guidance_changes_the_volume_and_needs_label_dropout(amos_cache, tmp_pat
     assert not out.exists()
 
 
+def test_training_sample_grids_use_the_models_guidance():
+    from CTSemanticSynthLib.diffusion import make_sampler
+    from CTSemanticSynthLib.synthesis import sample_slices
+    from training.sample_grid import sample_grid_slices
+
+    model, classes = _sdm(label_dropout=0.2, guidance_scale=1.5), _classes(3)
+    diffusion = GaussianDiffusion(**diffusion_defaults())
+    grid = sample_grid_slices(model, diffusion, classes, "spade", steps=3, start_timestep=None, class_means=None,
+                              device=torch.device("cpu"))
+    sampler = make_sampler("ddim", diffusion, 3)
+    expected = {s: sample_slices(model, "spade", sampler, classes, range(2), seed=0, device=torch.device("cpu"),
+                                 guidance=s) for s in (0.0, 1.5)}
+    torch.testing.assert_close(grid, expected[1.5])
+    assert not torch.allclose(grid, expected[0.0], atol=1e-3)
+    assert model.training  # handed back in training mode
+
+
 def test_info_names_the_architecture_and_counts_both_guided_evaluations(tmp_path, capsys):
     for dropout, guided in ((0.2, True), (0.0, False)):
         folder = _sdm_folder(tmp_path / f"d{dropout}", dropout)

@@ -18,15 +18,16 @@ def sample_grid_slices(model: torch.nn.Module, diffusion: GaussianDiffusion, cla
                        conditioning: str, *, steps: int, start_timestep: int | None,
                        class_means: list[float] | None, device: torch.device, seed: int = 0) -> torch.Tensor:
     """DDIM samples [B, S, S] in [0, 1] for class slices [B, S, S] (with a 2.5D model's neighbours: [B, 1 + 2k, S, S]);
-    from the noised class-mean prior if asked."""
+    from the noised class-mean prior if asked, with the model's own guidance scale (as ``ctsynth`` samples it)."""
     if start_timestep is not None and class_means is None:
         raise ValueError("a start timestep needs the class means")
     sampler = make_sampler("ddim", diffusion, steps, start_timestep=start_timestep)
     prior = class_prior(class_means) if start_timestep is not None else None
+    guidance = float(model.config.get("guidance_scale", 0.0))
     model.eval()
     try:
         return sample_slices(model, conditioning, sampler, classes, range(len(classes)), seed=seed, device=device,
-                             prior=prior)
+                             prior=prior, guidance=guidance)
     finally:
         model.train()
 
