@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 from CTSemanticSynthLib.checkpoint import load_model
+from CTSemanticSynthLib.factory import create_model
 from CTSemanticSynthLib.models import CONDITIONINGS, UNetModel, model_defaults
+from CTSemanticSynthLib.models.blocks import AttentionBlock, Downsample, ResBlock, Upsample
+from CTSemanticSynthLib.models.sdm import SPADEResBlock
 
 from conftest import make_model_folder, randomise_zero_layers
 
@@ -212,3 +215,91 @@ def test_default_256_parameter_count_is_sane(conditioning: str) -> None:
         model = UNetModel(conditioning=conditioning)
     assert model.config["image_size"] == 256
     assert 20e6 < sum(p.numel() for p in model.parameters()) < 200e6
+
+
+LEVEL_VARIANTS = {
+    "concat": {"conditioning": "concat"},
+    "mask_encoder": {"conditioning": "mask_encoder"},
+    "edge": {"conditioning": "edge"},
+    "concat_2.5d": {"conditioning": "concat", "context_slices": 1},
+    "sdm": {"architecture": "sdm", "conditioning": "spade"},
+}
+
+
+def expected_level_layout(cfg: dict, cond_ch: list[int]) -> list[tuple[str, list[tuple]]]:
+    """Every block of the encoder, the middle and the decoder as (state-dict prefix, layers), each layer a
+    (kind, channels...) tuple, from closed-form positions rather than the builder's running bookkeeping: with
+    n = num_res_blocks + 1 blocks a level, encoder block j is at level j // n and downsamples when j % n == n - 1;
+    its output (a decoder skip) has that level's width. Decoder block k is at level L - 1 - k // n, takes the skip
+    of encoder block E - 1 - k (the input conv's for the last), and its level's last block upsamples."""
+    mc, mult, n = cfg["model_channels"], cfg["channel_mult"], cfg["num_res_blocks"] + 1
+    width = [m * mc for m in mult]
+    last = len(mult) - 1
+    n_enc = len(mult) * n - 1
+    skips = [mc] + [width[j // n] for j in range(n_enc)]
+
+    def attended(level: int, kind: str, in_ch: int) -> list[tuple]:
+        attn = [("attn", width[level])] if 2**level in cfg["attention_resolutions"] else []
+        return [(kind, in_ch, width[level]), *attn]
+
+    blocks = []
+    for j in range(n_enc):
+        level, i = divmod(j, n)
+        in_ch = mc if j == 0 else width[level - (i == 0)]
+        layers = [("down", width[level])] if i == n - 1 else attended(level, "enc", in_ch + (0 if i else cond_ch[level]))
+        blocks.append((f"input_blocks.{j}", layers))
+    bottom = width[last]
+    blocks.append(("middle_block", [("dec", bottom, bottom), ("attn", bottom), ("dec", bottom, bottom)]))
+    for k in range(len(mult) * n):
+        level, i = last - k // n, k % n
+        prev = width[last] if k == 0 else width[last - (k - 1) // n]
+        layers = attended(level, "dec", prev + skips[n_enc - k] + (0 if i else cond_ch[level]))
+        if level and i == n - 1:
+            layers.append(("up", width[level]))
+        blocks.append((f"output_blocks.{k}", layers))
+    return blocks
+
+
+def reference_layer(cfg: dict, kind: str, *channels: int) -> nn.Module:
+    """A freshly built layer of one kind; its state-dict keys and shapes are what the network must hold there."""
+    emb, rest = 4 * cfg["model_channels"], (cfg["dropout"], cfg["use_scale_shift_norm"], cfg["use_checkpoint"])
+    if kind == "dec" and cfg["architecture"] == "sdm":
+        return SPADEResBlock(*channels, emb, cfg["num_classes"], *rest)
+    if kind in ("enc", "dec"):
+        return ResBlock(*channels, emb, *rest)
+    if kind == "attn":
+        return AttentionBlock(*channels, cfg["num_heads"])
+    return (Downsample if kind == "down" else Upsample)(*channels, cfg["conv_resample"])
+
+
+@pytest.mark.parametrize("num_res_blocks", [1, 2])
+@pytest.mark.parametrize("attention", [[], [1, 2]], ids=["no_attn", "attn"])
+@pytest.mark.parametrize("channel_mult", [[1, 2], [1, 2, 2], [1, 1, 2, 4]], ids=["2lev", "3lev", "4lev"])
+@pytest.mark.parametrize("variant", list(LEVEL_VARIANTS))
+def test_levels_hold_the_expected_blocks_in_order(variant, channel_mult, attention, num_res_blocks) -> None:
+    """The state-dict keys and shapes (what saved models load by) of the encoder, middle and decoder, in order, and
+    where the condition-encoder features enter, for both U-Nets; also the order of the top-level parts. Resampling
+    is by convolution with one residual block a level and parameter-free with two."""
+    config = {**TINY, **LEVEL_VARIANTS[variant], "channel_mult": channel_mult, "attention_resolutions": attention,
+              "num_res_blocks": num_res_blocks, "conv_resample": num_res_blocks == 1}
+    model = create_model(config)
+    cfg = model.config
+    cond_ch = model.cond_encoder.out_channels if getattr(model, "cond_encoder", None) else [0] * len(channel_mult)
+    layout = expected_level_layout(cfg, cond_ch)
+    expected = [
+        (f"{prefix}.{index}.{key}", tuple(value.shape))
+        for prefix, layers in layout
+        for index, layer in enumerate(layers)
+        for key, value in reference_layer(cfg, *layer).state_dict().items()
+    ]
+    state = model.state_dict()
+    level_parts = ("input_blocks", "middle_block", "output_blocks")
+    assert [(k, tuple(v.shape)) for k, v in state.items() if k.split(".")[0] in level_parts] == expected
+    parts = ["cond_encoder"] * bool(any(cond_ch)) + ["time_embed", "input_conv", *level_parts, "out"]
+    assert list(dict.fromkeys(k.split(".")[0] for k in state)) == parts
+    if cfg["architecture"] == "unet":  # features enter the first block of each level, encoder and decoder
+        n, levels, injected = num_res_blocks + 1, len(channel_mult), any(cond_ch)
+        assert model.input_inject == tuple(j // n if injected and j % n == 0 else None for j in range(levels * n - 1))
+        assert model.output_inject == tuple(
+            levels - 1 - k // n if injected and k % n == 0 else None for k in range(levels * n)
+        )

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import AttentionBlock, Downsample, EmbedSequential, ResBlock, Upsample
+from .blocks import ResBlock
 from .config import resolve_config
 from .generators.spade_blocks import SPADE
+from .levels import build_levels
 from .nn import GroupNorm32, group_count, normalization, timestep_embedding, zero_module
 
 SPADE_HIDDEN = 128
@@ -86,8 +87,7 @@ class SDMModel(nn.Module):
         cfg = self.config = resolve_config(**config)
         if cfg["architecture"] != "sdm":
             raise ValueError(f"SDMModel builds architecture 'sdm', not {cfg['architecture']!r}")
-        mc, mult, nrb = cfg["model_channels"], cfg["channel_mult"], cfg["num_res_blocks"]
-        attn, heads, ckpt = set(cfg["attention_resolutions"]), cfg["num_heads"], cfg["use_checkpoint"]
+        mc, mult, ckpt = cfg["model_channels"], cfg["channel_mult"], cfg["use_checkpoint"]
         emb_dim, labels = 4 * mc, cfg["num_classes"]
 
         def res(in_ch: int, out_ch: int) -> ResBlock:
@@ -101,34 +101,11 @@ class SDMModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.input_conv = nn.Conv2d(cfg["in_channels"], mc, 3, padding=1)
 
-        self.input_blocks = nn.ModuleList()  # the encoder sees the noisy image only
-        skip_ch, ch, ds = [mc], mc, 1
-        for level, m in enumerate(mult):
-            for _ in range(nrb):
-                layers: list[nn.Module] = [res(ch, m * mc)]
-                ch = m * mc
-                if ds in attn:
-                    layers.append(AttentionBlock(ch, heads, ckpt))
-                self.input_blocks.append(EmbedSequential(*layers))
-                skip_ch.append(ch)
-            if level < len(mult) - 1:
-                self.input_blocks.append(EmbedSequential(Downsample(ch, cfg["conv_resample"])))
-                skip_ch.append(ch)
-                ds *= 2
-
-        self.middle_block = SPADESequential(spade(ch, ch), AttentionBlock(ch, heads, ckpt), spade(ch, ch))
-
-        self.output_blocks = nn.ModuleList()
-        for level in reversed(range(len(mult))):
-            for i in range(nrb + 1):
-                layers = [spade(ch + skip_ch.pop(), mult[level] * mc)]
-                ch = mult[level] * mc
-                if ds in attn:
-                    layers.append(AttentionBlock(ch, heads, ckpt))
-                if level and i == nrb:
-                    layers.append(Upsample(ch, cfg["conv_resample"]))
-                    ds //= 2
-                self.output_blocks.append(SPADESequential(*layers))
+        # the encoder sees the noisy image only; the middle block and the decoder see the mask too
+        levels = build_levels(cfg, res, spade, SPADESequential, [0] * len(mult))
+        self.input_blocks, self.middle_block = levels.input_blocks, levels.middle_block
+        self.output_blocks = levels.output_blocks
+        ch = levels.out_channels
 
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg["out_channels"], 3, padding=1))

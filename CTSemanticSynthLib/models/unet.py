@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .blocks import AttentionBlock, Downsample, EmbedSequential, ResBlock, Upsample
+from .blocks import EmbedSequential, ResBlock
 from .condition_encoder import ConditionEncoder
 from .config import resolve_config
+from .levels import build_levels
 from .nn import normalization, timestep_embedding, zero_module
 
 
@@ -39,8 +40,7 @@ class UNetModel(nn.Module):
         cfg = self.config = resolve_config(**config)
         if cfg["architecture"] != "unet":
             raise ValueError(f"UNetModel builds architecture 'unet', not {cfg['architecture']!r} (use factory.create_model)")
-        mc, mult, nrb = cfg["model_channels"], cfg["channel_mult"], cfg["num_res_blocks"]
-        attn, heads, ckpt = set(cfg["attention_resolutions"]), cfg["num_heads"], cfg["use_checkpoint"]
+        mc, mult, ckpt = cfg["model_channels"], cfg["channel_mult"], cfg["use_checkpoint"]
         emb_dim = 4 * mc
 
         def res(in_ch: int, out_ch: int) -> ResBlock:
@@ -55,7 +55,7 @@ class UNetModel(nn.Module):
         if self.conditioning in ("mask_encoder", "edge"):
             enc_in = 1 if self.conditioning == "edge" else self.mask_channels
             self.cond_encoder = ConditionEncoder(
-                enc_in, cfg["encoder_channels"], mult, nrb, cfg["conv_resample"], ckpt
+                enc_in, cfg["encoder_channels"], mult, cfg["num_res_blocks"], cfg["conv_resample"], ckpt
             )
             cond_ch = self.cond_encoder.out_channels
 
@@ -63,46 +63,12 @@ class UNetModel(nn.Module):
         in_ch = cfg["in_channels"] + (self.mask_channels if self.uses_concat else 0)
         self.input_conv = nn.Conv2d(in_ch, mc, 3, padding=1)
 
-        # Encoder. `*_inject[i]` is the condition-encoder level concatenated before block i, or None.
-        self.input_blocks = nn.ModuleList()
-        input_inject: list[int | None] = []
-        skip_ch, ch, ds = [mc], mc, 1
-        for level, m in enumerate(mult):
-            for i in range(nrb):
-                inject = level if i == 0 and cond_ch[level] else None
-                layers: list[nn.Module] = [res(ch + (cond_ch[level] if inject is not None else 0), m * mc)]
-                ch = m * mc
-                if ds in attn:
-                    layers.append(AttentionBlock(ch, heads, ckpt))
-                self.input_blocks.append(EmbedSequential(*layers))
-                input_inject.append(inject)
-                skip_ch.append(ch)
-            if level < len(mult) - 1:
-                self.input_blocks.append(EmbedSequential(Downsample(ch, cfg["conv_resample"])))
-                input_inject.append(None)
-                skip_ch.append(ch)
-                ds *= 2
-
-        self.middle_block = EmbedSequential(res(ch, ch), AttentionBlock(ch, heads, ckpt), res(ch, ch))
-
-        # Decoder: each block takes the previous features, one skip and (first of a level) the condition.
-        self.output_blocks = nn.ModuleList()
-        output_inject: list[int | None] = []
-        for level in reversed(range(len(mult))):
-            for i in range(nrb + 1):
-                inject = level if i == 0 and cond_ch[level] else None
-                block_in = ch + skip_ch.pop() + (cond_ch[level] if inject is not None else 0)
-                layers = [res(block_in, mult[level] * mc)]
-                ch = mult[level] * mc
-                if ds in attn:
-                    layers.append(AttentionBlock(ch, heads, ckpt))
-                if level and i == nrb:
-                    layers.append(Upsample(ch, cfg["conv_resample"]))
-                    ds //= 2
-                self.output_blocks.append(EmbedSequential(*layers))
-                output_inject.append(inject)
-        self.input_inject = tuple(input_inject)
-        self.output_inject = tuple(output_inject)
+        levels = build_levels(cfg, res, res, EmbedSequential, cond_ch)
+        self.input_blocks, self.middle_block = levels.input_blocks, levels.middle_block
+        self.output_blocks = levels.output_blocks
+        # `*_inject[i]` is the condition-encoder level concatenated before block i, or None.
+        self.input_inject, self.output_inject = levels.input_inject, levels.output_inject
+        ch = levels.out_channels
 
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg["out_channels"], 3, padding=1))
