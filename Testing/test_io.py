@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -576,3 +579,225 @@ def test_preview_keeps_physical_aspect_within_2048_pixels(shape, spacing):
                                                 (sagittal, (mm[2], mm[1]))):
         height, width = rows.stop - rows.start, cols.stop - cols.start
         assert width / height == pytest.approx(width_mm / height_mm, rel=0.05, abs=2 / min(height, width))
+
+
+# --- details found by mutation testing (docs/testing.md) ----------------------------------------------------
+
+
+def test_describe_geometry_names_shape_spacing_origin_and_axes():
+    lps = np.diag([-0.7, -1.3, 2.5, 1.0])
+    lps[:3, 3] = [10.0, -20.5, 3.25]
+    assert io.describe_geometry(Volume(np.zeros((7, 5, 3)), lps)) == (
+        "shape (7, 5, 3), spacing (0.7, 1.3, 2.5) mm, origin (10, -20.5, 3.25) RAS, axes LPS")
+    permuted = np.zeros((4, 4))
+    permuted[:3, :3] = [[0, 1.5, 0], [0, 0, 0.8], [2.0, 0, 0]]  # i -> S, j -> R, k -> A
+    permuted[3, 3] = 1
+    assert io.describe_geometry(Volume(np.zeros((2, 3, 4)), permuted)).endswith("spacing (2, 1.5, 0.8) mm, "
+                                                                               "origin (0, 0, 0) RAS, axes SRA")
+    tilted = np.eye(4)
+    tilted[:3, :3] = _rotation(0.1, 0.0, 0.0) @ np.diag([0.5, 0.5, 3.0])
+    assert io.describe_geometry(Volume(np.zeros((2, 2, 2)), tilted)).endswith("axes RAS, oblique")
+
+
+def test_same_grid_tolerance_is_absolute_in_millimetres():
+    affine = np.eye(4)
+    affine[:3, 3] = [1000.0, -1000.0, 1000.0]
+    shifted = affine.copy()
+    shifted[0, 3] += 0.005  # 5 micrometres: far above the 1e-4 mm tolerance, below 1e-5 relative to 1000 mm
+    volume = Volume(np.zeros((2, 2, 2)), affine)
+    assert not volume.same_grid(Volume(np.zeros((2, 2, 2)), shifted))
+    assert volume.same_grid(Volume(np.zeros((2, 2, 2)), affine + 5e-5))
+
+
+def test_seg_nrrd_labels_shared_by_three_layers_get_the_next_free_values(tmp_path, caplog):
+    layers = np.zeros((3, 6, 5, 4), np.uint8)
+    layers[0, 0:2] = 1  # liver
+    layers[0, 5, 4, 3] = 2  # spleen
+    layers[1, 2:3] = 1  # kidney: label 1 again
+    layers[2, 1:4] = 1  # adrenal: label 1 a third time, overlapping the liver and the kidney
+    img = sitk.JoinSeries([io.volume_to_sitk(Volume(layer, np.eye(4))) for layer in layers])
+    _segment_meta(img, [("liver", 1, 0), ("spleen", 2, 0), ("kidney", 1, 1), ("adrenal", 1, 2)])
+    path = tmp_path / "three.seg.nrrd"
+    sitk.WriteImage(img, str(path), useCompression=True)
+    with caplog.at_level(logging.INFO, logger="CTSemanticSynthLib.io"):
+        seg, names = io.read_labelmap(path)
+    assert names == {1: "liver", 2: "spleen", 3: "kidney", 4: "adrenal"}
+    expected = np.zeros((6, 5, 4), np.uint8)
+    expected[0:2], expected[5, 4, 3], expected[2], expected[1:4] = 1, 2, 3, 4
+    np.testing.assert_array_equal(seg.array, expected)
+    assert seg.array.dtype == np.uint8
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"{path}: segment 'kidney' shares label 1 with 'liver'; it gets label 3" in messages
+    assert f"{path}: segment 'adrenal' shares label 1 with 'liver'; it gets label 4" in messages
+    assert f"{path}: segment 'adrenal' overlaps 40 voxels of earlier segments; 'adrenal' wins there" in messages
+
+
+def test_write_volume_logs_what_it_wrote(tmp_path, caplog):
+    volume = Volume(np.zeros((2, 3, 4), np.int16), np.eye(4))
+    with caplog.at_level(logging.INFO, logger="CTSemanticSynthLib.io"):
+        io.write_volume(volume, tmp_path / "v.nrrd")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"wrote {tmp_path / 'v.nrrd'} (int16, {io.describe_geometry(volume)})"]
+
+
+def test_nifti_descrip_cut_inside_a_multibyte_character_drops_that_character(tmp_path):
+    descrip = "x" * 78 + "é" + "tail"  # "é" takes bytes 79-80: the 79-byte field ends inside it
+    io.write_volume(_volume("right"), tmp_path / "d.nii.gz", metadata={"descrip": descrip})
+    assert nib.load(tmp_path / "d.nii.gz").header["descrip"].item().decode() == "x" * 78
+
+
+def test_a_written_file_whose_header_differs_from_the_volume_is_an_error(tmp_path, monkeypatch):
+    real_write = sitk.WriteImage
+    monkeypatch.setattr(sitk, "WriteImage", lambda img, path, **kw: real_write(sitk.Cast(img, sitk.sitkFloat32),
+                                                                              path, **kw))
+    with pytest.raises(InputError) as error:
+        io.write_volume(_volume("right"), tmp_path / "h.nrrd")
+    assert str(error.value) == (f"cannot write {tmp_path / 'h.nrrd'}: the file written is incomplete or unreadable "
+                                "(its header does not match the volume); check the folder is writable and has space")
+    assert _files(tmp_path) == []
+
+
+def test_write_bytes_replaces_a_file_only_when_asked(tmp_path):
+    path = tmp_path / "r.json"
+    io.write_bytes(path, b"one")
+    with pytest.raises(OutputExistsError):
+        io.write_bytes(path, b"two")
+    io.write_bytes(path, b"three", overwrite=True)
+    assert path.read_bytes() == b"three" and _files(tmp_path) == ["r.json"]
+
+
+def test_temp_names_are_recognised_as_this_runs_temps(tmp_path):
+    for kind in ("tmp", "old"):
+        match = io._TEMP_NAME.fullmatch(io.temp_sibling(tmp_path / "a.nii.gz", kind).name)
+        assert match is not None and match.groups() == (kind, str(os.getpid()), "a.nii.gz")
+
+
+def test_replaced_outputs_are_moved_aside_under_a_name_a_later_run_recognises(tmp_path, monkeypatch):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    renamed = []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda src, dst: renamed.append(Path(dst).name) or real_rename(src, dst))
+    io.write_bytes(target, b"new", overwrite=True)
+    aside = io._TEMP_NAME.fullmatch(renamed[0])
+    assert aside is not None and aside.group(1) == "old" and aside.group(3) == "out.json"
+    assert target.read_text() == "new" and _files(tmp_path) == ["out.json"]
+
+
+def test_temps_of_this_process_and_of_live_processes_are_kept(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = io.temp_sibling(tmp_path / "a.nrrd")
+        theirs = tmp_path / f".ctsynth-tmp-{child.pid}-0123abcd.b.nrrd"
+        for path in (mine, theirs):
+            path.write_bytes(b"partial")
+        io.remove_stale_temps(tmp_path)
+        assert mine.exists() and theirs.exists()
+        with pytest.raises(subprocess.TimeoutExpired):  # asked whether it runs, not signalled
+            child.wait(timeout=1)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_temp_of_a_process_we_may_not_signal_is_kept(tmp_path, monkeypatch):
+    def not_ours(pid: int, signal_number: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_ours)
+    temp = tmp_path / ".ctsynth-tmp-999999-0123abcd.a.nrrd"
+    temp.write_bytes(b"partial")
+    io.remove_stale_temps(tmp_path)
+    assert temp.exists()
+
+
+def test_a_path_that_cannot_be_compared_is_not_the_same_file(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+
+    def unreadable(first, second) -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os.path, "samefile", unreadable)
+    io.check_distinct_paths({"--out": b}, {"--seg": a})  # no error: different names, unknown identity
+
+
+def test_read_metadata_of_an_unreadable_file_says_why(tmp_path):
+    path = tmp_path / "g.nrrd"
+    path.write_text("garbage\n")
+    with pytest.raises(InputError) as error:
+        io.read_metadata(path)
+    assert str(error.value) == f'cannot read {path}: sitk::ERROR: Unable to determine ImageIO reader for "{path}"'
+
+
+def test_a_vector_image_with_four_dimensions_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "v4.nrrd"
+    image = sitk.JoinSeries([sitk.Compose([sitk.Image(3, 3, 3, sitk.sitkUInt8)] * 2)] * 2)
+    sitk.WriteImage(image, str(path))
+    with pytest.raises(InputError) as error:
+        io.read_image(path)
+    assert str(error.value) == f"{path} is a 4-D image with 2 components per voxel; give one 3-D volume"
+
+
+def _dicom_folder(tmp_path: Path, n: int, uid: str = "1.2.826.0.1.3680043.2.1125.1.2") -> tuple[Path, Volume]:
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([0.8, 0.9, 2.5])
+    vol = Volume(np.arange(4 * 3 * n, dtype=np.int16).reshape(4, 3, n), affine)
+    folder = tmp_path / "dicom"
+    folder.mkdir(exist_ok=True)
+    _write_dicom_series(folder, vol, uid, "main")
+    return folder, vol
+
+
+def _move_slice(path: Path, mm: float) -> None:
+    """Shift one DICOM file's ImagePositionPatient along the slice normal (z here) by ``mm``."""
+    img = sitk.ReadImage(str(path))
+    x, y, z = (float(v) for v in img.GetMetaData("0020|0032").split("\\"))
+    img.SetMetaData("0020|0032", f"{x:.6f}\\{y:.6f}\\{z + mm:.6f}")
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    writer.Execute(img)
+
+
+@pytest.mark.parametrize("mm, accepted", [(0.025, True), (0.5, False)])  # tolerance 0.01 * 2.5 + 0.001 mm
+def test_dicom_slice_positions_within_one_percent_of_the_spacing_are_even(tmp_path, mm, accepted):
+    folder, vol = _dicom_folder(tmp_path, 8)
+    _move_slice(folder / "main_003.dcm", mm)
+    if accepted:
+        np.testing.assert_array_equal(io.read_image(folder).array, vol.array.astype(np.float32))
+    else:
+        with pytest.raises(InputError, match="unevenly spaced"):
+            io.read_image(folder)
+
+
+def test_three_dicom_slices_with_a_gap_are_refused(tmp_path):
+    folder, _ = _dicom_folder(tmp_path, 4)
+    (folder / "main_001.dcm").unlink()
+    with pytest.raises(InputError, match="unevenly spaced"):
+        io.read_image(folder)
+
+
+def test_one_dicom_series_is_read_without_a_note_and_its_first_slice_gives_the_metadata(tmp_path, caplog):
+    folder, _ = _dicom_folder(tmp_path, 3)
+    with caplog.at_level(logging.INFO, logger="CTSemanticSynthLib.io"):
+        io.read_image(folder)
+    assert caplog.records == []
+    assert io.read_metadata(folder)["0020|0013"].strip() == "1"
+
+
+@pytest.mark.parametrize("main_uid, other_uid", [("1.2.3.9", "1.2.3.1"), ("1.2.3.1", "1.2.3.9")])
+def test_the_largest_dicom_series_is_chosen_whatever_its_uid(tmp_path, caplog, main_uid, other_uid):
+    folder, vol = _dicom_folder(tmp_path, 6, main_uid)
+    _write_dicom_series(folder, Volume(vol.array[:, :, :2], vol.affine), other_uid, "short")
+    with caplog.at_level(logging.INFO, logger="CTSemanticSynthLib.io"):
+        assert io.read_image(folder).shape == (4, 3, 6)
+    assert [r.getMessage() for r in caplog.records] == [f"{folder} holds 2 DICOM series; using {main_uid} (6 files)"]
+
+
+def test_a_folder_without_dicom_is_one_message(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(InputError) as error:
+        io.read_image(tmp_path)
+    assert str(error.value) == f"{tmp_path} holds no DICOM series; give a folder of DICOM slices or an image file"
