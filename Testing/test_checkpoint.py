@@ -15,6 +15,7 @@ from CTSemanticSynthLib.checkpoint import (
     WEIGHTS_NAME,
     list_models,
     load_model,
+    read_config,
     resolve_model_path,
     save_model,
 )
@@ -135,7 +136,7 @@ def test_missing_weights_file_is_named(tmp_path: Path):
 BAD_CONFIGS = [
     (lambda c: c.update(classes=c["classes"][:-1]), "field 'classes'"),
     (lambda c: c.update(format_version=99), "field 'format_version' is 99.*upgrade ctsynth"),
-    (lambda c: c.update(format_version="1"), "field 'format_version' must be a number"),
+    (lambda c: c.update(format_version="1"), "field 'format_version' must be a number, not \"1\""),
     (lambda c: c.update(format_version=0), "field 'format_version' is 0(?!.*upgrade)"),  # too old: no "upgrade"
     (lambda c: c["model"].update(conditioning="spade"), "field 'model'.*conditioning"),
     (lambda c: c["model"].update(image_size="96"), "field 'model'.*image_size"),
@@ -164,6 +165,8 @@ BAD_CONFIGS = [
      "field 'sampling_presets.fast' has unknown key.*stepz"),
     (lambda c: c.update(sampling_presets={"fast": {"steps": "many"}}), "field 'sampling_presets.fast.steps'"),
     (lambda c: c.update(sampling_presets=[]), "field 'sampling_presets' must be a JSON object"),
+    (lambda c: c.update(sampling_presets={"fast": 3}), "field 'sampling_presets.fast' must be a JSON object$"),
+    (lambda c: c.update(kind="gan"), "field 'kind' must be one of diffusion, generator, not \"gan\""),
     (lambda c: c.update(name=7), "field 'name' must be a string"),
 ]
 """(mutation of a good config.json, message naming the field): read_config refuses each before any weight loads."""
@@ -220,6 +223,36 @@ def test_lookup_by_name_in_cache_and_clear_errors(tmp_path: Path, monkeypatch):
         load_model(pickle)
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_model(tmp_path / "home")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt", ".pkl", ".bin"])
+def test_every_pickle_suffix_is_refused_unread(tmp_path: Path, suffix):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"not even read")
+    with pytest.raises(CheckpointError, match=f"{path} is a pickled checkpoint, which is never loaded"):
+        resolve_model_path(path)
+
+
+def test_no_model_means_the_bundled_demo_model():
+    assert resolve_model_path(None) == resolve_model_path("demo") and resolve_model_path(None).name == "demo"
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"format_version": 1}'])
+def test_json_that_is_not_a_model_config_is_named(tmp_path: Path, content):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / CONFIG_NAME).write_text(content)
+    with pytest.raises(CheckpointError) as error:
+        read_config(folder)
+    assert str(error.value).startswith(f"{folder / CONFIG_NAME} is not a CTSemanticSynth model config (no \"format\"")
+
+
+def test_folders_saved_before_the_kind_key_are_diffusion_models(tmp_path: Path):
+    folder = make_model_folder(tmp_path / "m")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    del config["kind"]
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    assert read_config(folder)["diffusion"] and load_model(folder).kind == "diffusion"
 
 
 def test_list_models_names_bundled_and_cached_model_folders(tmp_path: Path, monkeypatch):
