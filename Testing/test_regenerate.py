@@ -296,3 +296,26 @@ def test_a_one_pass_generator_cannot_regenerate_a_region(capsys, files, tmp_path
     code, err = regen(capsys, folder, files, out, "--previous-seg", files["old"])
     assert code == 2 and err.count("\n") == 1 and "one-pass generator" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_inpainting_holds_the_kept_ct_in_model_units_and_every_pixel_the_region_touches():
+    """The known image is the kept CT windowed to [-1, 1] and resized like an image (antialiased: a fine
+    checkerboard becomes its mean); the unknown mask keeps a model pixel that one voxel of the region touches."""
+    from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize
+    from CTSemanticSynthLib.synthesis import _inpainting
+
+    orientation = AxialOrientation.from_affine(np.eye(4))
+    keep_stack = np.full((3, 64, 64), 140, np.int16)  # 140 HU: 0.75 of the L40/W400 window, 0.5 in model units
+    keep_stack[:, :32] = np.where(np.add.outer(np.arange(32), np.arange(64)) % 2 == 0, 0, 80)  # mean 40 HU: 0
+    region_stack = np.zeros((3, 64, 64), bool)
+    region_stack[1, 40, 20] = True  # even row and column: nearest-neighbour 2x downsampling samples odd ones
+    keep, region = (orientation.from_stack(a) for a in (keep_stack, region_stack))
+    classes = Volume(np.ones(keep.shape, np.uint8), np.eye(4))
+    edit = RegionEdit.checked(classes, Volume(keep, np.eye(4)), Volume(region, np.eye(4)))
+    inpaint = _inpainting(edit, orientation, PlaneResize(64, 64, 32), np.arange(3), Jumps())
+    known = inpaint.known[:, 0]
+    assert known.shape == (3, 32, 32)
+    torch.testing.assert_close(known[:, 17:], torch.full((3, 15, 32), 0.5), atol=1e-5, rtol=0)  # away from row 16
+    torch.testing.assert_close(known[:, :15, 1:31], torch.zeros((3, 15, 30)), atol=0.02, rtol=0)  # and the edges
+    unknown = inpaint.unknown[:, 0]
+    assert unknown[1, 20, 10] == 1 and unknown.sum() <= 4 and unknown[[0, 2]].sum() == 0
