@@ -197,3 +197,41 @@ def test_evaluation_flops_of_the_demo_model():
     """5.1 GFLOP per 96 x 96 slice evaluation was measured independently for the demo U-Net (../shared/DESIGN.md:
     140-200 GFLOP/s at 25 ms/slice); the count is per slice, so a batch would not change it."""
     assert evaluation_flops(load_model("demo")) / 1e9 == pytest.approx(5.1, rel=0.02)
+
+
+@pytest.mark.parametrize("conditioning", ["concat", "mask_encoder", "edge"])
+def test_evaluation_flops_count_the_network_step_without_the_condition_encoder(tmp_path, conditioning):
+    """The per-step cost leaves out the condition encoder, which runs once per batch (features cached)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from CTSemanticSynthLib.preprocess import condition_inputs
+
+    model = load_model(make_model_folder(tmp_path / "m", conditioning))
+    size = model.image_size
+    inputs = condition_inputs(torch.zeros((1, size, size), dtype=torch.long), conditioning)
+    x, t = torch.zeros((1, 1, size, size)), torch.zeros((1,), dtype=torch.long)
+    with torch.inference_mode(), FlopCounterMode(display=False) as whole:
+        model.model(x, t, **inputs)  # the encoder runs inside forward when no features are given
+    step = evaluation_flops(model)
+    if conditioning == "concat":
+        assert step == whole.get_total_flops()
+    else:
+        with torch.inference_mode(), FlopCounterMode(display=False) as encoder:
+            model.model.encode_condition(**inputs)
+        assert 0 < encoder.get_total_flops() and step == whole.get_total_flops() - encoder.get_total_flops()
+
+
+def test_evaluation_flops_of_a_2p5d_model_include_the_neighbour_channels(tmp_path):
+    from CTSemanticSynthLib.checkpoint import save_model
+    from CTSemanticSynthLib.diffusion import GaussianDiffusion, diffusion_defaults
+    from CTSemanticSynthLib.models import UNetModel
+
+    from conftest import tiny_model_config
+
+    flops = {}
+    for k in (0, 1):
+        folder = tmp_path / f"k{k}"
+        save_model(folder, UNetModel(**tiny_model_config() | {"context_slices": k}), GaussianDiffusion(
+            **diffusion_defaults()), name=folder.name)
+        flops[k] = evaluation_flops(load_model(folder))
+    assert flops[1] > flops[0]  # the first convolution reads 3 x 17 mask channels instead of 17
