@@ -233,6 +233,16 @@ def test_every_pickle_suffix_is_refused_unread(tmp_path: Path, suffix):
         resolve_model_path(path)
 
 
+def test_a_file_or_an_unknown_name_is_refused_with_what_to_give(tmp_path: Path):
+    weights = tmp_path / WEIGHTS_NAME
+    weights.write_bytes(b"x")
+    with pytest.raises(CheckpointError) as error:
+        resolve_model_path(weights)
+    assert str(error.value) == f"{weights} is a file; give the model folder that holds {WEIGHTS_NAME} and {CONFIG_NAME}"
+    with pytest.raises(CheckpointError, match=r"bundled models: (.+, )?demo(, .+)?$"):
+        resolve_model_path("no-such-model")
+
+
 def test_no_model_means_the_bundled_demo_model():
     assert resolve_model_path(None) == resolve_model_path("demo") and resolve_model_path(None).name == "demo"
 
