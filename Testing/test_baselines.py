@@ -221,6 +221,21 @@ def test_error_mismatched_generator_folder_is_one_line(generator_folder, tmp_pat
     assert not (tmp_path / "x.nii.gz").exists()
 
 
+@pytest.mark.parametrize("batch_size", [2, 1, "auto"])
+def test_a_generator_records_the_batch_size_it_ran_with(generator_folder, batch_size):
+    from CTSemanticSynthLib.denoiser import FIXED_AUTO_BATCH
+    from CTSemanticSynthLib.io import Volume
+    from CTSemanticSynthLib.synthesis import SamplingOptions, synthesize
+
+    classes = np.zeros((32, 32, 5), np.uint8)
+    classes[4:28, 4:28] = 16  # body on every slice
+    classes[10:20, 10:20, 1:4] = 6  # liver
+    result = synthesize(Volume(classes, np.eye(4)), load_model(generator_folder), SamplingOptions(batch_size=batch_size),
+                        device="cpu")
+    expected = FIXED_AUTO_BATCH if batch_size == "auto" else batch_size
+    assert result.provenance["batch_size_used"] == expected and result.provenance["options"]["sampler"] == "one-pass"
+
+
 def test_error_unknown_kind_and_corrupt_weights(generator_folder, tmp_path):
     broken = _edit_config(generator_folder, tmp_path / "kind")
     config = json.loads((broken / CONFIG_NAME).read_text())
