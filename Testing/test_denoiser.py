@@ -67,6 +67,20 @@ def test_chunks_give_the_whole_batch_output(monkeypatch, conditioning, cache_byt
     assert denoiser.evaluated == 14 and bool(denoiser.finite)
 
 
+@pytest.mark.parametrize("spare", [0, -1])
+def test_features_are_cached_exactly_while_the_whole_volumes_fit_the_limit(monkeypatch, spare):
+    """The limit is on the whole volume's features, estimated from the first chunk's (here: 7 slices in chunks of 3)."""
+    network = _network("mask_encoder")
+    classes, x, t = _inputs()
+    with torch.inference_mode():
+        whole = network.encode_condition(**condition_inputs(classes.long(), "mask_encoder"))
+        monkeypatch.setattr(denoiser_module, "FEATURE_CACHE_BYTES",
+                            sum(f.numel() * f.element_size() for f in whole) + spare)
+        denoiser = VolumeDenoiser(network, "mask_encoder", classes, batch_size=3, device=CPU)
+        denoiser(x, t)
+    assert len(denoiser._features) == (3 if spare == 0 else 0)
+
+
 def test_cancel_is_polled_before_every_chunk_and_progress_counts_slices():
     network = _network("concat")
     classes, x, t = _inputs()
