@@ -236,6 +236,21 @@ def test_a_generator_records_the_batch_size_it_ran_with(generator_folder, batch_
     assert result.provenance["batch_size_used"] == expected and result.provenance["options"]["sampler"] == "one-pass"
 
 
+@pytest.mark.parametrize("value, expected", [(3.0, 1.0), (-3.0, 0.0), (0.5, 0.75)])
+def test_generator_output_is_clamped_to_the_window_and_mapped_to_0_1(value, expected):
+    from CTSemanticSynthLib.synthesis import generate_slices
+
+    class Constant(torch.nn.Module):
+        noise_channels = 0
+
+        def forward(self, mask: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.full((mask.shape[0], 1, *mask.shape[-2:]), value)
+
+    out = generate_slices(Constant(), torch.zeros((2, 8, 8), dtype=torch.uint8), [0, 1], seed=0,
+                          device=torch.device("cpu"))
+    torch.testing.assert_close(out, torch.full((2, 8, 8), expected))
+
+
 def test_error_unknown_kind_and_corrupt_weights(generator_folder, tmp_path):
     broken = _edit_config(generator_folder, tmp_path / "kind")
     config = json.loads((broken / CONFIG_NAME).read_text())

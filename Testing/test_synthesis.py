@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from CTSemanticSynthLib.checkpoint import load_model
+from CTSemanticSynthLib.diffusion import SAMPLERS
 from CTSemanticSynthLib.device import device_capability, select_precision
 from CTSemanticSynthLib.errors import Cancelled, InputError
 from CTSemanticSynthLib.io import Volume, read_labelmap
@@ -191,6 +192,36 @@ def test_bf16_and_fp32_volumes_agree_on_the_demo_model(sample_classes):
     assert 0 < rmse < BF16_TOLERANCE_HU, rmse  # > 0: the network really ran in bf16
     assert results["bf16"].provenance["precision"] == "bf16" and results["fp32"].provenance["precision"] == "fp32"
     assert results["bf16"].provenance["device_capability"].startswith(torch.backends.cpu.get_cpu_capability())
+
+
+def test_preset_option_bounds_are_inclusive_where_documented(tiny_model):
+    from CTSemanticSynthLib.checkpoint import read_config
+    from CTSemanticSynthLib.synthesis import MAX_SEED
+
+    config = read_config(tiny_model)
+    options = preset_options(config, "fast", seed=MAX_SEED, slice_correlation=1.0, slice_agreement=1.0,
+                             slice_agreement_below=1.0)
+    assert (options.seed, options.slice_correlation, options.slice_agreement) == (MAX_SEED, 1.0, 1.0)
+    for overrides, message in (
+        ({"sampler": "turbo"}, f"unknown sampler 'turbo': use one of {', '.join(SAMPLERS)}"),
+        ({"guidance": float("inf")}, "--guidance inf is out of range: use a number >= 0 (0: no guidance)"),
+        ({"slice_agreement_below": 1.5}, "slice_agreement_below 1.5 is out of range: use (0, 1]"),
+        ({"steps": 5000}, f"--steps 5000 (eta 0.0) does not fit preset 'fast' of model '{config['name']}': "),
+    ):
+        with pytest.raises(InputError) as error:
+            preset_options(config, "fast", **overrides)
+        assert str(error.value).startswith(message), str(error.value)
+
+
+def test_guidance_defaults_to_the_models_scale_and_steps_are_checked_without_a_kind_key(tiny_model):
+    from CTSemanticSynthLib.checkpoint import read_config
+
+    config = read_config(tiny_model)
+    guided = {**config, "model": {**config["model"], "guidance_scale": 1.5, "label_dropout": 0.2}}
+    assert preset_options(guided, "fast").guidance == 1.5 and preset_options(guided, "fast", guidance=0.0).guidance == 0
+    old = {k: v for k, v in config.items() if k != "kind"}  # folders saved before the key: diffusion models
+    with pytest.raises(InputError, match="does not fit preset"):
+        preset_options(old, "fast", steps=5000)
 
 
 def test_evaluation_flops_of_the_demo_model():
