@@ -829,6 +829,14 @@ def _truncated_detached_nrrd(folder: Path) -> Path:
     return folder / "d.nhdr"
 
 
+def _truncated_detached_metaimage(folder: Path) -> Path:
+    """A .mhd header whose zlib data file (.zraw) lost its second half."""
+    sitk.WriteImage(io.volume_to_sitk(_volume("right")), str(folder / "d.mhd"), useCompression=True)
+    data = (folder / "d.zraw").read_bytes()
+    (folder / "d.zraw").write_bytes(data[: len(data) // 2])
+    return folder / "d.mhd"
+
+
 def _nrrd_with_trailing_bytes(folder: Path) -> Path:
     """A gzip NRRD whose complete stream is followed by bytes that are neither a gzip member nor zero padding."""
     path = folder / "t.nrrd"
@@ -859,6 +867,10 @@ def _garbage(folder: Path, name: str) -> Path:
      'cannot read {p}: the file is damaged (Cannot work out file type of "file"); copy or export it again'),
     (_truncated_detached_nrrd, io.read_image,
      "cannot read {p}: the file is damaged (the compressed data ends early); copy or export it again"),
+    (_truncated_detached_metaimage, io.read_image,
+     "cannot read {p}: the file is damaged (the compressed data ends early); copy or export it again"),
+    (lambda d: _garbage(d, "g.mha"), io.read_image,  # a header without ElementDataFile: read to its end, once
+     'cannot read {p}: sitk::ERROR: Unable to determine ImageIO reader for "{p}"'),
     (_nrrd_with_trailing_bytes, io.read_image, "cannot read {p}: the file is damaged "
      "(Error -3 while decompressing data: incorrect header check); copy or export it again"),
     (_complex_nrrd, io.read_labelmap, "{p} has voxel type complex64; a label map needs integer labels"),
@@ -868,12 +880,25 @@ def _garbage(folder: Path, name: str) -> Path:
      "{p} has negative labels (minimum -5); a label map needs values >= 0 (is this a CT rather than a segmentation?)"),
     (lambda d: sitk.WriteImage(sitk.Image(3, 4, sitk.sitkUInt8), str(d / "2d.nrrd")) or d / "2d.nrrd",
      io.read_labelmap, "{p} is a 2-D image with 1 components per voxel; give one 3-D volume"),
-], ids=["no-reader", "nifti-garbage", "nhdr-data-cut", "trailing-bytes", "complex", "fractional", "negative", "2-D"])
+], ids=["no-reader", "nifti-garbage", "nhdr-data-cut", "mhd-data-cut", "metaimage-garbage", "trailing-bytes", "complex", "fractional", "negative", "2-D"])
 def test_unreadable_inputs_are_one_message_naming_the_file(tmp_path, make, read, message):
     path = make(tmp_path)
     with pytest.raises(InputError) as error:
         read(path)
     assert str(error.value) == message.format(p=path)
+
+
+@pytest.mark.parametrize("key, absolute", [("data file", False), ("datafile", True)])
+def test_a_detached_nrrd_header_finds_its_gzip_data_file(tmp_path, key, absolute):
+    volume = _volume("right")
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "d.nhdr"), useCompression=True)
+    data = tmp_path / "d.raw.gz"
+    if absolute:  # NRRD's older spelling, and a path whose folder has a colon in its name
+        (tmp_path / "x:y").mkdir()
+        data = data.rename(tmp_path / "x:y" / data.name)
+    header = (tmp_path / "d.nhdr").read_text()
+    (tmp_path / "d.nhdr").write_text(header.replace("data file: d.raw.gz", f"{key}: {data if absolute else data.name}"))
+    np.testing.assert_array_equal(io.read_image(tmp_path / "d.nhdr").array, volume.array)
 
 
 @pytest.mark.parametrize("itk_message, reason", [
