@@ -1059,3 +1059,9 @@ def test_the_folder_is_flushed_after_the_renames(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     io.write_bytes(tmp_path / "r.json", b"{}")
     assert flushed[-1] == str(tmp_path)
+
+
+def test_a_tilt_of_exactly_1e_3_is_not_called_oblique():
+    affine = np.eye(4)
+    affine[:2, :2] = [[0.999999499999875, -0.001], [0.001, 0.999999499999875]]  # unit columns: 0.001 stays exact
+    assert io.describe_geometry(Volume(np.zeros((2, 2, 2)), affine)).endswith("axes RAS")
