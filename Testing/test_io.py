@@ -686,8 +686,11 @@ def test_replaced_outputs_are_moved_aside_under_a_name_a_later_run_recognises(tm
 
 
 def test_temps_of_this_process_and_of_live_processes_are_kept(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # SIGHUP back to its default first: under nohup (as mutmut may run) a stray signal 1 would go unnoticed
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+                              "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
     try:
+        assert child.stdout.readline() == b"ready\n"
         mine = io.temp_sibling(tmp_path / "a.nrrd")
         theirs = tmp_path / f".ctsynth-tmp-{child.pid}-0123abcd.b.nrrd"
         for path in (mine, theirs):
@@ -699,6 +702,7 @@ def test_temps_of_this_process_and_of_live_processes_are_kept(tmp_path):
     finally:
         child.kill()
         child.wait()
+        child.stdout.close()
 
 
 def test_a_temp_of_a_process_we_may_not_signal_is_kept(tmp_path, monkeypatch):
