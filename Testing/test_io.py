@@ -841,6 +841,14 @@ def _truncated_detached_metaimage(folder: Path) -> Path:
     return folder / "d.mhd"
 
 
+def _truncated_nrrd_encoding_gz(folder: Path) -> Path:
+    """A gzip NRRD that spells its encoding "gz" (an alias NRRD allows) and lost its last bytes."""
+    path = folder / "z.nrrd"
+    io.write_volume(_volume("right"), path)
+    path.write_bytes(path.read_bytes().replace(b"encoding: gzip", b"encoding: gz", 1)[:-40])
+    return path
+
+
 def _nrrd_with_trailing_bytes(folder: Path) -> Path:
     """A gzip NRRD whose complete stream is followed by bytes that are neither a gzip member nor zero padding."""
     path = folder / "t.nrrd"
@@ -873,6 +881,8 @@ def _garbage(folder: Path, name: str) -> Path:
      "cannot read {p}: the file is damaged (the compressed data ends early); copy or export it again"),
     (_truncated_detached_metaimage, io.read_image,
      "cannot read {p}: the file is damaged (the compressed data ends early); copy or export it again"),
+    (_truncated_nrrd_encoding_gz, io.read_image,
+     "cannot read {p}: the file is damaged (the compressed data ends early); copy or export it again"),
     (lambda d: _garbage(d, "g.mha"), io.read_image,  # a header without ElementDataFile: read to its end, once
      'cannot read {p}: sitk::ERROR: Unable to determine ImageIO reader for "{p}"'),
     (_nrrd_with_trailing_bytes, io.read_image, "cannot read {p}: the file is damaged "
@@ -884,7 +894,7 @@ def _garbage(folder: Path, name: str) -> Path:
      "{p} has negative labels (minimum -5); a label map needs values >= 0 (is this a CT rather than a segmentation?)"),
     (lambda d: sitk.WriteImage(sitk.Image(3, 4, sitk.sitkUInt8), str(d / "2d.nrrd")) or d / "2d.nrrd",
      io.read_labelmap, "{p} is a 2-D image with 1 components per voxel; give one 3-D volume"),
-], ids=["no-reader", "nifti-garbage", "nhdr-data-cut", "mhd-data-cut", "metaimage-garbage", "trailing-bytes", "complex", "fractional", "negative", "2-D"])
+], ids=["no-reader", "nifti-garbage", "nhdr-data-cut", "mhd-data-cut", "gz-cut", "metaimage-garbage", "trailing-bytes", "complex", "fractional", "negative", "2-D"])
 def test_unreadable_inputs_are_one_message_naming_the_file(tmp_path, make, read, message):
     path = make(tmp_path)
     with pytest.raises(InputError) as error:
@@ -903,6 +913,12 @@ def test_a_detached_nrrd_header_finds_its_gzip_data_file(tmp_path, key, absolute
     header = (tmp_path / "d.nhdr").read_text()
     (tmp_path / "d.nhdr").write_text(header.replace("data file: d.raw.gz", f"{key}: {data if absolute else data.name}"))
     np.testing.assert_array_equal(io.read_image(tmp_path / "d.nhdr").array, volume.array)
+
+
+def test_a_detached_metaimage_header_finds_its_zlib_data_file(tmp_path):
+    volume = _volume("right")
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "d.mhd"), useCompression=True)
+    np.testing.assert_array_equal(io.read_image(tmp_path / "d.mhd").array, volume.array)
 
 
 @pytest.mark.parametrize("itk_message, reason", [
