@@ -925,7 +925,7 @@ def test_a_detached_metaimage_header_finds_its_zlib_data_file(tmp_path):
     ("", "unknown error"),
     ("/src/itkNrrdImageIO.cxx:230:\nITK ERROR: NrrdImageIO(0x55d1): ReadImageInformation: Error reading "
      "(file damaged): bad header\n", "ReadImageInformation: Error reading (file damaged): bad header"),
-])
+], ids=["empty", "file-line-and-prefix"])
 def test_an_itk_failure_is_reduced_to_its_reason(tmp_path, monkeypatch, itk_message, reason):
     path = tmp_path / "v.nrrd"
     sitk.WriteImage(io.volume_to_sitk(_volume("right")), str(path))  # raw: read by ITK without a check of ours
