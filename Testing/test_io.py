@@ -921,6 +921,13 @@ def test_a_detached_metaimage_header_finds_its_zlib_data_file(tmp_path):
     np.testing.assert_array_equal(io.read_image(tmp_path / "d.mhd").array, volume.array)
 
 
+@pytest.mark.parametrize("suffix", [".mha", ".mhd", ".nrrd", ".nhdr"])
+def test_uncompressed_files_are_read_without_decompressing(tmp_path, suffix):
+    volume = _volume("left")
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / f"raw{suffix}"), useCompression=False)
+    np.testing.assert_array_equal(io.read_image(tmp_path / f"raw{suffix}").array, volume.array)
+
+
 @pytest.mark.parametrize("itk_message, reason", [
     ("", "unknown error"),
     ("/src/itkNrrdImageIO.cxx:230:\nITK ERROR: NrrdImageIO(0x55d1): ReadImageInformation: Error reading "
