@@ -915,6 +915,17 @@ def test_a_detached_nrrd_header_finds_its_gzip_data_file(tmp_path, key, absolute
     np.testing.assert_array_equal(io.read_image(tmp_path / "d.nhdr").array, volume.array)
 
 
+@pytest.mark.parametrize("data_file", ["LIST\nd_0.raw.gz\nd_1.raw.gz\nd_2.raw.gz", "d_%d.raw.gz 0 2 1"])
+def test_a_detached_nrrd_header_with_one_data_file_per_slice_is_left_to_itk(tmp_path, data_file):
+    volume = _volume("right")  # 3 slices along K
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "d.nhdr"), useCompression=True)
+    for k in range(3):
+        (tmp_path / f"d_{k}.raw.gz").write_bytes(gzip.compress(volume.array[:, :, k].T.tobytes()))
+    header = (tmp_path / "d.nhdr").read_text()
+    (tmp_path / "d.nhdr").write_text(header.replace("data file: d.raw.gz", f"data file: {data_file}"))
+    np.testing.assert_array_equal(io.read_image(tmp_path / "d.nhdr").array, volume.array)
+
+
 def test_a_detached_metaimage_header_finds_its_zlib_data_file(tmp_path):
     volume = _volume("right")
     sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "d.mhd"), useCompression=True)
