@@ -1103,3 +1103,23 @@ def test_a_tilt_of_exactly_1e_3_is_not_called_oblique():
     affine = np.eye(4)
     affine[:2, :2] = [[0.999999499999875, -0.001], [0.001, 0.999999499999875]]  # unit columns: 0.001 stays exact
     assert io.describe_geometry(Volume(np.zeros((2, 2, 2)), affine)).endswith("axes RAS")
+
+
+@pytest.mark.parametrize("array, affine, message", [
+    (np.zeros((2, 2)), np.eye(4), "Volume array must be 3-D, got shape (2, 2)"),
+    (np.zeros((2, 2, 2, 1)), np.eye(4), "Volume array must be 3-D, got shape (2, 2, 2, 1)"),
+    (np.zeros((2, 2, 2)), np.eye(3), "Volume affine must be a finite 4x4 matrix, got {affine!r}"),
+    (np.zeros((2, 2, 2)), np.diag([1.0, np.nan, 1.0, 1.0]), "Volume affine must be a finite 4x4 matrix, got {affine!r}"),
+    (np.zeros((2, 2, 2)), np.diag([1.0, 1.0, 0.0, 1.0]), "Volume affine is singular (a zero or degenerate voxel axis)"),
+], ids=["2-D", "4-D", "3x3 affine", "nan in affine", "zero axis"])
+def test_a_volume_refuses_a_wrong_array_or_affine(array, affine, message):
+    with pytest.raises(ValueError) as error:
+        Volume(array, affine)
+    assert str(error.value) == message.format(affine=np.asarray(affine, dtype=np.float64))
+
+
+def test_a_volume_keeps_its_affine_as_float64_and_accepts_micrometre_voxels():
+    volume = Volume(np.zeros((2, 2, 2)), [[1, 0, 0, 5], [0, 2, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]])
+    assert volume.affine.dtype == np.float64 and isinstance(volume.affine, np.ndarray)
+    assert volume.spacing == (1.0, 2.0, 3.0)
+    assert Volume(np.zeros((2, 2, 2)), np.diag([1e-3, 1e-3, 1e-3, 1.0])).spacing == (1e-3, 1e-3, 1e-3)
