@@ -915,14 +915,19 @@ def test_a_detached_nrrd_header_finds_its_gzip_data_file(tmp_path, key, absolute
     np.testing.assert_array_equal(io.read_image(tmp_path / "d.nhdr").array, volume.array)
 
 
-@pytest.mark.parametrize("data_file", ["LIST\nd_0.raw.gz\nd_1.raw.gz\nd_2.raw.gz", "d_%d.raw.gz 0 2 1"])
-def test_a_detached_nrrd_header_with_one_data_file_per_slice_is_left_to_itk(tmp_path, data_file):
+@pytest.mark.parametrize("data_file", ["LIST\nd_0.raw{gz}\nd_1.raw{gz}\nd_2.raw{gz}", "d_%d.raw{gz} 0 2 1"],
+                         ids=["LIST", "formatted"])
+@pytest.mark.parametrize("gz", [".gz", ""], ids=["gzip", "raw"])
+def test_a_detached_nrrd_header_with_one_data_file_per_slice_is_left_to_itk(tmp_path, data_file, gz):
     volume = _volume("right")  # 3 slices along K
-    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "d.nhdr"), useCompression=True)
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "d.nhdr"), useCompression=bool(gz))
     for k in range(3):
-        (tmp_path / f"d_{k}.raw.gz").write_bytes(gzip.compress(volume.array[:, :, k].T.tobytes()))
+        data = volume.array[:, :, k].T.tobytes()
+        (tmp_path / f"d_{k}.raw{gz}").write_bytes(gzip.compress(data) if gz else data)
     header = (tmp_path / "d.nhdr").read_text()
-    (tmp_path / "d.nhdr").write_text(header.replace("data file: d.raw.gz", f"data file: {data_file}"))
+    assert f"data file: d.raw{gz}\n" in header
+    (tmp_path / "d.nhdr").write_text(header.replace(f"data file: d.raw{gz}", f"data file: {data_file.format(gz=gz)}"))
+    (tmp_path / f"d.raw{gz}").unlink()
     np.testing.assert_array_equal(io.read_image(tmp_path / "d.nhdr").array, volume.array)
 
 
