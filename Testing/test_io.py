@@ -687,8 +687,9 @@ def test_replaced_outputs_are_moved_aside_under_a_name_a_later_run_recognises(tm
 
 def test_temps_of_this_process_and_of_live_processes_are_kept(tmp_path):
     # SIGHUP back to its default first: under nohup (as mutmut may run) a stray signal 1 would go unnoticed
-    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-                              "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    script = ("import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); print('ready', flush=True); "
+              "time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline() == b"ready\n"
         mine = io.temp_sibling(tmp_path / "a.nrrd")
@@ -862,6 +863,11 @@ def _complex_nrrd(folder: Path) -> Path:
     return folder / "c.nrrd"
 
 
+def _two_dimensional(folder: Path) -> Path:
+    sitk.WriteImage(sitk.Image(3, 4, sitk.sitkUInt8), str(folder / "2d.nrrd"))
+    return folder / "2d.nrrd"
+
+
 def _written(folder: Path, name: str, values: list[float], dtype=np.float32) -> Path:
     io.write_volume(Volume(np.array(values, dtype).reshape(len(values), 1, 1), np.eye(4)), folder / name)
     return folder / name
@@ -885,16 +891,16 @@ def _garbage(folder: Path, name: str) -> Path:
      "cannot read {p}: the file is damaged (the compressed data ends early); copy or export it again"),
     (lambda d: _garbage(d, "g.mha"), io.read_image,  # a header without ElementDataFile: read to its end, once
      'cannot read {p}: sitk::ERROR: Unable to determine ImageIO reader for "{p}"'),
-    (_nrrd_with_trailing_bytes, io.read_image, "cannot read {p}: the file is damaged "
-     "(Error -3 while decompressing data: incorrect header check); copy or export it again"),
+    (_nrrd_with_trailing_bytes, io.read_image, ("cannot read {p}: the file is damaged "
+     "(Error -3 while decompressing data: incorrect header check); copy or export it again")),
     (_complex_nrrd, io.read_labelmap, "{p} has voxel type complex64; a label map needs integer labels"),
-    (lambda d: _written(d, "f.nrrd", [0.0, 1.5, 2.0]), io.read_labelmap, "{p} has non-integer voxel values, so it "
-     "looks like an intensity image, not a label map; give the segmentation file"),
+    (lambda d: _written(d, "f.nrrd", [0.0, 1.5, 2.0]), io.read_labelmap, ("{p} has non-integer voxel values, so it "
+     "looks like an intensity image, not a label map; give the segmentation file")),
     (lambda d: _written(d, "n.nrrd", [0, -5, 2], np.int16), io.read_labelmap,
      "{p} has negative labels (minimum -5); a label map needs values >= 0 (is this a CT rather than a segmentation?)"),
-    (lambda d: sitk.WriteImage(sitk.Image(3, 4, sitk.sitkUInt8), str(d / "2d.nrrd")) or d / "2d.nrrd",
-     io.read_labelmap, "{p} is a 2-D image with 1 components per voxel; give one 3-D volume"),
-], ids=["no-reader", "nifti-garbage", "nhdr-data-cut", "mhd-data-cut", "gz-cut", "metaimage-garbage", "trailing-bytes", "complex", "fractional", "negative", "2-D"])
+    (_two_dimensional, io.read_labelmap, "{p} is a 2-D image with 1 components per voxel; give one 3-D volume"),
+], ids=["no-reader", "nifti-garbage", "nhdr-data-cut", "mhd-data-cut", "gz-cut", "metaimage-garbage", "trailing-bytes",
+        "complex", "fractional", "negative", "2-D"])
 def test_unreadable_inputs_are_one_message_naming_the_file(tmp_path, make, read, message):
     path = make(tmp_path)
     with pytest.raises(InputError) as error:
@@ -946,8 +952,8 @@ def test_uncompressed_files_are_read_without_decompressing(tmp_path, suffix):
 
 @pytest.mark.parametrize("itk_message, reason", [
     ("", "unknown error"),
-    ("/src/itkNrrdImageIO.cxx:230:\nITK ERROR: NrrdImageIO(0x55d1): ReadImageInformation: Error reading "
-     "(file damaged): bad header\n", "ReadImageInformation: Error reading (file damaged): bad header"),
+    (("/src/itkNrrdImageIO.cxx:230:\nITK ERROR: NrrdImageIO(0x55d1): ReadImageInformation: Error reading "
+      "(file damaged): bad header\n"), "ReadImageInformation: Error reading (file damaged): bad header"),
 ], ids=["empty", "file-line-and-prefix"])
 def test_an_itk_failure_is_reduced_to_its_reason(tmp_path, monkeypatch, itk_message, reason):
     path = tmp_path / "v.nrrd"
@@ -995,14 +1001,14 @@ def test_one_layer_segments_without_layer_keys_and_names_from_ids(tmp_path):
 
 
 @pytest.mark.parametrize("layers, keys, message", [
-    (1, {"Segment0_Layer": "first"}, "{p}: Segment0_Layer or Segment0_LabelValue is not an integer; save the "
-     "segmentation again from Slicer"),
-    (1, {"Segment0_Layer": "1"}, "{p}: Segment0 has layer 1 and label 1, but the file has 1 layer(s) and labels must "
-     "be > 0; save it again from Slicer"),
-    (2, {"Segment0_Layer": "-1"}, "{p}: Segment0 has layer -1 and label 1, but the file has 2 layer(s) and labels "
-     "must be > 0; save it again from Slicer"),
-    (2, {"Segment0_Layer": "1", "Segment0_LabelValue": "0"}, "{p}: Segment0 has layer 1 and label 0, but the file "
-     "has 2 layer(s) and labels must be > 0; save it again from Slicer"),
+    (1, {"Segment0_Layer": "first"}, ("{p}: Segment0_Layer or Segment0_LabelValue is not an integer; save the "
+     "segmentation again from Slicer")),
+    (1, {"Segment0_Layer": "1"}, ("{p}: Segment0 has layer 1 and label 1, but the file has 1 layer(s) and labels "
+     "must be > 0; save it again from Slicer")),
+    (2, {"Segment0_Layer": "-1"}, ("{p}: Segment0 has layer -1 and label 1, but the file has 2 layer(s) and labels "
+     "must be > 0; save it again from Slicer")),
+    (2, {"Segment0_Layer": "1", "Segment0_LabelValue": "0"}, ("{p}: Segment0 has layer 1 and label 0, but the file "
+     "has 2 layer(s) and labels must be > 0; save it again from Slicer")),
 ], ids=["not-an-integer", "layer-past-the-end", "negative-layer", "label-zero"])
 def test_a_broken_segment_table_is_one_message_naming_the_file(tmp_path, layers, keys, message):
     path = _segmentation(tmp_path / "b.seg.nrrd", layers, {"Segment0_Name": "liver", **keys})
@@ -1088,10 +1094,9 @@ def test_a_temp_folder_that_cannot_be_removed_does_not_hide_the_error(tmp_path, 
         real_unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "unlink", locked)
-    with pytest.raises(RuntimeError, match="the model failed"):
-        with io.atomic_folder(tmp_path / "cases") as tmp:
-            (tmp / "locked.bin").write_bytes(b"partial")
-            raise RuntimeError("the model failed")
+    with pytest.raises(RuntimeError, match="the model failed"), io.atomic_folder(tmp_path / "cases") as tmp:
+        (tmp / "locked.bin").write_bytes(b"partial")
+        raise RuntimeError("the model failed")
     assert not (tmp_path / "cases").exists()
 
 
@@ -1114,7 +1119,8 @@ def test_a_tilt_of_exactly_1e_3_is_not_called_oblique():
     (np.zeros((2, 2)), np.eye(4), "Volume array must be 3-D, got shape (2, 2)"),
     (np.zeros((2, 2, 2, 1)), np.eye(4), "Volume array must be 3-D, got shape (2, 2, 2, 1)"),
     (np.zeros((2, 2, 2)), np.eye(3), "Volume affine must be a finite 4x4 matrix, got {affine!r}"),
-    (np.zeros((2, 2, 2)), np.diag([1.0, np.nan, 1.0, 1.0]), "Volume affine must be a finite 4x4 matrix, got {affine!r}"),
+    (np.zeros((2, 2, 2)), np.diag([1.0, np.nan, 1.0, 1.0]),
+     "Volume affine must be a finite 4x4 matrix, got {affine!r}"),
     (np.zeros((2, 2, 2)), np.diag([1.0, 1.0, 0.0, 1.0]), "Volume affine is singular (a zero or degenerate voxel axis)"),
 ], ids=["2-D", "4-D", "3x3 affine", "nan in affine", "zero axis"])
 def test_a_volume_refuses_a_wrong_array_or_affine(array, affine, message):
