@@ -1129,9 +1129,8 @@ def test_a_volume_refuses_a_wrong_array_or_affine(array, affine, message):
     assert str(error.value) == message.format(affine=np.asarray(affine, dtype=np.float64))
 
 
-def test_a_volume_keeps_its_affine_as_float64_and_accepts_small_voxels():
+def test_a_volume_keeps_its_affine_as_float64_and_accepts_micrometre_voxels():
     volume = Volume(np.zeros((2, 2, 2)), [[1, 0, 0, 5], [0, 2, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]])
     assert volume.affine.dtype == np.float64 and isinstance(volume.affine, np.ndarray)
     assert volume.spacing == (1.0, 2.0, 3.0)
     assert Volume(np.zeros((2, 2, 2)), np.diag([1e-3, 1e-3, 1e-3, 1.0])).spacing == (1e-3, 1e-3, 1e-3)
-    assert Volume(np.zeros((2, 2, 2)), np.diag([1e-12, 1.0, 1.0, 1.0])).spacing[0] == 1e-12  # singular below 1e-12
