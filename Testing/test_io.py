@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import os
@@ -685,8 +686,12 @@ def test_replaced_outputs_are_moved_aside_under_a_name_a_later_run_recognises(tm
 
 
 def test_temps_of_this_process_and_of_live_processes_are_kept(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # SIGHUP back to its default first: under nohup (as mutmut may run) a stray signal 1 would go unnoticed
+    script = ("import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); print('ready', flush=True); "
+              "time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     try:
+        assert child.stdout.readline() == b"ready\n"
         mine = io.temp_sibling(tmp_path / "a.nrrd")
         theirs = tmp_path / f".ctsynth-tmp-{child.pid}-0123abcd.b.nrrd"
         for path in (mine, theirs):
@@ -698,6 +703,7 @@ def test_temps_of_this_process_and_of_live_processes_are_kept(tmp_path):
     finally:
         child.kill()
         child.wait()
+        child.stdout.close()
 
 
 def test_a_temp_of_a_process_we_may_not_signal_is_kept(tmp_path, monkeypatch):
@@ -801,3 +807,330 @@ def test_a_folder_without_dicom_is_one_message(tmp_path):
     with pytest.raises(InputError) as error:
         io.read_image(tmp_path)
     assert str(error.value) == f"{tmp_path} holds no DICOM series; give a folder of DICOM slices or an image file"
+
+
+# --- more details found by mutation testing: the exact one-line messages, segment tables, leftovers --------
+
+
+def test_sitk_to_volume_refuses_a_vector_image_in_one_message():
+    vector = sitk.Compose([sitk.Image(3, 3, 3, sitk.sitkUInt8)] * 2)
+    with pytest.raises(ValueError) as error:
+        io.sitk_to_volume(vector)
+    assert str(error.value) == "expected a 3-D scalar image, got 3-D with 2 components"
+
+
+def test_an_affine_with_shear_within_1e_4_is_written(tmp_path):
+    affine = _affine("right")
+    affine[0, 1] += 1e-5  # e.g. a float32 header's rounding: not a grid ITK would need resampled
+    io.write_volume(Volume(np.zeros((3, 3, 3), np.int16), affine), tmp_path / "s.nrrd")
+    np.testing.assert_allclose(io.read_image(tmp_path / "s.nrrd").affine, affine, atol=1e-4)
+
+
+def _truncated_detached_nrrd(folder: Path) -> Path:
+    """A .nhdr header whose gzip data file (.raw.gz) lost its second half."""
+    sitk.WriteImage(io.volume_to_sitk(_volume("right")), str(folder / "d.nhdr"), useCompression=True)
+    data = (folder / "d.raw.gz").read_bytes()
+    (folder / "d.raw.gz").write_bytes(data[: len(data) // 2])
+    return folder / "d.nhdr"
+
+
+def _truncated_detached_metaimage(folder: Path) -> Path:
+    """A .mhd header whose zlib data file (.zraw) lost its second half."""
+    sitk.WriteImage(io.volume_to_sitk(_volume("right")), str(folder / "d.mhd"), useCompression=True)
+    data = (folder / "d.zraw").read_bytes()
+    (folder / "d.zraw").write_bytes(data[: len(data) // 2])
+    return folder / "d.mhd"
+
+
+def _truncated_nrrd_encoding_gz(folder: Path) -> Path:
+    """A gzip NRRD that spells its encoding "gz" (an alias NRRD allows) and lost its last bytes."""
+    path = folder / "z.nrrd"
+    io.write_volume(_volume("right"), path)
+    path.write_bytes(path.read_bytes().replace(b"encoding: gzip", b"encoding: gz", 1)[:-40])
+    return path
+
+
+def _nrrd_with_trailing_bytes(folder: Path) -> Path:
+    """A gzip NRRD whose complete stream is followed by bytes that are neither a gzip member nor zero padding."""
+    path = folder / "t.nrrd"
+    io.write_volume(_volume("right"), path)
+    path.write_bytes(path.read_bytes() + b"XX")
+    return path
+
+
+def _complex_nrrd(folder: Path) -> Path:
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((2, 3, 4), np.complex64)), str(folder / "c.nrrd"))
+    return folder / "c.nrrd"
+
+
+def _two_dimensional(folder: Path) -> Path:
+    sitk.WriteImage(sitk.Image(3, 4, sitk.sitkUInt8), str(folder / "2d.nrrd"))
+    return folder / "2d.nrrd"
+
+
+def _written(folder: Path, name: str, values: list[float], dtype=np.float32) -> Path:
+    io.write_volume(Volume(np.array(values, dtype).reshape(len(values), 1, 1), np.eye(4)), folder / name)
+    return folder / name
+
+
+def _garbage(folder: Path, name: str) -> Path:
+    (folder / name).write_bytes(b"garbage\n" * 64)
+    return folder / name
+
+
+@pytest.mark.parametrize("make, read, message", [
+    (lambda d: _garbage(d, "g.nrrd"), io.read_image,
+     'cannot read {p}: sitk::ERROR: Unable to determine ImageIO reader for "{p}"'),
+    (lambda d: _garbage(d, "g.nii"), io.read_image,
+     'cannot read {p}: the file is damaged (Cannot work out file type of "file"); copy or export it again'),
+    (_truncated_detached_nrrd, io.read_image,
+     "cannot read {p}: the file is damaged (the compressed data ends early); copy or export it again"),
+    (_truncated_detached_metaimage, io.read_image,
+     "cannot read {p}: the file is damaged (the compressed data ends early); copy or export it again"),
+    (_truncated_nrrd_encoding_gz, io.read_image,
+     "cannot read {p}: the file is damaged (the compressed data ends early); copy or export it again"),
+    (lambda d: _garbage(d, "g.mha"), io.read_image,  # a header without ElementDataFile: read to its end, once
+     'cannot read {p}: sitk::ERROR: Unable to determine ImageIO reader for "{p}"'),
+    (_nrrd_with_trailing_bytes, io.read_image, ("cannot read {p}: the file is damaged "
+     "(Error -3 while decompressing data: incorrect header check); copy or export it again")),
+    (_complex_nrrd, io.read_labelmap, "{p} has voxel type complex64; a label map needs integer labels"),
+    (lambda d: _written(d, "f.nrrd", [0.0, 1.5, 2.0]), io.read_labelmap, ("{p} has non-integer voxel values, so it "
+     "looks like an intensity image, not a label map; give the segmentation file")),
+    (lambda d: _written(d, "n.nrrd", [0, -5, 2], np.int16), io.read_labelmap,
+     "{p} has negative labels (minimum -5); a label map needs values >= 0 (is this a CT rather than a segmentation?)"),
+    (_two_dimensional, io.read_labelmap, "{p} is a 2-D image with 1 components per voxel; give one 3-D volume"),
+], ids=["no-reader", "nifti-garbage", "nhdr-data-cut", "mhd-data-cut", "gz-cut", "metaimage-garbage", "trailing-bytes",
+        "complex", "fractional", "negative", "2-D"])
+def test_unreadable_inputs_are_one_message_naming_the_file(tmp_path, make, read, message):
+    path = make(tmp_path)
+    with pytest.raises(InputError) as error:
+        read(path)
+    assert str(error.value) == message.format(p=path)
+
+
+@pytest.mark.parametrize("key, absolute", [("data file", False), ("datafile", True)])
+def test_a_detached_nrrd_header_finds_its_gzip_data_file(tmp_path, key, absolute):
+    volume = _volume("right")
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "d.nhdr"), useCompression=True)
+    data = tmp_path / "d.raw.gz"
+    if absolute:  # NRRD's older spelling, and a path whose folder has a colon in its name
+        (tmp_path / "x:y").mkdir()
+        data = data.rename(tmp_path / "x:y" / data.name)
+    header = (tmp_path / "d.nhdr").read_text()
+    (tmp_path / "d.nhdr").write_text(header.replace("data file: d.raw.gz", f"{key}: {data if absolute else data.name}"))
+    np.testing.assert_array_equal(io.read_image(tmp_path / "d.nhdr").array, volume.array)
+
+
+@pytest.mark.parametrize("data_file", ["LIST\nd_0.raw{gz}\nd_1.raw{gz}\nd_2.raw{gz}", "d_%d.raw{gz} 0 2 1"],
+                         ids=["LIST", "formatted"])
+@pytest.mark.parametrize("gz", [".gz", ""], ids=["gzip", "raw"])
+def test_a_detached_nrrd_header_with_one_data_file_per_slice_is_left_to_itk(tmp_path, data_file, gz):
+    volume = _volume("right")  # 3 slices along K
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "d.nhdr"), useCompression=bool(gz))
+    for k in range(3):
+        data = volume.array[:, :, k].T.tobytes()
+        (tmp_path / f"d_{k}.raw{gz}").write_bytes(gzip.compress(data) if gz else data)
+    header = (tmp_path / "d.nhdr").read_text()
+    assert f"data file: d.raw{gz}\n" in header
+    (tmp_path / "d.nhdr").write_text(header.replace(f"data file: d.raw{gz}", f"data file: {data_file.format(gz=gz)}"))
+    (tmp_path / f"d.raw{gz}").unlink()
+    np.testing.assert_array_equal(io.read_image(tmp_path / "d.nhdr").array, volume.array)
+
+
+def test_a_detached_metaimage_header_finds_its_zlib_data_file(tmp_path):
+    volume = _volume("right")
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / "d.mhd"), useCompression=True)
+    np.testing.assert_array_equal(io.read_image(tmp_path / "d.mhd").array, volume.array)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".mhd", ".nrrd", ".nhdr"])
+def test_uncompressed_files_are_read_without_decompressing(tmp_path, suffix):
+    volume = _volume("left")
+    sitk.WriteImage(io.volume_to_sitk(volume), str(tmp_path / f"raw{suffix}"), useCompression=False)
+    np.testing.assert_array_equal(io.read_image(tmp_path / f"raw{suffix}").array, volume.array)
+
+
+@pytest.mark.parametrize("itk_message, reason", [
+    ("", "unknown error"),
+    (("/src/itkNrrdImageIO.cxx:230:\nITK ERROR: NrrdImageIO(0x55d1): ReadImageInformation: Error reading "
+      "(file damaged): bad header\n"), "ReadImageInformation: Error reading (file damaged): bad header"),
+], ids=["empty", "file-line-and-prefix"])
+def test_an_itk_failure_is_reduced_to_its_reason(tmp_path, monkeypatch, itk_message, reason):
+    path = tmp_path / "v.nrrd"
+    sitk.WriteImage(io.volume_to_sitk(_volume("right")), str(path))  # raw: read by ITK without a check of ours
+
+    def failing_read(*args, **kwargs):
+        raise RuntimeError(itk_message)
+
+    monkeypatch.setattr(sitk, "ReadImage", failing_read)
+    with pytest.raises(InputError) as error:
+        io.read_image(path)
+    assert str(error.value) == f"cannot read {path}: {reason}"
+
+
+def test_unevenly_spaced_dicom_is_one_message_with_the_gaps(tmp_path):
+    folder, _ = _dicom_folder(tmp_path, 4)
+    (folder / "main_001.dcm").unlink()
+    with pytest.raises(InputError) as error:
+        io.read_image(folder)
+    assert str(error.value) == (f"{folder}: DICOM slices are unevenly spaced (gaps 2.5 to 5 mm); check for missing "
+                                "slices or export the series again")
+
+
+def _segmentation(path: Path, layers: int, keys: dict[str, str]) -> Path:
+    """A one- or two-layer .seg.nrrd (labels 1 and 2 in each layer) with the given segment keys only."""
+    array = np.zeros((layers, 4, 3, 2), np.uint8)
+    array[:, 0], array[:, 1] = 1, 2
+    img = (io.volume_to_sitk(Volume(array[0], np.eye(4))) if layers == 1
+           else sitk.JoinSeries([io.volume_to_sitk(Volume(layer, np.eye(4))) for layer in array]))
+    for key, value in keys.items():
+        img.SetMetaData(key, value)
+    sitk.WriteImage(img, str(path), useCompression=True)
+    return path
+
+
+def test_one_layer_segments_without_layer_keys_and_names_from_ids(tmp_path):
+    path = _segmentation(tmp_path / "s.seg.nrrd", 1, {
+        "Segment0_Name": "liver", "Segment0_LabelValue": "1",
+        "Segment1_ID": "spleen_id", "Segment1_LabelValue": "2",  # no name: the ID names it
+        "Segment2_LabelValue": "3"})  # neither: a made-up name
+    seg, names = io.read_labelmap(path)
+    assert names == {1: "liver", 2: "spleen_id", 3: "Segment_2"}
+    np.testing.assert_array_equal(seg.array[:2, 0, 0], [1, 2])
+    assert not seg.array[2:].any()
+
+
+@pytest.mark.parametrize("layers, keys, message", [
+    (1, {"Segment0_Layer": "first"}, ("{p}: Segment0_Layer or Segment0_LabelValue is not an integer; save the "
+     "segmentation again from Slicer")),
+    (1, {"Segment0_Layer": "1"}, ("{p}: Segment0 has layer 1 and label 1, but the file has 1 layer(s) and labels "
+     "must be > 0; save it again from Slicer")),
+    (2, {"Segment0_Layer": "-1"}, ("{p}: Segment0 has layer -1 and label 1, but the file has 2 layer(s) and labels "
+     "must be > 0; save it again from Slicer")),
+    (2, {"Segment0_Layer": "1", "Segment0_LabelValue": "0"}, ("{p}: Segment0 has layer 1 and label 0, but the file "
+     "has 2 layer(s) and labels must be > 0; save it again from Slicer")),
+], ids=["not-an-integer", "layer-past-the-end", "negative-layer", "label-zero"])
+def test_a_broken_segment_table_is_one_message_naming_the_file(tmp_path, layers, keys, message):
+    path = _segmentation(tmp_path / "b.seg.nrrd", layers, {"Segment0_Name": "liver", **keys})
+    with pytest.raises(InputError) as error:
+        io.read_labelmap(path)
+    assert str(error.value) == message.format(p=path)
+
+
+def test_a_label_map_with_four_dimensions_and_vector_voxels_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "v4.nrrd"
+    sitk.WriteImage(sitk.JoinSeries([sitk.Compose([sitk.Image(3, 3, 3, sitk.sitkUInt8)] * 2)] * 2), str(path))
+    with pytest.raises(InputError) as error:
+        io.read_labelmap(path)
+    assert str(error.value) == f"{path} is a 4-D image with 2 components per voxel; give one 3-D volume"
+
+
+def test_an_output_path_that_is_a_folder_is_one_message(tmp_path):
+    (tmp_path / "out.nii.gz").mkdir()
+    with pytest.raises(InputError) as error:
+        io.write_volume(_volume("right"), tmp_path / "out.nii.gz")
+    assert str(error.value) == f"cannot write {tmp_path / 'out.nii.gz'}: it is a folder; give a file name"
+
+
+def test_a_written_file_found_damaged_is_an_eio_oserror_naming_it(tmp_path, monkeypatch):
+    folder = tmp_path / "run (1): b"  # "): " in a path must not be taken for the end of an ITK prefix
+    folder.mkdir()
+    path = folder / "v.nrrd"
+    real_write = sitk.WriteImage
+
+    def write_half(img, filename, **kwargs):
+        real_write(img, filename, **kwargs)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:-40])
+
+    monkeypatch.setattr(sitk, "WriteImage", write_half)
+    with pytest.raises(OSError) as error:
+        io.save_volume(_volume("right"), path)
+    assert (error.value.errno, error.value.filename) == (errno.EIO, str(path))
+    assert error.value.strerror == (f"the file written is incomplete or unreadable (cannot read {path}: the file is "
+                                    "damaged (the compressed data ends early); copy or export it again)")
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def test_leftovers_removed_and_restored_are_logged(tmp_path, caplog, dead_pid):
+    temp = tmp_path / f".ctsynth-tmp-{dead_pid}-0123abcd.a.nii.gz"
+    temp.write_bytes(b"half")
+    (tmp_path / f".ctsynth-old-{dead_pid}-0123abce.b.json").write_bytes(b"moved aside")
+    with caplog.at_level(logging.INFO, logger="CTSemanticSynthLib.io"):
+        io.remove_stale_temps(tmp_path)
+    assert sorted((r.levelname, r.getMessage()) for r in caplog.records) == [
+        ("INFO", f"removed {temp}, left by an interrupted run"),
+        ("WARNING", f"restored {tmp_path / 'b.json'}, moved aside by an interrupted run")]
+    assert _files(tmp_path) == ["b.json"]
+
+
+def test_a_leftover_that_cannot_be_restored_is_a_warning(tmp_path, caplog, monkeypatch, dead_pid):
+    aside = tmp_path / f".ctsynth-old-{dead_pid}-0123abce.b.json"
+    aside.write_bytes(b"moved aside")
+
+    def refused(src, dst) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", refused)
+    with caplog.at_level(logging.INFO, logger="CTSemanticSynthLib.io"):
+        io.remove_stale_temps(tmp_path)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", f"cannot remove {aside} left by an interrupted run: Permission denied")]
+    assert _files(tmp_path) == [aside.name]
+
+
+def test_a_temp_folder_that_cannot_be_removed_does_not_hide_the_error(tmp_path, monkeypatch):
+    real_unlink = os.unlink
+
+    def locked(path, *args, **kwargs) -> None:  # e.g. a file another program holds open on Windows
+        if os.fspath(path) == "locked.bin":
+            raise PermissionError(13, "Permission denied")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", locked)
+    with pytest.raises(RuntimeError, match="the model failed"), io.atomic_folder(tmp_path / "cases") as tmp:
+        (tmp / "locked.bin").write_bytes(b"partial")
+        raise RuntimeError("the model failed")
+    assert not (tmp_path / "cases").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc (Linux)")
+def test_the_folder_is_flushed_after_the_renames(tmp_path, monkeypatch):
+    flushed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    io.write_bytes(tmp_path / "r.json", b"{}")
+    assert flushed[-1] == str(tmp_path)
+
+
+def test_a_tilt_of_exactly_1e_3_is_not_called_oblique():
+    affine = np.eye(4)
+    affine[:2, :2] = [[0.999999499999875, -0.001], [0.001, 0.999999499999875]]  # unit columns: 0.001 stays exact
+    assert io.describe_geometry(Volume(np.zeros((2, 2, 2)), affine)).endswith("axes RAS")
+
+
+@pytest.mark.parametrize("array, affine, message", [
+    (np.zeros((2, 2)), np.eye(4), "Volume array must be 3-D, got shape (2, 2)"),
+    (np.zeros((2, 2, 2, 1)), np.eye(4), "Volume array must be 3-D, got shape (2, 2, 2, 1)"),
+    (np.zeros((2, 2, 2)), np.eye(3), "Volume affine must be a finite 4x4 matrix, got {affine!r}"),
+    (np.zeros((2, 2, 2)), np.diag([1.0, np.nan, 1.0, 1.0]),
+     "Volume affine must be a finite 4x4 matrix, got {affine!r}"),
+    (np.zeros((2, 2, 2)), np.diag([1.0, 1.0, 0.0, 1.0]), "Volume affine is singular (a zero or degenerate voxel axis)"),
+], ids=["2-D", "4-D", "3x3 affine", "nan in affine", "zero axis"])
+def test_a_volume_refuses_a_wrong_array_or_affine(array, affine, message):
+    with pytest.raises(ValueError) as error:
+        Volume(array, affine)
+    assert str(error.value) == message.format(affine=np.asarray(affine, dtype=np.float64))
+
+
+def test_a_volume_keeps_its_affine_as_float64_and_accepts_micrometre_voxels():
+    volume = Volume(np.zeros((2, 2, 2)), [[1, 0, 0, 5], [0, 2, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]])
+    assert volume.affine.dtype == np.float64 and isinstance(volume.affine, np.ndarray)
+    assert volume.spacing == (1.0, 2.0, 3.0)
+    assert Volume(np.zeros((2, 2, 2)), np.diag([1e-3, 1e-3, 1e-3, 1.0])).spacing == (1e-3, 1e-3, 1e-3)
