@@ -236,17 +236,58 @@ def test_a_generator_records_the_batch_size_it_ran_with(generator_folder, batch_
     assert result.provenance["batch_size_used"] == expected and result.provenance["options"]["sampler"] == "one-pass"
 
 
+class _Constant(torch.nn.Module):
+    """A stand-in one-pass generator that outputs ``value`` everywhere (NaN allowed)."""
+
+    noise_channels = 0
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, mask: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.full((mask.shape[0], 1, *mask.shape[-2:]), self.value, device=mask.device)
+
+
+def test_generation_reports_progress_per_batch_and_stops_on_cancel_or_nan():
+    from CTSemanticSynthLib.errors import Cancelled, CTSynthError
+    from CTSemanticSynthLib.synthesis import generate_slices
+
+    classes, cpu = torch.zeros((5, 8, 8), dtype=torch.uint8), torch.device("cpu")
+    steps: list[float] = []
+    generate_slices(_Constant(0.0), classes, range(5), seed=0, device=cpu, batch_size=2, on_step=steps.append)
+    assert steps == [0.4, 0.8, 1.0]
+    polls = iter([False, True])
+    with pytest.raises(Cancelled) as cancelled:
+        generate_slices(_Constant(0.0), classes, range(5), seed=0, device=cpu, batch_size=2,
+                        cancel=lambda: next(polls))
+    assert str(cancelled.value) == "cancelled by the user; nothing was written"
+    with pytest.raises(CTSynthError) as broken:
+        generate_slices(_Constant(float("nan")), classes, range(5), seed=0, device=cpu)
+    assert str(broken.value).startswith("the generator's output is NaN or infinite; nothing was written")
+
+
+def test_generation_in_bf16_runs_the_generator_under_autocast():
+    from CTSemanticSynthLib.synthesis import generate_slices
+
+    seen = []
+
+    class Recording(_Constant):
+        def forward(self, mask: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(mask, noise)
+
+    classes = torch.zeros((2, 8, 8), dtype=torch.uint8)
+    generate_slices(Recording(0.0), classes, range(2), seed=0, device=torch.device("cpu"), precision="bf16")
+    generate_slices(Recording(0.0), classes, range(2), seed=0, device=torch.device("cpu"))
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize("value, expected", [(3.0, 1.0), (-3.0, 0.0), (0.5, 0.75)])
 def test_generator_output_is_clamped_to_the_window_and_mapped_to_0_1(value, expected):
     from CTSemanticSynthLib.synthesis import generate_slices
 
-    class Constant(torch.nn.Module):
-        noise_channels = 0
-
-        def forward(self, mask: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-            return torch.full((mask.shape[0], 1, *mask.shape[-2:]), value)
-
-    out = generate_slices(Constant(), torch.zeros((2, 8, 8), dtype=torch.uint8), [0, 1], seed=0,
+    out = generate_slices(_Constant(value), torch.zeros((2, 8, 8), dtype=torch.uint8), [0, 1], seed=0,
                           device=torch.device("cpu"))
     torch.testing.assert_close(out, torch.full((2, 8, 8), expected))
 
