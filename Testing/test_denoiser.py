@@ -81,6 +81,24 @@ def test_features_are_cached_exactly_while_the_whole_volumes_fit_the_limit(monke
     assert len(denoiser._features) == (3 if spare == 0 else 0)
 
 
+def test_sample_slices_defaults_to_independent_noise_and_honours_the_agreement_threshold():
+    from CTSemanticSynthLib.diffusion import GaussianDiffusion, make_sampler
+    from CTSemanticSynthLib.synthesis import sample_slices
+
+    network = _network("concat")
+    classes = torch.zeros((6, 16, 16), dtype=torch.uint8)
+    classes[:, 4:12, 4:12] = 6  # the same liver square on every slice: every neighbour agrees
+    diffusion = GaussianDiffusion()
+    sampler = make_sampler("ddim", diffusion, 3)
+
+    def sample(**options) -> torch.Tensor:
+        return sample_slices(network, "concat", sampler, classes, range(6), seed=4, device=CPU, **options)
+
+    torch.testing.assert_close(sample(), sample(slice_correlation=0.0), rtol=0, atol=0)
+    assert not torch.equal(sample(), sample(slice_correlation=0.5))
+    assert not torch.equal(sample(slice_agreement=(0.8, 1.0)), sample(slice_agreement=(0.8, 0.05)))
+
+
 def test_cancel_is_polled_before_every_chunk_and_progress_counts_slices():
     network = _network("concat")
     classes, x, t = _inputs()

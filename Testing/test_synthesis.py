@@ -145,6 +145,48 @@ def test_prepare_classes_rejects_empty_unknown_and_mismatched_body(sample_classe
         prepare_classes(seg, labels="totalseg", body_mask=body)
 
 
+def _box_segmentation(spacing: tuple[float, float, float]) -> Volume:
+    """A 60 x 60 x 8 label map (axial slices along k) with a 10 x 10 'liver' (TotalSegmentator's 5) in the middle."""
+    labels = np.zeros((60, 60, 8), np.uint8)
+    labels[25:35, 25:35, 2:6] = 5
+    return Volume(labels, np.diag([*spacing, 1.0]))
+
+
+def test_prepare_classes_defaults_to_automatic_labels(sample_classes):
+    seg, classes, report = sample_classes
+    default, default_report = prepare_classes(seg)
+    assert default_report == prepare_classes(seg, labels="auto")[1] and "liver" in default_report.organs_present
+
+
+def test_prepare_classes_grows_the_hull_by_the_in_plane_margin():
+    seg = _box_segmentation((2.0, 2.0, 5.0))  # 2 mm pixels, 5 mm slices: the margin is counted in pixels
+    classes, report = prepare_classes(seg, labels="totalseg")
+    row = classes.array[:, 30, 3] != BACKGROUND
+    margin_px = round(30.0 / 2.0)  # BODY_MARGIN_MM over the in-plane spacing
+    assert np.flatnonzero(row)[[0, -1]].tolist() == [25 - margin_px, 34 + margin_px]
+
+
+def test_prepare_classes_uses_segment_names_and_a_drawn_body_outline():
+    labels = np.zeros((40, 40, 6), np.uint8)
+    labels[5:35, 5:35, 1:5] = 1  # the body outline, drawn: an L, larger than the organs' hull and not convex
+    labels[22:35, 22:35, 1:5] = 0
+    labels[15:20, 15:20, 2:4] = 2
+    seg = Volume(labels, np.eye(4))
+    classes, report = prepare_classes(seg, {1: "body", 2: "liver"})
+    assert report.has_outline and report.organs_present == ("liver",)
+    assert np.array_equal(classes.array != BACKGROUND, labels != 0)  # the outline itself, not a hull around it
+    assert (classes.array[15:20, 15:20, 2:4] == 6).all()
+
+
+def test_no_known_organ_lists_the_label_values_found():
+    labels = np.zeros((20, 20, 4), np.uint8)
+    for value in range(200, 212):
+        labels[value - 200, 0, 0] = value
+    with pytest.raises(InputError) as error:
+        prepare_classes(Volume(labels, np.eye(4)), labels="amos")
+    assert "(label values 200, 201, 202, 203, 204, 205, 206, 207, 208...)" in str(error.value)
+
+
 def test_explicit_body_mask_defines_body(sample_classes):
     seg = sample_classes[0]
     body = np.zeros(seg.array.shape, np.uint8)
