@@ -94,7 +94,7 @@ def test_sample_slices_defaults_to_independent_noise_and_honours_the_agreement_t
     def sample(**options) -> torch.Tensor:
         return sample_slices(network, "concat", sampler, classes, range(6), seed=4, device=CPU, **options)
 
-    torch.testing.assert_close(sample(), sample(slice_correlation=0.0), rtol=0, atol=0)
+    torch.testing.assert_close(sample(), sample(slice_correlation=0.0, guidance=0.0), rtol=0, atol=0)
     assert not torch.equal(sample(), sample(slice_correlation=0.5))
     assert not torch.equal(sample(slice_agreement=(0.8, 1.0)), sample(slice_agreement=(0.8, 0.05)))
 

@@ -153,6 +153,11 @@ def test_regeneration_is_deterministic_and_depends_on_the_seed(tiny_model, case)
 
     first = run(1)
     assert np.array_equal(first, run(1))
+    progress: list[float] = []
+    options = SamplingOptions(sampler="ddim", steps=3, eta=1.0, seed=1, batch_size=32)
+    synthesize(classes, model, options, device="cpu", keep=keep, region=region, jumps=Jumps(1, 3),
+               progress=lambda done, total: progress.append(done / total))
+    assert progress == sorted(progress) and progress[-1] == 1.0 and progress.count(1.0) == 1  # jumps counted
     assert np.abs(first.astype(int) - run(1, batch_size=5)).max() <= 1
     other = run(2)
     inside = region.array.astype(bool)

@@ -6,7 +6,7 @@ import torch
 
 from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.diffusion import SAMPLERS
-from CTSemanticSynthLib.device import device_capability, select_precision
+from CTSemanticSynthLib.device import device_capability, select_device, select_precision
 from CTSemanticSynthLib.errors import Cancelled, InputError
 from CTSemanticSynthLib.io import Volume, read_labelmap
 from CTSemanticSynthLib.labels import BACKGROUND, BODY
@@ -176,6 +176,12 @@ def test_prepare_classes_uses_segment_names_and_a_drawn_body_outline():
     assert report.has_outline and report.organs_present == ("liver",)
     assert np.array_equal(classes.array != BACKGROUND, labels != 0)  # the outline itself, not a hull around it
     assert (classes.array[15:20, 15:20, 2:4] == 6).all()
+
+
+def test_synthesize_picks_the_device_itself_by_default(tiny_model):
+    classes, _ = prepare_classes(_box_segmentation((2.0, 2.0, 5.0)), labels="totalseg")
+    result = synthesize(classes, load_model(tiny_model), SamplingOptions(steps=2))
+    assert result.provenance["device"] == str(select_device("auto"))
 
 
 def test_no_known_organ_lists_the_label_values_found():
