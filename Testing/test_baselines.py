@@ -230,10 +230,15 @@ def test_a_generator_records_the_batch_size_it_ran_with(generator_folder, batch_
     classes = np.zeros((32, 32, 5), np.uint8)
     classes[4:28, 4:28] = 16  # body on every slice
     classes[10:20, 10:20, 1:4] = 6  # liver
-    result = synthesize(Volume(classes, np.eye(4)), load_model(generator_folder), SamplingOptions(batch_size=batch_size),
-                        device="cpu")
+    steps, polls = [], []
+    options = SamplingOptions(batch_size=batch_size, eta=0.3, slice_correlation=0.5)  # ignored by a generator
+    result = synthesize(Volume(classes, np.eye(4)), load_model(generator_folder), options, device="cpu",
+                        progress=lambda done, total: steps.append(done / total), cancel=lambda: polls.append(1) and False)
     expected = FIXED_AUTO_BATCH if batch_size == "auto" else batch_size
     assert result.provenance["batch_size_used"] == expected and result.provenance["options"]["sampler"] == "one-pass"
+    recorded = result.provenance["options"]
+    assert (recorded["steps"], recorded["eta"], recorded["slice_correlation"]) == (1, 0.0, 0.0)
+    assert steps[-1] == 1.0 and len(polls) == len(steps) >= 1  # progress and cancel polls per batch
 
 
 class _Constant(torch.nn.Module):

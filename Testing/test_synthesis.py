@@ -184,6 +184,43 @@ def test_synthesize_picks_the_device_itself_by_default(tiny_model):
     assert result.provenance["device"] == str(select_device("auto"))
 
 
+def test_synthesize_resizes_classes_as_labels_and_pastes_every_resize_part_back(tiny_model, monkeypatch):
+    import CTSemanticSynthLib.synthesis as synthesis
+
+    classes, _ = prepare_classes(_box_segmentation((2.0, 2.0, 5.0)), labels="totalseg")  # 60 x 60 -> 32 x 32
+    model, options = load_model(tiny_model), SamplingOptions(sampler="ddim", steps=2, seed=3)
+    whole = synthesize(classes, model, options, device="cpu").volume.array
+    monkeypatch.setattr(synthesis, "RESIZE_CHUNK", 1)  # one slice per resize part
+    np.testing.assert_array_equal(synthesize(classes, model, options, device="cpu").volume.array, whole)
+    seen = {}
+    real = synthesis.sample_slices
+    monkeypatch.setattr(synthesis, "sample_slices", lambda network, conditioning, sampler, small, *a, **k:
+                        seen.setdefault("small", small) is not None and real(network, conditioning, sampler, small,
+                                                                             *a, **k))
+    synthesize(classes, model, options, device="cpu")
+    assert set(np.unique(seen["small"].numpy())) <= set(np.unique(classes.array))  # no averaged class values
+
+
+def test_synthesize_refuses_class_values_beyond_the_model_and_names_an_empty_class_volume(tiny_model):
+    model = load_model(tiny_model)
+    labels = np.zeros((8, 8, 2), np.uint8)
+    with pytest.raises(InputError, match="^the class volume has no body or organ voxel"):
+        synthesize(Volume(labels, np.eye(4)), model, SamplingOptions(steps=1), device="cpu")
+    labels[2:4, 2:4, 0] = 17  # NUM_CLASSES: one past the body class
+    with pytest.raises(InputError, match="class volume has values >= 17"):
+        synthesize(Volume(labels, np.eye(4)), model, SamplingOptions(steps=1), device="cpu")
+
+
+def test_compile_option_compiles_the_network(tiny_model, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    classes, _ = prepare_classes(_box_segmentation((2.0, 2.0, 5.0)), labels="totalseg")
+    model = load_model(tiny_model)
+    synthesize(classes, model, SamplingOptions(steps=1, compile=True), device="cpu")
+    synthesize(classes, model, SamplingOptions(steps=1), device="cpu")
+    assert compiled == [model.model]
+
+
 def test_no_known_organ_lists_the_label_values_found():
     labels = np.zeros((20, 20, 4), np.uint8)
     for value in range(200, 212):
