@@ -14,8 +14,9 @@ Slices: every test slice of the cache (or ``--max-slices``, evenly spread) is sa
 through ``CTSemanticSynthLib.synthesis.synthesize`` (per-slice seeds), in chunks saved under
 ``OUT/samples/<model>-<key>/``, so an interrupted run resumes; a change of model, preset, steps, seed, chunk or
 slice set gets a new folder. A 2.5D model, or slice agreement, needs a slice's neighbours: those are taken from the
-slice's own case and sampled with it (up to 4 more slices per slice with ``--max-slices``; see ``pseudo_volume``). Real and synthetic slices are compared at 256 x 256 in [0, 1] (L40/W400): PSNR and
-SSIM per slice, FID/KID over the Inception features of the sets.
+slice's own case and sampled with it (up to 2 x 4 more slices per slice with ``--max-slices``; see
+``pseudo_volume``). Real and synthetic slices are compared at 256 x 256 in [0, 1] (L40/W400): PSNR and SSIM per
+slice, FID/KID over the Inception features of the sets.
 Volumes (optional): CT/label pairs are synthesized whole (cached as NIfTI under ``OUT/volumes/``), scored with
 TotalSegmentator (Dice per organ; on the real CT too, the ceiling), with FID per plane (and the gap between planes)
 and with the stripe index (slice-to-slice consistency, 1.0 = like the real CT; mean over the cases).
@@ -129,15 +130,15 @@ def pseudo_volume(cache: SliceCache, picks: list[tuple[str, int]], margin: int) 
                 wanted[case, k] = None
     case_rank = {case: rank for rank, case in enumerate(dict.fromkeys(case for case, _ in picks))}
     order = sorted(wanted, key=lambda key: (case_rank[key[0]], key[1])) if margin else list(wanted)
-    position, slices = {}, []
+    position: dict[tuple[str, int], int] = {}
+    previous = None
     for key in order:
-        previous = slices[-1][0] if slices else None
         step = 1 if not margin or previous == (key[0], key[1] - 1) else margin + 2
-        position[key] = 0 if not slices else position[previous] + step
-        slices.append((key, cache.case_classes(key[0])[key[1]]))
-    stack = np.zeros((position[order[-1]] + 1, *slices[0][1].shape), dtype=np.uint8)
-    for key, classes in slices:
-        stack[position[key]] = classes
+        position[key] = 0 if previous is None else position[previous] + step
+        previous = key
+    stack = np.zeros((position[previous] + 1, *cache.case_classes(picks[0][0]).shape[1:]), dtype=np.uint8)
+    for (case, index), at in position.items():
+        stack[at] = cache.case_classes(case)[index]
     return stack, [position[pick] for pick in picks]
 
 
@@ -374,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             options = preset_options(model.config, args.preset, steps=args.steps, seed=args.seed, batch_size=args.batch_size)
             key = {"sha256": model.sha256, "options": asdict(options), "split": args.split,
                    "rows": [cache.rows[i] for i in rows], "chunk": args.batch_size, "version": 1}
-            if neighbour_margin(model, options):  # sampled with real neighbours (before: with the chunk's rows)
-                key["neighbour_margin"] = neighbour_margin(model, options)
+            margin = neighbour_margin(model, options)
+            if margin:  # sampled with real neighbours (before: with the chunk's rows)
+                key["neighbour_margin"] = margin
             folder = args.out / "samples" / f"{name or model.name}-{_digest(key)}"
             folder.mkdir(parents=True, exist_ok=True)
             write_bytes(folder / "key.json", json.dumps({k: v for k, v in key.items() if k != "rows"}, indent=1).encode(),
