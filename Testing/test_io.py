@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from CTSemanticSynthLib import io
 from CTSemanticSynthLib.errors import InputError, OutputExistsError
-from CTSemanticSynthLib.io import Volume
+from CTSemanticSynthLib.io import Volume, atomic
 
 from conftest import SAMPLE as EXAMPLE
 
@@ -435,7 +435,7 @@ def test_failed_write_removes_temp_and_keeps_original(tmp_path, monkeypatch):
         assert Path(filename).name.startswith(".ctsynth-tmp-") and Path(filename).parent == tmp_path
         raise RuntimeError("ITK ERROR: NrrdImageIO(0x1): disk full")
 
-    monkeypatch.setattr(io.sitk, "WriteImage", write_then_fail)
+    monkeypatch.setattr(sitk, "WriteImage", write_then_fail)
     with pytest.raises(InputError, match="disk full"):
         io.write_volume(_volume("left"), path, overwrite=True)
     assert _files(tmp_path) == ["out.nrrd"]
@@ -669,7 +669,7 @@ def test_write_bytes_replaces_a_file_only_when_asked(tmp_path):
 
 def test_temp_names_are_recognised_as_this_runs_temps(tmp_path):
     for kind in ("tmp", "old"):
-        match = io._TEMP_NAME.fullmatch(io.temp_sibling(tmp_path / "a.nii.gz", kind).name)
+        match = atomic._TEMP_NAME.fullmatch(io.temp_sibling(tmp_path / "a.nii.gz", kind).name)
         assert match is not None and match.groups() == (kind, str(os.getpid()), "a.nii.gz")
 
 
@@ -680,7 +680,7 @@ def test_replaced_outputs_are_moved_aside_under_a_name_a_later_run_recognises(tm
     real_rename = os.rename
     monkeypatch.setattr(os, "rename", lambda src, dst: renamed.append(Path(dst).name) or real_rename(src, dst))
     io.write_bytes(target, b"new", overwrite=True)
-    aside = io._TEMP_NAME.fullmatch(renamed[0])
+    aside = atomic._TEMP_NAME.fullmatch(renamed[0])
     assert aside is not None and aside.group(1) == "old" and aside.group(3) == "out.json"
     assert target.read_text() == "new" and _files(tmp_path) == ["out.json"]
 

@@ -97,7 +97,7 @@ def test_writer_failing_halfway_like_itk_on_a_full_disk(capsys, tmp_path, tiny_m
         os.truncate(filename, size // 2)
         os.write(2, f"** ERROR: NWAD: wrote only {size // 2} of {size} bytes to file\n".encode())
 
-    monkeypatch.setattr(io.sitk, "WriteImage", write_half)
+    monkeypatch.setattr(sitk, "WriteImage", write_half)
     code = main(_synth_args(tiny_model, folder))
     _one_error_line(capsys.readouterr().err, "cannot write", "syn.nii.gz", "wrote only")
     assert code == 2 and _contents(folder) == OLD and sorted(os.listdir(folder)) == sorted(OLD)
@@ -130,7 +130,7 @@ def test_rename_failing_midway_restores_the_replaced_outputs(tmp_path, monkeypat
             renamed_in.append(dst)
         real_rename(src, dst)
 
-    monkeypatch.setattr(io.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(InputError, match="cannot write .*syn.json"):
         with io.atomic_outputs(*targets, overwrite=True) as temps:
             for tmp in temps:
@@ -328,7 +328,7 @@ def test_signal_during_the_renames_waits_until_all_are_in_place(tmp_path, monkey
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
-    monkeypatch.setattr(io.os, "rename", rename_and_get_signalled)
+    monkeypatch.setattr(os, "rename", rename_and_get_signalled)
     try:
         with pytest.raises(KeyboardInterrupt):
             with io.atomic_outputs(*(folder / n for n in OLD), overwrite=True) as temps:

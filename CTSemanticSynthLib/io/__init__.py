@@ -1,0 +1,19 @@
+"""Read and write CT volumes and label maps (NIfTI, NRRD, MetaImage, DICOM series, Slicer .seg.nrrd).
+
+Arrays are in voxel order (I, J, K), i.e. ``array[i, j, k]``, and travel with a 4x4 affine that maps
+voxel (i, j, k, 1) to RAS millimetres. SimpleITK (LPS, (k, j, i) arrays) is only used inside this
+package; :func:`lps_to_ras_affine` and :func:`ras_affine_to_lps` are the only places that convert.
+"""
+
+from .atomic import (atomic_folder, atomic_outputs, check_distinct_paths, check_output_path, remove_stale_temps,
+                     temp_sibling, write_bytes)
+from .complete import verify_complete
+from .labelmap import read_labelmap
+from .read import READ_SUFFIXES, read_image, read_metadata
+from .volume import Volume, describe_geometry, lps_to_ras_affine, ras_affine_to_lps, sitk_to_volume, volume_to_sitk
+from .write import WRITE_SUFFIXES, save_volume, write_volume
+
+__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "Volume", "atomic_folder", "atomic_outputs", "check_distinct_paths",
+           "check_output_path", "describe_geometry", "lps_to_ras_affine", "ras_affine_to_lps", "read_image",
+           "read_labelmap", "read_metadata", "remove_stale_temps", "save_volume", "sitk_to_volume", "temp_sibling",
+           "verify_complete", "volume_to_sitk", "write_bytes", "write_volume"]
