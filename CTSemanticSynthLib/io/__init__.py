@@ -3,6 +3,14 @@
 Arrays are in voxel order (I, J, K), i.e. ``array[i, j, k]``, and travel with a 4x4 affine that maps
 voxel (i, j, k, 1) to RAS millimetres. SimpleITK (LPS, (k, j, i) arrays) is only used inside this
 package; :func:`lps_to_ras_affine` and :func:`ras_affine_to_lps` are the only places that convert.
+Every file the library writes goes through :func:`atomic_outputs`. Import the public names from here:
+
+- ``volume``: :class:`Volume`, :func:`describe_geometry`, the LPS <-> RAS conversion, SimpleITK <-> Volume.
+- ``read``: :func:`read_image`, :func:`read_metadata` (files and DICOM series folders).
+- ``complete``: :func:`verify_complete` (truncated or damaged data) and the NaN/inf check; the only nibabel user.
+- ``labelmap``: :func:`read_labelmap` (integer checks, Slicer .seg.nrrd segments merged into one map).
+- ``atomic``: write safety: :func:`atomic_outputs`, :func:`atomic_folder`, :func:`write_bytes`, output-path checks.
+- ``write``: :func:`write_volume`, :func:`save_volume` (written through ``atomic``, read back to verify).
 """
 
 from .atomic import (atomic_folder, atomic_outputs, check_distinct_paths, check_output_path, remove_stale_temps,

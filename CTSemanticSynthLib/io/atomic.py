@@ -1,3 +1,6 @@
+"""Write safety: every output file or folder goes through :func:`atomic_outputs` (a temp beside the target, flushed,
+then all renamed into place or none), after the output-path checks; leftovers of killed runs are cleaned up."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +17,6 @@ from pathlib import Path
 from ..errors import InputError, OutputExistsError
 
 logger = logging.getLogger(__name__)
-
-# --- writing: every file goes through atomic_outputs ---------------------------------------------
 
 _TEMP_NAME = re.compile(r"\.ctsynth-(tmp|old)-(\d+)-[0-9a-f]{8}\.(.+)")
 """``.ctsynth-tmp-<pid>-<random>.<name>``: a file being written; ``.ctsynth-old-...``: an output moved aside."""

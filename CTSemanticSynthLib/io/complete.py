@@ -1,9 +1,11 @@
+"""Checks that a volume file is whole: all the voxel data its header promises, intact, and no NaN or infinite
+voxels. nibabel is imported only here, inside the functions that look at NIfTI files."""
+
 from __future__ import annotations
 
 import zlib
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -16,6 +18,8 @@ def _refuse_nonfinite(path: Path, array: np.ndarray) -> None:
     """InputError for NaN/inf voxels. ITK's NIfTI reader silently turns them into 0, so NIfTI files are
     checked on disk with nibabel."""
     if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib  # NIfTI only, so that the rest of io runs without nibabel
+
         img = nib.load(str(path))
         bad = (int(np.count_nonzero(~np.isfinite(np.asanyarray(img.dataobj))))
                if np.issubdtype(img.get_data_dtype(), np.floating) else 0)
@@ -39,20 +43,30 @@ def verify_complete(path: str | Path) -> None:
     name = path.name.lower()
     try:
         if name.endswith((".nii", ".nii.gz")):
-            image = nib.load(str(path))  # reads the header only
-            expected = int(image.dataobj.offset) + int(np.prod(image.shape)) * image.get_data_dtype().itemsize
+            expected = _nifti_data_end(path)
         else:
             info = _image_information(path)
             voxels = int(np.prod(info.GetSize())) * info.GetNumberOfComponents()
             expected = offset * (wbits is None) + voxels * sitk.Image([1] * info.GetDimension(),
                                                                       info.GetPixelID()).GetSizeOfPixelComponent()
         found = source.stat().st_size if wbits is None else _decompressed_size(source, offset, wbits)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"cannot read {path}: the file is damaged ({str(exc).replace(str(path), 'file')}); "
                          "copy or export it again") from None
     if found < expected:
         raise InputError(f"cannot read {path}: the file is truncated ({found} of the {expected} bytes its header "
                          "promises); copy or export it again")
+
+
+def _nifti_data_end(path: Path) -> int:
+    """Byte offset at which a NIfTI file's voxel data ends, from its header; ValueError for an unreadable header."""
+    import nibabel as nib  # NIfTI only, so that the rest of io runs without nibabel
+
+    try:
+        image = nib.load(str(path))  # reads the header only
+    except nib.filebasedimages.ImageFileError as exc:
+        raise ValueError(str(exc)) from None
+    return int(image.dataobj.offset) + int(np.prod(image.shape)) * image.get_data_dtype().itemsize
 
 
 def _data_section(path: Path) -> tuple[Path | None, int, int | None]:

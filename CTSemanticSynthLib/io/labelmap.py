@@ -1,3 +1,6 @@
+"""Read label maps: integer and sign checks, the smallest label dtype, and Slicer .seg.nrrd segment tables merged
+into one label map with ``{label value: segment name}``."""
+
 from __future__ import annotations
 
 import logging
@@ -39,10 +42,6 @@ def read_labelmap(path: str | Path) -> tuple[Volume, dict[int, str]]:
         _refuse_nonfinite(path, labels)
         _check_labels(labels, path)
     return Volume(labels.astype(_label_dtype(int(labels.max(initial=0)), path), copy=False), affine), names
-
-
-
-# --- label maps ----------------------------------------------------------------------------------
 
 
 def _check_labels(labels: np.ndarray, path: Path) -> None:

@@ -1,3 +1,6 @@
+"""Read CT volumes and header metadata from image files and DICOM series folders; ITK failures become one-line
+:class:`~CTSemanticSynthLib.errors.InputError` messages."""
+
 from __future__ import annotations
 
 import logging
@@ -16,9 +19,6 @@ READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _UNPRINTABLE = "[UNKNOWN_PRINT_CHARACTERISTICS]"  # SimpleITK's value for non-string metadata
 
 
-# --- reading -------------------------------------------------------------------------------------
-
-
 def read_image(path: str | Path) -> Volume:
     """Read a CT volume (NIfTI, NRRD, MetaImage or a DICOM series folder) as float32."""
     path = Path(path)
@@ -28,7 +28,6 @@ def read_image(path: str | Path) -> Volume:
     array = layers[0].astype(np.float32, copy=False)
     _refuse_nonfinite(path, array)
     return Volume(array, affine)
-
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -42,7 +41,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise InputError(f"cannot read {path}: {_itk_reason(exc)}") from None
     return {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()
             if not reader.GetMetaData(key).startswith(_UNPRINTABLE)}
-
 
 
 def _checked_file(path: Path) -> Path:
@@ -117,7 +115,6 @@ def _read_layers(img: sitk.Image, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _shape_ijkl(layers: np.ndarray) -> tuple[int, ...]:
     return (*layers.shape[1:], layers.shape[0])
-
 
 
 def _itk_reason(exc: RuntimeError) -> str:

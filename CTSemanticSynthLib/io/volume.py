@@ -1,3 +1,6 @@
+"""The :class:`Volume` type (a 3-D (I, J, K) array with its voxel -> RAS mm affine), a one-line geometry summary,
+and the one LPS <-> RAS conversion to and from SimpleITK images."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,9 +56,6 @@ def describe_geometry(vol: Volume) -> str:
     spacing = ", ".join(f"{s:.4g}" for s in vol.spacing)
     origin = ", ".join(f"{o:.4g}" for o in vol.affine[:3, 3])
     return f"shape {vol.shape}, spacing ({spacing}) mm, origin ({origin}) RAS, axes {codes}{oblique}"
-
-
-# --- geometry: the one LPS <-> RAS conversion ----------------------------------------------------
 
 
 def lps_to_ras_affine(origin: tuple[float, ...], spacing: tuple[float, ...],

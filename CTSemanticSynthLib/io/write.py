@@ -1,3 +1,6 @@
+"""Write volumes (NIfTI, NRRD, MetaImage) through :func:`~.atomic.atomic_outputs`, reading each file back to
+verify it."""
+
 from __future__ import annotations
 
 import errno
