@@ -299,7 +299,7 @@ def test_progress_off_a_terminal_is_a_line_every_few_percent(capsys, case, tiny_
 
 
 def test_progress_lines_every_five_percent_however_many_updates(capsys):
-    from CTSemanticSynthLib.cli import _progress
+    from CTSemanticSynthLib.cli.progress import _progress
 
     with _progress(quiet=False) as bar:  # capsys: stderr is not a terminal
         for tenth in range(1001):

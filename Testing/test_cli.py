@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from CTSemanticSynthLib.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from CTSemanticSynthLib.cli import main, sidecar_path
+from CTSemanticSynthLib.cli import main
 from CTSemanticSynthLib.io import read_metadata
+from CTSemanticSynthLib.provenance import sidecar_path
 
 from conftest import SAMPLE_CT, SAMPLE_SEG, make_model_folder
 

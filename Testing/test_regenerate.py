@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from CTSemanticSynthLib.checkpoint import load_model, save_model
-from CTSemanticSynthLib.cli import main, sidecar_path
+from CTSemanticSynthLib.cli import main
 from CTSemanticSynthLib.diffusion import GaussianDiffusion, diffusion_defaults, make_sampler
 from CTSemanticSynthLib.diffusion.samplers.repaint import Inpainting, Jumps, repaint_loop
 from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.factory import create_generator
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_volume
 from CTSemanticSynthLib.labels import BACKGROUND
+from CTSemanticSynthLib.provenance import sidecar_path
 from CTSemanticSynthLib.regenerate import RegionEdit, changed_region, grow, organ_classes
 from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, synthesize
 

