@@ -29,6 +29,16 @@ def test_library_imports_flow_one_way(path: Path):
     assert "print(" not in path.read_text() or command_line, f"{path.name} prints; use logging"
 
 
+def test_only_the_command_line_imports_its_commands():
+    """The trainers and the library take the one-line parser from below ``cli``, never the command modules."""
+    cli = "CTSemanticSynthLib.cli"
+    users = [m for m, targets in module_graph(LIB).items() if not m.startswith(cli)
+             and any(t == cli or t.startswith(f"{cli}.") for t in targets)]
+    users += [str(p.relative_to(LIB.parent)) for p in sorted((LIB.parent / "training").rglob("*.py"))
+              if any(n == cli or n.startswith(f"{cli}.") for n in _imports(p))]
+    assert not users, f"{users} import the command line"
+
+
 def test_diffusion_never_imports_models():
     for path in (LIB / "diffusion").rglob("*.py"):
         assert not any("models" in name for name in _imports(path)), path

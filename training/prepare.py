@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from CTSemanticSynthLib import __version__
-from CTSemanticSynthLib.cli import OneLineParser
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.io import atomic_folder, atomic_outputs, read_image, read_labelmap, write_bytes
 from CTSemanticSynthLib.labels import MODEL_CLASSES, check_convention, resolve_adapter
+from CTSemanticSynthLib.parsing import OneLineParser
 from CTSemanticSynthLib.preprocess import (
     WINDOW_LEVEL,
     WINDOW_WIDTH,

@@ -36,7 +36,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from CTSemanticSynthLib.checkpoint import save_model
-from CTSemanticSynthLib.cli import OneLineParser
 from CTSemanticSynthLib.device import cuda_native_bf16, select_device
 from CTSemanticSynthLib.diffusion import diffusion_defaults
 from CTSemanticSynthLib.errors import CTSynthError, InputError
@@ -44,6 +43,7 @@ from CTSemanticSynthLib.factory import create_diffusion, create_model
 from CTSemanticSynthLib.io import atomic_outputs
 from CTSemanticSynthLib.models import model_defaults
 from CTSemanticSynthLib.models.config import resolve_config
+from CTSemanticSynthLib.parsing import OneLineParser
 from CTSemanticSynthLib.preprocess import condition_inputs, drop_condition
 from CTSemanticSynthLib.synthesis import MAX_SEED
 

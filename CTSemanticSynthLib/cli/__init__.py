@@ -13,18 +13,12 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 from .. import __version__
 from ..errors import CTSynthError, InputError
+from ..parsing import OneLineParser
 from . import batch, classes, evaluate, info, synth
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors raise InputError, so the caller prints them as one ``error:`` line (exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise InputError(f"{message} (see '{self.prog} --help')")
 
 
 def _build_parser() -> argparse.ArgumentParser:
