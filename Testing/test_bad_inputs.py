@@ -5,6 +5,7 @@ bundled sample; grids that differ from the segmentation's (reordered, resampled 
 streams (subprocesses, where the stream really has to be closed).
 """
 
+import io
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from CTSemanticSynthLib.device import select_device
 from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.grid import onto_grid
 from CTSemanticSynthLib.io import Volume
+from CTSemanticSynthLib.progress import ProgressDisplay
 
 from conftest import REPO, SAMPLE_CT, SAMPLE_SEG, make_model_folder
 
@@ -299,13 +301,40 @@ def test_progress_off_a_terminal_is_a_line_every_few_percent(capsys, case, tiny_
 
 
 def test_progress_lines_every_five_percent_however_many_updates(capsys):
-    from CTSemanticSynthLib.cli.progress import _progress
-
-    with _progress(quiet=False) as bar:  # capsys: stderr is not a terminal
+    with ProgressDisplay("ctsynth:", "synthesizing", "slice") as display:  # capsys: stderr is not a terminal
         for tenth in range(1001):
-            bar(tenth / 10, 100)
+            display.update(tenth / 10, 100)
     lines = capsys.readouterr().err.splitlines()
     assert [line.split()[2] for line in lines] == [f"{p}%" for p in range(0, 101, 5)]
+    assert lines[-1] == "ctsynth: synthesizing 100% (100/100 slices)" and "ETA" in lines[10]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_messages_do_not_break_it():
+    stream = _Terminal()
+    with ProgressDisplay("prepare:", "preparing", "case", total=4, stream=stream) as display:
+        display.update(1)
+        display.write("prepare: skipped case_b: no label")
+        display.postfix("case_c")
+        display.update(4)
+    text = stream.getvalue()
+    assert "\r" in text and "preparing: 100%|" in text and "4/4 cases" in text and "case_c" in text
+    assert "\rprepare: skipped case_b: no label\n" in text and "preparing 100%" not in text  # a bar, not lines
+
+
+def test_progress_off_a_terminal_never_imports_tqdm():
+    code = ("import io, sys\nfrom CTSemanticSynthLib.progress import ProgressDisplay\n"
+            "with ProgressDisplay('train:', 'training', 'step', total=10, stream=io.StringIO()) as d:\n"
+            "    [d.update(i) for i in range(11)]\n"
+            "with ProgressDisplay('train:', 'training', 'step', quiet=True, bar=True) as d:\n    d.update(1, 2)\n"
+            "print('tqdm' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.strip() == "False"
 
 
 def _ctsynth(*argv, **popen) -> subprocess.Popen:

@@ -156,6 +156,7 @@ def test_resume_after_an_interrupt_runs_only_the_missing_jobs(capsys, monkeypatc
     calls.clear()
     code, err = run_batch(capsys, segs, out, tiny_model, "--samples", 2)
     assert code == 0, err
+    assert "\r" not in err and "ctsynth: batch 100% (4/4 CTs, caseB sample 1: ok (" in err  # a log gets lines
     assert calls == [job_seed(0, "caseA", 1), job_seed(0, "caseB", 0), job_seed(0, "caseB", 1)]
     assert (out / "caseA_s0.nii.gz").read_bytes() == first
     assert [r["status"] for r in manifest(out / "manifest.csv")] == ["ok"] * 4
@@ -268,7 +269,9 @@ def test_torchrun_two_processes_equal_one(segs, tiny_model, tmp_path, first_batc
                "--seed", "5", "--variance"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, encoding="utf-8", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ctsynth: [rank 1] 2/2 caseB sample 1: ok" in done.stderr  # rank 1 ran jobs 1 and 3, and only those
+    # rank 1 ran jobs 1 and 3, and only those
+    assert "ctsynth: [rank 1] batch 50% (1/2 CTs, caseA sample 1: ok (" in done.stderr
+    assert "ctsynth: [rank 1] batch 100% (2/2 CTs, caseB sample 1: ok (" in done.stderr
     names = sorted(p.name for p in single.iterdir())
     assert sorted(p.name for p in out.iterdir()) == names
     for name in names:

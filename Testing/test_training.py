@@ -130,6 +130,17 @@ def test_prepare_rerun_with_other_size_is_refused(tmp_path, capsys):
     assert np.load(tmp_path / "cache" / "cases" / "case" / "images.npy").shape[1:] == (32, 32)
 
 
+def test_prepare_off_a_terminal_prints_progress_lines_not_carriage_returns(tmp_path, capsys):
+    for case in ("a", "b"):
+        _fake_case(tmp_path / "images" / f"{case}.nii.gz", tmp_path / "labels" / f"{case}.nii.gz", 80)
+    code, err = _prepare(capsys, "--images", tmp_path / "images", "--labels", tmp_path / "labels", "--out",
+                         tmp_path / "cache", "--size", 16, "--workers", 1, "--convention", "totalseg")
+    assert code == 0 and "\r" not in err
+    progress = [line for line in err.splitlines() if line.startswith("prepare: preparing")]
+    assert progress[0].startswith("prepare: preparing 50% (1/2 cases, ETA ")
+    assert progress[1:] == ["prepare: preparing 100% (2/2 cases)"]
+
+
 def test_prepare_paired_holdout_every_8(tmp_path, capsys):
     _fake_case(tmp_path / "images" / "case.nii.gz", tmp_path / "labels" / "case.nii.gz", 80)
     code, _ = _prepare(capsys, "--images", tmp_path / "images", "--labels", tmp_path / "labels", "--out",
@@ -231,6 +242,15 @@ def test_error_resume_with_other_precision_or_batch(amos_cache, tmp_path, capsys
                   "--precision", "fp32", *flags)
     _one_line_error(capsys, code, "--resume", needle)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_training_off_a_terminal_prints_a_line_every_few_percent(amos_cache, tmp_path, capsys):
+    code = _train(amos_cache, tmp_path / "run", "--iterations", 40, "--sample-every", 0, "--checkpoint-every", 40)
+    err = capsys.readouterr().err
+    assert code == 0 and "\r" not in err and len(err.splitlines()) <= 22, err[-2000:]
+    progress = [line for line in err.splitlines() if line.startswith("train: training ")]
+    assert [line.split()[2] for line in progress] == [f"{p}%" for p in range(0, 101, 5)]
+    assert progress[-1].startswith("train: training 100% (40/40 steps, loss ")
 
 
 @pytest.mark.parametrize("conditioning", ["concat", "mask_encoder", "edge"])

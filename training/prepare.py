@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.errors import CTSynthError, InputError
@@ -40,6 +39,7 @@ from CTSemanticSynthLib.preprocess import (
     body_mask_from_ct,
     hu_to_unit,
 )
+from CTSemanticSynthLib.progress import ProgressDisplay
 
 logger = logging.getLogger("training.prepare")
 AMOS_MAX_CT_ID = 500
@@ -161,7 +161,7 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
         (done.append(json.loads(info_path.read_text())) if info_path.is_file() else todo.append(case))
     failed: dict[str, str] = {}
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool, \
-            tqdm(total=len(cases), initial=len(done), unit="case", desc="preparing") as bar:
+            ProgressDisplay("prepare:", "preparing", "case", total=len(cases), done=len(done)) as display:
         futures = {pool.submit(prepare_case, case, out, size, convention): case for case in todo}
         for future in as_completed(futures):
             case = futures[future]
@@ -169,8 +169,8 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
                 done.append(future.result())
             except CTSynthError as exc:
                 failed[case.case_id] = str(exc)
-                tqdm.write(f"prepare: skipped {case.case_id}: {exc}", file=sys.stderr)
-            bar.update(1)
+                display.write(f"prepare: skipped {case.case_id}: {exc}")
+            display.update(len(done) + len(failed))
     slices = write_manifest(out, done, holdout_every)
     summary = {"format": "ctsynth-slice-cache", "library_version": __version__, "image_size": size,
                "window": {"level": WINDOW_LEVEL, "width": WINDOW_WIDTH}, "classes": list(MODEL_CLASSES),

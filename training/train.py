@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from CTSemanticSynthLib.checkpoint import save_model
 from CTSemanticSynthLib.device import cuda_native_bf16, select_device
@@ -45,6 +44,7 @@ from CTSemanticSynthLib.models import model_defaults
 from CTSemanticSynthLib.models.config import resolve_config
 from CTSemanticSynthLib.parsing import OneLineParser
 from CTSemanticSynthLib.preprocess import condition_inputs, drop_condition
+from CTSemanticSynthLib.progress import ProgressDisplay
 from CTSemanticSynthLib.synthesis import MAX_SEED
 
 from .dataset import SliceCache, model_batch
@@ -449,17 +449,15 @@ class Trainer:
         writer = _tensorboard(self.out) if main else None
         log_path = self.out / "log.csv" if main else Path(os.devnull)  # one log, written by rank 0
         new_log = main and not log_path.exists()
-        with open(log_path, "a", newline="") as log_file, tqdm(
-            total=cfg["iterations"], initial=self.step, unit="it", disable=not main, desc="training",
-            dynamic_ncols=True,
-        ) as bar:
+        with open(log_path, "a", newline="") as log_file, ProgressDisplay(
+            "train:", "training", "step", total=cfg["iterations"], done=self.step, quiet=not main,
+        ) as display:
             log = csv.writer(log_file)
             if new_log:
                 log.writerow(["step", *self.LOG_KEYS, "lr", "it_per_s", "wall_s"])
             tic, since = time.perf_counter(), self.step
             while self.step < cfg["iterations"]:
                 metrics = self.train_step()
-                bar.update(1)
                 if self.step % cfg["log_every"] == 0 and main:
                     metrics = {k: float(v) for k, v in metrics.items()}
                     now = time.perf_counter()
@@ -469,10 +467,11 @@ class Trainer:
                     log.writerow([self.step, *(f"{metrics[k]:.6g}" for k in self.LOG_KEYS),
                                   cfg["lr"], f"{rate:.4g}", f"{self.wall:.1f}"])
                     log_file.flush()
-                    bar.set_postfix({k: f"{metrics[k]:.4f}" for k in self.LOG_KEYS[:2]})
+                    display.postfix(", ".join(f"{k} {metrics[k]:.4f}" for k in self.LOG_KEYS[:2]))
                     if writer is not None:
                         for key, value in metrics.items():
                             writer.add_scalar(f"train/{key}", value, self.step)
+                display.update(self.step)
                 if self.step % cfg["checkpoint_every"] == 0 or self.step == cfg["iterations"]:
                     self.save_checkpoint()
                 if main and cfg["sample_every"] and self.step % cfg["sample_every"] == 0:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .options import _sampling_setup, _sampling_summary, add_sampling_options, labels_file
-from .progress import _batch_progress
+from ..progress import ProgressDisplay
+from .options import add_sampling_options, labels_file, sampling_setup, sampling_summary
+
+if TYPE_CHECKING:
+    from ..batch import JobResult
+
 
 BATCH_EXAMPLES = """\
 examples:
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--variance needs --samples 2 or more")
     if args.nnunet_labels != "model" and args.nnunet is None:
         raise InputError("--nnunet-labels needs --nnunet")
-    device, precision, model_folder, options = _sampling_setup(args)
+    device, precision, model_folder, options = sampling_setup(args)
     layout = Layout(args.out, args.nnunet)
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder")
@@ -66,16 +71,28 @@ def run(args: argparse.Namespace) -> int:
     shard = shard_from_environment()
     device = rank_device(device, shard)
     model = load_model(model_folder, device=device)
-    how = _sampling_summary(model, options) if shard.rank == 0 else ""
+    how = sampling_summary(model, options) if shard.rank == 0 else ""
     if not args.quiet and shard.rank == 0:
         print(f"ctsynth: {len(cases)} case(s) x {args.samples} sample(s) with {model.name} (sha256 "
               f"{model.sha256[:12]}), {how}, device {device}"
               + (f", {shard.world_size} ranks" if shard.world_size > 1 else ""), file=sys.stderr)
     label_names = original_labels(cases) if args.nnunet_labels == "original" else None
     settings = BatchSettings(layout, args.labels, args.variance, args.overwrite, label_names)
-    with _batch_progress(args.quiet, shard.rank) as (on_job, progress):
+    prefix = f"ctsynth: [rank {shard.rank}]" if shard.rank else "ctsynth:"
+    # rank 0 draws a bar for the jobs over one for the current volume; other ranks (and logs) print lines
+    first = shard.rank == 0
+    with ProgressDisplay(prefix, "batch", "CT", quiet=args.quiet, bar=None if first else False) as overall, \
+            ProgressDisplay(prefix, "volume", "slice", quiet=args.quiet or not first, lines=False, position=1,
+                            leave=False) as volume:
+
+        def on_job(result: JobResult, count: int, total: int) -> None:
+            detail = result.error or ("" if result.seconds is None else f"{result.seconds:.1f} s")
+            overall.postfix(f"{result.job.case} sample {result.job.sample}: {result.status}"
+                         + (f" ({detail})" if detail else ""))
+            overall.update(count, total)
+
         results = run_batch(jobs, model, options, settings, device=device, precision=precision, shard=shard,
-                            on_job=on_job, progress=progress)
+                            on_job=on_job, progress=volume.update)
     failed = [r for r in results if r.status == "failed"]
     if shard.rank == 0:
         for r in failed:

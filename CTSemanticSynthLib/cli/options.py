@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """The labelling, model and sampling options shared by ``synth`` and ``batch`` (checked by
-    :func:`_sampling_setup`)."""
+    :func:`sampling_setup`)."""
     parser.add_argument("--model", default=None, metavar="DIR|NAME",
                         help="model folder or name (default: the bundled 'demo' model)")
     parser.add_argument("--labels", default="auto", metavar="CONVENTION",
@@ -55,7 +55,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_region_options(parser: argparse.ArgumentParser) -> None:
-    """Options that regenerate only a region of a kept CT (checked by :func:`_region_checks`)."""
+    """Options that regenerate only a region of a kept CT (checked by :func:`check_region_options`)."""
     from ..regenerate import DEFAULT_JUMP_N_SAMPLE, REGION_MARGIN_MM
 
     group = parser.add_argument_group(
@@ -79,7 +79,7 @@ def add_region_options(parser: argparse.ArgumentParser) -> None:
                        help=f"RePaint: times each stretch is sampled (default {DEFAULT_JUMP_N_SAMPLE}; 1: no jumps)")
 
 
-def _region_checks(args: argparse.Namespace) -> None:
+def check_region_options(args: argparse.Namespace) -> None:
     """One-line errors for region options that do not go together (before any file is read)."""
     from ..labels import check_convention
 
@@ -105,10 +105,9 @@ def _region_checks(args: argparse.Namespace) -> None:
         check_convention(args.previous_labels)
 
 
-def _sampling_setup(args: argparse.Namespace) -> tuple[torch.device, str, Path, SamplingOptions]:
+def sampling_setup(args: argparse.Namespace) -> tuple[torch.device, str, Path, SamplingOptions]:
     """(device, precision, model folder, sampling options) from :func:`add_sampling_options`'s options, all checked
-    before
-    any volume or weight is read."""
+    before any volume or weight is read."""
     from ..checkpoint import read_config, resolve_model_path
     from ..device import select_device, select_precision
     from ..labels import check_convention
@@ -135,14 +134,15 @@ def _batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"'{text}' is neither a whole number nor auto") from None
 
 
-def _note(message: str) -> None:
+def note(message: str) -> None:
+    """A ``ctsynth: note:`` line on stderr."""
     print(f"ctsynth: note: {message}", file=sys.stderr)
 
 
-def _sampling_summary(model: LoadedModel, options: SamplingOptions) -> str:
+def sampling_summary(model: LoadedModel, options: SamplingOptions) -> str:
     """'ddim 25 steps', or 'one pass' for a one-pass generator (with a note that the sampler options are ignored)."""
     if model.kind == "generator":
-        _note(f"{model.name} is a one-pass {model.conditioning} generator: --preset, --sampler, --steps and "
+        note(f"{model.name} is a one-pass {model.conditioning} generator: --preset, --sampler, --steps and "
               "--slice-correlation are ignored")
         return "one pass"
     return f"{options.sampler} {options.steps} steps"

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
+from ..progress import ProgressDisplay
 from ..provenance import sidecar_path
-from .options import (_note, _region_checks, _sampling_setup, _sampling_summary, add_region_options,
-                      add_sampling_options, labels_file)
-from .progress import _progress
+from .options import (add_region_options, add_sampling_options, check_region_options, labels_file, note,
+                      sampling_setup, sampling_summary)
 
 if TYPE_CHECKING:
     from ..io import Volume
@@ -81,12 +81,12 @@ def run(args: argparse.Namespace) -> int:
     if args.variance_map is not None and args.samples < 2:
         raise InputError("--variance-map needs --samples 2 or more")
     # every option is checked before any volume or weight is read
-    device, precision, model_folder, options = _sampling_setup(args)
+    device, precision, model_folder, options = sampling_setup(args)
     if args.seed + args.samples - 1 > MAX_SEED:
         raise InputError(f"--seed {args.seed} with --samples {args.samples} goes past the largest seed {MAX_SEED}")
     if args.progress_lines and sys.stdout is None:
         raise InputError("--progress-lines writes to stdout, which is closed")
-    _region_checks(args)
+    check_region_options(args)
     if args.keep_ct is not None and read_config(model_folder).get("kind", "diffusion") != "diffusion":
         raise InputError(f"--keep-ct: the model in {model_folder} is a one-pass generator, which cannot regenerate "
                          "a region (it has no steps to hold the kept CT in); use a diffusion model")
@@ -106,10 +106,10 @@ def run(args: argparse.Namespace) -> int:
     seg, names = read_labelmap(args.seg)
     body = reference = None
     if args.body_mask is not None:
-        body = onto_grid(read_labelmap(args.body_mask)[0], seg, "mask", f"--body-mask {args.body_mask}", _note)
+        body = onto_grid(read_labelmap(args.body_mask)[0], seg, "mask", f"--body-mask {args.body_mask}", note)
     if args.reference_ct is not None:
         reference = onto_grid(read_image(args.reference_ct), seg, "image", f"--reference-ct {args.reference_ct}",
-                              _note)
+                              note)
     keep = region = jumps = None
     if args.keep_ct is not None:
         keep, region, region_record = _region(args, seg, names)
@@ -119,20 +119,20 @@ def run(args: argparse.Namespace) -> int:
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
     model = load_model(model_folder, device=device)
-    how = _sampling_summary(model, options)
+    how = sampling_summary(model, options)
     if not args.quiet:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {how}, "
               f"labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
               f"device {device} ({precision})", file=sys.stderr)
     results = []
-    with _progress(args.quiet or args.progress_lines) as bar:
+    with ProgressDisplay("ctsynth:", "synthesizing", "slice", quiet=args.quiet or args.progress_lines) as display:
         for k in range(args.samples):
 
             def progress(done: float, total: int, k: int = k) -> None:
                 done, total = done + k * total, total * args.samples
                 if args.progress_lines:
                     print(f"PROGRESS {done:.2f} {total}", flush=True)
-                bar(done, total)
+                display.update(done, total)
 
             result = synthesize(classes, model, dataclasses.replace(options, seed=args.seed + k), device=device,
                                 precision=precision, progress=progress, keep=keep, region=region, jumps=jumps)
@@ -173,16 +173,16 @@ def _region(args: argparse.Namespace, seg: Volume, names: dict[int, str]) -> tup
     from ..io import Volume, read_image, read_labelmap
     from ..regenerate import REGION_MARGIN_MM, changed_region, organ_classes
 
-    keep = onto_grid(read_image(args.keep_ct), seg, "image", f"--keep-ct {args.keep_ct}", _note, resample=False)
+    keep = onto_grid(read_image(args.keep_ct), seg, "image", f"--keep-ct {args.keep_ct}", note, resample=False)
     record: dict[str, Any] = {"keep_ct": str(args.keep_ct), "keep_sha256": _input_digest(args.keep_ct)}
     if args.region is not None:
-        mask = onto_grid(read_labelmap(args.region)[0], seg, "mask", f"--region {args.region}", _note, resample=False)
+        mask = onto_grid(read_labelmap(args.region)[0], seg, "mask", f"--region {args.region}", note, resample=False)
         if not mask.array.any():
             raise InputError(f"--region {args.region} is empty (no nonzero voxel): nothing to regenerate")
         record["region_mask"] = str(args.region)
         return keep, Volume((mask.array != 0).astype(np.uint8), seg.affine), record
     previous, previous_names = read_labelmap(args.previous_seg)
-    previous = onto_grid(previous, seg, "mask", f"--previous-seg {args.previous_seg}", _note, resample=False)
+    previous = onto_grid(previous, seg, "mask", f"--previous-seg {args.previous_seg}", note, resample=False)
     margin = REGION_MARGIN_MM if args.region_margin is None else args.region_margin
     labels = args.labels if args.previous_labels is None else args.previous_labels
     changed = changed_region(organ_classes(previous, previous_names, labels), organ_classes(seg, names, args.labels),
