@@ -185,15 +185,16 @@ def synthesize(
     cancel: Callable[[], bool] | None = None,
     keep: Volume | None = None,
     region: Volume | None = None,
-    jumps: Jumps | None = None,
+    jump_length: int | None = None,
+    jump_n_sample: int | None = None,
 ) -> SynthesisResult:
     """Sample a synthetic CT for a model-class volume (from :func:`prepare_classes`).
 
     With ``keep`` (a CT on the same grid) and ``region`` (a mask): regenerate only the region. Only the slices that
-    cross it are sampled, with the rest of each slice held to ``keep`` at every step (RePaint with ``jumps``,
-    default :meth:`Jumps.scaled` to the steps with
-    :data:`~.regenerate.DEFAULT_JUMP_N_SAMPLE`); the sample is faded into ``keep`` over a thin band inside the
-    region's border, and every voxel outside the region is ``keep``'s value (as int16). See :mod:`.regenerate`.
+    cross it are sampled, with the rest of each slice held to ``keep`` at every step (RePaint: every
+    ``jump_length`` steps, default the paper's 4 % of the steps, go back that far ``jump_n_sample - 1`` times,
+    default :data:`~.regenerate.DEFAULT_JUMP_N_SAMPLE`); the sample is faded into ``keep`` over a thin band inside
+    the region's border, and every voxel outside the region is ``keep``'s value (as int16). See :mod:`.regenerate`.
 
     ``precision`` is the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI
     defaults to auto, the library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic
@@ -242,7 +243,7 @@ def synthesize(
                                      on_step=on_step, on_batch_size=used.append)
         else:
             inpaint = None if edit is None else _inpainting(
-                edit, orientation, resize, active, jumps or Jumps.scaled(sampler.num_steps, DEFAULT_JUMP_N_SAMPLE))
+                edit, orientation, resize, active, _jumps(sampler.num_steps, jump_length, jump_n_sample))
             sample = sample_slices(network, model.conditioning, sampler, small, active, seed=options.seed,
                                    device=device, batch_size=options.batch_size, prior=prior, precision=precision,
                                    cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
@@ -270,6 +271,13 @@ def synthesize(
         volume = Volume(edit.blend(volume.array), classes.affine)
         record["region"] = edit.record(asdict(inpaint.jumps))
     return SynthesisResult(volume, record)
+
+
+def _jumps(num_steps: int, length: int | None, n_sample: int | None) -> Jumps:
+    """RePaint's jumps: ``length`` (default :meth:`Jumps.scaled` to ``num_steps``) and ``n_sample`` (default
+    :data:`~.regenerate.DEFAULT_JUMP_N_SAMPLE`)."""
+    scaled = Jumps.scaled(num_steps, DEFAULT_JUMP_N_SAMPLE if n_sample is None else n_sample)
+    return scaled if length is None else replace(scaled, length=length)
 
 
 def _inpainting(edit: RegionEdit, orientation: AxialOrientation, resize: PlaneResize, active: np.ndarray,

@@ -150,13 +150,13 @@ def test_regeneration_is_deterministic_and_depends_on_the_seed(tiny_model, case)
     def run(seed: int, batch_size: int = 32) -> np.ndarray:
         options = SamplingOptions(sampler="ddim", steps=3, eta=1.0, seed=seed, batch_size=batch_size)
         return synthesize(classes, model, options, device="cpu", keep=keep, region=region,
-                          jumps=Jumps(1, 3)).volume.array
+                          jump_length=1, jump_n_sample=3).volume.array
 
     first = run(1)
     assert np.array_equal(first, run(1))
     progress: list[float] = []
     options = SamplingOptions(sampler="ddim", steps=3, eta=1.0, seed=1, batch_size=32)
-    synthesize(classes, model, options, device="cpu", keep=keep, region=region, jumps=Jumps(1, 3),
+    synthesize(classes, model, options, device="cpu", keep=keep, region=region, jump_length=1, jump_n_sample=3,
                progress=lambda done, total: progress.append(done / total))
     assert progress == sorted(progress) and progress[-1] == 1.0 and progress.count(1.0) == 1  # jumps counted
     assert np.abs(first.astype(int) - run(1, batch_size=5)).max() <= 1
@@ -233,6 +233,17 @@ def test_cli_regenerates_what_changed_and_records_it(capsys, tiny_model, files, 
     assert record["region"]["keep_sha256"] == hashlib.sha256(files["keep"].read_bytes()).hexdigest()
     assert record["region"]["margin_mm"] == 4.0 and record["region"]["previous_segmentation"] == str(files["old"])
     assert record["region"]["jumps"] == {"length": 1, "n_sample": 2}
+
+
+@pytest.mark.parametrize("flags, jumps", [
+    (("--jump-n-sample", 3), {"length": 1, "n_sample": 3}),  # the length scaled to the 2 steps
+    (("--jump-length", 2, "--jump-n-sample", 1), {"length": 2, "n_sample": 1}),
+])
+def test_cli_jump_options_reach_the_sampler(capsys, tiny_model, files, tmp_path, flags, jumps):
+    out = tmp_path / "edited.nii.gz"
+    code, err = regen(capsys, tiny_model, files, out, "--previous-seg", files["old"], *flags)
+    assert code == 0, err
+    assert json.loads(sidecar_path(out).read_text())["region"]["jumps"] == jumps
 
 
 def test_cli_keep_ct_in_another_axis_order_is_reordered(capsys, tiny_model, files, case, tmp_path):

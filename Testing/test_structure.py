@@ -40,6 +40,14 @@ def test_only_the_command_line_imports_its_commands():
     assert not users, f"{users} import the command line"
 
 
+def test_commands_pass_options_not_sampler_parts():
+    """The command modules hand plain option values to synthesis; samplers and networks are assembled below them."""
+    below = ("CTSemanticSynthLib.diffusion", "CTSemanticSynthLib.models")
+    parts = {m: sorted(t for t in targets if t.startswith(below))
+             for m, targets in module_graph(LIB).items() if m.startswith("CTSemanticSynthLib.cli")}
+    assert not any(parts.values()), parts
+
+
 def test_diffusion_never_imports_models():
     for path in (LIB / "diffusion").rglob("*.py"):
         assert not any("models" in name for name in _imports(path)), path

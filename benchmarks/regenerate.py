@@ -33,7 +33,6 @@ from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from CTSemanticSynthLib.checkpoint import load_model  # noqa: E402
-from CTSemanticSynthLib.diffusion.samplers.repaint import Jumps  # noqa: E402
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_volume  # noqa: E402
 from CTSemanticSynthLib.labels import BACKGROUND  # noqa: E402
 from CTSemanticSynthLib.preprocess import AxialOrientation, hu_to_unit  # noqa: E402
@@ -114,8 +113,7 @@ def main() -> None:
     region = changed_region(organ_classes(seg, names, "totalseg"), organ_classes(edited, names, "totalseg"),
                             seg.spacing, args.margin_mm)
     tic = time.perf_counter()
-    jumps = Jumps.scaled(options.steps, args.jump_n_sample)
-    result = synthesize(new_classes, model, options, device="cpu", keep=base, jumps=jumps,
+    result = synthesize(new_classes, model, options, device="cpu", keep=base, jump_n_sample=args.jump_n_sample,
                         region=Volume(region.astype(np.uint8), seg.affine))
     regen_s = time.perf_counter() - tic
     write_volume(result.volume, args.out / f"regenerated_r{args.jump_n_sample}.nii.gz", overwrite=True)

@@ -69,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
                      read_labelmap, save_volume)
     from ..preview import preview_png
     from ..provenance import provenance_header, write_record
-    from ..diffusion.samplers.repaint import Jumps
-    from ..regenerate import DEFAULT_JUMP_N_SAMPLE
     from ..synthesis import MAX_SEED, prepare_classes, synthesize
 
     for option, path in (("--out", args.out), ("--variance-map", args.variance_map)):
@@ -110,11 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if args.reference_ct is not None:
         reference = onto_grid(read_image(args.reference_ct), seg, "image", f"--reference-ct {args.reference_ct}",
                               note)
-    keep = region = jumps = None
+    keep = region = None
     if args.keep_ct is not None:
         keep, region, region_record = _region(args, seg, names)
-        scaled = Jumps.scaled(options.steps, DEFAULT_JUMP_N_SAMPLE)
-        jumps = Jumps(args.jump_length or scaled.length, args.jump_n_sample or scaled.n_sample)
     classes, report = prepare_classes(seg, names, args.labels, body)
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
@@ -135,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                 display.update(done, total)
 
             result = synthesize(classes, model, dataclasses.replace(options, seed=args.seed + k), device=device,
-                                precision=precision, progress=progress, keep=keep, region=region, jumps=jumps)
+                                precision=precision, progress=progress, keep=keep, region=region,
+                                jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
             result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
                                            "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
             if keep is not None:
