@@ -1,8 +1,10 @@
 """Many cases x samples: per-job seeds, resumable outputs and manifest, nnU-Net export, variance maps, sharding.
 
 A job is (case, sample k) with a seed derived from (batch seed, case name, k), so any job re-run alone gives the
-same volume. A job is done when its files exist, are complete, and its sidecar records the same model, options,
-seed and nnU-Net labels; done jobs are skipped, so a killed batch continues where it stopped. Under torchrun job i runs on rank
+same volume. A job is done when its files exist, are complete, and its sidecar records what decides the volume:
+the input's content, the label convention (a mapping file's content), the model, the options and seed, the precision,
+the device type and the nnU-Net labels (:class:`Recipe`); done jobs are skipped, so a killed batch continues where it
+stopped, and a job made otherwise (an edited label map) is never taken as done. Under torchrun job i runs on rank
 i mod world size; rank 0 writes the manifest, variance maps and dataset.json after all ranks finish.
 """
 
@@ -29,9 +31,11 @@ from .checkpoint import LoadedModel
 from .errors import CTSynthError, InputError
 from .io import (READ_SUFFIXES, Volume, atomic_outputs, read_image, read_labelmap, save_volume, verify_complete,
                  write_bytes)
-from .labels import MODEL_CLASSES
+from .labels import MODEL_CLASSES, mapping_file
+from .paths import file_digest
 from .provenance import provenance_header, read_record, sidecar_path, write_record
-from .synthesis import MAX_SEED, ProgressCallback, SamplingOptions, prepare_classes, synthesize
+from .synthesis import (MAX_SEED, NEUTRAL_OPTIONS, ProgressCallback, SamplingOptions, prepare_classes, synthesize,
+                        used_options)
 
 logger = logging.getLogger(__name__)
 
@@ -206,33 +210,77 @@ def _label_record(label_names: dict[int, str] | None) -> dict[str, str] | None:
     return None if label_names is None else {str(v): name for v, name in sorted(label_names.items())}
 
 
-NEUTRAL_OPTIONS = {"slice_correlation": 0.0, "guidance": 0.0, "slice_agreement": 0.0, "slice_agreement_below": 1.0}
-"""Sampling options added after the first records, at their 'off' values: what an older record's run used."""
-
-
 HOW_NOT_WHAT = {"batch_size": None, "compile": None}
 """Options that change how a volume is computed, not what it is (up to float rounding): ignored when resuming."""
 
 
-def _made_by(job: Job, model_sha256: str, options: SamplingOptions, label_names: dict[int, str] | None,
-             precision: str) -> bool:
-    """Whether the job's sidecar records this model, these options, the job's seed, these label values and this
-    precision (records from before precision was recorded were fp32; the batch size, which does not change the
-    result, may differ, and so may --compile)."""
-    record = read_record(job.outputs[-1])
-    if record is None or record.get("model_sha256") != model_sha256 or not isinstance(record.get("options"), dict):
-        return False
-    if record.get("precision", "fp32") != precision:
-        return False
-    if not isinstance(record.get("batch"), dict) or record["batch"].get("labels") != _label_record(label_names):
-        return False
-    expected = dataclasses.asdict(dataclasses.replace(options, seed=job.seed))
-    recorded = {**NEUTRAL_OPTIONS, **record["options"]}  # options added since the record was written were off
-    return {**recorded, **HOW_NOT_WHAT} == {**expected, **HOW_NOT_WHAT}
+@dataclass(frozen=True)
+class Recipe:
+    """Everything besides a job's seed and input that decides its volumes; a finished job's sidecar must record the
+    same, and the same input content, for the job to count as done."""
+
+    model_sha256: str
+    options: SamplingOptions
+    """As the model uses them (:func:`~.synthesis.used_options`)."""
+    precision: str
+    device_type: str
+    """cpu, cuda or mps: each draws other random numbers from the same seed."""
+    labels: str
+    """The label convention, or ``sha256:<digest>`` of a JSON mapping file (see :func:`labels_identity`)."""
+    label_names: dict[int, str] | None = None
+
+    def difference(self, job: Job, input_sha256: str | None) -> str | None:
+        """Why the job's sidecar does not record this recipe, this input content and the job's seed (None when it
+        does). Records from before an option existed ran with it off (:data:`NEUTRAL_OPTIONS`) and in fp32; the batch
+        size and --compile may differ."""
+        record = read_record(job.outputs[-1])
+        if record is None or not isinstance(record.get("options"), dict):
+            return "it has no readable ctsynth record"
+        inputs = record.get("inputs") if isinstance(record.get("inputs"), dict) else {}
+        batch = record.get("batch") if isinstance(record.get("batch"), dict) else {}
+        expected = dataclasses.asdict(dataclasses.replace(self.options, seed=job.seed))
+        recorded = {**NEUTRAL_OPTIONS, **record["options"]}
+        checks = (
+            (record.get("model_sha256") == self.model_sha256, "another model"),
+            ({**recorded, **HOW_NOT_WHAT} == {**expected, **HOW_NOT_WHAT}, "other sampling options or seed"),
+            (record.get("precision", "fp32") == self.precision, "another precision"),
+            (_device_type(record.get("device")) == self.device_type, "another device type"),
+            (labels_identity(str(inputs.get("labels")), inputs.get("labels_sha256")) == self.labels,
+             "another label convention or mapping"),
+            (batch.get("labels") == _label_record(self.label_names), "other nnU-Net labels"),
+            (input_sha256 is not None and inputs.get("segmentation_sha256") == input_sha256,
+             f"another content of {job.segmentation.name} (changed since, or not recorded)"),
+        )
+        return next((reason for same, reason in checks if not same), None)
+
+
+def labels_identity(labels: str, mapping_sha256: str | None = None) -> str:
+    """A label convention's name, or for a JSON mapping file ``sha256:<digest of its content>`` (``mapping_sha256``
+    when known, else read from the file; '' when it cannot be read)."""
+    if mapping_file(labels) is None:
+        return labels
+    if mapping_sha256 is None:
+        mapping_sha256 = _digest(Path(labels))
+    return f"sha256:{mapping_sha256}" if mapping_sha256 else ""
+
+
+def _digest(path: Path) -> str | None:
+    """sha256 of a file, None when it cannot be read (its job then fails with the reason)."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
+
+
+def _device_type(device: object) -> str | None:
+    try:
+        return torch.device(str(device)).type
+    except RuntimeError:
+        return None
 
 
 def _complete(job: Job) -> bool:
-    """Whether the job's volumes exist and hold all their data (its sidecar was read by :func:`_made_by`)."""
+    """Whether the job's volumes exist and hold all their data."""
     try:
         for path in job.outputs[:-1]:
             verify_complete(path)
@@ -241,18 +289,19 @@ def _complete(job: Job) -> bool:
     return True
 
 
-def job_states(jobs: Sequence[Job], model_sha256: str, options: SamplingOptions, overwrite: bool,
-               label_names: dict[int, str] | None = None, precision: str = "fp32") -> list[bool]:
-    """Which jobs are done (complete files made with this model, these options, the job's seed, these label
-    values and this precision); InputError when a job still to run would replace a file made otherwise and ``overwrite`` is not set."""
+def job_states(jobs: Sequence[Job], recipe: Recipe, overwrite: bool) -> list[bool]:
+    """Which jobs are done (complete files whose sidecar records ``recipe``, the job's seed and the current content
+    of its input); InputError naming the file and the difference when a job still to run would replace a file made
+    otherwise and ``overwrite`` is not set."""
+    digests = {path: _digest(path) for path in dict.fromkeys(job.segmentation for job in jobs)}
     done = []
     for job in jobs:
-        ours = _made_by(job, model_sha256, options, label_names, precision)
-        done.append(ours and _complete(job))
+        difference = recipe.difference(job, digests[job.segmentation])
+        done.append(difference is None and _complete(job))
         existing = [p for p in job.outputs if os.path.lexists(p)]
-        if existing and not ours and not overwrite:
-            raise InputError(f"{existing[0]} exists and was made otherwise (another model, options or seed) or is "
-                             "incomplete; choose another --out or use --overwrite")
+        if existing and difference is not None and not overwrite:
+            raise InputError(f"{existing[0]} exists and was made otherwise ({difference}); choose another --out or "
+                             "use --overwrite to make it again")
     return done
 
 
@@ -313,7 +362,9 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     variance maps and dataset.json once every rank has finished.
     """
     layout = settings.layout
-    done = job_states(jobs, model.sha256, options, settings.overwrite, settings.label_names, precision)
+    recipe = Recipe(model.sha256, used_options(options, model.kind), precision, device.type,
+                    labels_identity(settings.labels), settings.label_names)
+    done = job_states(jobs, recipe, settings.overwrite)
     if settings.variance and not settings.overwrite:
         _check_std_maps(layout, jobs, done)
     for folder in layout.folders():
@@ -321,10 +372,10 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     results = [JobResult(job, "ok" if finished else "pending", _recorded_seconds(job) if finished else None,
                          model.sha256 if finished else "") for job, finished in zip(jobs, done)]
     mine = [r for r in results if shard.owns(r.job)]
-    cache: dict[str, tuple[Volume, Volume]] = {}
+    cache: dict[str, tuple[Volume, Volume, str]] = {}
     for count, result in enumerate(mine, start=1):
         if result.status == "pending":
-            _run_job(result, model, options, settings, device, precision, cache, progress)
+            _run_job(result, model, options, settings, device, recipe, cache, progress)
             if shard.world_size == 1:
                 write_manifest(layout, results)
         if on_job is not None:
@@ -343,21 +394,25 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
 
 
 def _run_job(result: JobResult, model: LoadedModel, options: SamplingOptions, settings: BatchSettings,
-             device: torch.device, precision: str, cache: dict[str, tuple[Volume, Volume]],
+             device: torch.device, recipe: Recipe, cache: dict[str, tuple[Volume, Volume, str]],
              progress: ProgressCallback | None) -> None:
     job = result.job
     start = time.perf_counter()
     try:
         if job.case not in cache:  # a case's samples run one after another: keep only the current case's classes
             cache.clear()
+            digest = file_digest(job.segmentation)  # before reading: a later edit makes the job stale, not done
             seg, names = read_labelmap(job.segmentation)
-            cache[job.case] = seg, prepare_classes(seg, names, settings.labels)[0]
-        seg, classes = cache[job.case]
+            cache[job.case] = seg, prepare_classes(seg, names, settings.labels)[0], digest
+        seg, classes, digest = cache[job.case]
         synthesis = synthesize(classes, model, dataclasses.replace(options, seed=job.seed), device=device,
-                               precision=precision, progress=progress)
+                               precision=recipe.precision, progress=progress)
         result.seconds = time.perf_counter() - start
         record = synthesis.provenance
-        record["inputs"] = {"segmentation": str(job.segmentation), "labels": settings.labels}
+        record["inputs"] = {"segmentation": str(job.segmentation), "segmentation_sha256": digest,
+                            "labels": settings.labels}
+        if recipe.labels.startswith("sha256:"):  # a mapping file: its content decides the classes
+            record["inputs"]["labels_sha256"] = recipe.labels.removeprefix("sha256:")
         record["batch"] = {"case": job.case, "sample": job.sample, "seed": job.seed, "seconds": result.seconds,
                            "labels": _label_record(settings.label_names)}
         with atomic_outputs(*job.outputs, overwrite=True) as temps:  # job_states refused others' files

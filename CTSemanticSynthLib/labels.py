@@ -290,6 +290,11 @@ def check_convention(spec: str) -> None:
     read_label_mapping(spec)
 
 
+def mapping_file(spec: str) -> Path | None:
+    """The JSON mapping file a label convention ``spec`` names, if it names one."""
+    return Path(spec) if spec.lower().endswith(".json") else None
+
+
 def resolve_adapter(spec: str, labels: np.ndarray, segment_names: Mapping[int, str] | None = None) -> LabelAdapter:
     """Adapter for ``spec`` ('auto', 'amos', 'totalseg', 'totalseg_v1' or a JSON file path); see AUTO_RULE."""
     check_convention(spec)

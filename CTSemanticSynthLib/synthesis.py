@@ -70,6 +70,18 @@ class SamplingOptions:
     compile: bool = False
 
 
+NEUTRAL_OPTIONS = {"slice_correlation": 0.0, "guidance": 0.0, "slice_agreement": 0.0, "slice_agreement_below": 1.0}
+"""The sampling refinements at their 'off' values."""
+
+
+def used_options(options: SamplingOptions, kind: str) -> SamplingOptions:
+    """The options a model of ``kind`` samples with, as its provenance records them: a one-pass generator uses only
+    the seed and the batch size (no sampler, one step, every refinement off)."""
+    if kind == "diffusion":
+        return options
+    return replace(options, sampler="one-pass", steps=1, start_timestep=None, eta=0.0, **NEUTRAL_OPTIONS)
+
+
 DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"sampler": "ddim", "steps": 25},
     "balanced": {"sampler": "ddim", "steps": 100},
@@ -260,11 +272,9 @@ def synthesize(
         hu_stack[part] = np.where(stack[part] == BACKGROUND, AIR_HU, np.rint(unit_to_hu(unit)))
         first += len(part)
     volume = Volume(hu, classes.affine)
-    if sampler is None:  # record what a one-pass generator used: no sampler, one step, the seed for its noise
-        options = replace(options, sampler="one-pass", steps=1, start_timestep=None, eta=0.0, slice_correlation=0.0)
     record = provenance_record(model.name, model.sha256, model.conditioning,
                                sampler.config if sampler is not None else {"sampler": "one-pass"},
-                               asdict(options), str(device), len(active))
+                               asdict(used_options(options, model.kind)), str(device), len(active))
     record.update(precision=precision, device_capability=device_capability(device), kind=model.kind,
                   batch_size_used=used[-1])
     if edit is not None and inpaint is not None:

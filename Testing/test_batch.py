@@ -1,6 +1,7 @@
 """`ctsynth batch`: per-job seeds, resume after an interrupt, failing cases, nnU-Net export, variance maps, torchrun."""
 
 import csv
+import gzip
 import json
 import os
 import subprocess
@@ -327,3 +328,85 @@ def test_nnunet_original_labels_are_renumbered_consecutively(capsys, monkeypatch
     assert code == 2 and "was made otherwise" in err
     code, err = run_batch(capsys, segs, tmp_path / "other", tiny_model, "--nnunet-labels", "original")
     assert code == 2 and "--nnunet-labels needs --nnunet" in err
+
+
+# --- the done check: what decides a volume --------------------------------------------------------------------
+
+def _counting(monkeypatch) -> list[int]:
+    """Patch batch.synthesize to record each job's seed and run it."""
+    calls: list[int] = []
+    real = batch.synthesize
+    monkeypatch.setattr(batch, "synthesize", lambda classes, model, options, **kw: calls.append(options.seed)
+                        or real(classes, model, options, **kw))
+    return calls
+
+
+def test_an_edited_label_map_is_not_taken_as_done(capsys, monkeypatch, segs, tiny_model, tmp_path):
+    folder = tmp_path / "segs"
+    folder.mkdir()
+    for name in ("caseA", "caseB"):
+        (folder / f"{name}.nii.gz").write_bytes((segs / f"{name}.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    assert run_batch(capsys, folder, out, tiny_model, "-q")[0] == 0
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    image = nib.load(folder / "caseA.nii.gz")
+    labels = np.asarray(image.dataobj)
+    nib.save(nib.Nifti1Image(np.where(labels == 5, 0, labels).astype(np.uint8), image.affine),
+             folder / "caseA.nii.gz")  # the liver removed
+    calls = _counting(monkeypatch)
+    code, err = run_batch(capsys, folder, out, tiny_model, "-q")
+    assert code == 2 and err.count("\n") == 1 and calls == []
+    assert "caseA_s0.nii.gz exists and was made otherwise (another content of caseA.nii.gz" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept  # nothing replaced without --overwrite
+    assert run_batch(capsys, folder, out, tiny_model, "-q", "--overwrite")[0] == 0
+    assert calls == [job_seed(0, "caseA", 0)]  # only the stale job is made again
+    assert (out / "caseB_s0.nii.gz").read_bytes() == kept["caseB_s0.nii.gz"]
+    before = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(kept["caseA_s0.nii.gz"])).dataobj)
+    assert not np.array_equal(voxels(out / "caseA_s0.nii.gz"), before)  # made from the edited map
+    record = json.loads((out / "caseA_s0.json").read_text())
+    assert record["inputs"]["segmentation_sha256"] == batch.file_digest(folder / "caseA.nii.gz")
+    calls.clear()
+    assert run_batch(capsys, folder, out, tiny_model, "-q")[0] == 0 and calls == []  # now done
+
+
+def test_another_label_convention_or_mapping_is_not_taken_as_done(capsys, monkeypatch, segs, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"5": "liver", "1": "spleen"}))
+    assert run_batch(capsys, segs, out, tiny_model, "-q", "--labels", mapping)[0] == 0
+    calls = _counting(monkeypatch)
+    assert run_batch(capsys, segs, out, tiny_model, "-q", "--labels", mapping)[0] == 0 and calls == []
+    mapping.write_text(json.dumps({"5": "liver"}))  # the spleen now body tissue: other classes
+    code, err = run_batch(capsys, segs, out, tiny_model, "-q", "--labels", mapping)
+    assert code == 2 and "(another label convention or mapping)" in err and calls == []
+    code, err = run_batch(capsys, segs, out, tiny_model, "-q")  # --labels totalseg
+    assert code == 2 and "(another label convention or mapping)" in err and calls == []
+
+
+def test_another_device_type_is_not_taken_as_done(capsys, monkeypatch, segs, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    assert run_batch(capsys, segs, out, tiny_model, "-q")[0] == 0
+    record = json.loads((out / "caseB_s0.json").read_text())
+    assert record["device"] == "cpu"
+    (out / "caseB_s0.json").write_text(json.dumps(record | {"device": "cuda:1"}))  # as made on a GPU
+    calls = _counting(monkeypatch)
+    code, err = run_batch(capsys, segs, out, tiny_model, "-q")
+    assert code == 2 and "caseB_s0.nii.gz exists and was made otherwise (another device type)" in err
+    assert calls == []
+
+
+def test_a_generator_batch_resumes(capsys, monkeypatch, segs, tmp_path):
+    from CTSemanticSynthLib.checkpoint import save_model
+    from CTSemanticSynthLib.factory import create_generator
+
+    folder = tmp_path / "pix2pix"
+    save_model(folder, create_generator({"method": "pix2pix", "image_size": 32, "channels": 2}), None,
+               name="tiny-pix2pix")
+    out = tmp_path / "out"
+    assert run_batch(capsys, segs, out, folder, "-q", "--slice-agreement", "0.5")[0] == 0
+    options = json.loads((out / "caseA_s0.json").read_text())["options"]
+    assert options["sampler"] == "one-pass" and options["slice_agreement"] == 0.0  # ignored, so not recorded
+    calls = _counting(monkeypatch)
+    code, err = run_batch(capsys, segs, out, folder, "-q", "--slice-agreement", "0.5")
+    assert code == 0, err
+    assert calls == []  # both jobs done: the options a generator ignores do not make them stale
