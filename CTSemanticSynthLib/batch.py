@@ -10,14 +10,10 @@ i mod world size; rank 0 writes the manifest, variance maps and dataset.json aft
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io as text_io
-import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,21 +24,16 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
+from .batch_layout import Job, JobResult, Layout, nnunet_labels, write_dataset_json, write_manifest
 from .errors import CTSynthError, InputError
-from .io import (READ_SUFFIXES, Volume, atomic_outputs, read_image, read_labelmap, save_volume, verify_complete,
-                 write_bytes)
-from .labels import MODEL_CLASSES, mapping_file
+from .io import READ_SUFFIXES, Volume, atomic_outputs, read_image, read_labelmap, save_volume, verify_complete
+from .labels import mapping_file
 from .paths import file_digest
-from .provenance import provenance_header, read_record, sidecar_path, write_record
+from .provenance import provenance_header, read_record, write_record
 from .synthesis import (MAX_SEED, NEUTRAL_OPTIONS, ProgressCallback, SamplingOptions, prepare_classes, synthesize,
                         used_options)
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_SUFFIX = ".nii.gz"
-MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ("case", "sample", "seed", "output", "model_sha256", "seconds", "status", "error")
-NNUNET_NAME = re.compile(r"Dataset\d{3}_[A-Za-z0-9_-]+")
 
 
 def job_seed(seed: int, case: str, sample: int) -> int:
@@ -91,84 +82,6 @@ def list_cases(segs: Path) -> list[tuple[str, Path]]:
     return cases
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where a batch's files go: plain (``OUT/<case>_s<k>.nii.gz`` + sidecar) or an nnU-Net v2 raw dataset
-    (``OUT/DatasetNNN_Name/imagesTr/<case>_s<k>_0000.nii.gz``, ``labelsTr/<case>_s<k>.nii.gz``, sidecars in
-    ``provenance/``)."""
-
-    out: Path
-    nnunet: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.nnunet is not None and not NNUNET_NAME.fullmatch(self.nnunet):
-            raise InputError(f"--nnunet {self.nnunet}: use DatasetNNN_Name (three digits, e.g. Dataset501_SynthCT)")
-
-    @property
-    def root(self) -> Path:
-        """The folder holding the manifest (the dataset folder for nnU-Net)."""
-        return self.out if self.nnunet is None else self.out / self.nnunet
-
-    def folders(self) -> list[Path]:
-        """Folders to create before writing."""
-        if self.nnunet is None:
-            return [self.root]
-        return [self.root / sub for sub in ("imagesTr", "labelsTr", "provenance")]
-
-    def image(self, case: str, sample: int) -> Path:
-        if self.nnunet is None:
-            return self.root / f"{case}_s{sample}{OUTPUT_SUFFIX}"
-        return self.root / "imagesTr" / f"{case}_s{sample}_0000{OUTPUT_SUFFIX}"
-
-    def label(self, case: str, sample: int) -> Path | None:
-        return None if self.nnunet is None else self.root / "labelsTr" / f"{case}_s{sample}{OUTPUT_SUFFIX}"
-
-    def sidecar(self, case: str, sample: int) -> Path:
-        if self.nnunet is None:
-            return sidecar_path(self.image(case, sample))
-        return self.root / "provenance" / f"{case}_s{sample}.json"
-
-    def std_map(self, case: str) -> Path:
-        return self.root / f"{case}_std{OUTPUT_SUFFIX}"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / MANIFEST_NAME
-
-
-@dataclass(frozen=True)
-class Job:
-    """Sample ``sample`` of ``case``, with its own seed and output files."""
-
-    index: int
-    case: str
-    segmentation: Path
-    sample: int
-    seed: int
-    outputs: tuple[Path, ...]  # image, [label,] sidecar
-
-    @property
-    def image(self) -> Path:
-        return self.outputs[0]
-
-
-@dataclass
-class JobResult:
-    """One manifest row."""
-
-    job: Job
-    status: str = "pending"  # pending, ok, failed
-    seconds: float | None = None
-    model_sha256: str = ""
-    error: str = ""
-
-    def row(self, root: Path) -> dict[str, str]:
-        return {"case": self.job.case, "sample": str(self.job.sample), "seed": str(self.job.seed),
-                "output": self.job.image.relative_to(root).as_posix(), "model_sha256": self.model_sha256,
-                "seconds": "" if self.seconds is None else f"{self.seconds:.2f}", "status": self.status,
-                "error": self.error}
-
-
 def plan_jobs(cases: Sequence[tuple[str, Path]], samples: int, seed: int, layout: Layout) -> list[Job]:
     """Every (case, sample) job in case-major order."""
     if samples < 1:
@@ -197,13 +110,6 @@ def original_labels(cases: Sequence[tuple[str, Path]]) -> dict[int, str]:
     for value, name in sorted(found.items()):
         taken[name if name not in taken and name != "background" else f"{name}_{value}"] = value
     return {value: name for name, value in taken.items()}
-
-
-def nnunet_labels(label_names: dict[int, str] | None) -> dict[str, int]:
-    """dataset.json's ``labels``: the model classes, or the original values' names numbered 1..N in value order."""
-    if label_names is None:
-        return {name: value for value, name in enumerate(MODEL_CLASSES)}
-    return {"background": 0, **{label_names[v]: i for i, v in enumerate(sorted(label_names), start=1)}}
 
 
 def _label_record(label_names: dict[int, str] | None) -> dict[str, str] | None:
@@ -460,15 +366,6 @@ def _gather(results: list[JobResult], shard: Shard) -> list[JobResult]:
     return merged
 
 
-def write_manifest(layout: Layout, results: Sequence[JobResult]) -> None:
-    """Rewrite ``manifest.csv`` atomically: one row per job."""
-    buffer = text_io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(r.row(layout.root) for r in results)
-    write_bytes(layout.manifest, buffer.getvalue().encode("utf-8"), overwrite=True)
-
-
 def std_map(volumes: Sequence[Volume]) -> Volume:
     """Per-voxel standard deviation (HU, float32) of samples on one grid: where the model is unsure."""
     if len(volumes) < 2:
@@ -504,20 +401,3 @@ def _check_std_maps(layout: Layout, jobs: Sequence[Job], done: Sequence[bool]) -
         if not finished and os.path.lexists(layout.std_map(job.case)):
             raise InputError(f"{layout.std_map(job.case)} exists and was made otherwise; choose another --out or "
                              "use --overwrite")
-
-
-def write_dataset_json(layout: Layout, results: Sequence[JobResult], labels: dict[str, int]) -> None:
-    """nnU-Net v2's ``dataset.json`` for the finished jobs (none written while no job has finished)."""
-    finished = sum(r.status == "ok" for r in results)
-    if not finished:
-        return
-    dataset = {
-        "name": layout.nnunet,
-        "description": "Synthetic CTs from CTSemanticSynth (SYNTHETIC, not patient images) with the labels they "
-                       "were made from",
-        "channel_names": {"0": "CT"},
-        "labels": labels,
-        "numTraining": finished,
-        "file_ending": OUTPUT_SUFFIX,
-    }
-    write_bytes(layout.root / "dataset.json", (json.dumps(dataset, indent=2) + "\n").encode(), overwrite=True)
