@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
-from .batch_layout import Job, JobResult, Layout, nnunet_labels, write_dataset_json, write_manifest
+from .batch_layout import DATASET_JSON, Job, JobResult, Layout, check_listings, nnunet_labels, write_listings
 from .errors import CTSynthError, InputError
 from .io import READ_SUFFIXES, Volume, atomic_outputs, read_image, read_labelmap, save_volume, verify_complete
 from .labels import mapping_file
@@ -271,6 +271,7 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     recipe = Recipe(model.sha256, used_options(options, model.kind), precision, device.type,
                     labels_identity(settings.labels), settings.label_names)
     done = job_states(jobs, recipe, settings.overwrite)
+    check_listings(layout, jobs, nnunet_labels(settings.label_names), settings.overwrite)
     if settings.variance and not settings.overwrite:
         _check_std_maps(layout, jobs, done)
     for folder in layout.folders():
@@ -278,22 +279,30 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     results = [JobResult(job, "ok" if finished else "pending", _recorded_seconds(job) if finished else None,
                          model.sha256 if finished else "") for job, finished in zip(jobs, done)]
     mine = [r for r in results if shard.owns(r.job)]
+    if shard.world_size > 1 and shard.rank == 0 and not all(done):  # rank 0 lists the others' files at the end:
+        (layout.root / DATASET_JSON).unlink(missing_ok=True)           # no count that new files would contradict
     cache: dict[str, tuple[Volume, Volume, str]] = {}
-    for count, result in enumerate(mine, start=1):
-        if result.status == "pending":
-            _run_job(result, model, options, settings, device, recipe, cache, progress)
-            if shard.world_size == 1:
-                write_manifest(layout, results)
-        if on_job is not None:
-            on_job(result, count, len(mine))
+    result: JobResult | None = None
+    try:
+        for count, result in enumerate(mine, start=1):
+            if result.status == "pending":
+                _run_job(result, model, options, settings, device, recipe, cache, progress)
+                if shard.world_size == 1:
+                    write_listings(layout, results, settings.label_names)
+            if on_job is not None:
+                on_job(result, count, len(mine))
+    except KeyboardInterrupt:  # the listings say what is on disk, even for a job whose files just went in
+        if result is not None and result.status == "pending" and job_states([result.job], recipe, True)[0]:
+            result.status, result.model_sha256 = "ok", model.sha256
+        if shard.world_size == 1:
+            write_listings(layout, results, settings.label_names)
+        raise
     if shard.world_size > 1:
         results = _gather(results, shard)
     if shard.rank == 0:
         if settings.variance:
             _write_std_maps(layout, results)
-        write_manifest(layout, results)
-        if layout.nnunet is not None:
-            write_dataset_json(layout, results, nnunet_labels(settings.label_names))
+        write_listings(layout, results, settings.label_names)
     if shard.world_size > 1:
         torch.distributed.barrier()
     return results

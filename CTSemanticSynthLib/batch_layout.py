@@ -6,20 +6,25 @@ from __future__ import annotations
 import csv
 import io as text_io
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import InputError
 from .io import write_bytes
 from .labels import MODEL_CLASSES
-from .provenance import sidecar_path
+from .provenance import read_record, sidecar_path
 
 OUTPUT_SUFFIX = ".nii.gz"
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("case", "sample", "seed", "output", "model_sha256", "seconds", "status", "error")
 NNUNET_NAME = re.compile(r"Dataset\d{3}_[A-Za-z0-9_-]+")
+DATASET_JSON = "dataset.json"
+DATASET_DESCRIPTION = ("Synthetic CTs from CTSemanticSynth (SYNTHETIC, not patient images) with the labels they were "
+                       "made from")
 
 
 @dataclass(frozen=True)
@@ -116,18 +121,54 @@ def write_manifest(layout: Layout, results: Sequence[JobResult]) -> None:
     write_bytes(layout.manifest, buffer.getvalue().encode("utf-8"), overwrite=True)
 
 
+def write_listings(layout: Layout, results: Sequence[JobResult], label_names: dict[int, str] | None) -> None:
+    """The manifest and, for nnU-Net, dataset.json."""
+    write_manifest(layout, results)
+    if layout.nnunet is not None:
+        write_dataset_json(layout, results, nnunet_labels(label_names))
+
+
+def _dataset(layout: Layout, labels: dict[str, int], cases: int) -> dict[str, Any]:
+    return {"name": layout.nnunet, "description": DATASET_DESCRIPTION, "channel_names": {"0": "CT"},
+            "labels": labels, "numTraining": cases, "file_ending": OUTPUT_SUFFIX}
+
+
 def write_dataset_json(layout: Layout, results: Sequence[JobResult], labels: dict[str, int]) -> None:
-    """nnU-Net v2's ``dataset.json`` for the finished jobs (none written while no job has finished)."""
-    finished = sum(r.status == "ok" for r in results)
-    if not finished:
+    """nnU-Net v2's ``dataset.json``; ``numTraining`` counts the jobs' label files on disk, as nnU-Net does (none
+    written while there are none)."""
+    cases = sum(os.path.lexists(r.job.outputs[1]) for r in results)
+    if cases:
+        data = json.dumps(_dataset(layout, labels, cases), indent=2) + "\n"
+        write_bytes(layout.root / DATASET_JSON, data.encode(), overwrite=True)
+
+
+def check_listings(layout: Layout, jobs: Sequence[Job], labels: dict[str, int], overwrite: bool) -> None:
+    """InputError when the batch would replace a manifest.csv or a dataset.json it did not write (or one for other
+    labels) without ``overwrite``, or when an nnU-Net dataset already holds cases this batch does not make (its
+    ``numTraining`` would disagree with its files)."""
+    manifest_header = ",".join(MANIFEST_COLUMNS)
+    if layout.manifest.is_file() and not overwrite and _first_line(layout.manifest) != manifest_header:
+        raise InputError(f"{layout.manifest} exists and was not written by ctsynth batch; choose another --out or "
+                         "use --overwrite")
+    if layout.nnunet is None:
         return
-    dataset = {
-        "name": layout.nnunet,
-        "description": "Synthetic CTs from CTSemanticSynth (SYNTHETIC, not patient images) with the labels they "
-                       "were made from",
-        "channel_names": {"0": "CT"},
-        "labels": labels,
-        "numTraining": finished,
-        "file_ending": OUTPUT_SUFFIX,
-    }
-    write_bytes(layout.root / "dataset.json", (json.dumps(dataset, indent=2) + "\n").encode(), overwrite=True)
+    dataset = layout.root / DATASET_JSON
+    if os.path.lexists(dataset) and not overwrite:
+        found, expected = read_record(dataset) or {}, _dataset(layout, labels, 0)
+        if any(found.get(key) != expected[key] for key in ("name", "description", "labels")):
+            raise InputError(f"{dataset} exists and describes another dataset (another name or label table, or not "
+                             "written by ctsynth); choose another --nnunet name or --out, or use --overwrite")
+    ours = {path for job in jobs for path in job.outputs}
+    for folder in layout.folders()[:2]:  # imagesTr, labelsTr
+        others = sorted(p.name for p in folder.glob("*") if p not in ours and not p.name.startswith("."))
+        if others:
+            raise InputError(f"{folder} holds {len(others)} file(s) this batch does not make (e.g. {others[0]}): "
+                             "nnU-Net would train on them too; choose another --nnunet name or --out")
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return ""

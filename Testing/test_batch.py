@@ -1,5 +1,6 @@
 """`ctsynth batch`: per-job seeds, resume after an interrupt, failing cases, nnU-Net export, variance maps, torchrun."""
 
+import contextlib
 import csv
 import gzip
 import json
@@ -410,3 +411,76 @@ def test_a_generator_batch_resumes(capsys, monkeypatch, segs, tmp_path):
     code, err = run_batch(capsys, segs, out, folder, "-q", "--slice-agreement", "0.5")
     assert code == 0, err
     assert calls == []  # both jobs done: the options a generator ignores do not make them stale
+
+
+# --- files of the user's ------------------------------------------------------------------------------------------
+
+def test_a_manifest_the_tool_did_not_write_is_kept(capsys, segs, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.csv").write_text("patient,notes\n1,my own list\n")
+    code, err = run_batch(capsys, segs, out, tiny_model, "-q")
+    assert code == 2 and err.count("\n") == 1 and "manifest.csv exists and was not written by ctsynth batch" in err
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.csv"]
+    assert (out / "manifest.csv").read_text() == "patient,notes\n1,my own list\n"
+    assert run_batch(capsys, segs, out, tiny_model, "-q", "--overwrite")[0] == 0
+    assert [r["case"] for r in manifest(out / "manifest.csv")] == ["caseA", "caseB"]
+
+
+def test_another_nnunet_dataset_is_not_rewritten(capsys, segs, tiny_model, tmp_path):
+    dataset = tmp_path / "raw" / "Dataset503_Real"
+    (dataset / "imagesTr").mkdir(parents=True)
+    (dataset / "labelsTr").mkdir()
+    theirs = {"name": "Dataset503_Real", "channel_names": {"0": "CT"}, "labels": {"background": 0, "tumor": 1},
+              "numTraining": 1, "file_ending": ".nii.gz"}
+    (dataset / "dataset.json").write_text(json.dumps(theirs))
+    (dataset / "imagesTr" / "real_001_0000.nii.gz").write_bytes(b"a real case")
+    (dataset / "labelsTr" / "real_001.nii.gz").write_bytes(b"its labels")
+    before = {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        code, err = run_batch(capsys, segs, tmp_path / "raw", tiny_model, "--nnunet", "Dataset503_Real", "-q", *extra)
+        assert code == 2 and err.count("\n") == 1, err
+        assert {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
+    assert "dataset.json exists and describes another dataset" in run_batch(
+        capsys, segs, tmp_path / "raw", tiny_model, "--nnunet", "Dataset503_Real", "-q")[1]
+    (dataset / "imagesTr" / "real_001_0000.nii.gz").unlink()
+    (dataset / "labelsTr" / "real_001.nii.gz").unlink()
+    code, err = run_batch(capsys, segs, tmp_path / "raw", tiny_model, "--nnunet", "Dataset503_Real", "-q",
+                          "--overwrite")  # its own files gone: with --overwrite its dataset.json may be replaced
+    assert code == 0, err
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
+
+
+def test_a_dataset_holding_other_cases_is_refused(capsys, segs, tiny_model, tmp_path):
+    code, err = run_batch(capsys, segs, tmp_path / "raw", tiny_model, "--nnunet", "Dataset504_Syn", "-q")
+    assert code == 0, err
+    dataset = tmp_path / "raw" / "Dataset504_Syn"
+    only_a = tmp_path / "only_a"
+    only_a.mkdir()
+    (only_a / "caseA.nii.gz").symlink_to(segs / "caseA.nii.gz")
+    code, err = run_batch(capsys, only_a, tmp_path / "raw", tiny_model, "--nnunet", "Dataset504_Syn", "-q",
+                          "--overwrite")
+    assert code == 2 and "imagesTr holds 1 file(s) this batch does not make (e.g. caseB_s0_0000.nii.gz)" in err
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
+
+
+def test_an_interrupt_right_after_a_jobs_files_went_in_is_listed_as_done(capsys, monkeypatch, segs, tiny_model,
+                                                                          tmp_path):
+    real, blocks = batch.atomic_outputs, []
+
+    @contextlib.contextmanager
+    def interrupted_after_second(*targets, **kwargs):
+        with real(*targets, **kwargs) as temps:
+            yield temps
+        blocks.append(targets)
+        if len(blocks) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C held during the renames arrives: after the files went in
+
+    monkeypatch.setattr(batch, "atomic_outputs", interrupted_after_second)
+    code, err = run_batch(capsys, segs, tmp_path / "raw", tiny_model, "--nnunet", "Dataset505_Syn", "--samples", 2,
+                          "-q")
+    assert code == 130 and "interrupted; finished jobs are kept" in err
+    dataset = tmp_path / "raw" / "Dataset505_Syn"
+    assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == ["caseA_s0.nii.gz", "caseA_s1.nii.gz"]
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
+    assert [r["status"] for r in manifest(dataset / "manifest.csv")] == ["ok", "ok", "pending", "pending"]
