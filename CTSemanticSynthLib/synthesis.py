@@ -162,16 +162,22 @@ def prepare_classes(
     body_mask: Volume | None = None,
     body_margin_mm: float = BODY_MARGIN_MM,
 ) -> tuple[Volume, MappingReport]:
-    """Model classes (uint8, same grid) from a label map: organs mapped, the body class added."""
-    if not np.any(segmentation.array):
+    """Model classes (uint8, same grid) from a label map: organs mapped, the body class added.
+
+    A map whose labels the convention knows but that holds none of the model's organs (a pelvis crop with only bowel
+    and bones) is all body tissue (``report.organs_present`` is empty); an empty map, or one whose every label the
+    convention does not know, is an InputError."""
+    labelled = np.count_nonzero(segmentation.array)
+    if not labelled:
         raise InputError("the segmentation is empty (all voxels are 0): nothing to synthesize")
     adapter = resolve_adapter(labels, segmentation.array, segment_names)
     mapped, report = adapter.classes(segmentation.array)
-    if not report.organs_present:
+    if sum(report.unknown.values()) == labelled:
+        values = sorted(report.unknown)
         raise InputError(
-            f"no organ the model knows was found with the '{adapter.name}' label convention "
-            f"(label values {', '.join(map(str, np.unique(segmentation.array)[1:10].tolist()))}...); "
-            f"pass --labels amos, totalseg, totalseg_v1 or a JSON mapping file"
+            f"the '{adapter.name}' label convention knows none of the label values "
+            f"({', '.join(map(str, values[:9]))}{', ...' if len(values) > 9 else ''}): no organ the model knows was "
+            "found; pass --labels amos, totalseg, totalseg_v1 or a JSON mapping file"
         )
     orientation = AxialOrientation.from_affine(segmentation.affine)
     if body_mask is not None:

@@ -109,7 +109,7 @@ def _unknown(tmp_path: Path) -> Path:
     (_float_ct, "intensity image"),
     (_empty, "empty"),
     (_four_d, "4-D"),
-    (_unknown, "no organ the model knows"),
+    (_unknown, "label convention knows none of the label values (250): no organ the model knows"),
 ])
 def test_bad_segmentations_give_one_line(capsys, tiny_model, tmp_path, make_seg, message):
     out = tmp_path / "syn.nii.gz"

@@ -138,11 +138,31 @@ def test_prepare_classes_rejects_empty_unknown_and_mismatched_body(sample_classe
     with pytest.raises(InputError, match="empty"):
         prepare_classes(Volume(np.zeros_like(seg.array), seg.affine))
     strange = Volume(np.where(seg.array > 0, 200, 0).astype(np.uint8), seg.affine)
-    with pytest.raises(InputError, match="no organ the model knows"):
+    with pytest.raises(InputError, match="^the 'amos' label convention knows none of the label values \\(200\\): no "
+                                         "organ the model knows"):
         prepare_classes(strange, labels="amos")
     body = Volume(np.ones(seg.array.shape, np.uint8), seg.affine @ np.diag([1, 1, 1.1, 1]))
     with pytest.raises(InputError, match="body mask is not on the segmentation's grid"):
         prepare_classes(seg, labels="totalseg", body_mask=body)
+
+
+def test_a_region_with_known_labels_but_no_organ_is_body_tissue():
+    """A pelvis crop with TotalSegmentator's small bowel (18), colon (20), sacrum (25) and hips (77, 78), plus an
+    unknown value: no organ of the model, but the convention knows the labels, so all of it is body."""
+    labels = np.zeros((40, 40, 4), np.uint8)
+    labels[5:15, 5:15] = 18
+    labels[15:25, 5:15] = 20
+    labels[18:22, 20:24] = 25
+    labels[5:10, 25:35, :2] = 77
+    labels[30:35, 25:35, 2:] = 78
+    labels[26:28, 5:7] = 250  # unknown: body too, and reported
+    seg = Volume(labels, np.diag([2.0, 2.0, 3.0, 1.0]))
+    classes, report = prepare_classes(seg, labels="totalseg")
+    assert report.organs_present == () and report.unknown == {250: 16}
+    assert ((classes.array == BODY) == (classes.array != BACKGROUND)).all()  # body only
+    assert (classes.array[labels > 0] == BODY).all() and (classes.array == BODY).sum() > (labels > 0).sum()
+    with pytest.raises(InputError, match="knows none of the label values \\(250\\)"):
+        prepare_classes(Volume(np.where(labels == 250, 250, 0).astype(np.uint8), seg.affine), labels="totalseg")
 
 
 def _box_segmentation(spacing: tuple[float, float, float]) -> Volume:
