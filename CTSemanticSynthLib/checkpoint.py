@@ -11,6 +11,7 @@ pickled checkpoints (``.pt``) are never loaded.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,10 @@ def _check_config(config: dict[str, Any]) -> None:
         raise _FieldError("field 'sha256' must be 64 lower-case hex digits")
     window = _field(config, "window", dict)
     for key in ("level", "width"):
-        _field(window, key, (int, float), "window.")
+        value = _field(window, key, (int, float), "window.")
+        if not math.isfinite(value) or (key == "width" and value <= 0):
+            raise _FieldError(f"field 'window.{key}' must be a finite number{' > 0' if key == 'width' else ''}, "
+                              f"not {json.dumps(value)}")
     kind = config.get("kind", "diffusion")
     if kind not in KINDS:
         raise _FieldError(f"field 'kind' must be one of {', '.join(KINDS)}, not {json.dumps(kind)[:40]}")
