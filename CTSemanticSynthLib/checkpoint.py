@@ -171,6 +171,9 @@ def _check_config(config: dict[str, Any]) -> None:
         _check_generator(_field(config, "model", dict))
     else:
         _check_diffusion_model(config)
+    if config["model"]["num_classes"] != len(classes):  # the network's one-hot input: one channel a class
+        raise _FieldError(f"field 'model.num_classes' is {config['model']['num_classes']}, but the model's classes are "
+                          f"{len(classes)}: this folder's network was made for another class set")
     means = config.get("class_means")
     if means is not None and (not isinstance(means, list) or len(means) != len(MODEL_CLASSES) or not all(
             isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 1 for m in means)):

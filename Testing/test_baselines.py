@@ -221,6 +221,29 @@ def test_error_mismatched_generator_folder_is_one_line(generator_folder, tmp_pat
     assert not (tmp_path / "x.nii.gz").exists()
 
 
+@pytest.mark.parametrize("kind", ["generator", "diffusion"])
+def test_a_model_folder_for_another_class_set_is_one_line(tmp_path, capsys, kind):
+    """Config and weights agree (both for 20 classes), but the model's class set has 17."""
+    from CTSemanticSynthLib.diffusion import GaussianDiffusion, diffusion_defaults
+    from CTSemanticSynthLib.models import UNetModel
+    from conftest import tiny_model_config
+
+    folder = tmp_path / kind
+    if kind == "generator":
+        save_model(folder, create_generator({"method": "pix2pix", "image_size": 32, "channels": 2,
+                                             "num_classes": NUM_CLASSES + 3}), None, name="g20")
+    else:
+        save_model(folder, UNetModel(**tiny_model_config() | {"num_classes": NUM_CLASSES + 3}),
+                   GaussianDiffusion(**diffusion_defaults()), name="d20")
+    needle = f"field 'model.num_classes' is {NUM_CLASSES + 3}, but the model's classes are {NUM_CLASSES}"
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        load_model(folder)
+    code = ctsynth(["synth", "--seg", str(SAMPLE_SEG), "--out", str(tmp_path / "x.nii.gz"), "--model", str(folder),
+                    "--labels", "totalseg", "--device", "cpu", "--steps", "2"])
+    _one_line_error(capsys, code, needle)
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
 @pytest.mark.parametrize("batch_size", [2, 1, "auto"])
 def test_a_generator_records_the_batch_size_it_ran_with(generator_folder, batch_size):
     from CTSemanticSynthLib.denoiser import FIXED_AUTO_BATCH
@@ -231,13 +254,15 @@ def test_a_generator_records_the_batch_size_it_ran_with(generator_folder, batch_
     classes[4:28, 4:28] = 16  # body on every slice
     classes[10:20, 10:20, 1:4] = 6  # liver
     steps, polls = [], []
-    options = SamplingOptions(batch_size=batch_size, eta=0.3, slice_correlation=0.5)  # ignored by a generator
+    options = SamplingOptions(batch_size=batch_size, eta=0.3, slice_correlation=0.5, slice_agreement=0.4,
+                              slice_agreement_below=0.5)  # ignored by a generator
     result = synthesize(Volume(classes, np.eye(4)), load_model(generator_folder), options, device="cpu",
                         progress=lambda done, total: steps.append(done / total), cancel=lambda: polls.append(1) and False)
     expected = FIXED_AUTO_BATCH if batch_size == "auto" else batch_size
     assert result.provenance["batch_size_used"] == expected and result.provenance["options"]["sampler"] == "one-pass"
     recorded = result.provenance["options"]
     assert (recorded["steps"], recorded["eta"], recorded["slice_correlation"]) == (1, 0.0, 0.0)
+    assert (recorded["slice_agreement"], recorded["slice_agreement_below"], recorded["guidance"]) == (0.0, 1.0, 0.0)
     assert steps[-1] == 1.0 and len(polls) == len(steps) >= 1  # progress and cancel polls per batch
 
 
