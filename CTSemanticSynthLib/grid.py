@@ -1,8 +1,9 @@
 """Bring a volume (reference CT, body mask, synthetic CT to score) onto a segmentation's voxel grid.
 
 Same physical voxels in another voxel order (axes flipped or permuted, as a DICOM series and its NIfTI
-segmentation often are): reordered losslessly. Another grid that overlaps: resampled (linear for intensities,
-nearest neighbour for masks) with a note. No overlap: an InputError. No file is read or written here.
+segmentation often are), or a larger grid that holds the segmentation's voxels: reordered or cropped losslessly.
+Another grid that overlaps: resampled (linear for intensities, nearest neighbour for masks) with a note. No overlap:
+an InputError. No file is read or written here.
 """
 
 from __future__ import annotations
@@ -27,17 +28,19 @@ def onto_grid(volume: Volume, target: Volume, kind: Kind, name: str,
               note: Callable[[str], None] | None = None, resample: bool = True) -> Volume:
     """``volume`` on ``target``'s grid; ``note`` gets one line saying what was done (nothing when it already was).
 
-    ``kind`` "image" resamples linearly (float32; uncovered voxels are air, -1000 HU), "mask" uses the nearest
-    voxel (0/1; uncovered voxels 0). ``name`` (e.g. "--reference-ct ct.nii.gz") starts every message.
+    Reordering or cropping keeps the values as they are. ``kind`` "image" resamples linearly (float32; uncovered
+    voxels are air, -1000 HU), "mask" takes the nearest voxel's (0/1: nonzero is 1; uncovered voxels 0). ``name``
+    (e.g. "--reference-ct ct.nii.gz") starts every message.
     ``resample`` False refuses (InputError) a volume that only resampling would bring onto the grid.
     """
     if volume.same_grid(target):
         return volume
     reordered = _reordered(volume, target)
     if reordered is not None:
+        array, how = reordered
         if note is not None:
-            note(f"{name}: same voxels in another axis order; reordered losslessly")
-        return Volume(reordered, target.affine)
+            note(f"{name}: {how}")
+        return Volume(array, target.affine)
     if not resample:
         raise InputError(f"{name} is on another grid than the segmentation ({describe_geometry(volume)} vs "
                          f"{describe_geometry(target)}) and would need resampling: give it on the segmentation's grid")
@@ -52,8 +55,9 @@ def onto_grid(volume: Volume, target: Volume, kind: Kind, name: str,
     return resampled
 
 
-def _reordered(volume: Volume, target: Volume) -> np.ndarray | None:
-    """``volume``'s voxels in ``target``'s order when target voxel centres are volume voxel centres, else None."""
+def _reordered(volume: Volume, target: Volume) -> tuple[np.ndarray, str] | None:
+    """(``volume``'s voxels in ``target``'s order, what that took) when every target voxel centre is a volume voxel
+    centre, else None."""
     index = np.linalg.solve(volume.affine, target.affine)  # target (i, j, k, 1) -> volume (i, j, k, 1)
     linear, offset = index[:3, :3], index[:3, 3]
     if np.abs(linear - np.round(linear)).max() > _TOLERANCE or np.abs(offset - np.round(offset)).max() > _TOLERANCE:
@@ -68,7 +72,16 @@ def _reordered(volume: Volume, target: Volume) -> np.ndarray | None:
         if idx.min() < 0 or idx.max() >= volume.shape[a]:
             return None  # only part of the target is covered: resampling fills the rest
         picks.append(idx)
-    return np.ascontiguousarray(np.transpose(volume.array, axes)[np.ix_(*picks)])
+    array = np.ascontiguousarray(np.transpose(volume.array, axes)[np.ix_(*picks)])
+    reordered = not np.array_equal(linear, np.eye(3, dtype=int))
+    if array.size < volume.array.size:
+        order = " in another axis order" if reordered else ""
+        return array, (f"a larger grid holding the segmentation's voxels{order}; "
+                       f"{'reordered and ' if reordered else ''}cropped losslessly to the segmentation's grid "
+                       f"({100 * array.size / volume.array.size:.0f}% of its voxels kept)")
+    if reordered:
+        return array, "same voxels in another axis order; reordered losslessly"
+    return array, "the same grid within 0.001 voxel; taken as it is"
 
 
 def _resampled(volume: Volume, target: Volume, kind: Kind, name: str) -> tuple[Volume, float]:

@@ -22,11 +22,11 @@ from CTSemanticSynthLib.checkpoint import CONFIG_NAME, load_model, save_model
 from CTSemanticSynthLib.cli import main
 from CTSemanticSynthLib.device import select_device
 from CTSemanticSynthLib.errors import InputError
-from CTSemanticSynthLib.grid import onto_grid
 from CTSemanticSynthLib.io import Volume
 from CTSemanticSynthLib.progress import ProgressDisplay
 
 from conftest import REPO, SAMPLE_CT, SAMPLE_SEG, make_model_folder
+from test_grid import flipped_permuted
 
 CROP = (slice(20, 110), slice(10, 90), slice(88, 94))
 """Six axial slices through liver, kidneys and spleen: a few seconds to synthesize with the tiny model."""
@@ -237,40 +237,9 @@ def test_ambiguous_ids_work_with_an_explicit_convention_and_huge_labels_map(caps
 
 # --- reference CT and body mask on another grid ---------------------------------------------------------------
 
-def _flipped_permuted(volume: Volume) -> Volume:
-    """The same voxels with axis 0 reversed and the axes in order (2, 0, 1), as a DICOM series might store them."""
-    affine = volume.affine.copy()
-    affine[:3, 3] += affine[:3, 0] * (volume.shape[0] - 1)
-    affine[:3, 0] *= -1
-    return Volume(np.ascontiguousarray(volume.array[::-1].transpose(2, 0, 1)), affine[:, [2, 0, 1, 3]])
-
-
-def test_reordered_grid_is_exact_and_shifted_grid_is_resampled():
-    rng = np.random.default_rng(0)
-    affine = np.diag([0.8, 0.9, 2.5, 1.0])
-    affine[:3, 3] = [10, -20, 30]
-    target = Volume(rng.normal(size=(5, 6, 7)).astype(np.float32), affine)
-    notes: list[str] = []
-    back = onto_grid(_flipped_permuted(target), target, "image", "--reference-ct x", notes.append)
-    assert np.array_equal(back.array, target.array) and np.array_equal(back.affine, target.affine)
-    assert notes == ["--reference-ct x: same voxels in another axis order; reordered losslessly"]
-    half = affine.copy()
-    half[:3, 3] += affine[:3, 0] * 0.5  # half a voxel along i
-    moved = onto_grid(Volume(target.array, half), target, "image", "ct", notes.append)
-    np.testing.assert_allclose(moved.array[1:], (target.array[:-1] + target.array[1:]) / 2, atol=1e-5)
-    assert (moved.array[0] == -1000).all()  # before the moved volume's first voxel: air
-    assert "resampled (linear)" in notes[-1] and "covering 80%" in notes[-1]
-    mask = onto_grid(Volume((target.array > 0).astype(np.uint8), half), target, "mask", "mask", notes.append)
-    assert set(np.unique(mask.array)) <= {0, 1} and "nearest-neighbour" in notes[-1]
-    far = affine.copy()
-    far[:3, 3] += 1000
-    with pytest.raises(InputError, match="does not overlap"):
-        onto_grid(Volume(target.array, far), target, "mask", "mask")
-
-
 def test_synth_takes_reference_and_body_mask_on_other_grids(capsys, case, tiny_model, tmp_path):
     ct = nib.load(case["ct"])
-    flipped = _flipped_permuted(Volume(np.asarray(ct.dataobj), ct.affine))
+    flipped = flipped_permuted(Volume(np.asarray(ct.dataobj), ct.affine))
     reference = _save(tmp_path / "ct_flipped.nii.gz", flipped.array, flipped.affine)
     seg = nib.load(case["seg"])
     body = (np.asarray(seg.dataobj) > 0).astype(np.uint8)
