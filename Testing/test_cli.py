@@ -16,6 +16,7 @@ from CTSemanticSynthLib.io import read_metadata
 from CTSemanticSynthLib.provenance import sidecar_path
 
 from conftest import SAMPLE_CT, SAMPLE_SEG, make_model_folder
+from test_io import one_bit_nifti
 
 
 def run(capsys, *argv) -> tuple[int, str]:
@@ -110,6 +111,7 @@ def _unknown(tmp_path: Path) -> Path:
     (_empty, "empty"),
     (_four_d, "4-D"),
     (_unknown, "label convention knows none of the label values (250): no organ the model knows"),
+    (lambda tmp: one_bit_nifti(tmp, "bits.nii"), "its NIfTI header is not supported (data code 1 not supported)"),
 ])
 def test_bad_segmentations_give_one_line(capsys, tiny_model, tmp_path, make_seg, message):
     out = tmp_path / "syn.nii.gz"

@@ -873,6 +873,15 @@ def _written(folder: Path, name: str, values: list[float], dtype=np.float32) -> 
     return folder / name
 
 
+def one_bit_nifti(folder: Path, name: str) -> Path:
+    """A NIfTI whose header says datatype 1 (DT_BINARY: 1 bit a voxel), which neither nibabel nor ITK reads."""
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)), folder / "u8.nii")
+    header = bytearray((folder / "u8.nii").read_bytes())
+    header[70:74] = (1).to_bytes(2, "little") + (1).to_bytes(2, "little")  # datatype, bitpix
+    (folder / name).write_bytes(gzip.compress(bytes(header)) if name.endswith(".gz") else bytes(header))
+    return folder / name
+
+
 def _garbage(folder: Path, name: str) -> Path:
     (folder / name).write_bytes(b"garbage\n" * 64)
     return folder / name
@@ -899,8 +908,12 @@ def _garbage(folder: Path, name: str) -> Path:
     (lambda d: _written(d, "n.nrrd", [0, -5, 2], np.int16), io.read_labelmap,
      "{p} has negative labels (minimum -5); a label map needs values >= 0 (is this a CT rather than a segmentation?)"),
     (_two_dimensional, io.read_labelmap, "{p} is a 2-D image with 1 components per voxel; give one 3-D volume"),
+    *[(lambda d, n=name: one_bit_nifti(d, n), read, "cannot read {p}: its NIfTI header is not supported (data code 1 "
+       "not supported); save it again with a standard voxel type (uint8 or int16 for a label map)")
+      for name in ("b.nii", "b.nii.gz") for read in (io.read_labelmap, io.read_image)],
 ], ids=["no-reader", "nifti-garbage", "nhdr-data-cut", "mhd-data-cut", "gz-cut", "metaimage-garbage", "trailing-bytes",
-        "complex", "fractional", "negative", "2-D"])
+        "complex", "fractional", "negative", "2-D", "1-bit-nii-labels", "1-bit-nii-image", "1-bit-gz-labels",
+        "1-bit-gz-image"])
 def test_unreadable_inputs_are_one_message_naming_the_file(tmp_path, make, read, message):
     path = make(tmp_path)
     with pytest.raises(InputError) as error:

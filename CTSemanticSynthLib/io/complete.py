@@ -59,13 +59,17 @@ def verify_complete(path: str | Path) -> None:
 
 
 def _nifti_data_end(path: Path) -> int:
-    """Byte offset at which a NIfTI file's voxel data ends, from its header; ValueError for an unreadable header."""
+    """Byte offset at which a NIfTI file's voxel data ends, from its header; ValueError for an unreadable header,
+    InputError for a header nibabel reads but does not support."""
     import nibabel as nib  # NIfTI only, so that the rest of io runs without nibabel
 
     try:
         image = nib.load(str(path))  # reads the header only
     except nib.filebasedimages.ImageFileError as exc:
         raise ValueError(str(exc)) from None
+    except nib.spatialimages.HeaderDataError as exc:  # e.g. datatype 1 (1 bit a voxel), which ITK cannot read either
+        raise InputError(f"cannot read {path}: its NIfTI header is not supported ({exc}); save it again with a "
+                         "standard voxel type (uint8 or int16 for a label map)") from None
     return int(image.dataobj.offset) + int(np.prod(image.shape)) * image.get_data_dtype().itemsize
 
 
