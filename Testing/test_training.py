@@ -378,6 +378,26 @@ def test_error_bad_prepare_flag_is_one_line_and_makes_no_folder(tmp_path, capsys
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("out", ["file", "file/cache"])
+def test_error_prepare_out_under_a_file_is_one_line(tmp_path, capsys, out):
+    _amos_folder(tmp_path / "amos")
+    (tmp_path / "file").write_text("a user's file")
+    code = prepare.main(["--amos", str(tmp_path / "amos"), "--out", str(tmp_path / out), "--workers", "1"])
+    _one_line_error(capsys, code, f"--out {tmp_path / out}: {tmp_path / 'file'} is a file; give a folder")
+    assert (tmp_path / "file").read_text() == "a user's file"
+
+
+def test_error_prepare_out_that_cannot_be_made_is_one_line(tmp_path, capsys, monkeypatch):
+    _amos_folder(tmp_path / "amos")
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)  # as in a read-only folder (root may write anywhere)
+    code = prepare.main(["--amos", str(tmp_path / "amos"), "--out", str(tmp_path / "cache"), "--workers", "1"])
+    _one_line_error(capsys, code, f"cannot create the slice cache {tmp_path / 'cache'}: Permission denied")
+
+
 def test_prepare_fails_when_every_case_is_skipped(tmp_path, capsys):
     _fake_case(tmp_path / "images" / "a.nii.gz", tmp_path / "labels" / "a.nii.gz", 80, label_rows=30)
     code = prepare.main(["--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "--out",

@@ -154,7 +154,10 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
             if settings.get(key) != value:
                 raise InputError(f"{out} was prepared with {key} {settings.get(key)!r}, not {value!r}: "
                                  "use another --out (or delete it to start over)")
-    (out / "cases").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "cases").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the slice cache {out}: {exc.strerror}; choose another --out") from None
     done, todo = [], []
     for case in cases:
         info_path = out / "cases" / case.case_id / "case.json"
@@ -194,6 +197,9 @@ def check_options(args: argparse.Namespace) -> None:
     if args.images is not None and args.labels is None:
         raise InputError("--images needs --labels")
     check_convention(args.convention)
+    existing = next(p for p in (args.out, *args.out.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"--out {args.out}: {existing} is a file; give a folder for the slice cache")
 
 
 def main(argv: list[str] | None = None) -> int:
