@@ -337,3 +337,37 @@ def test_signal_during_the_renames_waits_until_all_are_in_place(tmp_path, monkey
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert _contents(folder) == dict.fromkeys(OLD, b"new") and sorted(os.listdir(folder)) == sorted(OLD)
+
+
+RENAMES = 2 * len(OLD)  # each old output moved aside, then its new version moved in
+
+
+@pytest.mark.parametrize("at", range(RENAMES))
+@pytest.mark.parametrize("how", ["signal", "raise"])
+def test_the_commit_log_says_what_is_on_disk_after_an_interrupt_at_any_rename(tmp_path, monkeypatch, at, how):
+    """SIGINT at rename ``at`` is held until every output is in place, and the log lists them; a KeyboardInterrupt
+    raised by the rename itself rolls the unit back, and the log stays empty."""
+    folder = _old_outputs(tmp_path)
+    real_rename, calls = os.rename, []
+
+    def interrupted_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == at + 1:
+            if how == "raise":
+                raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", interrupted_rename)
+    targets = [folder / n for n in OLD]
+    with io.commit_log() as written, pytest.raises(KeyboardInterrupt):
+        with io.atomic_outputs(*targets, overwrite=True) as temps:
+            for tmp in temps:
+                tmp.write_bytes(b"new")
+    monkeypatch.undo()
+    assert len(calls) >= at + 1
+    if how == "signal":
+        assert written == targets and _contents(folder) == dict.fromkeys(OLD, b"new")
+    else:
+        assert written == [] and _contents(folder) == OLD
+    assert sorted(os.listdir(folder)) == sorted(OLD)

@@ -146,6 +146,23 @@ def atomic_outputs(*targets: Path, overwrite: bool = False) -> Iterator[tuple[Pa
             _remove(tmp)
 
 
+_COMMIT_LOGS: list[list[Path]] = []
+"""The lists of :func:`commit_log` blocks now open."""
+
+
+@contextmanager
+def commit_log() -> Iterator[list[Path]]:
+    """Yield a list that gets every target :func:`atomic_outputs` puts in place while the block runs, recorded in
+    the same step as the renames, before a Ctrl-C or SIGTERM held during them is delivered: after an interrupt it
+    says exactly which outputs are complete on disk."""
+    log: list[Path] = []
+    _COMMIT_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _COMMIT_LOGS.remove(log)
+
+
 def _commit(pairs: list[tuple[Path, Path]]) -> None:
     """Rename each temp over its target, old targets kept aside until all are in; all or nothing."""
     aside: list[tuple[Path, Path]] = []
@@ -165,6 +182,8 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
             for old, target in reversed(aside):
                 os.rename(old, target)
             raise
+        for log in _COMMIT_LOGS:
+            log.extend(target for _, target in pairs)
         for old, _ in aside:
             _remove(old)
     for folder in dict.fromkeys(target.parent for _, target in pairs):
