@@ -108,7 +108,7 @@ def evaluate_files(synthetic: Path, seg: Path, real: Path | None = None, *, labe
     """Read the files and :func:`evaluate_case` them; the report also names the inputs and carries the synthetic
     CT's provenance record (None when it has no readable sidecar)."""
     from .grid import onto_grid
-    from .io import read_image, read_labelmap
+    from .io import read_ct, read_labelmap
     from .provenance import read_sidecar
     from .synthesis import prepare_classes
 
@@ -120,8 +120,10 @@ def evaluate_files(synthetic: Path, seg: Path, real: Path | None = None, *, labe
         check_totalsegmentator(fast=fast)
     segmentation, names = read_labelmap(seg)
     note = None if progress is None else (lambda message: progress(f"note: {message}"))
-    synthetic_volume = onto_grid(read_image(synthetic), segmentation, "image", f"--synthetic {synthetic}", note)
-    real_volume = None if real is None else onto_grid(read_image(real), segmentation, "image", f"--real {real}", note)
+    synthetic_volume = onto_grid(read_ct(synthetic, f"--synthetic {synthetic}"), segmentation, "image",
+                                 f"--synthetic {synthetic}", note)
+    real_volume = None if real is None else onto_grid(read_ct(real, f"--real {real}"), segmentation, "image",
+                                                      f"--real {real}", note)
     classes, mapping = prepare_classes(segmentation, names, labels)
     report = evaluate_case(synthetic_volume, classes, real_volume, totalseg=totalseg, fast=fast, fid=fid,
                            inception=inception, device=device, progress=progress, save_totalseg=save_totalseg,

@@ -105,6 +105,13 @@ def test_cli_refuses_bad_inputs_in_one_line(capsys, tmp_path, noisy_synthetic, m
     assert code == 2 and "does not overlap the segmentation" in err and err.count("\n") == 1
     code, _, err = evaluate(capsys, "--synthetic", noisy_synthetic, "--seg", SAMPLE_SEG, "--fid")
     assert code == 2 and "--fid needs --real" in err
+    for flag in ("--synthetic", "--real"):  # a label map where a CT is expected: its values would be taken as HU
+        given = {"--synthetic": noisy_synthetic, "--real": SAMPLE_CT, flag: SAMPLE_SEG}
+        code, _, err = evaluate(capsys, "--synthetic", given["--synthetic"], "--real", given["--real"], "--seg",
+                                SAMPLE_SEG, "--json", tmp_path / "labels.json")
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{flag} {SAMPLE_SEG} looks like a label map, not a CT: it holds " in err and "give the CT file" in err
+        assert not (tmp_path / "labels.json").exists()
     pytest.importorskip("totalsegmentator")
     monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path / "no-weights"))
     code, _, err = evaluate(capsys, "--synthetic", noisy_synthetic, "--seg", SAMPLE_SEG, "--totalseg")

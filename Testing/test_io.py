@@ -1147,3 +1147,23 @@ def test_a_volume_keeps_its_affine_as_float64_and_accepts_micrometre_voxels():
     assert volume.affine.dtype == np.float64 and isinstance(volume.affine, np.ndarray)
     assert volume.spacing == (1.0, 2.0, 3.0)
     assert Volume(np.zeros((2, 2, 2)), np.diag([1e-3, 1e-3, 1e-3, 1.0])).spacing == (1e-3, 1e-3, 1e-3)
+
+
+def test_a_label_map_is_refused_where_a_ct_is_expected(tmp_path):
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[1:4, 1:4, 1:3] = 5
+    labels[0, 0, 0] = 117
+    io.write_volume(Volume(labels, np.eye(4)), tmp_path / "seg.nii.gz")
+    with pytest.raises(InputError) as error:
+        io.read_ct(tmp_path / "seg.nii.gz", "--keep-ct seg.nii.gz")
+    assert str(error.value) == ("--keep-ct seg.nii.gz looks like a label map, not a CT: it holds 3 distinct whole "
+                                "numbers from 0 to 117 (a CT in HU has many values, air near -1000); give the CT file")
+    ct = np.random.default_rng(0).integers(-1000, 1500, size=(40, 40, 4)).astype(np.int16)
+    io.write_volume(Volume(ct, np.eye(4)), tmp_path / "ct.nii.gz")
+    np.testing.assert_array_equal(io.read_ct(tmp_path / "ct.nii.gz", "ct").array, ct)
+    offset = (ct + 1024).astype(np.uint16)  # a CT stored with +1024, no negative value: many values, so a CT
+    io.write_volume(Volume(offset, np.eye(4)), tmp_path / "offset.nii.gz")
+    np.testing.assert_array_equal(io.read_ct(tmp_path / "offset.nii.gz", "ct").array, offset)
+    halves = Volume(labels.astype(np.float32) + 0.5, np.eye(4))  # not whole numbers: not a label map
+    io.write_volume(halves, tmp_path / "halves.nii.gz")
+    np.testing.assert_array_equal(io.read_ct(tmp_path / "halves.nii.gz", "ct").array, halves.array)

@@ -406,6 +406,16 @@ def test_prepare_fails_when_every_case_is_skipped(tmp_path, capsys):
     assert code == 2 and "skipped a" in err and "all 1 cases were skipped" in err
 
 
+def test_prepare_skips_a_label_map_given_as_the_ct(tmp_path, capsys):
+    _fake_case(tmp_path / "images" / "a.nii.gz", tmp_path / "labels" / "a.nii.gz", 80)
+    (tmp_path / "images" / "a.nii.gz").write_bytes((tmp_path / "labels" / "a.nii.gz").read_bytes())
+    code = prepare.main(["--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "--out",
+                         str(tmp_path / "cache"), "--size", "32", "--workers", "1", "--convention", "totalseg"])
+    err = capsys.readouterr().err
+    assert code == 2 and "all 1 cases were skipped" in err
+    assert f"skipped a: CT {tmp_path / 'images' / 'a.nii.gz'} looks like a label map, not a CT" in err
+
+
 def test_error_data_without_cache_json(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     _one_line_error(capsys, _train(tmp_path / "data", tmp_path / "run", "--iterations", 1), "cache.json",

@@ -46,7 +46,8 @@ from CTSemanticSynthLib.device import select_device
 from CTSemanticSynthLib.diffusion.slice_agreement import neighbour_weights
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.evaluation import json_safe
-from CTSemanticSynthLib.io import Volume, atomic_outputs, read_image, read_labelmap, write_bytes, write_volume
+from CTSemanticSynthLib.io import (Volume, atomic_outputs, read_ct, read_image, read_labelmap, write_bytes,
+                                   write_volume)
 from CTSemanticSynthLib.labels import COLORS
 from CTSemanticSynthLib.metrics import (InceptionFeatures, dice_per_organ, fid, kid, mean_dice, psnr, ssim, summarize,
                                         to_model_slices)
@@ -233,7 +234,7 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
         return scores
 
     for case in tqdm(cases, desc="volumes", unit="case"):
-        ct, (seg, names) = read_image(case.image), read_labelmap(case.labels)
+        ct, (seg, names) = read_ct(case.image, f"CT {case.image}"), read_labelmap(case.labels)
         if not ct.same_grid(seg, atol=1e-3):
             raise InputError(f"{case.labels} is not on the grid of {case.image}")
         classes = _case_classes(ct, seg, names, args.convention)

@@ -19,7 +19,7 @@ import numpy as np
 
 from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.errors import CTSynthError, InputError
-from CTSemanticSynthLib.io import read_image, read_labelmap
+from CTSemanticSynthLib.io import read_ct, read_labelmap
 from CTSemanticSynthLib.labels import DISPLAY_NAMES, ORGANS
 from CTSemanticSynthLib.preprocess import AxialOrientation, hu_to_unit, unit_to_hu
 from CTSemanticSynthLib.synthesis import prepare_classes, preset_options, synthesize
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     try:
-        ct, (seg, names) = read_image(args.ct), read_labelmap(args.seg)
+        ct, (seg, names) = read_ct(args.ct, f"--ct {args.ct}"), read_labelmap(args.seg)
         if not ct.same_grid(seg):
             raise InputError(f"{args.seg} is not on the grid of {args.ct}")
         classes, _ = prepare_classes(seg, names, args.labels)

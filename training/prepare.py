@@ -27,7 +27,7 @@ import torch
 
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.errors import CTSynthError, InputError
-from CTSemanticSynthLib.io import atomic_folder, atomic_outputs, read_image, read_labelmap, write_bytes
+from CTSemanticSynthLib.io import atomic_folder, atomic_outputs, read_ct, read_labelmap, write_bytes
 from CTSemanticSynthLib.labels import MODEL_CLASSES, check_convention, resolve_adapter
 from CTSemanticSynthLib.parsing import OneLineParser
 from CTSemanticSynthLib.preprocess import (
@@ -101,7 +101,7 @@ def paired_cases(images: Path, labels: Path, split: str) -> list[Case]:
 
 def prepare_case(case: Case, out: Path, size: int, convention: str) -> dict:
     """Window, add the body class, reorient and resize one case; write its arrays atomically."""
-    ct = read_image(case.image)
+    ct = read_ct(case.image, f"CT {case.image}")
     seg, names = read_labelmap(case.labels)
     if not ct.same_grid(seg, atol=1e-3):
         raise InputError(f"label map {case.labels} is not on the grid of CT {case.image}")

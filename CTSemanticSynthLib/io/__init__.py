@@ -6,7 +6,8 @@ package; :func:`lps_to_ras_affine` and :func:`ras_affine_to_lps` are the only pl
 Every file the library writes goes through :func:`atomic_outputs`. Import the public names from here:
 
 - ``volume``: :class:`Volume`, :func:`describe_geometry`, the LPS <-> RAS conversion, SimpleITK <-> Volume.
-- ``read``: :func:`read_image`, :func:`read_metadata` (files and DICOM series folders).
+- ``read``: :func:`read_image`, :func:`read_ct` (refuses a label map), :func:`read_metadata` (files and DICOM
+  series folders).
 - ``complete``: :func:`verify_complete` (truncated or damaged data) and the NaN/inf check; the only nibabel user.
 - ``labelmap``: :func:`read_labelmap` (integer checks, Slicer .seg.nrrd segments merged into one map).
 - ``atomic``: write safety: :func:`atomic_outputs`, :func:`atomic_folder`, :func:`write_bytes`, output-path checks,
@@ -18,11 +19,11 @@ from .atomic import (atomic_folder, atomic_outputs, check_distinct_paths, check_
                      remove_stale_temps, temp_sibling, write_bytes)
 from .complete import verify_complete
 from .labelmap import read_labelmap
-from .read import READ_SUFFIXES, read_image, read_metadata
+from .read import READ_SUFFIXES, read_ct, read_image, read_metadata
 from .volume import Volume, describe_geometry, lps_to_ras_affine, ras_affine_to_lps, sitk_to_volume, volume_to_sitk
 from .write import WRITE_SUFFIXES, save_volume, write_volume
 
 __all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "Volume", "atomic_folder", "atomic_outputs", "check_distinct_paths",
            "check_output_path", "commit_log", "describe_geometry", "lps_to_ras_affine", "ras_affine_to_lps",
-           "read_image", "read_labelmap", "read_metadata", "remove_stale_temps", "save_volume", "sitk_to_volume",
-           "temp_sibling", "verify_complete", "volume_to_sitk", "write_bytes", "write_volume"]
+           "read_ct", "read_image", "read_labelmap", "read_metadata", "remove_stale_temps", "save_volume",
+           "sitk_to_volume", "temp_sibling", "verify_complete", "volume_to_sitk", "write_bytes", "write_volume"]

@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..labels import MAX_DISTINCT_LABELS
 from .complete import _refuse_nonfinite, verify_complete
 from .volume import Volume, lps_to_ras_affine, sitk_to_volume
 
@@ -17,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _UNPRINTABLE = "[UNKNOWN_PRINT_CHARACTERISTICS]"  # SimpleITK's value for non-string metadata
+_LABEL_RANGE = 2**16
+"""Label maps given where a CT is expected are looked for among arrays of whole numbers below this."""
 
 
 def read_image(path: str | Path) -> Volume:
@@ -28,6 +31,33 @@ def read_image(path: str | Path) -> Volume:
     array = layers[0].astype(np.float32, copy=False)
     _refuse_nonfinite(path, array)
     return Volume(array, affine)
+
+
+def read_ct(path: str | Path, name: str) -> Volume:
+    """:func:`read_image` for an input that must be a CT (``name``, e.g. "--keep-ct ct.nii.gz", starts the message):
+    InputError when it looks like a label map, at most MAX_DISTINCT_LABELS whole numbers >= 0 (the converse of the
+    check that refuses a CT given as a segmentation)."""
+    volume = read_image(path)
+    values = _label_values(volume.array)
+    if values is not None and len(values) <= MAX_DISTINCT_LABELS:
+        raise InputError(f"{name} looks like a label map, not a CT: it holds {len(values)} distinct whole numbers "
+                         f"from {values[0]} to {values[-1]} (a CT in HU has many values, air near -1000); give the "
+                         "CT file")
+    return volume
+
+
+def _label_values(array: np.ndarray) -> list[int] | None:
+    """The sorted distinct values of an array of whole numbers in 0..65535, else None (slab by slab: no copy of the
+    whole volume)."""
+    if not array.size or array.min() < 0 or array.max() > _LABEL_RANGE - 1:
+        return None
+    counts = np.zeros(_LABEL_RANGE, np.int64)
+    for slab in array:
+        whole = slab.astype(np.int32)
+        if not np.array_equal(whole, slab):
+            return None
+        counts += np.bincount(whole.ravel(), minlength=_LABEL_RANGE)
+    return np.flatnonzero(counts).tolist()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
