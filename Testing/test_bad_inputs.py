@@ -227,6 +227,34 @@ def test_bad_label_file_is_one_line(capsys, case, tiny_model, tmp_path, seg, lab
     assert_one_error(code, err, needle, tmp_path)
 
 
+@pytest.mark.parametrize("option, extra", [("keep_ct", {"region": "seg"}), ("reference_ct", {"preview": None})])
+def test_a_label_map_given_as_a_ct_is_one_line(capsys, case, tiny_model, tmp_path, option, extra):
+    """Its label values would be kept, or shown, as HU: refused like a CT given as --seg."""
+    extra = {k: case[v] if v else tmp_path / "syn.png" for k, v in extra.items()}
+    code, _, err = run(capsys, *synth_args(case, tiny_model, tmp_path / "syn.nii.gz", **{option: case["seg"]},
+                                           **extra))
+    flag = "--" + option.replace("_", "-")
+    assert_one_error(code, err, f"{flag} {case['seg']} looks like a label map, not a CT: it holds ", tmp_path)
+
+
+def test_a_region_of_body_tissue_only_is_synthesized_with_a_note(capsys, case, tiny_model, tmp_path):
+    """A pelvis-like crop: TotalSegmentator's small bowel (18), colon (20) and hip (77), no organ of the model."""
+    seg = nib.load(case["seg"])
+    labels = np.zeros(seg.shape, np.uint8)
+    labels[10:40, 10:40] = 18
+    labels[45:70, 10:40] = 20
+    labels[30:50, 50:70, :3] = 77
+    path = _save(tmp_path / "pelvis.nii.gz", labels, seg.affine)
+    out = tmp_path / "syn.nii.gz"
+    code, _, err = run(capsys, *[a for a in synth_args(case, tiny_model, out, seg=path) if a != "-q"])
+    assert code == 0, err
+    assert ("ctsynth: note: " + str(path) + " holds none of the model's organs (only structures the 'totalseg' "
+            "convention takes as body tissue): synthesizing body tissue only") in err
+    assert "organs: none (body only)" in err
+    volume = np.asarray(nib.load(out).dataobj)
+    assert (volume[labels > 0] >= -160).all() and (volume[labels > 0] <= 240).all()  # body tissue, in the window
+
+
 def test_ambiguous_ids_work_with_an_explicit_convention_and_huge_labels_map(capsys, case, tiny_model, tmp_path):
     code, _, err = run(capsys, *synth_args(case, tiny_model, tmp_path / "amos.nii.gz", seg=case["amos"],
                                            labels="amos"))

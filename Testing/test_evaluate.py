@@ -118,6 +118,25 @@ def test_cli_refuses_bad_inputs_in_one_line(capsys, tmp_path, noisy_synthetic, m
     assert code == 2 and "Dataset297_TotalSegmentator_total_3mm_1559subj" in err and str(tmp_path) in err
 
 
+def test_an_interrupt_after_the_report_went_in_names_it(capsys, tmp_path, noisy_synthetic, monkeypatch):
+    from CTSemanticSynthLib.io import atomic
+
+    real_fsync = atomic._fsync
+
+    def interrupted_after_the_renames(path):
+        real_fsync(path)
+        if path == tmp_path:  # the folder, flushed once the report is in place
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "_fsync", interrupted_after_the_renames)
+    code, out, err = evaluate(capsys, "--synthetic", noisy_synthetic, "--seg", SAMPLE_SEG, "--labels", "totalseg",
+                              "--json", tmp_path / "r.json")
+    assert code == 130 and out == ""  # the table was not printed
+    assert err.endswith(f"ctsynth: interrupted after writing {tmp_path / 'r.json'} (complete); the run did not "
+                        "finish\n"), err
+    assert json.loads((tmp_path / "r.json").read_text())["inputs"]["labels"] == "totalseg"
+
+
 # --- training/evaluate.py -----------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -316,7 +317,7 @@ def test_one_target_twice_is_a_programming_error(tmp_path):
 
 
 def test_signal_during_the_renames_waits_until_all_are_in_place(tmp_path, monkeypatch):
-    """SIGTERM while the temps are renamed: the unit completes, then the run stops (exit 130 in the CLI)."""
+    """SIGTERM while the temps are renamed: the unit completes, then the run stops (in the CLI: exit 0, see below)."""
     folder = _old_outputs(tmp_path)
     real_rename = os.rename
 
@@ -370,4 +371,62 @@ def test_the_commit_log_says_what_is_on_disk_after_an_interrupt_at_any_rename(tm
         assert written == targets and _contents(folder) == dict.fromkeys(OLD, b"new")
     else:
         assert written == [] and _contents(folder) == OLD
+    assert sorted(os.listdir(folder)) == sorted(OLD)
+
+
+@pytest.fixture(scope="module")
+def small_seg(tmp_path_factory) -> Path:
+    """Three axial slices of the sample segmentation: a synth run of the tiny model takes a fraction of a second."""
+    image = nib.load(SAMPLE_SEG)
+    path = tmp_path_factory.mktemp("seg") / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[30:90, 20:80, 105:108], image.affine), path)
+    return path
+
+
+@pytest.mark.parametrize("where", [*(f"rename {k}" for k in range(RENAMES)), "folder flush"])
+@pytest.mark.parametrize("how", ["signal", "raise"])
+def test_synth_interrupted_while_its_outputs_go_in_says_what_is_on_disk(capsys, monkeypatch, tmp_path, tiny_model,
+                                                                        small_seg, where, how):
+    """Ctrl-C at each rename of the final unit (three outputs replacing old ones: six renames) or while the folder
+    is flushed after them. A signal is held until every output is in place: the run has succeeded (exit 0, 'wrote').
+    A KeyboardInterrupt raised by a rename itself rolls the unit back: exit 130, 'nothing was written', the old
+    outputs byte-identical."""
+    folder = _old_outputs(tmp_path)
+    real_rename, real_fsync, renames = os.rename, io.atomic._fsync, []
+
+    def interrupt() -> None:
+        if how == "raise":
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
+
+    def rename(src, dst):
+        if Path(src).name.startswith(".ctsynth-tmp-") or Path(dst).name.startswith(".ctsynth-old-"):  # not a rollback
+            renames.append(dst)
+            if where == f"rename {len(renames) - 1}":
+                interrupt()
+        real_rename(src, dst)
+
+    def fsync(path):
+        if where == "folder flush" and path == folder:
+            interrupt()
+        real_fsync(path)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(io.atomic, "_fsync", fsync)
+    argv = _synth_args(tiny_model, folder)
+    argv[argv.index("--seg") + 1] = str(small_seg)
+    code = main(argv)
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    written = how == "signal" or where == "folder flush"  # a flush comes after every rename: all are in place
+    assert len(renames) == (RENAMES if written else int(where.split()[-1]) + 1) and "Traceback" not in err
+    if written:
+        assert code == 0 and err == f"ctsynth: wrote {folder / 'syn.nii.gz'}, {folder / 'syn.json'}, " \
+                                     f"{folder / 'syn.png'}\n", err
+        assert all(_contents(folder)[name] != OLD[name] for name in OLD)
+        assert json.loads((folder / "syn.json").read_text())["synthetic"] is True
+        assert nib.load(folder / "syn.nii.gz").shape == (60, 60, 3)
+    else:
+        assert code == 130 and err == "ctsynth: interrupted; nothing was written\n", err
+        assert _contents(folder) == OLD
     assert sorted(os.listdir(folder)) == sorted(OLD)

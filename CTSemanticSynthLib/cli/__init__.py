@@ -13,10 +13,12 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from .. import __version__
 from ..errors import CTSynthError, InputError
+from ..io import commit_log
 from ..parsing import OneLineParser
 from . import batch, classes, evaluate, info, synth
 
@@ -67,7 +69,8 @@ class _Diagnostics:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for usage and input errors, 130 when interrupted)."""
+    """Entry point; returns the exit code (2 for usage and input errors, 130 when interrupted before the outputs
+    were in place)."""
     stderr, sys.stderr = sys.stderr, _Diagnostics(sys.stderr)
     try:
         return _run(argv)
@@ -87,15 +90,16 @@ def _run(argv: Sequence[str] | None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
-        return handler(args)
+        with commit_log() as written:
+            try:
+                return handler(args)
+            except KeyboardInterrupt:
+                message, code = _interrupted(args.command, [p for p in written if os.path.lexists(p)])
+                print(f"ctsynth: {message}", file=sys.stderr)
+                return code
     except CTSynthError as exc:
         print(f"ctsynth: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        kept = "finished jobs are kept: run the same command to continue" if args.command == "batch" else \
-            "nothing was written"
-        print(f"ctsynth: interrupted; {kept}", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # stdout closed early: fine for `ctsynth info | head`, an error when it is the channel
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if args.command != "synth":
@@ -108,7 +112,20 @@ def _run(argv: Sequence[str] | None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _interrupted(command: str, written: list[Path]) -> tuple[str, int]:
+    """(message, exit code) after Ctrl-C or SIGTERM, from the outputs that went in before it (complete files, see
+    :func:`~..io.commit_log`): a synth whose outputs went in had only its last line left, so it has succeeded."""
+    if command == "batch":
+        return "interrupted; finished jobs are kept: run the same command to continue", 130
+    if not written:
+        return "interrupted; nothing was written", 130
+    if command == "synth":  # all its files are one unit, written last
+        return f"wrote {', '.join(map(str, written))}", 0
+    return f"interrupted after writing {', '.join(map(str, written))} (complete); the run did not finish", 130
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM (a cancelled job) ends a run like Ctrl-C: temp files removed, nothing written, exit 130."""
+    """SIGTERM (a cancelled job) ends a run like Ctrl-C: temp files removed, exit 130 unless the outputs were in
+    place (:func:`_interrupted`)."""
     raise KeyboardInterrupt
 

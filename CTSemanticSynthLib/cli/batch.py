@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from ..labels import mapping_file
 from ..progress import ProgressDisplay
-from .options import add_sampling_options, labels_file, sampling_setup, sampling_summary
+from .options import add_sampling_options, sampling_setup, sampling_summary
 
 if TYPE_CHECKING:
     from ..batch import JobResult
@@ -22,10 +23,12 @@ examples:
   torchrun --nproc_per_node 4 -m CTSemanticSynthLib.cli batch --segs labels/ --out synthetic/ --samples 4
 
 Job (case, k) uses a seed derived from (--seed, case name, k), so any job re-run alone gives the same CT. Finished
-jobs (complete files whose .json records the same model, options and seed) are skipped: run the same command
-again to continue a stopped batch. manifest.csv lists every job (case, sample, seed, output, model sha256,
-seconds, status, error). A failing case is recorded and the batch goes on; the exit code is 1 if any failed.
-Under torchrun job i runs on rank i mod world size, each rank on its own GPU.
+jobs (complete files whose .json records the same input content, label convention, model, options, seed,
+precision and device type) are skipped: run the same command again to continue a stopped batch. A file made
+otherwise (an edited label map, other options) or not by ctsynth is never replaced without --overwrite.
+manifest.csv lists every job (case, sample, seed, output, model sha256, seconds, status, error). A failing case is
+recorded and the batch goes on; the exit code is 1 if any failed. Under torchrun job i runs on rank i mod world
+size, each rank on its own GPU.
 """
 
 
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder")
     cases = list_cases(args.segs)
-    check_distinct_paths({"--out": args.out}, {"--segs": args.segs, "--labels": labels_file(args.labels),
+    check_distinct_paths({"--out": args.out}, {"--segs": args.segs, "--labels": mapping_file(args.labels),
                                                "--model": model_folder})
     jobs = plan_jobs(cases, args.samples, args.seed, layout)
     shard = shard_from_environment()

@@ -11,8 +11,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..evaluation import Progress
-from ..labels import DISPLAY_NAMES, MODEL_CLASSES, ORGANS
-from .options import labels_file
+from ..labels import DISPLAY_NAMES, MODEL_CLASSES, ORGANS, mapping_file
 
 EXAMPLES = """\
 examples:
@@ -134,7 +133,7 @@ def _report(args: argparse.Namespace, progress: Progress | None = None) -> str:
         resolve_inception_path(args.inception)
     check_distinct_paths({"--json": args.json, "--save-totalseg": args.save_totalseg},
                          {"--synthetic": args.synthetic, "--seg": args.seg, "--real": args.real,
-                          "--labels": labels_file(args.labels), "--inception": args.inception})
+                          "--labels": mapping_file(args.labels), "--inception": args.inception})
     for path in (args.json, args.save_totalseg):
         if path is not None:
             check_output_path(path, args.overwrite)

@@ -63,7 +63,8 @@ def add_region_options(parser: argparse.ArgumentParser) -> None:
         "CT's values (see docs/regenerate.md)")
     group.add_argument("--keep-ct", type=Path, default=None, metavar="CT",
                        help="the CT to keep outside the region (a synthetic CT or a real CT on the segmentation's "
-                            "grid; the same voxels in another axis order are reordered, another grid is refused)")
+                            "grid; the same voxels in another axis order, or a larger grid holding them, are "
+                            "reordered or cropped; another grid is refused)")
     group.add_argument("--previous-seg", type=Path, default=None, metavar="OLD_SEG",
                        help="the segmentation before the edit: the region is where its organ classes differ from "
                             "--seg's, grown by --region-margin")
@@ -142,12 +143,7 @@ def note(message: str) -> None:
 def sampling_summary(model: LoadedModel, options: SamplingOptions) -> str:
     """'ddim 25 steps', or 'one pass' for a one-pass generator (with a note that the sampler options are ignored)."""
     if model.kind == "generator":
-        note(f"{model.name} is a one-pass {model.conditioning} generator: --preset, --sampler, --steps and "
-              "--slice-correlation are ignored")
+        note(f"{model.name} is a one-pass {model.conditioning} generator: --preset, --sampler, --steps, "
+             "--slice-correlation and --slice-agreement are ignored")
         return "one pass"
     return f"{options.sampler} {options.steps} steps"
-
-
-def labels_file(labels: str) -> Path | None:
-    """The JSON mapping file a ``--labels`` value names, if it names one (an input no output may replace)."""
-    return Path(labels) if labels.lower().endswith(".json") else None

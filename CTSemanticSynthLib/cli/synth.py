@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
+from ..labels import mapping_file
 from ..progress import ProgressDisplay
 from ..provenance import sidecar_path
-from .options import (add_region_options, add_sampling_options, check_region_options, labels_file, note,
-                      sampling_setup, sampling_summary)
+from .options import (add_region_options, add_sampling_options, check_region_options, note, sampling_setup,
+                      sampling_summary)
 
 if TYPE_CHECKING:
     from ..io import Volume
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from ..batch import std_header, std_map
     from ..checkpoint import load_model, read_config
     from ..grid import onto_grid
-    from ..io import (WRITE_SUFFIXES, atomic_outputs, check_distinct_paths, check_output_path, read_image,
+    from ..io import (WRITE_SUFFIXES, atomic_outputs, check_distinct_paths, check_output_path, read_ct,
                      read_labelmap, save_volume)
     from ..preview import preview_png
     from ..provenance import provenance_header, write_record
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         which = "" if args.samples == 1 else f" (sample {k})"
         outputs[f"--out{which}"], outputs[f"its sidecar{which}"] = path, sidecar_path(path)
     outputs.update({"--preview": args.preview, "--variance-map": args.variance_map})
-    check_distinct_paths(outputs, {"--seg": args.seg, "--labels": labels_file(args.labels), "--body-mask":
+    check_distinct_paths(outputs, {"--seg": args.seg, "--labels": mapping_file(args.labels), "--body-mask":
                                    args.body_mask, "--reference-ct": args.reference_ct, "--model": model_folder,
                                    "--keep-ct": args.keep_ct, "--previous-seg": args.previous_seg,
                                    "--region": args.region})
@@ -106,19 +107,22 @@ def run(args: argparse.Namespace) -> int:
     if args.body_mask is not None:
         body = onto_grid(read_labelmap(args.body_mask)[0], seg, "mask", f"--body-mask {args.body_mask}", note)
     if args.reference_ct is not None:
-        reference = onto_grid(read_image(args.reference_ct), seg, "image", f"--reference-ct {args.reference_ct}",
-                              note)
+        name = f"--reference-ct {args.reference_ct}"
+        reference = onto_grid(read_ct(args.reference_ct, name), seg, "image", name, note)
     keep = region = None
     if args.keep_ct is not None:
         keep, region, region_record = _region(args, seg, names)
     classes, report = prepare_classes(seg, names, args.labels, body)
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
+    if not report.organs_present:
+        note(f"{args.seg} holds none of the model's organs (only structures the '{report.adapter}' convention "
+             "takes as body tissue): synthesizing body tissue only")
     model = load_model(model_folder, device=device)
     how = sampling_summary(model, options)
     if not args.quiet:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {how}, "
-              f"labels '{report.adapter}', organs: {', '.join(report.organs_present)}, "
+              f"labels '{report.adapter}', organs: {', '.join(report.organs_present) or 'none (body only)'}, "
               f"device {device} ({precision})", file=sys.stderr)
     results = []
     with ProgressDisplay("ctsynth:", "synthesizing", "slice", quiet=args.quiet or args.progress_lines) as display:
@@ -167,10 +171,11 @@ def _region(args: argparse.Namespace, seg: Volume, names: dict[int, str]) -> tup
     import numpy as np
 
     from ..grid import onto_grid
-    from ..io import Volume, read_image, read_labelmap
+    from ..io import Volume, read_ct, read_labelmap
     from ..regenerate import REGION_MARGIN_MM, changed_region, organ_classes
 
-    keep = onto_grid(read_image(args.keep_ct), seg, "image", f"--keep-ct {args.keep_ct}", note, resample=False)
+    name = f"--keep-ct {args.keep_ct}"
+    keep = onto_grid(read_ct(args.keep_ct, name), seg, "image", name, note, resample=False)
     record: dict[str, Any] = {"keep_ct": str(args.keep_ct), "keep_sha256": _input_digest(args.keep_ct)}
     if args.region is not None:
         mask = onto_grid(read_labelmap(args.region)[0], seg, "mask", f"--region {args.region}", note, resample=False)
