@@ -11,7 +11,7 @@ FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "training", "tqdm"}
 
 def _imports(path: Path) -> set[str]:
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -27,7 +27,7 @@ def test_library_imports_flow_one_way(path: Path):
     allowed_tqdm = display
     bad = roots & (FORBIDDEN - ({"tqdm"} if allowed_tqdm else set()))
     assert not bad, f"{path.name} imports {bad}"
-    assert "print(" not in path.read_text() or command_line, f"{path.name} prints; use logging"
+    assert "print(" not in path.read_text(encoding="utf-8") or command_line, f"{path.name} prints; use logging"
 
 
 def test_only_the_command_line_imports_its_commands():
@@ -61,7 +61,7 @@ def module_graph(package: Path) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         base = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):

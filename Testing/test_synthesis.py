@@ -247,7 +247,7 @@ def test_no_known_organ_lists_the_label_values_found():
         labels[value - 200, 0, 0] = value
     with pytest.raises(InputError) as error:
         prepare_classes(Volume(labels, np.eye(4)), labels="amos")
-    assert "(label values 200, 201, 202, 203, 204, 205, 206, 207, 208...)" in str(error.value)
+    assert "knows none of the label values (200, 201, 202, 203, 204, 205, 206, 207, 208, ...)" in str(error.value)
 
 
 def test_explicit_body_mask_defines_body(sample_classes):
