@@ -225,12 +225,16 @@ class Shard:
 
 def shard_from_environment() -> Shard:
     """The torchrun rank (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); with several ranks the process group is started
-    (NCCL on CUDA, else gloo)."""
+    (NCCL on CUDA, else gloo). On CUDA each rank is bound to ``cuda:<LOCAL_RANK>`` first: NCCL and
+    ``all_gather_object`` use the current device, which would otherwise be cuda:0 on every rank."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     shard = Shard(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if world_size > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(torch.device("cuda", shard.local_rank))
+            torch.distributed.init_process_group("nccl")
+        else:
+            torch.distributed.init_process_group("gloo")
     return shard
 
 

@@ -484,3 +484,21 @@ def test_an_interrupt_right_after_a_jobs_files_went_in_is_listed_as_done(capsys,
     assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == ["caseA_s0.nii.gz", "caseA_s1.nii.gz"]
     assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
     assert [r["status"] for r in manifest(dataset / "manifest.csv")] == ["ok", "ok", "pending", "pending"]
+
+
+def test_torchrun_on_gpus_binds_each_rank_to_its_gpu_before_the_process_group(monkeypatch):
+    """NCCL and ``all_gather_object`` use the current CUDA device: without ``set_device(LOCAL_RANK)`` first, every
+    rank gathers on cuda:0 and the batch hangs or crashes after its last job. The CUDA calls are recorded, not made."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", torch.device(device))))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kwargs: calls.append(("init_process_group", backend)))
+    shard = batch.shard_from_environment()
+    assert (shard.rank, shard.world_size, shard.local_rank) == (1, 2, 1)
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init_process_group", "nccl")]
+    assert batch.rank_device(torch.device("cuda"), shard) == torch.device("cuda", 1)
