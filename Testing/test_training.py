@@ -18,6 +18,7 @@ from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.labels import BODY, NUM_CLASSES
 
 from conftest import REPO, SAMPLE_CT, SAMPLE_SEG, single_thread
+from gpu_like import DeviceTrace
 
 
 from training import prepare, train  # noqa: E402
@@ -562,6 +563,37 @@ def test_loss_aware_state_keeps_pending_losses():
     assert torch.equal(other.losses, sampler.losses) and torch.equal(other.counts, sampler.counts)
     assert int(sampler.counts.sum()) == 16
 
+
+
+def test_restored_pending_losses_join_the_device_of_the_next_update():
+    """A checkpoint is read on the CPU (``map_location='cpu'``) and the run goes on on a GPU ('meta' stands in for
+    it): the pending (t, loss) pairs it restores must be folded together with the GPU's, not crash the fold. Meta
+    has no data, so the fold's read-back itself is what fails once everything is on one device."""
+    saved = LossAwareSampler(10, history=2, fold_every=3)
+    saved.update(torch.tensor([1, 2]), torch.tensor([1.0, 2.0]))
+    resumed = LossAwareSampler(10, history=2, fold_every=3)
+    resumed.load_state_dict(saved.state_dict())
+    t, losses = torch.zeros(2, dtype=torch.long, device="meta"), torch.zeros(2, device="meta")
+    resumed.update(t, losses)
+    with pytest.raises(NotImplementedError, match="meta"):
+        resumed.update(t, losses)
+
+
+def test_drawing_timesteps_never_waits_for_the_gpu():
+    """One timestep per rank (a global batch split over many GPUs) must not take torch's one-sample multinomial,
+    which checks the distribution on the host (a CUDA sync every step); the draws still follow p(t)."""
+    loss_aware = LossAwareSampler(20, history=2)
+    _warm(loss_aware, torch.linspace(0.1, 2.0, 20))
+    assert loss_aware.probabilities()[10:].sum() > 0.7  # folded: far from uniform
+    generator = torch.Generator().manual_seed(0)
+    for sampler in (UniformSampler(20), loss_aware):
+        sampler.sample(1, generator)  # p(t) from the host-side history, copied to the device once per fold
+        for batch in (1, 3):
+            with DeviceTrace() as trace:
+                t, w = sampler.sample(batch, generator)
+            assert trace.syncs == [] and t.shape == w.shape == (batch,) and 0 <= t.min() <= t.max() < 20
+    draws = torch.cat([loss_aware.sample(1, generator)[0] for _ in range(2000)])
+    assert (draws >= 10).float().mean() > 0.65  # the high-loss half, as p(t) says (~0.74)
 
 # --- EMA ------------------------------------------------------------------------------------------------------
 

@@ -26,7 +26,8 @@ class UniformSampler:
         if self._on_device is None or self._on_device.device != generator.device:
             self._on_device = self._distribution().to(generator.device)
         p = self._on_device
-        t = torch.multinomial(p, batch, replacement=True, generator=generator)
+        # at least 2 draws: torch checks a one-sample distribution on the host (a CUDA sync), e.g. one sample per rank
+        t = torch.multinomial(p, max(batch, 2), replacement=True, generator=generator)[:batch]
         return t, (1.0 / (self.num_timesteps * p[t])).float()
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
@@ -73,6 +74,8 @@ class LossAwareSampler(UniformSampler):
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         t, losses = t.detach().long(), losses.detach().double()
+        if self._pending and self._pending[0][0].device != t.device:  # restored from a checkpoint read on the CPU
+            self._pending = [(pt.to(t.device), pl.to(t.device)) for pt, pl in self._pending]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ts, ls = _all_gather(t), _all_gather(losses)
             t, losses = torch.cat(ts), torch.cat(ls)
