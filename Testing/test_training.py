@@ -254,6 +254,25 @@ def test_training_off_a_terminal_prints_a_line_every_few_percent(amos_cache, tmp
     assert progress[-1].startswith("train: training 100% (40/40 steps, loss ")
 
 
+def test_fp16_checkpoint_from_a_cpu_resumes_on_a_gpu(amos_cache, tmp_path, monkeypatch):
+    """fp16 on the CPU keeps a real gradient-scaler state, which an fp16 run on CUDA can load (an empty one, from a
+    scaler disabled for lack of CUDA, made ``GradScaler.load_state_dict`` raise there). The CUDA scaler is built
+    with ``torch.cuda.is_available`` answering True; it is only loaded, never run."""
+    out = tmp_path / "run"
+    assert _train(amos_cache, out, "--iterations", 2, "--sample-every", 0, "--precision", "fp16") == 0
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["scaler"]["scale"] > 0 and state["precision"] == "fp16"
+    assert _train(amos_cache, out, "--iterations", 3, "--sample-every", 0, "--precision", "fp16", "--resume") == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_gpu = torch.amp.GradScaler("cuda")
+    assert on_gpu.is_enabled()
+    on_gpu.load_state_dict(state["scaler"])
+    assert on_gpu.state_dict()["scale"] == state["scaler"]["scale"]
+    monkeypatch.undo()
+    torch.save({**state, "scaler": {}}, out / "checkpoint.pt")  # as older CPU fp16 runs saved it
+    assert _train(amos_cache, out, "--iterations", 3, "--sample-every", 0, "--precision", "fp16", "--resume") == 0
+
+
 @pytest.mark.parametrize("conditioning", ["concat", "mask_encoder", "edge"])
 def test_train_few_steps_exports_a_usable_model(amos_cache, tmp_path, capsys, conditioning):
     out = tmp_path / "run"

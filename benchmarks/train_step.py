@@ -109,7 +109,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     net = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     precision = resolve_precision(args.precision, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     stored = fake_batch(args.batch_size, args.image_size, generator)
     if device.type == "cuda":
         stored = tuple(a.pin_memory() for a in stored)

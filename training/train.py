@@ -297,7 +297,8 @@ class Trainer:
         self.class_means = self.train_data.class_means()
         self.precision = resolve_precision(config["precision"], self.device)
         self.dtype = AUTOCAST[self.precision]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        # on the device's type: a CPU fp16 run keeps a real scaler state, which a CUDA fp16 resume can load
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         torch.manual_seed(config["seed"])
         self._build()
         self.generator = torch.Generator(self.device)  # timesteps and noise, reseeded every step
@@ -376,6 +377,8 @@ class Trainer:
             raise InputError(f"--resume: the run in {path} trained in {state.get('precision')}, this one would use "
                              f"{self.precision}: pass --precision {state.get('precision')}")
         for key, value in self._stateful().items():
+            if key == "scaler" and not state[key]:  # from a scaler without state (fp32/bf16, or an older CPU fp16
+                continue                            # run): an fp16 scaler starts from its initial scale
             value.load_state_dict(state[key])
         self.step, self.wall = int(state["step"]), float(state["wall"])
 
