@@ -23,10 +23,11 @@ from CTSemanticSynthLib.factory import create_generator
 from CTSemanticSynthLib.preprocess import one_hot
 
 from conftest import REPO, SAMPLE_SEG, single_thread
+from gpu_like import DeviceTrace
 
 from training import prepare, train_gan  # noqa: E402
 from training.baselines.discriminators import MultiscaleDiscriminator, OASISDiscriminator, PatchGAN  # noqa: E402
-from training.baselines.losses import class_balance, labelmix_mask  # noqa: E402
+from training.baselines.losses import class_balance, labelmix_mask, oasis_real  # noqa: E402
 from test_training import _amos_folder, _one_line_error  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,10 +106,22 @@ def test_class_balance_weights_each_present_class_equally():
 def test_labelmix_takes_every_class_whole():
     torch.manual_seed(0)
     classes = torch.randint(0, 6, (2, 16, 16))
-    mask = labelmix_mask(classes)[:, 0]
+    mask = labelmix_mask(classes, 6)[:, 0]
     for c in range(6):
         assert mask[classes == c].unique().numel() == 1
     assert mask.unique().numel() == 2
+
+
+def test_oasis_losses_never_wait_for_the_gpu():
+    """The class-balanced loss and LabelMix's coins run every discriminator step: no bincount (its size depends on
+    the data), no ``int(classes.max())``, nothing read back on the host."""
+    classes = torch.randint(0, NUM_CLASSES, (2, 16, 16), generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(2, NUM_CLASSES + 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with DeviceTrace() as trace:
+        loss = oasis_real(logits, classes)
+        mask = labelmix_mask(classes, NUM_CLASSES)
+    assert trace.syncs == []
+    assert torch.isfinite(loss) and mask.shape == (2, 1, 16, 16)
 
 
 # --- training, resume, export, synthesis ----------------------------------------------------------------------

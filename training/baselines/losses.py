@@ -31,8 +31,9 @@ def feature_matching(fake: list[list[Tensor]], real: list[list[Tensor]]) -> Tens
 
 def class_balance(classes: Tensor, num_classes: int) -> Tensor:
     """OASIS's per-pixel weights [B, S, S]: each class weighted by the inverse of its pixel share in the batch,
-    scaled so that the present classes average to one (pixels / (present classes x class pixels))."""
-    counts = torch.bincount(classes.flatten(), minlength=num_classes).float()
+    scaled so that the present classes average to one (pixels / (present classes x class pixels)). Counted by
+    comparison, not ``bincount`` (whose output size depends on the data: a GPU sync every step)."""
+    counts = (classes.reshape(-1, 1) == torch.arange(num_classes, device=classes.device)).sum(0).float()
     present = (counts > 0).sum()
     weights = classes.numel() / (present * counts.clamp(min=1))
     return weights[classes]
@@ -51,10 +52,11 @@ def oasis_fake(logits: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), target)
 
 
-def labelmix_mask(classes: Tensor) -> Tensor:
-    """LabelMix's mask [B, 1, S, S]: every class present in the batch is taken whole from the real (1) or the fake
-    (0) image by a fair coin (the global torch generator, which the trainer seeds every step)."""
-    coins = torch.randint(0, 2, (int(classes.max()) + 1,), device=classes.device)
+def labelmix_mask(classes: Tensor, num_classes: int) -> Tensor:
+    """LabelMix's mask [B, 1, S, S]: every class is taken whole from the real (1) or the fake (0) image by a fair
+    coin (the global torch generator, which the trainer seeds every step); one coin per class of the model, so that
+    nothing is read back from the device."""
+    coins = torch.randint(0, 2, (num_classes,), device=classes.device)
     return coins[classes][:, None].float()
 
 

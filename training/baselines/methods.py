@@ -115,7 +115,7 @@ class OASIS(GANMethod):
         return OASISDiscriminator(1, num_classes, image_size, self.config["disc_channels"])
 
     def d_loss(self, disc, mask, classes, real, fake):
-        mix = labelmix_mask(classes)
+        mix = labelmix_mask(classes, mask.shape[1])
         mixed = mix * real + (1 - mix) * fake
         fake_logits, real_logits, mixed_logits = disc(torch.cat([fake, real, mixed.to(fake.dtype)])).chunk(3)
         labelmix = labelmix_loss(mix, mixed_logits, fake_logits, real_logits)
