@@ -25,6 +25,7 @@ from CTSemanticSynthLib.slice_context import context_offsets, with_neighbours
 from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, synthesize
 
 from conftest import SAMPLE_CT, SAMPLE_SEG, randomise_zero_layers, single_thread, tiny_model_config
+from gpu_like import DeviceTrace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -236,6 +237,22 @@ def test_zero_agreement_returns_the_network_output_itself():
     assert torch.equal(late(x, t), output)  # t = 250 is not below 0.25 * 1000
     assert not torch.equal(late(x, t - 1), output)
 
+
+@pytest.mark.parametrize("below", [1.0, 0.25])
+def test_agreement_reads_nothing_back_from_the_device(below):
+    """Every step of every slice goes through the agreement: the timestep threshold is applied on the device (no
+    ``int(t[0])``). On 'meta', which has no data, any read-back would fail."""
+    diffusion, classes, output, x = _agreement_case()
+    t = torch.tensor([400, 400, 100, 100, 100, 100])  # one step's timesteps are equal; mixed here to see the rule
+    agreement = SliceAgreement(lambda x, t: output, diffusion, classes, range(len(x)), 1.0, below=below)
+    with DeviceTrace() as trace:
+        blended = agreement(x, t)
+    assert trace.syncs == []
+    assert torch.equal(blended[:2], output[:2]) == (below < 0.4) and not torch.equal(blended[2:], output[2:])
+    meta = torch.device("meta")
+    on_meta = SliceAgreement(lambda x, t: output.to(meta), diffusion, classes, range(len(x)), 1.0, below=below,
+                             device=meta)
+    assert on_meta(x.to(meta), t.to(meta)).shape == output.shape
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_samplers_see_the_blended_x0_and_untouched_variance(prediction):

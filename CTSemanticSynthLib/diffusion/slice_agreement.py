@@ -87,7 +87,7 @@ class SliceAgreement:
 
     def __call__(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
         output = self.model_fn(x, t, **kwargs)
-        if self.strength == 0.0 or not self.neighbours or int(t[0]) >= self.below_timestep:
+        if self.strength == 0.0 or not self.neighbours:
             return output
         d = self.diffusion
         prediction, variance = d.split_output(output, x)
@@ -96,5 +96,8 @@ class SliceAgreement:
             x0 = x0.clamp(-1.0, 1.0)
         blended = self.blend(x0)
         replaced = d.prediction_target(blended, t, d.eps_from_x0(x, t, blended))
-        prediction = torch.where(self.agreed, replaced, prediction)
+        blend_here = self.agreed
+        if self.below_timestep < d.original_num_timesteps:  # on the device: reading t would make a GPU wait
+            blend_here = blend_here & (t < self.below_timestep).view(-1, *[1] * (x.ndim - 1))
+        prediction = torch.where(blend_here, replaced, prediction)
         return prediction if variance is None else torch.cat([prediction, variance], dim=1)
