@@ -152,6 +152,20 @@ def test_slice_noise_does_not_depend_on_the_batch():
         torch.testing.assert_close(together, apart)
 
 
+def test_correlated_noise_takes_a_few_operations_per_slice_not_one_per_slice_and_tap():
+    """Each draw is one randn per slice and per shared field (their generators keep the noise independent of the
+    batch) plus a few whole-volume operations per filter tap: not a multiply and an add per slice per tap (thousands
+    of tiny GPU launches per step for a 300-slice volume)."""
+    slices = 40
+    noise = SliceNoise(3, range(slices), 0.5)
+    fields = slices + len(noise.weights) - 1
+    noise.draw((slices, 1, 8, 8))
+    with DeviceTrace() as trace:
+        noise.draw((slices, 1, 8, 8))
+    assert trace.syncs == []
+    assert trace.ops.count("randn") == slices + fields
+    assert len(trace.ops) - trace.ops.count("randn") <= 4 * len(noise.weights) + 10
+
 def test_without_correlation_the_noise_is_the_per_slice_generators():
     noise = SliceNoise(2, [4, 9], 0.0)
     expected = torch.stack([torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(2 * 1_000_003 + k))

@@ -58,6 +58,13 @@ class SliceNoise:
         self.generators = [torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + k)
                            for k in self.slice_index]
         self.draws = 0
+        radius = len(self.weights) // 2
+        self.fields = sorted({k + d for k in self.slice_index for d in range(-radius, radius + 1)})
+        """The slice numbers whose shared fields the draws need (each slice's, and its neighbours' up to r)."""
+        position = {j: i for i, j in enumerate(self.fields)}
+        self.taps = torch.tensor([[position[k + d] for k in self.slice_index] for d in range(-radius, radius + 1)],
+                                 device=self.device)
+        """(2r + 1, N): row d's entry for slice k is the position of field k + d - r in :attr:`fields`."""
 
     def correlation(self, lag: int) -> float:
         """The correlation between the noise of slices k and k + ``lag`` (the same draw)."""
@@ -75,13 +82,11 @@ class SliceNoise:
         draw, self.draws = self.draws, self.draws + 1
         if self.rho == 0.0:
             return own
-        radius = len(self.weights) // 2
-        needed = sorted({k + d for k in self.slice_index for d in range(-radius, radius + 1)})
-        z = {j: torch.randn(field, device=self.device,
-                            generator=torch.Generator(device=self.device).manual_seed(_field_seed(self.seed, j, draw)))
-             for j in needed}
-        shared = torch.cat([sum(float(w) * z[k + d] for d, w in zip(range(-radius, radius + 1), self.weights))
-                            for k in self.slice_index])
+        z = torch.cat([torch.randn(field, device=self.device, generator=torch.Generator(device=self.device)
+                                   .manual_seed(_field_seed(self.seed, j, draw))) for j in self.fields])
+        shared = float(self.weights[0]) * z[self.taps[0]]  # whole-volume operations per tap, in the order of the
+        for w, tap in zip(self.weights[1:], self.taps[1:]):  # weighted sum over d: the same roundings per slice
+            shared = shared + float(w) * z[tap]
         return math.sqrt(self.rho) * shared + math.sqrt(1.0 - self.rho) * own
 
     def __call__(self, x: Tensor) -> Tensor:
