@@ -2,12 +2,15 @@
 
 The samplers see the whole volume's state (N slices: a few MB), so every slice is at the same timestep and
 anything that couples slices within a step (neighbour agreement, inpainting a region across slices) is a function
-of that state; memory is bounded by the chunk, not the volume. The condition encoder's features (independent of
-the timestep) are cached per chunk while they fit :data:`FEATURE_CACHE_BYTES`, else recomputed every step.
+of that state; memory is bounded by the chunk, not the volume. The class slices live on the device (uint8) and
+each chunk's condition (one-hot mask, edges, and the condition encoder's features: all independent of the
+timestep) is built there and cached while the whole volume's fits :data:`CONDITION_CACHE_BYTES`, else rebuilt on
+the device every step; nothing crosses from the host per step.
 
 The chunk size can be measured (``batch_size="auto"``), and an out-of-memory error inside a chunk halves it and
-retries that chunk: each slice's output does not depend on the chunk it was computed in, so the volume is the one
-an uninterrupted run at the smaller size gives.
+retries that chunk. On the CPU each slice's output does not depend on the chunk it was computed in, so the volume
+is bit for bit the one an uninterrupted run at the smaller size gives; on CUDA the libraries pick kernels by batch
+size, so it is the same up to float rounding (a few voxels by at most 1 HU after int16 rounding).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from .preprocess import condition_inputs, drop_condition
 
 logger = logging.getLogger(__name__)
 
-FEATURE_CACHE_BYTES = 2 * 1024**3
-"""Largest total size of cached condition-encoder features; beyond it they are recomputed each step."""
+CONDITION_CACHE_BYTES = 2 * 1024**3
+"""Largest total size of the whole volume's cached conditions (one-hot masks, edges, condition-encoder features);
+beyond it they are rebuilt (on the device) each step."""
 
 AUTO = "auto"
 """``batch_size`` that is measured: see :meth:`VolumeDenoiser.measured_batch_size`."""
@@ -41,8 +45,10 @@ kernel's OOM killer ends the process), so a measured guess could not be correcte
 MEMORY_FRACTION = 0.8
 """Share of the free device memory that ``auto`` plans to fill (the rest: fragmentation, cuDNN workspaces)."""
 
-PROBE_SLICES = 2
-"""Slices of the probe chunk whose peak memory gives ``auto`` the cost of one slice."""
+CHANNELS_LAST_DEVICES = ("cpu",)
+"""Device types whose reduced-precision (bf16/fp16) sampling takes channels_last inputs, where a measurement showed
+it pays (oneDNN's bf16 kernels, docs/benchmarks.md). Not CUDA: GroupNorm returns NCHW there whatever it is given,
+so the U-Net would convert layouts in every block; ``benchmarks/gpu_check.sh`` measures both layouts."""
 
 
 class VolumeDenoiser:
@@ -74,7 +80,7 @@ class VolumeDenoiser:
     ) -> None:
         self.network = network
         self.conditioning = conditioning
-        self.classes = classes
+        self.classes = classes.to(device)  # copied once: each chunk's condition is built on the device
         self.device = device
         self.precision = precision
         self.guidance = guidance
@@ -86,30 +92,31 @@ class VolumeDenoiser:
             self._set_batch_size(max(1, min(len(classes), len(classes) if batch_size is None else int(batch_size))))
         self.evaluated = 0
         self.finite = torch.ones((), dtype=torch.bool, device=device)
-        self._features: dict[tuple[int, int], list[Tensor]] = {}
-        self._cache_features = True
+        self._conditions: dict[tuple[int, int], dict[str, Any]] = {}
+        self._cache_conditions = True
 
     def condition(self, chunk: slice) -> dict[str, Any]:
-        """The network's condition keywords for ``chunk`` (one-hot mask, edges, encoder features)."""
-        kwargs: dict[str, Any] = {
-            k: self.memory_format(v.to(self.device))
-            for k, v in condition_inputs(self.classes[chunk].long(), self.conditioning).items()
-        }
+        """The network's condition keywords for ``chunk`` (one-hot mask, edges, encoder features), built on the
+        device from its class slices; cached per chunk while the whole volume's fit :data:`CONDITION_CACHE_BYTES`."""
         key = (chunk.start, chunk.stop)
-        features = self._features.get(key)
-        if features is None:
-            features = self.network.encode_condition(**kwargs)  # None for concat models
-            if features is not None and self._cache_features:
-                self._cache_features = self._cache_bytes(features) <= FEATURE_CACHE_BYTES
-                if self._cache_features:
-                    self._features[key] = features
+        kwargs = self._conditions.get(key)
+        if kwargs is not None:
+            return kwargs
+        kwargs = {k: self.memory_format(v)
+                  for k, v in condition_inputs(self.classes[chunk].long(), self.conditioning).items()}
+        features = self.network.encode_condition(**kwargs)  # None for concat models
         if features is not None:
             kwargs["cond_features"] = features
+        if self._cache_conditions:
+            self._cache_conditions = self._cache_bytes(kwargs, chunk) <= CONDITION_CACHE_BYTES
+            if self._cache_conditions:
+                self._conditions[key] = kwargs
         return kwargs
 
-    def _cache_bytes(self, features: list[Tensor]) -> int:
-        """The size of the whole volume's cached features, from one chunk's."""
-        return sum(f.numel() * f.element_size() for f in features) * len(self.classes) // len(features[0])
+    def _cache_bytes(self, condition: dict[str, Any], chunk: slice) -> int:
+        """The size of the whole volume's cached conditions, from one chunk's."""
+        tensors = [t for v in condition.values() for t in (v if isinstance(v, list) else [v])]
+        return sum(t.numel() * t.element_size() for t in tensors) * len(self.classes) // (chunk.stop - chunk.start)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         outputs = []
@@ -162,7 +169,7 @@ class VolumeDenoiser:
         halved = self.batch_size // 2
         logger.warning("out of memory on %s with %d slices at a time: retrying with %d", self.device,
                        self.batch_size, halved)
-        self._features.clear()  # cached per chunk: the chunks change
+        self._conditions.clear()  # cached per chunk: the chunks change
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self._set_batch_size(halved)
@@ -175,24 +182,34 @@ class VolumeDenoiser:
 
     def measured_batch_size(self) -> int:
         """``batch_size="auto"``: on CUDA, as many slices as fill :data:`MEMORY_FRACTION` of the free memory
-        (:func:`~.device.free_memory`, less the feature cache) at the peak memory per slice of a probe chunk of
-        :data:`PROBE_SLICES`; where free memory cannot be asked, :data:`FIXED_AUTO_BATCH`. At most all slices."""
+        (:func:`~.device.free_memory`) less the fixed cost and the condition cache, at the cost of one more slice;
+        where free memory cannot be asked, :data:`FIXED_AUTO_BATCH`. At most all slices.
+
+        The costs come from the peak memory of two probe evaluations of 1 and 2 slices (with guidance's second
+        pass, under the run's precision): their difference is one slice's; what the 1-slice probe needs beyond it
+        (reduced-precision weight copies, library workspaces) is paid once per chunk, not per slice."""
         free = free_memory(self.device)
         if free is None:
             return min(FIXED_AUTO_BATCH, len(self.classes))
-        probe = slice(0, min(PROBE_SLICES, len(self.classes)))
         size = self.classes.shape[-1]
         torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        kwargs = self.condition(probe)
-        x = self.memory_format(torch.zeros((probe.stop, 1, size, size), device=self.device))
-        self.network(x, torch.zeros((probe.stop,), dtype=torch.long, device=self.device), **kwargs)
-        per_slice = (torch.cuda.max_memory_allocated(self.device) - before) / probe.stop
-        features = kwargs.get("cond_features")
-        cache = self._cache_bytes(features) if features is not None and self._cache_features else 0
-        self._features.clear()
-        return max(1, min(len(self.classes), int((free * MEMORY_FRACTION - cache) / per_slice)))
+        peaks, cache = [], 0
+        for slices in (1, 2)[: len(self.classes)]:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            x = self.memory_format(torch.zeros((slices, 1, size, size), device=self.device))
+            self.evaluate(x, torch.zeros((slices,), dtype=torch.long, device=self.device), slice(0, slices))
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
+            if slices == 1 and (0, 1) in self._conditions:  # the whole volume's condition cache, planned for below
+                cache = self._cache_bytes(self._conditions[(0, 1)], slice(0, 1))
+            self._conditions.clear()
+        if len(peaks) == 1:
+            return 1
+        per_slice = peaks[1] - peaks[0]
+        if per_slice <= 0:  # allocator rounding or a smaller workspace for 2 slices: charge the 2-slice probe's mean
+            per_slice = peaks[1] / 2
+        fixed = max(0, peaks[0] - per_slice)
+        return max(1, min(len(self.classes), int((free * MEMORY_FRACTION - fixed - cache) / per_slice)))
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return precision_autocast(self.device, self.precision)
@@ -208,7 +225,7 @@ def precision_autocast(device: torch.device, precision: str) -> contextlib.Abstr
 
 
 def to_memory_format(x: Tensor, precision: str) -> Tensor:
-    """channels_last for 4-D tensors under reduced precision (where oneDNN/cuDNN's fast kernels want it)."""
-    if autocast_dtype(precision) is None or x.ndim != 4:
+    """channels_last for 4-D tensors under reduced precision on the :data:`CHANNELS_LAST_DEVICES`, else ``x``."""
+    if autocast_dtype(precision) is None or x.ndim != 4 or x.device.type not in CHANNELS_LAST_DEVICES:
         return x
     return x.contiguous(memory_format=torch.channels_last)

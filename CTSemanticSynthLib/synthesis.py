@@ -217,7 +217,9 @@ def synthesize(
     ``precision`` is the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI
     defaults to auto, the library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic
     stays float32. The same seed, options, device and precision give the same volume, whatever the batch size (the
-    slices sampled together by the network; the whole volume walks the timesteps together). ``cancel()`` is polled
+    slices sampled together by the network; the whole volume walks the timesteps together): bit for bit on the CPU;
+    on CUDA up to float rounding, as cuDNN/cuBLAS pick kernels by batch size (a few voxels 1 HU apart), and bit for
+    bit for a repeated run at the same batch size only with deterministic algorithms. ``cancel()`` is polled
     before every batch and raises :class:`Cancelled`. Out of memory halves the batch size and retries (the
     provenance's ``batch_size_used`` is the last one); at batch size 1 it raises :class:`CTSynthError`.
     """
@@ -362,8 +364,9 @@ def sample_slices(
     ``prior`` (per-class values in [-1, 1], see :func:`class_prior`) is noised to the sampler's first timestep as the
     start (SDEdit). ``guidance`` s != 0 is classifier-free guidance. ``inpaint`` holds a known area to every step
     (RePaint, :func:`~.diffusion.samplers.repaint.repaint_loop`). ``precision`` 'bf16'/'fp16' runs the network under
-    autocast with channels_last inputs. ``on_step(fraction)`` follows every chunk. Nothing in the loop waits for the
-    device: the finiteness check is read once, at the end.
+    autocast (with channels_last inputs on the CPU: :data:`~.denoiser.CHANNELS_LAST_DEVICES`). ``on_step(fraction)``
+    follows every chunk. Nothing in the loop waits for the device or copies from the host: the class slices go to
+    the device once and the finiteness check is read once, at the end.
     """
     conditions = with_neighbours(classes, slice_index, network_context(network))
     classes = conditions[:, 0] if conditions.ndim == 4 else conditions
@@ -417,12 +420,12 @@ def generate_slices(
     noise = None
     if generator.noise_channels:
         noise = SliceNoise(seed, slice_index, device=device).draw((len(slice_index), generator.noise_channels))
-    outputs = []
+    outputs, classes = [], classes.to(device)  # uint8, copied once; each batch's one-hot is built on the device
     with torch.inference_mode(), precision_autocast(device, precision):
         for first in range(0, len(classes), batch):
             if cancel is not None and cancel():
                 raise Cancelled("cancelled by the user; nothing was written")
-            mask = to_memory_format(one_hot(classes[first : first + batch].long().to(device)), precision)
+            mask = to_memory_format(one_hot(classes[first : first + batch].long()), precision)
             outputs.append(generator(mask, None if noise is None else noise[first : first + batch]).float())
             if on_step is not None:
                 on_step(min(1.0, (first + batch) / len(classes)))

@@ -14,7 +14,7 @@ import torch
 from CTSemanticSynthLib import denoiser as denoiser_module
 from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.cli import main
-from CTSemanticSynthLib.denoiser import VolumeDenoiser
+from CTSemanticSynthLib.denoiser import VolumeDenoiser, to_memory_format
 from CTSemanticSynthLib.errors import Cancelled, CTSynthError
 from CTSemanticSynthLib.io import Volume, read_labelmap
 from CTSemanticSynthLib.models import UNetModel
@@ -23,6 +23,7 @@ from CTSemanticSynthLib.preprocess import condition_inputs
 from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, synthesize
 
 from conftest import SAMPLE_SEG, randomise_zero_layers, tiny_model_config
+from gpu_like import DeviceTrace
 
 CPU = torch.device("cpu")
 
@@ -49,36 +50,76 @@ def _whole(network: UNetModel, conditioning: str, classes: torch.Tensor, x: torc
 
 
 @pytest.mark.parametrize("conditioning", ["concat", "mask_encoder", "edge"])
-@pytest.mark.parametrize("cache_bytes", [denoiser_module.FEATURE_CACHE_BYTES, 0])
+@pytest.mark.parametrize("cache_bytes", [denoiser_module.CONDITION_CACHE_BYTES, 0])
 def test_chunks_give_the_whole_batch_output(monkeypatch, conditioning, cache_bytes):
-    monkeypatch.setattr(denoiser_module, "FEATURE_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(denoiser_module, "CONDITION_CACHE_BYTES", cache_bytes)
     network = _network(conditioning)
     classes, x, t = _inputs()
     with torch.inference_mode():
         expected = _whole(network, conditioning, classes, x, t)
         denoiser = VolumeDenoiser(network, conditioning, classes, batch_size=3, device=CPU)
-        first, again = denoiser(x, t), denoiser(x.flip(0), t.flip(0))  # a second step reuses (or rebuilds) features
+        first, again = denoiser(x, t), denoiser(x.flip(0), t.flip(0))  # a second step reuses (or rebuilds) them
     assert expected.abs().mean() > 1e-3  # the tiny model does not output zeros
     torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again, _whole(network, conditioning, classes, x.flip(0), t.flip(0)), rtol=1e-4,
                                atol=1e-5)
-    cached = len(denoiser._features)
-    assert cached == (3 if conditioning != "concat" and cache_bytes else 0)
+    assert len(denoiser._conditions) == (3 if cache_bytes else 0)
     assert denoiser.evaluated == 14 and bool(denoiser.finite)
 
 
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @pytest.mark.parametrize("spare", [0, -1])
-def test_features_are_cached_exactly_while_the_whole_volumes_fit_the_limit(monkeypatch, spare):
-    """The limit is on the whole volume's features, estimated from the first chunk's (here: 7 slices in chunks of 3)."""
+def test_conditions_are_cached_exactly_while_the_whole_volumes_fit_the_limit(monkeypatch, spare):
+    """The limit is on the whole volume's one-hot masks and encoder features, estimated from the first chunk's
+    (here: 7 slices in chunks of 3)."""
     network = _network("mask_encoder")
     classes, x, t = _inputs()
     with torch.inference_mode():
-        whole = network.encode_condition(**condition_inputs(classes.long(), "mask_encoder"))
-        monkeypatch.setattr(denoiser_module, "FEATURE_CACHE_BYTES",
-                            sum(f.numel() * f.element_size() for f in whole) + spare)
+        inputs = condition_inputs(classes.long(), "mask_encoder")
+        whole = _bytes(inputs.values()) + _bytes(network.encode_condition(**inputs))
+        monkeypatch.setattr(denoiser_module, "CONDITION_CACHE_BYTES", whole + spare)
         denoiser = VolumeDenoiser(network, "mask_encoder", classes, batch_size=3, device=CPU)
         denoiser(x, t)
-    assert len(denoiser._features) == (3 if spare == 0 else 0)
+    assert len(denoiser._conditions) == (3 if spare == 0 else 0)
+
+
+@pytest.mark.parametrize("conditioning", ["concat", "mask_encoder", "edge"])
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "over-the-limit"])
+def test_steps_copy_nothing_from_the_host_and_build_each_condition_once(monkeypatch, conditioning, cache):
+    """On a GPU stand-in ('meta', whose tensors hold no data): the class slices cross to the device once, when the
+    denoiser is made; each chunk's condition is built there, once while the volume's fit the cache (else every
+    step, still there); no step copies from the host, computes on it or reads anything back."""
+    if not cache:
+        monkeypatch.setattr(denoiser_module, "CONDITION_CACHE_BYTES", 0)
+    built, build = [], denoiser_module.condition_inputs
+
+    def recorded(classes, *args, **kwargs):
+        built.append(classes.device.type)
+        return build(classes, *args, **kwargs)
+
+    monkeypatch.setattr(denoiser_module, "condition_inputs", recorded)
+    meta = torch.device("meta")
+    classes, x, t = _inputs()
+    x, t = x.to(meta), t.to(meta)
+    denoiser = VolumeDenoiser(_network(conditioning).to(meta), conditioning, classes, batch_size=3, device=meta,
+                              guidance=0.5)
+    with torch.inference_mode(), DeviceTrace() as trace:
+        for _ in range(3):
+            out = denoiser(x, t)
+    assert trace.to_device == [] and trace.on_host == [] and trace.syncs == []
+    assert built == ["meta"] * (3 if cache else 9) and out.shape == (7, 2, 16, 16)
+
+
+def test_reduced_precision_takes_channels_last_on_the_cpu_only():
+    """channels_last pays for oneDNN's bf16 kernels; on a GPU (stand-in: 'meta') GroupNorm returns NCHW anyway."""
+    x = torch.zeros((2, 3, 4, 4))
+    assert to_memory_format(x, "bf16").is_contiguous(memory_format=torch.channels_last)
+    assert to_memory_format(x, "fp32") is x
+    on_gpu = x.to("meta")
+    assert to_memory_format(on_gpu, "bf16") is on_gpu and to_memory_format(on_gpu, "fp16") is on_gpu
 
 
 def test_sample_slices_defaults_to_independent_noise_and_honours_the_agreement_threshold():
@@ -158,7 +199,7 @@ def test_out_of_memory_halves_the_batch_and_retries_the_chunk(caplog, conditioni
     assert sizes == [7, 3] and denoiser.batch_size == 3  # at most all slices, then halved
     assert failing.calls == [7, 3, 3, 1]
     assert seen == [3, 6, 7] and denoiser.evaluated == 7  # failed chunks are not counted
-    assert set(denoiser._features) == (set() if conditioning == "concat" else {(0, 3), (3, 6), (6, 7)})
+    assert set(denoiser._conditions) == {(0, 3), (3, 6), (6, 7)}
     assert [r.getMessage() for r in caplog.records] == ["out of memory on cpu with 7 slices at a time: retrying with 3"]
 
 
@@ -182,30 +223,57 @@ def test_auto_batch_is_fixed_where_free_memory_is_unknown():
     assert sizes == [denoiser_module.FIXED_AUTO_BATCH, 5]
 
 
+class _MemoryModel(torch.nn.Module):
+    """A network with torch.cuda's memory counters to match: its first call keeps ``weights`` bytes (like autocast's
+    reduced-precision weight copies), each call needs ``activations`` bytes per slice while it runs, and each
+    output (``output`` bytes per slice) is held until the chunk is done (guidance's second pass runs beside it)."""
+
+    def __init__(self, network: torch.nn.Module, weights: int, activations: int, output: int) -> None:
+        super().__init__()
+        self.network, self.weights, self.activations, self.output = network, weights, activations, output
+        self.allocated = self.peak = 5_000_000
+        self.held = 0
+
+    def encode_condition(self, **kwargs):
+        return self.network.encode_condition(**kwargs)
+
+    def forward(self, x, t, **kwargs):
+        if self.weights:
+            self.allocated, self.weights = self.allocated + self.weights, 0
+        self.peak = max(self.peak, self.allocated + self.held + self.activations * len(x))
+        self.held += self.output * len(x)
+        return self.network(x, t, **kwargs)
+
+    def reset_peak(self, device=None) -> None:  # torch.cuda.reset_peak_memory_stats: the probe's outputs are gone
+        self.peak, self.held = self.allocated, 0
+
+
 @pytest.mark.parametrize("conditioning", ["concat", "mask_encoder"])
-def test_auto_batch_fills_the_free_memory_at_the_probed_cost_per_slice(monkeypatch, conditioning):
-    """The CUDA planning rule with the memory counters replaced: free 100 MB, the probe chunk peaks at 2 MB per
-    slice -> 80 MB / 2 MB = 40 slices, less the feature cache (mask encoder), at most all slices."""
-    per_slice, free = 2_000_000, 100_000_000
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_auto_batch_plans_with_the_cost_of_one_more_slice(monkeypatch, conditioning, guidance):
+    """The CUDA planning rule with the memory counters replaced: a slice costs the difference of the 1- and the
+    2-slice probe (its activations, plus its first output under guidance, held during the second pass); the weight
+    copies are paid once. Free 600 MB -> (480 MB - 50 MB weights - condition cache) / cost, at most all slices."""
+    free, weights, activations, output = 600_000_000, 50_000_000, 2_000_000, 1_000_000
+    network = _MemoryModel(_network(conditioning), weights, activations, output)
     monkeypatch.setattr(denoiser_module, "free_memory", lambda device: free)
-    for name in ("synchronize", "reset_peak_memory_stats"):
-        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5_000_000)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated",
-                        lambda device=None: 5_000_000 + denoiser_module.PROBE_SLICES * per_slice)
-    network = _network(conditioning)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", network.reset_peak)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: network.allocated)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: network.peak)
     classes = torch.randint(0, 17, (300, 16, 16), generator=torch.Generator().manual_seed(2)).to(torch.uint8)
-    denoiser = VolumeDenoiser(network, conditioning, classes, batch_size="auto", device=CPU)
+    denoiser = VolumeDenoiser(network, conditioning, classes, batch_size="auto", device=CPU, guidance=guidance)
     with torch.inference_mode():
         batch = denoiser.measured_batch_size()
-        features = network.encode_condition(**condition_inputs(classes[:1].long(), conditioning))
-    cache = 0 if features is None else sum(f.numel() * f.element_size() for f in features) * 300
-    assert cache > 0 or conditioning == "concat"
-    assert batch == int((free * denoiser_module.MEMORY_FRACTION - cache) / per_slice) >= 1
-    assert denoiser._features == {}  # the probe's features are not kept
+        inputs = condition_inputs(classes.long(), conditioning)
+        features = network.encode_condition(**inputs)
+    cache = _bytes(inputs.values()) + (0 if features is None else _bytes(features))
+    per_slice = activations + (output if guidance else 0)
+    assert batch == int((free * denoiser_module.MEMORY_FRACTION - weights - cache) / per_slice) >= 1
+    assert denoiser._conditions == {}  # the probes' conditions are not kept
     denoiser.classes = classes[:30]
     with torch.inference_mode():
-        assert denoiser.measured_batch_size() <= 30  # at most all slices
+        assert denoiser.measured_batch_size() == 30  # at most all slices
 
 
 @pytest.fixture(scope="module")
