@@ -140,6 +140,42 @@ def test_sample_slices_defaults_to_independent_noise_and_honours_the_agreement_t
     assert not torch.equal(sample(slice_agreement=(0.8, 1.0)), sample(slice_agreement=(0.8, 0.05)))
 
 
+class _MetaNoise:
+    """:class:`SliceNoise`'s interface without generators ('meta' has none): standard normal draws on the device."""
+
+    def __init__(self, seed, slice_index, correlation=0.0, device="cpu") -> None:
+        self.device = device
+
+    def draw(self, shape) -> torch.Tensor:
+        return torch.randn(tuple(shape), device=self.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("sampler_name", ["ancestral", "ddim"])
+def test_the_sampling_loop_copies_nothing_after_its_first_step_and_reads_back_only_at_the_end(monkeypatch,
+                                                                                               sampler_name):
+    """The whole loop (prior start, guidance, neighbour agreement with a threshold, 6 slices in chunks of 4, 4
+    steps) on a GPU stand-in ('meta', which cannot be read back): every step runs, the one read-back is the
+    finiteness check at the end, and nothing is copied from the host after the first step (which copies the
+    schedule's tables, once per content)."""
+    from CTSemanticSynthLib import synthesis
+    from CTSemanticSynthLib.diffusion import GaussianDiffusion, make_sampler
+
+    monkeypatch.setattr(synthesis, "SliceNoise", _MetaNoise)
+    meta = torch.device("meta")
+    classes, _, _ = _inputs(6)
+    sampler, progress, copies = make_sampler(sampler_name, GaussianDiffusion(), 4, start_timestep=600), [], []
+    with DeviceTrace() as trace, pytest.raises(RuntimeError, match="meta"):
+        synthesis.sample_slices(_network("concat").to(meta), "concat", sampler, classes, range(6), seed=0,
+                                device=meta, batch_size=4, prior=torch.zeros(17), guidance=0.5,
+                                slice_agreement=(0.5, 0.3),
+                                on_step=lambda fraction: (progress.append(fraction),
+                                                          copies.append(len(trace.to_device))))
+    assert len(progress) == 8 and progress[-1] == 1.0  # 2 chunks x 4 steps
+    assert copies[2:] == [len(trace.to_device)] * 6  # from the second step on
+
 def test_cancel_is_polled_before_every_chunk_and_progress_counts_slices():
     network = _network("concat")
     classes, x, t = _inputs()
