@@ -182,23 +182,27 @@ class VolumeDenoiser:
 
     def measured_batch_size(self) -> int:
         """``batch_size="auto"``: on CUDA, as many slices as fill :data:`MEMORY_FRACTION` of the free memory
-        (:func:`~.device.free_memory`) less the fixed cost and the condition cache, at the cost of one more slice;
-        where free memory cannot be asked, :data:`FIXED_AUTO_BATCH`. At most all slices.
+        (:func:`~.device.free_memory`) less what does not grow with the chunk (the fixed cost, the condition cache,
+        the whole volume's outputs, held until a step's chunks are joined, and the join), at the cost of one more
+        slice; where free memory cannot be asked, :data:`FIXED_AUTO_BATCH`. At most all slices.
 
         The costs come from the peak memory of two probe evaluations of 1 and 2 slices (with guidance's second
         pass, under the run's precision): their difference is one slice's; what the 1-slice probe needs beyond it
-        (reduced-precision weight copies, library workspaces) is paid once per chunk, not per slice."""
+        (reduced-precision weight copies, library workspaces) is paid once per chunk, not per slice. The plan is
+        logged (INFO)."""
         free = free_memory(self.device)
         if free is None:
             return min(FIXED_AUTO_BATCH, len(self.classes))
         size = self.classes.shape[-1]
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        peaks, cache = [], 0
+        peaks, cache, outputs = [], 0, 0
         for slices in (1, 2)[: len(self.classes)]:
             torch.cuda.reset_peak_memory_stats(self.device)
             x = self.memory_format(torch.zeros((slices, 1, size, size), device=self.device))
-            self.evaluate(x, torch.zeros((slices,), dtype=torch.long, device=self.device), slice(0, slices))
+            out = self.evaluate(x, torch.zeros((slices,), dtype=torch.long, device=self.device), slice(0, slices))
+            outputs = 2 * out[0].numel() * out.element_size() * len(self.classes)  # the chunks' outputs and their join
+            del out
             peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
             if slices == 1 and (0, 1) in self._conditions:  # the whole volume's condition cache, planned for below
                 cache = self._cache_bytes(self._conditions[(0, 1)], slice(0, 1))
@@ -209,7 +213,11 @@ class VolumeDenoiser:
         if per_slice <= 0:  # allocator rounding or a smaller workspace for 2 slices: charge the 2-slice probe's mean
             per_slice = peaks[1] / 2
         fixed = max(0, peaks[0] - per_slice)
-        return max(1, min(len(self.classes), int((free * MEMORY_FRACTION - fixed - cache) / per_slice)))
+        batch = max(1, min(len(self.classes), int((free * MEMORY_FRACTION - fixed - cache - outputs) / per_slice)))
+        logger.info("batch size auto: %d of %d slices (%.0f MiB free x %.2f; once %.0f MiB, per slice %.1f MiB, "
+                    "condition cache %.0f MiB, outputs %.0f MiB)", batch, len(self.classes), free / 2**20,
+                    MEMORY_FRACTION, fixed / 2**20, per_slice / 2**20, cache / 2**20, outputs / 2**20)
+        return batch
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return precision_autocast(self.device, self.precision)

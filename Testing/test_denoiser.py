@@ -289,7 +289,8 @@ class _MemoryModel(torch.nn.Module):
 def test_auto_batch_plans_with_the_cost_of_one_more_slice(monkeypatch, conditioning, guidance):
     """The CUDA planning rule with the memory counters replaced: a slice costs the difference of the 1- and the
     2-slice probe (its activations, plus its first output under guidance, held during the second pass); the weight
-    copies are paid once. Free 600 MB -> (480 MB - 50 MB weights - condition cache) / cost, at most all slices."""
+    copies are paid once. Free 600 MB -> (480 MB - 50 MB weights - condition cache - the volume's outputs, twice)
+    / cost, at most all slices."""
     free, weights, activations, output = 600_000_000, 50_000_000, 2_000_000, 1_000_000
     network = _MemoryModel(_network(conditioning), weights, activations, output)
     monkeypatch.setattr(denoiser_module, "free_memory", lambda device: free)
@@ -304,8 +305,9 @@ def test_auto_batch_plans_with_the_cost_of_one_more_slice(monkeypatch, condition
         inputs = condition_inputs(classes.long(), conditioning)
         features = network.encode_condition(**inputs)
     cache = _bytes(inputs.values()) + (0 if features is None else _bytes(features))
+    outputs = 2 * 300 * 2 * 16 * 16 * 4  # (eps, variance) float32 per slice: the chunks' and their join
     per_slice = activations + (output if guidance else 0)
-    assert batch == int((free * denoiser_module.MEMORY_FRACTION - weights - cache) / per_slice) >= 1
+    assert batch == int((free * denoiser_module.MEMORY_FRACTION - weights - cache - outputs) / per_slice) >= 1
     assert denoiser._conditions == {}  # the probes' conditions are not kept
     denoiser.classes = classes[:30]
     with torch.inference_mode():
