@@ -285,7 +285,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+            # cuDNN autotuning picks kernels by timing: not when deterministic algorithms were asked for
+            torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
         if config["threads"]:
             torch.set_num_threads(int(config["threads"]))
         self.out = Path(config["out"])
