@@ -8,9 +8,11 @@ timestep) is built there and cached while the whole volume's fits :data:`CONDITI
 the device every step; nothing crosses from the host per step.
 
 The chunk size can be measured (``batch_size="auto"``), and an out-of-memory error inside a chunk halves it and
-retries that chunk. On the CPU each slice's output does not depend on the chunk it was computed in, so the volume
-is bit for bit the one an uninterrupted run at the smaller size gives; on CUDA the libraries pick kernels by batch
-size, so it is the same up to float rounding (a few voxels by at most 1 HU after int16 rounding).
+retries that chunk. A slice's output does not depend on the chunk it was computed in up to float rounding (oneDNN
+on the CPU and cuDNN/cuBLAS on CUDA pick kernels by batch size: ~0.05 HU before int16 rounding for the tiny test
+network on a CPU), so the volume is the one an uninterrupted run at the smaller size gives, but for a few voxels
+1 HU apart. A repeated run at the same batch size is bit for bit the same on the CPU (with the same thread count);
+on CUDA with deterministic algorithms.
 """
 
 from __future__ import annotations

@@ -217,9 +217,9 @@ def synthesize(
     ``precision`` is the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI
     defaults to auto, the library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic
     stays float32. The same seed, options, device and precision give the same volume, whatever the batch size (the
-    slices sampled together by the network; the whole volume walks the timesteps together): bit for bit on the CPU;
-    on CUDA up to float rounding, as cuDNN/cuBLAS pick kernels by batch size (a few voxels 1 HU apart), and bit for
-    bit for a repeated run at the same batch size only with deterministic algorithms. ``cancel()`` is polled
+    slices sampled together by the network; the whole volume walks the timesteps together) up to float rounding
+    (the kernels are picked by batch size: a few voxels 1 HU apart); bit for bit for a repeated run at the same
+    batch size (on CUDA with deterministic algorithms). ``cancel()`` is polled
     before every batch and raises :class:`Cancelled`. Out of memory halves the batch size and retries (the
     provenance's ``batch_size_used`` is the last one); at batch size 1 it raises :class:`CTSynthError`.
     """
