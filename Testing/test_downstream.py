@@ -62,7 +62,8 @@ class FakeNnUNet:
         if script == "nnUNetv2_plan_and_preprocess":
             name = next(raw.glob(f"Dataset{int(args[1]):03d}_*")).name
             (pre / name / f"nnUNetPlans_{args[3]}").mkdir(parents=True)
-            (pre / name / "nnUNetPlans.json").write_text(json.dumps({"configurations": {args[3]: {}, "3d_fullres": {}}}))
+            plans = {"configurations": {args[3]: {}, "3d_fullres": {}}}
+            (pre / name / "nnUNetPlans.json").write_text(json.dumps(plans))
         elif script == "nnUNetv2_train":
             name = next(raw.glob(f"Dataset{int(args[0]):03d}_*")).name
             fold = Path(env["nnUNet_results"]) / name / f"{args[4]}__nnUNetPlans__{args[1]}" / f"fold_{args[2]}"
@@ -85,7 +86,7 @@ class FakeNnUNet:
 
 
 def settings(inputs: dict[str, Path], **changes) -> StudySettings:
-    return StudySettings(**{"cts": inputs["cts"], "segs": inputs["segs"], "test": inputs["test"],
+    return StudySettings(**{"cts": (inputs["cts"],), "segs": inputs["segs"], "test": inputs["test"],
                             "model": str(inputs["model"]), "samples": 2, "labels": "amos", "seed": 3,
                             "device": torch.device("cpu"), **changes})
 
@@ -133,7 +134,8 @@ def test_the_three_datasets_differ_as_they_should(done, inputs):
 def test_real_images_are_linked_not_copied_and_samples_share_their_case_label(done, inputs):
     paths = done["paths"]
     for kind in ("real", "real+synthetic"):
-        assert os.path.samefile(_dataset(paths, kind) / "imagesTr" / "case_01_0000.nii.gz", inputs["cts"] / "case_01.nii.gz")
+        linked = _dataset(paths, kind) / "imagesTr" / "case_01_0000.nii.gz"
+        assert os.path.samefile(linked, inputs["cts"] / "case_01.nii.gz")
     assert os.path.samefile(paths.test_images / "case_05_0000.nii.gz", inputs["cts"] / "case_05.nii.gz")
     labels = _dataset(paths, "synthetic") / "labelsTr"
     assert os.path.samefile(labels / "case_02_s1.nii.gz", paths.label("case_02"))
@@ -286,7 +288,8 @@ def test_link_falls_back_to_a_symlink_then_a_copy(tmp_path, monkeypatch):
 
 def test_a_failed_nnunet_child_is_one_line_naming_its_log(tmp_path):
     log = tmp_path / "logs" / "x.log"
-    with pytest.raises(StepFailed, match=r"nnUNetv2_train exited with status 2: .*arguments are required.*\(full log: .*x\.log\)"):
+    expected = r"nnUNetv2_train exited with status 2: .*arguments are required.*\(full log: .*x\.log\)"
+    with pytest.raises(StepFailed, match=expected):
         nnunet.run_child("nnUNetv2_train", ["--trainer"], os.environ, log)
     assert log.read_text(encoding="utf-8").startswith("$ nnUNetv2_train --trainer")
 
@@ -366,3 +369,14 @@ def test_whole_study_with_nnunet_on_the_cpu(inputs, tmp_path, capsys):
     assert main([str(a) for a in args]) == 0  # resumed: every step skipped
     steps = capsys.readouterr().err.splitlines()[:-1]
     assert len(steps) == 3 + 3 * 3 and all(line.endswith("done earlier, skipped") for line in steps)
+
+
+def test_cts_come_from_several_folders_in_either_naming(tmp_path):
+    for folder, name in (("a", "case_a.nii.gz"), ("b", "case_b_0000.nii.gz")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(b"")
+    found = datasets.find_cts([tmp_path / "a", tmp_path / "b"])
+    assert found == {"case_a": tmp_path / "a" / "case_a.nii.gz", "case_b": tmp_path / "b" / "case_b_0000.nii.gz"}
+    (tmp_path / "b" / "case_a_0000.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="are both case 'case_a'"):
+        datasets.find_cts([tmp_path / "a", tmp_path / "b"])

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m training.downstream", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--cts", type=Path, required=True, help="folder of real CTs (<case>.nii.gz or <case>_0000.nii.gz)")
+    data.add_argument("--cts", type=Path, nargs="+", required=True, metavar="DIR",
+                      help="folder(s) of real CTs (<case>.nii.gz or <case>_0000.nii.gz)")
     data.add_argument("--segs", type=Path, required=True,
                       help="folder of their label maps (<case>.nii.gz, .nrrd, .seg.nrrd) or a text file of paths")
     data.add_argument("--labels", default="auto", metavar="CONVENTION",
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--processes {args.processes} must be at least 1")
         check_convention(args.labels)
         device = select_device(args.device)
-        settings = StudySettings(args.cts, args.segs, args.test, args.model, args.samples, args.train, args.labels,
-                                 args.preset, args.seed, args.dataset_id, device, select_precision(args.precision, device))
+        settings = StudySettings(tuple(args.cts), args.segs, args.test, args.model, args.samples, args.train,
+                                 args.labels, args.preset, args.seed, args.dataset_id, device,
+                                 select_precision(args.precision, device))
         nnunet = NnUNet(StudyPaths(args.study), args.configuration, args.trainer, args.fold, device.type,
                         args.processes, not args.no_tta, echo=(lambda line: print(line, file=sys.stderr))
                         if args.verbose else None)

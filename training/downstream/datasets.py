@@ -21,7 +21,8 @@ import numpy as np
 
 from CTSemanticSynthLib.batch import Job, case_name, list_cases
 from CTSemanticSynthLib.errors import CTSynthError, InputError
-from CTSemanticSynthLib.io import READ_SUFFIXES, Volume, atomic_folder, read_image, read_labelmap, write_bytes, write_volume
+from CTSemanticSynthLib.io import (READ_SUFFIXES, Volume, atomic_folder, read_image, read_labelmap, write_bytes,
+                                   write_volume)
 from CTSemanticSynthLib.labels import BODY, MODEL_CLASSES
 from CTSemanticSynthLib.synthesis import prepare_classes
 
@@ -126,7 +127,8 @@ def read_case_names(path: Path, option: str) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {option} {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
-    names = [_bare(case_name(Path(line.strip()))) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    names = [_bare(case_name(Path(line.strip()))) for line in lines
+             if line.strip() and not line.lstrip().startswith("#")]
     if not names:
         raise InputError(f"{option} {path} lists no cases")
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -140,23 +142,25 @@ def _bare(name: str) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
-def find_cts(folder: Path) -> dict[str, Path]:
-    """``{case: CT file}`` of a folder (``<case>.nii.gz`` or nnU-Net's ``<case>_0000.nii.gz``, any readable format)."""
-    if not folder.is_dir():
-        raise InputError(f"--cts {folder} is not a folder of CT volumes")
+def find_cts(folders: Sequence[Path]) -> dict[str, Path]:
+    """``{case: CT file}`` of some folders (``<case>.nii.gz`` or nnU-Net's ``<case>_0000.nii.gz``, any readable
+    format)."""
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(READ_SUFFIXES):
-            name = _bare(case_name(path))
-            if name in found:
-                raise InputError(f"--cts: {found[name]} and {path} are both case '{name}'; keep one")
-            found[name] = path
+    for folder in folders:
+        if not folder.is_dir():
+            raise InputError(f"--cts {folder} is not a folder of CT volumes")
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(READ_SUFFIXES):
+                name = _bare(case_name(path))
+                if name in found:
+                    raise InputError(f"--cts: {found[name]} and {path} are both case '{name}'; keep one")
+                found[name] = path
     if not found:
-        raise InputError(f"--cts {folder} holds no CT volumes ({', '.join(READ_SUFFIXES)})")
+        raise InputError(f"--cts {' '.join(map(str, folders))} holds no CT volumes ({', '.join(READ_SUFFIXES)})")
     return found
 
 
-def select_cases(cts: Path, segs: Path, test: Path, train: Path | None) -> Cases:
+def select_cases(cts: Sequence[Path], segs: Path, test: Path, train: Path | None) -> Cases:
     """Pair CTs with label maps and split them; InputError for a case without its CT or label map, an empty
     split, or a test case that is also a training case (by name or by file)."""
     images = find_cts(cts)
@@ -173,8 +177,8 @@ def select_cases(cts: Path, segs: Path, test: Path, train: Path | None) -> Cases
             if name not in labels:
                 raise InputError(f"{option} case '{name}' has no label map in --segs {segs}")
             if name not in images:
-                raise InputError(f"{option} case '{name}' has no CT in --cts {cts} (looked for {name}{NIFTI} "
-                                 f"or {name}_0000{NIFTI})")
+                raise InputError(f"{option} case '{name}' has no CT in --cts (looked for {name}{NIFTI} or "
+                                 f"{name}_0000{NIFTI})")
     split = Cases(tuple(Case(n, images[n], labels[n]) for n in train_names),
                   tuple(Case(n, images[n], labels[n]) for n in test_names))
     _refuse_shared_files(split)
@@ -290,7 +294,8 @@ def build_datasets(entries: dict[str, list[Entry]], test: Sequence[Case], paths:
 
 def _dataset_json(name: str, kind: str, cases: int, record: dict[str, Any]) -> bytes:
     description = {"real": "real CTs only",
-                   "real+synthetic": "real CTs and synthetic CTs (SYNTHETIC, not patient images) from the same label maps",
+                   "real+synthetic": "real CTs and synthetic CTs (SYNTHETIC, not patient images) from the same "
+                                     "label maps",
                    "synthetic": "synthetic CTs only (SYNTHETIC, not patient images)"}[kind]
     dataset = {"name": name, "description": f"CTSemanticSynth downstream study: {description}",
                "channel_names": {"0": "CT"}, "labels": ORGAN_LABELS, "numTraining": cases, "file_ending": NIFTI,

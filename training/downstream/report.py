@@ -155,7 +155,8 @@ def markdown(table: Mapping[str, Mapping[str, Summary]], settings: Mapping[str, 
               "(n = cases with the organ in the reference or the prediction).", "",
               "| organ | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     lines += [f"| {_label(row)} | " + " | ".join(_cell(cells[k]) for k in kinds) + " |" for row, cells in table.items()]
-    lines += ["", f"![Dice per organ]({chart})", "", "## Published numbers (other datasets and tasks: not comparable one to one)", "",
+    lines += ["", f"![Dice per organ]({chart})", "",
+              "## Published numbers (other datasets and tasks: not comparable one to one)", "",
               "| work | data and task | comparison | reported | source |", "|---|---|---|---|---|"]
     lines += [f"| {p.work} | {p.data} | {p.comparison} | {p.reported} | {p.source} |" for p in PUBLISHED]
     lines += ["", "These works used other data, tasks, generators and training budgets; they frame the size of effect "

@@ -28,7 +28,8 @@ from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.io import check_distinct_paths, write_bytes
 from CTSemanticSynthLib.synthesis import SamplingOptions, preset_options
 
-from .datasets import KINDS, Cases, StudyPaths, build_datasets, dataset_entries, dataset_name, select_cases, write_organ_labels
+from .datasets import (KINDS, Cases, StudyPaths, build_datasets, dataset_entries, dataset_name, select_cases,
+                       write_organ_labels)
 from .nnunet import NnUNet, check_settings, nnunet_version
 from .report import score_predictions, write_report
 
@@ -40,7 +41,7 @@ Say = Callable[[str], None]
 class StudySettings:
     """What defines the study's datasets."""
 
-    cts: Path
+    cts: tuple[Path, ...]
     segs: Path
     test: Path
     model: str
@@ -130,8 +131,9 @@ def run_study(settings: StudySettings, nnunet: NnUNet, say: Say = lambda message
     """Build the datasets, train and test one model on each, and write the report; returns its markdown path."""
     paths = nnunet.paths
     cases = select_cases(settings.cts, settings.segs, settings.test, settings.train)
-    check_distinct_paths({"--study": paths.root}, {"--cts": settings.cts, "--segs": settings.segs,
-                                                   "--test": settings.test, "--train": settings.train,
+    folders = {"--cts" if len(settings.cts) == 1 else f"--cts folder {n}": p for n, p in enumerate(settings.cts, 1)}
+    check_distinct_paths({"--study": paths.root}, {**folders, "--segs": settings.segs, "--test": settings.test,
+                                                   "--train": settings.train,
                                                    "--model": resolve_model_path(settings.model)})
     model = load_model(settings.model, device=settings.device)
     options = preset_options(model.config, settings.preset, seed=settings.seed)
@@ -155,7 +157,8 @@ def run_study(settings: StudySettings, nnunet: NnUNet, say: Say = lambda message
               functools.partial(build_datasets, entries, cases.test, paths, settings.dataset_id, provenance))
     test_names = [c.name for c in cases.test]
     for name in names.values():
-        steps.run(f"plan-{name}-{nnunet.configuration}", [nnunet.plan_output(name)], functools.partial(nnunet.plan, name))
+        steps.run(f"plan-{name}-{nnunet.configuration}", [nnunet.plan_output(name)],
+                  functools.partial(nnunet.plan, name))
         steps.run(f"train-{name}-{nnunet.tag}", [nnunet.train_output(name)], functools.partial(nnunet.train, name))
         steps.run(f"predict-{name}-{nnunet.tag}", [nnunet.prediction_folder(name)],
                   functools.partial(nnunet.predict, name, paths.test_images, test_names))
