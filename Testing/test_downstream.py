@@ -218,7 +218,7 @@ def test_a_finished_study_runs_no_step_again(done, inputs):
     assert all(m.endswith("done earlier, skipped") for m in messages)
 
 
-def test_an_interrupted_step_runs_again_cleanly_and_only_it(inputs, tmp_path):
+def test_an_interrupted_step_runs_again_cleanly_and_only_it(done, inputs, tmp_path):
     folder = tmp_path / "study"
     shutil.copytree(inputs["root"] / "study", folder, symlinks=True)
     paths = StudyPaths(folder)
@@ -315,7 +315,11 @@ def _args(inputs, folder, *extra):
     ("off_grid", "case 'case_01': its label map"),
     ("not_a_study", "is not empty and holds no study.json"),
 ])
-def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, case, message):
+def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, monkeypatch, case, message):
+    def no_nnunet(*args):
+        raise AssertionError("nnU-Net was reached")
+
+    monkeypatch.setattr(nnunet, "run_child", no_nnunet)
     cts, segs = tmp_path / "cts", tmp_path / "segs"
     shutil.copytree(inputs["cts"], cts)
     shutil.copytree(inputs["segs"], segs)

@@ -116,7 +116,8 @@ class NnUNet:
     """nnU-Net's -device: cuda, cpu or mps."""
     processes: int = 4
     tta: bool = True
-    launch: Launcher = field(default=run_child, compare=False)
+    launch: Launcher | None = field(default=None, compare=False)
+    """Runs a console script (default :func:`run_child`)."""
     echo: Callable[[str], None] | None = field(default=None, compare=False)
 
     @property
@@ -147,7 +148,8 @@ class NnUNet:
         return self.paths.predictions / dataset / self.tag
 
     def _run(self, step: str, script: str, args: list[str], stage: str) -> None:
-        self.launch(script, args, self.environment(stage), self.paths.logs / f"{step}.log", self.echo)
+        launch = self.launch or run_child
+        launch(script, args, self.environment(stage), self.paths.logs / f"{step}.log", self.echo)
 
     def plan(self, dataset: str) -> None:
         """Fingerprint, plan and preprocess (with nnU-Net's dataset check); this configuration's preprocessed data
