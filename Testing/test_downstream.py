@@ -92,7 +92,7 @@ def settings(inputs: dict[str, Path], **changes) -> StudySettings:
 
 
 def study(folder: Path, fake: FakeNnUNet, tta: bool = False) -> NnUNet:
-    return NnUNet(StudyPaths(folder), "2d", "nnUNetTrainer_1epoch", "all", "cpu", 1, tta, launch=fake)
+    return NnUNet(StudyPaths(folder), "2d", "nnUNetTrainer_1epoch", "all", "cpu", 1, tta, threads=1, launch=fake)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +182,7 @@ def test_nnunet_runs_with_its_folders_in_the_study_and_cpu_settings(done):
     for _, _, env in calls:
         assert env["nnUNet_raw"] == str(paths.raw) and env["nnUNet_results"] == str(paths.results)
         assert env["nnUNet_compile"] == "f" and env["PYTHONIOENCODING"] == "utf-8"
+        assert env["CTSYNTH_NNUNET_THREADS"] == "1"
     assert plan[2]["nnUNet_n_proc_DA"] == "1" and train[2]["nnUNet_n_proc_DA"] == "0"
 
 
@@ -294,6 +295,18 @@ def test_a_failed_nnunet_child_is_one_line_naming_its_log(tmp_path):
     assert log.read_text(encoding="utf-8").startswith("$ nnUNetv2_train --trainer")
 
 
+def test_the_launcher_caps_nnunets_cpu_count_when_asked():
+    import subprocess
+    import sys
+
+    probe = nnunet._LAUNCH.replace("sys.exit(entry.load()())", "print(multiprocessing.cpu_count())")
+    for threads, expected in (("3", "3"), (None, str(os.cpu_count()))):
+        env = {k: v for k, v in os.environ.items() if k != nnunet.THREADS_VARIABLE}
+        env.update({} if threads is None else {nnunet.THREADS_VARIABLE: threads})
+        out = subprocess.run([sys.executable, "-c", probe, "nnUNetv2_train"], env=env, capture_output=True, check=True)
+        assert out.stdout.decode().strip() == expected
+
+
 def _run_main(capsys, *argv) -> tuple[int, str]:
     code = main([str(a) for a in argv])
     err = capsys.readouterr().err
@@ -360,7 +373,7 @@ def test_whole_study_with_nnunet_on_the_cpu(inputs, tmp_path, capsys):
     """The real thing: nnU-Net plans, trains one epoch and predicts for each dataset (tens of minutes on 2 busy
     cores); the numbers mean nothing, the pipeline working end to end does."""
     folder = tmp_path / "study"
-    args = _args(inputs, folder, "--no-tta", "--processes", "1")
+    args = _args(inputs, folder, "--no-tta", "--processes", "1", "--threads", "1")
     assert main([str(a) for a in args]) == 0
     out = capsys.readouterr().out
     assert "| organ | real | real+synthetic | synthetic |" in out and "| Mean over organs |" in out

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nnU-Net ids ID, ID+1, ID+2 for real, real+synthetic, synthetic (default 501)")
     nnunet.add_argument("--processes", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
                         help="nnU-Net worker processes for preprocessing and export (default min(8, CPUs))")
+    nnunet.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads of nnU-Net on the CPU (default: every core, nnU-Net's choice; on a "
+                             "shared machine 1 can be much faster)")
     parser.add_argument("--study", type=Path, required=True, help="the study folder (new, or one to resume)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps: synthesis and nnU-Net")
     parser.add_argument("--verbose", action="store_true", help="show nnU-Net's output (always in STUDY/logs/)")
@@ -73,15 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if not 1 <= args.dataset_id <= 997:
             raise InputError(f"--dataset-id {args.dataset_id}: use 1..997 (the study uses three consecutive ids)")
-        if args.processes < 1:
-            raise InputError(f"--processes {args.processes} must be at least 1")
+        for option, value in (("--processes", args.processes), ("--threads", args.threads)):
+            if value is not None and value < 1:
+                raise InputError(f"{option} {value} must be at least 1")
         check_convention(args.labels)
         device = select_device(args.device)
         settings = StudySettings(tuple(args.cts), args.segs, args.test, args.model, args.samples, args.train,
                                  args.labels, args.preset, args.seed, args.dataset_id, device,
                                  select_precision(args.precision, device))
         nnunet = NnUNet(StudyPaths(args.study), args.configuration, args.trainer, args.fold, device.type,
-                        args.processes, not args.no_tta, echo=(lambda line: print(line, file=sys.stderr))
+                        args.processes, not args.no_tta, args.threads, echo=(lambda line: print(line, file=sys.stderr))
                         if args.verbose else None)
         report = run_study(settings, nnunet, say)
     except CTSynthError as exc:

@@ -28,10 +28,15 @@ from .datasets import NIFTI, StudyPaths
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 FOLDS = ("all", "0", "1", "2", "3", "4")
 PLANS = "nnUNetPlans"
-_LAUNCH = ("import sys; from importlib.metadata import entry_points; "
+THREADS_VARIABLE = "CTSYNTH_NNUNET_THREADS"
+_LAUNCH = ("import multiprocessing, os, sys; from importlib.metadata import entry_points; "
+           f"threads = os.environ.get('{THREADS_VARIABLE}'); "
+           "multiprocessing.cpu_count = (lambda: int(threads)) if threads else multiprocessing.cpu_count; "
            "(entry,) = entry_points(group='console_scripts', name=sys.argv[1]); "
            "sys.argv = sys.argv[1:]; sys.exit(entry.load()())")
-"""Runs an nnU-Net console script by name with the current interpreter (no PATH lookup, same venv)."""
+"""Runs an nnU-Net console script by name with the current interpreter (no PATH lookup, same venv). nnU-Net's
+training and prediction with ``-device cpu`` give torch ``multiprocessing.cpu_count()`` threads; with
+``CTSYNTH_NNUNET_THREADS`` set, the child's count is that number (on a shared machine fewer threads are faster)."""
 
 Launcher = Callable[[str, Sequence[str], Mapping[str, str], Path, "Callable[[str], None] | None"], None]
 """(console script, arguments, environment, log file, echo) -> None; raises StepFailed."""
@@ -116,6 +121,8 @@ class NnUNet:
     """nnU-Net's -device: cuda, cpu or mps."""
     processes: int = 4
     tta: bool = True
+    threads: int | None = None
+    """torch threads of nnU-Net on the CPU (None: nnU-Net's choice, every core)."""
     launch: Launcher | None = field(default=None, compare=False)
     """Runs a console script (default :func:`run_child`)."""
     echo: Callable[[str], None] | None = field(default=None, compare=False)
@@ -133,6 +140,8 @@ class NnUNet:
                    nnUNet_def_n_proc=str(self.processes))
         if self.device == "cpu":
             env.update(nnUNet_compile="f", nnUNet_n_proc_DA="1" if stage == "plan" else "0")
+        if self.threads is not None:
+            env[THREADS_VARIABLE] = str(self.threads)
         return env
 
     def plan_output(self, dataset: str) -> Path:
