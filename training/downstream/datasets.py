@@ -53,60 +53,21 @@ class Cases:
     test: tuple[Case, ...]
 
 
-@dataclass(frozen=True)
 class StudyPaths:
-    """Where a study's files go, all under one folder."""
+    """Where a study's files go, all under one folder (docs/downstream.md lists them)."""
 
-    root: Path
-
-    @property
-    def record(self) -> Path:
-        return self.root / "study.json"
-
-    @property
-    def labels(self) -> Path:
-        return self.root / "labels"
-
-    @property
-    def converted(self) -> Path:
-        """Real CTs given in another format than .nii.gz, converted once."""
-        return self.root / "real"
-
-    @property
-    def synthetic(self) -> Path:
-        return self.root / "synthetic"
-
-    @property
-    def raw(self) -> Path:
-        return self.root / "nnUNet_raw"
-
-    @property
-    def preprocessed(self) -> Path:
-        return self.root / "nnUNet_preprocessed"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "nnUNet_results"
-
-    @property
-    def test_images(self) -> Path:
-        return self.root / "test" / "imagesTs"
-
-    @property
-    def predictions(self) -> Path:
-        return self.root / "predictions"
-
-    @property
-    def steps(self) -> Path:
-        return self.root / "steps"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "report"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.record = root / "study.json"
+        self.labels = root / "labels"
+        self.converted = root / "real"  # real CTs given in another format than .nii.gz, converted once
+        self.synthetic = root / "synthetic"
+        self.raw, self.preprocessed, self.results = (root / f"nnUNet_{n}" for n in ("raw", "preprocessed", "results"))
+        self.test_images = root / "test" / "imagesTs"
+        self.predictions = root / "predictions"
+        self.steps = root / "steps"
+        self.logs = root / "logs"
+        self.reports = root / "report"
 
     def label(self, case: str) -> Path:
         return self.labels / f"{case}{NIFTI}"
