@@ -22,7 +22,7 @@ from conftest import make_model_folder
 from data_builders.tiny_abdomen import build_tiny_abdomen
 from CTSemanticSynthLib.batch import job_seed
 from CTSemanticSynthLib.errors import InputError
-from CTSemanticSynthLib.io import Volume, read_labelmap, write_volume
+from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_volume
 from CTSemanticSynthLib.labels import MODEL_CLASSES
 from training.downstream import datasets, nnunet, report
 from training.downstream.cli import main
@@ -40,6 +40,9 @@ ORGANS_PRESENT = ["spleen", "kidney_right", "kidney_left", "liver", "aorta"]
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("downstream")
     cts, segs = build_tiny_abdomen(root / "data", cases=6)
+    ct = read_image(cts / "case_03.nii.gz")  # one CT in another format: converted once
+    write_volume(Volume(ct.array.astype(np.int16), ct.affine), cts / "case_03.nrrd")
+    (cts / "case_03.nii.gz").unlink()
     (root / "test.txt").write_text("# held out\ncase_04\ncase_05\n")
     model = make_model_folder(root / "model", class_means=[0.0] + [0.55] * 15 + [0.45])
     return {"root": root, "cts": cts, "segs": segs, "test": root / "test.txt", "model": model}
@@ -137,6 +140,12 @@ def test_real_images_are_linked_not_copied_and_samples_share_their_case_label(do
         linked = _dataset(paths, kind) / "imagesTr" / "case_01_0000.nii.gz"
         assert os.path.samefile(linked, inputs["cts"] / "case_01.nii.gz")
     assert os.path.samefile(paths.test_images / "case_05_0000.nii.gz", inputs["cts"] / "case_05.nii.gz")
+    converted = paths.converted / "case_03.nii.gz"  # the .nrrd CT, once as .nii.gz, linked from both datasets
+    assert [p.name for p in paths.converted.iterdir()] == ["case_03.nii.gz"]
+    for kind in ("real", "real+synthetic"):
+        assert os.path.samefile(_dataset(paths, kind) / "imagesTr" / "case_03_0000.nii.gz", converted)
+    original, copy = read_image(inputs["cts"] / "case_03.nrrd"), read_image(converted)
+    assert copy.same_grid(original) and np.array_equal(copy.array, original.array)
     labels = _dataset(paths, "synthetic") / "labelsTr"
     assert os.path.samefile(labels / "case_02_s1.nii.gz", paths.label("case_02"))
     assert os.path.samefile(_dataset(paths, "real") / "labelsTr" / "case_02.nii.gz", paths.label("case_02"))
@@ -238,7 +247,8 @@ def test_an_interrupted_step_runs_again_cleanly_and_only_it(done, inputs, tmp_pa
     (paths.steps / f"{train}.json").unlink()
     fake = FakeNnUNet()
     run_study(settings(inputs), study(folder, fake))
-    assert [(c[0], c[1][-1]) for c in fake.calls] == [("nnUNetv2_train", "--c")]  # nnU-Net resumes its checkpoint
+    assert fake.calls[0][0] == "nnUNetv2_train" and fake.calls[0][1][-1] == "--c"  # nnU-Net resumes its checkpoint
+    assert [c[0] for c in fake.calls[1:]] == ["nnUNetv2_predict"]  # a model trained again is tested again
 
 
 def test_a_study_folder_refuses_other_inputs(done, inputs):
@@ -327,6 +337,7 @@ def _args(inputs, folder, *extra):
     ("trainer", "--trainer nnUNetTrainer_2epochs: nnU-Net 2.6.0 has no such trainer"),
     ("off_grid", "case 'case_01': its label map"),
     ("not_a_study", "is not empty and holds no study.json"),
+    ("fold", "--fold 0 needs 5 or more real training cases (there are 4); use --fold all"),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, monkeypatch, case, message):
     def no_nnunet(*args):
@@ -351,6 +362,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, mon
         os.link(cts / "case_00.nii.gz", cts / "case_04.nii.gz")
     elif case == "trainer":
         extra = ["--trainer", "nnUNetTrainer_2epochs"]
+    elif case == "fold":
+        extra = ["--fold", "0"]
     elif case == "off_grid":
         seg, _ = read_labelmap(segs / "case_01.nii.gz")
         write_volume(Volume(seg.array, np.diag([3.0, 3.0, 5.0, 1.0])), segs / "case_01.nii.gz", overwrite=True)

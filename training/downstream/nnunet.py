@@ -65,19 +65,20 @@ def trainers() -> set[str]:
     return {name for path in root.rglob("*.py") for name in pattern.findall(path.read_text(encoding="utf-8"))}
 
 
-def check_settings(trainer: str, configuration: str, fold: str, fewest_cases: int) -> None:
+def check_settings(trainer: str, configuration: str, fold: str, training_cases: int) -> None:
     """InputError for a trainer nnU-Net does not have, an unknown configuration or fold, or a cross-validation
     fold with fewer than 5 training cases."""
     if configuration not in CONFIGURATIONS:
         raise InputError(f"--configuration {configuration}: use one of {', '.join(CONFIGURATIONS)}")
     if fold not in FOLDS:
         raise InputError(f"--fold {fold}: use all or 0..4")
-    if fold != "all" and fewest_cases < 5:
-        raise InputError(f"--fold {fold} needs 5 or more training cases in every dataset (the smallest has "
-                         f"{fewest_cases}); use --fold all")
+    if fold != "all" and training_cases < 5:
+        raise InputError(f"--fold {fold} needs 5 or more real training cases (there are {training_cases}); use "
+                         "--fold all")
     known = trainers()
     if trainer not in known:
-        short = sorted(t for t in known if re.fullmatch(r"nnUNetTrainer_\d+epochs?", t))
+        short = sorted((t for t in known if re.fullmatch(r"nnUNetTrainer_\d+epochs?", t)),
+                       key=lambda t: int(re.sub(r"\D", "", t)))
         raise InputError(f"--trainer {trainer}: nnU-Net {nnunet_version()} has no such trainer (the default is "
                          f"nnUNetTrainer; short ones: {', '.join(short)})")
 

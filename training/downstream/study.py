@@ -1,6 +1,7 @@
 """The study from inputs to report, one resumable step at a time.
 
-A step is done when its marker (``steps/<step>.json``) and its outputs exist; done steps are skipped. A step that
+A step is done when its marker (``steps/<step>.json``) and its outputs exist; done steps are skipped, unless a step
+they use ran again (a model trained anew is tested anew; datasets link to the files just written). A step that
 was interrupted has no marker and runs again from a clean state: its outputs are written atomically (label files,
 dataset folders, predictions), resumed by the library (synthetic CTs: finished jobs are kept) or by nnU-Net
 (training continues from its latest checkpoint). ``study.json`` records what defines the datasets (cases, model,
@@ -61,12 +62,13 @@ class Steps:
     def __init__(self, folder: Path, say: Say) -> None:
         self.folder, self.say = folder, say
 
-    def run(self, name: str, outputs: Sequence[Path], action: Callable[[], Any]) -> None:
-        """Run ``action`` unless step ``name`` has its marker and every output; then write the marker."""
+    def run(self, name: str, outputs: Sequence[Path], action: Callable[[], Any], force: bool = False) -> bool:
+        """Run ``action`` unless step ``name`` has its marker and every output (and ``force`` is off: an input of
+        the step was just remade); then write the marker. Returns whether it ran."""
         marker = self.folder / f"{name}.json"
-        if marker.is_file() and all(os.path.lexists(p) for p in outputs):
+        if not force and marker.is_file() and all(os.path.lexists(p) for p in outputs):
             self.say(f"{name}: done earlier, skipped")
-            return
+            return False
         marker.unlink(missing_ok=True)
         self.say(f"{name} ...")
         start = time.monotonic()
@@ -77,6 +79,7 @@ class Steps:
         write_bytes(marker, json.dumps({"step": name, "seconds": round(seconds, 1), "finished": stamp}).encode(),
                     overwrite=True)
         self.say(f"{name}: done in {seconds:.0f} s")
+        return True
 
 
 def study_record(settings: StudySettings, cases: Cases, model: LoadedModel, options: SamplingOptions) -> dict:
@@ -139,29 +142,31 @@ def run_study(settings: StudySettings, nnunet: NnUNet, say: Say = lambda message
     options = preset_options(model.config, settings.preset, seed=settings.seed)
     layout = Layout(paths.synthetic)
     jobs = plan_jobs([(c.name, c.seg) for c in cases.train], settings.samples, settings.seed, layout)
-    check_settings(nnunet.trainer, nnunet.configuration, nnunet.fold, min(len(cases.train), len(jobs)))
+    check_settings(nnunet.trainer, nnunet.configuration, nnunet.fold, len(cases.train))
     claim(paths, study_record(settings, cases, model, options))
 
     steps = Steps(paths.steps, say)
     everyone = cases.train + cases.test
-    steps.run("labels", [paths.label(c.name) for c in everyone] + [paths.real_image(c) for c in everyone],
-              functools.partial(write_organ_labels, everyone, paths, settings.labels))
-    steps.run("synthetic", [j.image for j in jobs],
-              functools.partial(synthesize_samples, jobs, model, options, settings, layout, say))
+    remade = steps.run("labels", [paths.label(c.name) for c in everyone] + [paths.real_image(c) for c in everyone],
+                       functools.partial(write_organ_labels, everyone, paths, settings.labels))
+    remade |= steps.run("synthetic", [j.image for j in jobs],
+                        functools.partial(synthesize_samples, jobs, model, options, settings, layout, say))
     entries = dataset_entries(cases, jobs, paths)
     names = {kind: dataset_name(settings.dataset_id, kind) for kind in KINDS}
     provenance = {"model": {"name": model.name, "sha256": model.sha256}, "sampling": dataclasses.asdict(options),
                   "precision": settings.precision, "batch_seed": settings.seed,
                   "samples_per_label_map": settings.samples, "synthetic_folder": str(paths.synthetic)}
     steps.run("datasets", [paths.raw / name for name in names.values()] + [paths.test_images],
-              functools.partial(build_datasets, entries, cases.test, paths, settings.dataset_id, provenance))
+              functools.partial(build_datasets, entries, cases.test, paths, settings.dataset_id, provenance),
+              force=remade)  # links to the files just written
     test_names = [c.name for c in cases.test]
     for name in names.values():
         steps.run(f"plan-{name}-{nnunet.configuration}", [nnunet.plan_output(name)],
                   functools.partial(nnunet.plan, name))
-        steps.run(f"train-{name}-{nnunet.tag}", [nnunet.train_output(name)], functools.partial(nnunet.train, name))
+        trained = steps.run(f"train-{name}-{nnunet.tag}", [nnunet.train_output(name)],
+                            functools.partial(nnunet.train, name))
         steps.run(f"predict-{name}-{nnunet.tag}", [nnunet.prediction_folder(name)],
-                  functools.partial(nnunet.predict, name, paths.test_images, test_names))
+                  functools.partial(nnunet.predict, name, paths.test_images, test_names), force=trained)
     scores = {kind: score_predictions(nnunet.prediction_folder(name), paths.labels, test_names)
               for kind, name in names.items()}
     counts = {kind: (sum(e.seed is None for e in entries[kind]), sum(e.seed is not None for e in entries[kind]))
