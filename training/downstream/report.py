@@ -184,7 +184,7 @@ def bar_chart(table: Mapping[str, Mapping[str, Summary]]) -> bytes:
     axes.set_xticks(np.arange(len(rows)), [_label(r) for r in rows], rotation=45, ha="right")
     axes.set_ylabel("Dice on held-out real CTs")
     axes.set_ylim(0, 1.05)
-    axes.legend(loc="lower right", fontsize="small")
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(kinds), frameon=False, fontsize="small")
     figure.tight_layout()
     buffer = text_io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
