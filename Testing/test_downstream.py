@@ -337,6 +337,7 @@ def _args(inputs, folder, *extra):
     ("trainer", "--trainer nnUNetTrainer_2epochs: nnU-Net 2.6.0 has no such trainer"),
     ("off_grid", "case 'case_01': its label map"),
     ("not_a_study", "is not empty and holds no study.json"),
+    ("ct_is_labels", "case 'case_01': its CT"),
     ("fold", "--fold 0 needs 5 or more real training cases (there are 4); use --fold all"),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, monkeypatch, case, message):
@@ -362,6 +363,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, mon
         os.link(cts / "case_00.nii.gz", cts / "case_04.nii.gz")
     elif case == "trainer":
         extra = ["--trainer", "nnUNetTrainer_2epochs"]
+    elif case == "ct_is_labels":
+        shutil.copy(segs / "case_01.nii.gz", cts / "case_01.nii.gz")
     elif case == "fold":
         extra = ["--fold", "0"]
     elif case == "off_grid":
@@ -377,7 +380,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, mon
     assert lines[-1].startswith("downstream: error: ") and message in lines[-1]
     if case == "not_a_study":
         assert [p.name for p in (tmp_path / "study").iterdir()] == ["notes.txt"]
-    elif case != "off_grid":  # found before anything is written
+    elif case not in ("off_grid", "ct_is_labels"):  # found before anything is written
         assert not (tmp_path / "study").exists()
 
 

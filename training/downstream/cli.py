@@ -19,10 +19,10 @@ import os
 import sys
 from pathlib import Path
 
-from CTSemanticSynthLib.cli import OneLineParser
 from CTSemanticSynthLib.device import select_device, select_precision
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.labels import check_convention
+from CTSemanticSynthLib.parsing import OneLineParser
 
 from .datasets import StudyPaths
 from .nnunet import CONFIGURATIONS, NnUNet

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from CTSemanticSynthLib.batch import Job, case_name, list_cases
+from CTSemanticSynthLib.batch import case_name, list_cases
+from CTSemanticSynthLib.batch_layout import Job
 from CTSemanticSynthLib.errors import CTSynthError, InputError
-from CTSemanticSynthLib.io import (READ_SUFFIXES, Volume, atomic_folder, read_image, read_labelmap, write_bytes,
+from CTSemanticSynthLib.io import (READ_SUFFIXES, Volume, atomic_folder, read_ct, read_labelmap, write_bytes,
                                    write_volume)
 from CTSemanticSynthLib.labels import BODY, MODEL_CLASSES
 from CTSemanticSynthLib.synthesis import prepare_classes
@@ -167,7 +168,7 @@ def write_organ_labels(cases: Sequence[Case], paths: StudyPaths, convention: str
     paths.labels.mkdir(parents=True, exist_ok=True)
     for case in cases:
         try:
-            ct = read_image(case.ct)
+            ct = read_ct(case.ct, f"its CT {case.ct}")
             seg, names = read_labelmap(case.seg)
             if not seg.same_grid(ct):
                 raise InputError(f"its label map {case.seg} is not on the grid of its CT {case.ct} (shape, spacing, "

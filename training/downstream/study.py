@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from CTSemanticSynthLib.batch import BatchSettings, Job, Layout, plan_jobs, run_batch
+from CTSemanticSynthLib.batch import BatchSettings, plan_jobs, run_batch
+from CTSemanticSynthLib.batch_layout import Job, Layout
 from CTSemanticSynthLib.checkpoint import LoadedModel, load_model, resolve_model_path
 from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.io import check_distinct_paths, write_bytes
