@@ -338,6 +338,7 @@ def _args(inputs, folder, *extra):
     ("off_grid", "case 'case_01': its label map"),
     ("not_a_study", "is not empty and holds no study.json"),
     ("ct_is_labels", "case 'case_01': its CT"),
+    ("study_uncreatable", "cannot be created"),
     ("fold", "--fold 0 needs 5 or more real training cases (there are 4); use --fold all"),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, monkeypatch, case, message):
@@ -349,6 +350,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, mon
     shutil.copytree(inputs["cts"], cts)
     shutil.copytree(inputs["segs"], segs)
     extra: list = []
+    folder = tmp_path / "study"
     test = tmp_path / "test.txt"
     test.write_text("case_04\ncase_05\n")
     if case == "in_train":
@@ -363,6 +365,9 @@ def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, mon
         os.link(cts / "case_00.nii.gz", cts / "case_04.nii.gz")
     elif case == "trainer":
         extra = ["--trainer", "nnUNetTrainer_2epochs"]
+    elif case == "study_uncreatable":
+        (tmp_path / "file").write_text("")
+        folder = tmp_path / "file" / "study"
     elif case == "ct_is_labels":
         shutil.copy(segs / "case_01.nii.gz", cts / "case_01.nii.gz")
     elif case == "fold":
@@ -373,7 +378,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(inputs, tmp_path, capsys, mon
     elif case == "not_a_study":
         (tmp_path / "study").mkdir()
         (tmp_path / "study" / "notes.txt").write_text("mine")
-    args = _args({**inputs, "cts": cts, "segs": segs, "test": test}, tmp_path / "study", *extra)
+    args = _args({**inputs, "cts": cts, "segs": segs, "test": test}, folder, *extra)
     code, err = _run_main(capsys, *args)
     lines = err.splitlines()
     assert code == 2 and "Traceback" not in err and sum("error" in line for line in lines) == 1

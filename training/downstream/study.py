@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from CTSemanticSynthLib.batch import BatchSettings, plan_jobs, run_batch
-from CTSemanticSynthLib.batch_layout import Job, Layout
+from CTSemanticSynthLib.batch_layout import Job, JobResult, Layout
 from CTSemanticSynthLib.checkpoint import LoadedModel, load_model, resolve_model_path
 from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.io import check_distinct_paths, write_bytes
@@ -112,14 +112,17 @@ def claim(paths: StudyPaths, record: dict) -> None:
         raise InputError(f"--study {paths.root} is not empty and holds no study.json; give a new or empty folder")
     if paths.root.exists() and not paths.root.is_dir():
         raise InputError(f"--study {paths.root} is a file; give a folder")
-    paths.root.mkdir(parents=True, exist_ok=True)
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--study {paths.root} cannot be created: {exc.strerror}") from None
     write_bytes(paths.record, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def synthesize_samples(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions, settings: StudySettings,
                        layout: Layout, say: Say) -> None:
     """The synthetic CTs, with the library's resumable batch; InputError when any sample failed."""
-    def progress(result, done: int, total: int) -> None:
+    def progress(result: JobResult, done: int, total: int) -> None:
         detail = result.error or ("" if result.seconds is None else f"{result.seconds:.1f} s")
         say(f"  synthetic {done}/{total}: {result.job.case} sample {result.job.sample} {result.status} ({detail})")
 
