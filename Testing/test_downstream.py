@@ -257,10 +257,12 @@ def test_a_study_folder_refuses_other_inputs(done, inputs):
 
 
 def test_summarise_is_the_student_t_interval_over_cases():
-    s = report.summarise([0.8, 0.9, 1.0, math.nan])
+    s = report.summarise([0.6, 0.7, 0.8, math.nan])
     half = 4.302653 * 0.1 / math.sqrt(3)  # t(0.975, 2 dof) from a table
-    assert (s.cases, s.mean) == (3, pytest.approx(0.9))
-    assert (s.low, s.high) == (pytest.approx(0.9 - half, abs=1e-6), pytest.approx(0.9 + half, abs=1e-6))
+    assert (s.cases, s.mean) == (3, pytest.approx(0.7))
+    assert (s.low, s.high) == (pytest.approx(0.7 - half, abs=1e-6), pytest.approx(0.7 + half, abs=1e-6))
+    wide = report.summarise([0.1, 0.95])  # t interval beyond Dice's range: clipped
+    assert (wide.low, wide.high) == (0.0, 1.0)
     one = report.summarise([0.7])
     assert one.cases == 1 and one.mean == 0.7 and math.isnan(one.low)
     assert report.summarise([math.nan]).cases == 0

@@ -2,8 +2,8 @@
 bar chart, next to the numbers MAISI and MedSegFactory report for their own data.
 
 Per organ: Dice per test case (an organ absent from both prediction and reference has none), the mean over cases
-and its 95 % confidence interval (Student's t over cases). The "mean" row is each case's mean over its organs,
-summarised the same way.
+and its 95 % confidence interval (Student's t over cases, clipped to Dice's range [0, 1]). The "mean" row is each
+case's mean over its organs, summarised the same way.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class Summary:
 
 
 def summarise(values: Sequence[float]) -> Summary:
-    """Mean and Student-t 95 % confidence interval of the non-NaN values (no interval below 2 values)."""
+    """Mean and Student-t 95 % confidence interval of the non-NaN Dice values, clipped to [0, 1] (no interval
+    below 2 values)."""
     kept = np.array([v for v in values if not math.isnan(v)], dtype=np.float64)
     if kept.size == 0:
         return Summary(0, math.nan, math.nan, math.nan)
@@ -79,7 +80,7 @@ def summarise(values: Sequence[float]) -> Summary:
     if kept.size < 2:
         return Summary(1, mean, math.nan, math.nan)
     half = float(stats.t.ppf(0.975, kept.size - 1) * kept.std(ddof=1) / math.sqrt(kept.size))
-    return Summary(int(kept.size), mean, mean - half, mean + half)
+    return Summary(int(kept.size), mean, max(mean - half, 0.0), min(mean + half, 1.0))
 
 
 def score_predictions(predictions: Path, labels: Path, cases: Sequence[str]) -> dict[str, dict[str, float]]:
