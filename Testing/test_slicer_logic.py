@@ -30,12 +30,8 @@ MODULE_DIR = Path(__file__).resolve().parent.parent / "CTSemanticSynth"
 sys.path.insert(0, str(MODULE_DIR))
 
 from CTSemanticSynthLib.labels import totalsegmentator_names  # noqa: E402
-from CTSemanticSynthSlicerLib.logic import (  # noqa: E402
-    ATTRIBUTE_PREFIX,
-    SynthesisError,
-    SynthesisLogic,
-    TotalSegmentatorWeightsMissing,
-)
+from CTSemanticSynthSlicerLib.logic import SynthesisError, SynthesisLogic, TotalSegmentatorWeightsMissing  # noqa: E402
+from CTSemanticSynthSlicerLib.tasks import ATTRIBUTE_PREFIX  # noqa: E402
 from CTSemanticSynthSlicerLib.nodes import segmentationFromArray  # noqa: E402
 from CTSemanticSynthSlicerLib.process import State  # noqa: E402
 from CTSemanticSynthSlicerLib.segments import LabelMappingError  # noqa: E402
@@ -449,7 +445,7 @@ def test_sampler_and_precision_reach_the_command(scene, tmp_path, sampler, preci
 def test_finish_dice_loads_table_and_segmentation(scene, logic, tmp_path):
     """finishDice with the files `ctsynth evaluate` is expected to write (see SynthesisLogic.diceCommand)."""
     from CTSemanticSynthLib.io import Volume, read_labelmap, write_volume
-    from CTSemanticSynthSlicerLib.logic import BackgroundTask
+    from CTSemanticSynthSlicerLib.tasks import BackgroundTask
     from CTSemanticSynthSlicerLib.process import BackgroundProcess
 
     synthetic = load_volume(scene, SAMPLE_CT, "case01 synthetic CT")
@@ -583,7 +579,7 @@ def test_samples_give_several_volumes_and_a_variance_overlay(scene, logic, tiny_
 
 def test_regenerate_edited_region_keeps_the_rest_and_can_be_undone(scene, logic, tiny_model):
     from CTSemanticSynthLib.regenerate import grow
-    from CTSemanticSynthSlicerLib.logic import STATE_ROLE, UNDO_ROLE
+    from CTSemanticSynthSlicerLib.regeneration import STATE_ROLE, UNDO_ROLE
 
     segmentation = load_segmentation(scene, names="totalseg")
     options = {"model": str(tiny_model), "seed": 5, **FAST}

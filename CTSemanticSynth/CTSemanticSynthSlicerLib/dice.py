@@ -1,0 +1,185 @@
+"""Dice with TotalSegmentator (``ctsynth evaluate --totalseg``) in the background, its table and segmentation in the
+scene, and TotalSegmentator's own weight download when the user agreed and is online."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import vtk
+
+import slicer
+from CTSemanticSynthLib.labels import COLORS, DISPLAY_NAMES, MODEL_CLASSES, normalize_name
+
+from .nodes import SynthesisError, readArray, segmentationFromArray, writeVolume
+from .process import BackgroundProcess, State, pythonCommand
+from .segments import exportOrder, mappingJson
+from .tasks import ATTRIBUTE_PREFIX, CLI_MODULE, BackgroundTask
+
+TOTALSEG_DOWNLOAD_MODULE = "totalsegmentator.bin.totalseg_download_weights"  # TotalSegmentator 2.x's own command
+WEIGHTS_MISSING = "TotalSegmentator weights for the"  # how `ctsynth evaluate --totalseg` says they are missing
+
+
+class TotalSegmentatorWeightsMissing(SynthesisError):
+    """TotalSegmentator's weights are not on this computer (the message says where they go)."""
+
+
+
+class DiceEvaluation:
+    # --- Dice with TotalSegmentator ----------------------------------------------------------------------------
+    def startDice(self, syntheticVolumeNode, segmentationNode, realVolumeNode=None, labels: str = "auto",
+                  mappingFile: str | None = None, device: str = "auto", fast: bool = True) -> BackgroundTask:
+        """Run TotalSegmentator on the synthetic CT (and the real one, as the ceiling) in the background and score
+        it against the input segmentation. Finish with :meth:`finishDice`."""
+        classes = self.classifySegments(segmentationNode, labels, mappingFile)
+        order = exportOrder(classes)
+        workDir = self._workDir("dice")
+        try:
+            synthetic = workDir / "synthetic.nii.gz"
+            writeVolume(syntheticVolumeNode, synthetic)
+            seg = workDir / "labels.nrrd"
+            self.exportLabelmap(segmentationNode, [s.segmentId for s, _ in order], syntheticVolumeNode, seg)
+            (workDir / "labels.json").write_text(mappingJson(order))
+            real = None
+            if realVolumeNode is not None:
+                real = workDir / "real.nii.gz"
+                writeVolume(realVolumeNode, real)
+            args = self.diceCommand(synthetic, seg, workDir / "labels.json", real, workDir / "dice.json",
+                                    workDir / "totalseg_synthetic.nii.gz", device, fast)
+            process = BackgroundProcess(pythonCommand(self.python(), CLI_MODULE, *map(str, args)),
+                                        env=self.childEnvironment(), cwd=str(workDir))
+        except BaseException:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        task = BackgroundTask(process, workDir, "dice", keepFiles=self.keepFiles, inputs={
+            "syntheticID": syntheticVolumeNode.GetID(), "json": workDir / "dice.json",
+            "totalseg": workDir / "totalseg_synthetic.nii.gz"})
+        process.start()
+        return task
+
+    @staticmethod
+    def diceCommand(synthetic: Path, seg: Path, labels: Path, real: Path | None, jsonOut: Path, segOut: Path,
+                    device: str, fast: bool) -> list:
+        """``ctsynth evaluate --totalseg`` (CTSemanticSynthLib/cli/evaluate.py), keeping TotalSegmentator's label map."""
+        args = ["evaluate", "--synthetic", synthetic, "--seg", seg, "--labels", labels, "--totalseg",
+                "--json", jsonOut, "--device", device, "--overwrite", "--save-totalseg", segOut]
+        if real is not None:
+            args += ["--real", real]
+        if not fast:
+            args.append("--full")
+        return args
+
+    def finishDice(self, task: BackgroundTask, tableNode=None):
+        """Load the Dice results into a table node (new if None) and the TotalSegmentator segmentation; returns
+        (tableNode, segmentationNode or None)."""
+        try:
+            state = task.poll()
+            if state is State.FAILED and task.process.errorMessage().startswith(WEIGHTS_MISSING):
+                raise TotalSegmentatorWeightsMissing(task.process.errorMessage())
+            if state is not State.SUCCEEDED:
+                raise SynthesisError(f"Dice evaluation failed: {task.process.errorMessage()}"
+                                     if state is State.FAILED else f"Dice evaluation is {state.value}")
+            results = json.loads(Path(task.inputs["json"]).read_text(encoding="utf-8"))
+            scene = slicer.mrmlScene
+            synthetic = scene.GetNodeByID(task.inputs["syntheticID"])
+            name = synthetic.GetName() if synthetic else "synthetic CT"
+            if tableNode is None:
+                tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(f"{name} Dice"))
+            self.fillDiceTable(tableNode, results)
+            segNode = None
+            if Path(task.inputs["totalseg"]).is_file():
+                segNode = self.loadClassLabelmap(Path(task.inputs["totalseg"]), f"{name} TotalSegmentator")
+                if synthetic is not None:
+                    self.placeBeside(segNode, synthetic)
+            return tableNode, segNode
+        finally:
+            if task.poll().finished:
+                task.cleanup()
+
+    def weightsDownloadCommand(self, fast: bool = True) -> list[str]:
+        """TotalSegmentator's own download command (any 2.x version) for the weights of its 'total' task."""
+        return pythonCommand(self.python(), TOTALSEG_DOWNLOAD_MODULE, "-t", "total_fast" if fast else "total")
+
+    def startWeightsDownload(self, fast: bool = True) -> BackgroundTask:
+        """Let TotalSegmentator download its weights; only after the user agreed, and only when :meth:`isOnline`."""
+        process = BackgroundProcess(self.weightsDownloadCommand(fast), env=self.childEnvironment())
+        return BackgroundTask(process.start(), self._workDir("weights"), "weights", keepFiles=self.keepFiles)
+
+    @staticmethod
+    def finishWeightsDownload(task: BackgroundTask) -> None:
+        """Raise SynthesisError with TotalSegmentator's message unless the download succeeded."""
+        try:
+            if task.poll() is not State.SUCCEEDED:
+                raise SynthesisError(f"TotalSegmentator's weight download {task.poll().value}: "
+                                     f"{task.process.errorMessage()}")
+        finally:
+            task.cleanup()
+
+    @staticmethod
+    def isOnline(host: str = "github.com", timeout: float = 3.0) -> bool:
+        """Whether a connection to ``host`` (where TotalSegmentator's weights are) can be opened."""
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _diceColumns(results: dict) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """({column title: {class name: dice}}, {column title: mean}) from ``ctsynth evaluate --json``
+        (its "totalseg" part: {"synthetic": {organ: dice or null}, "real": ..., "mean_synthetic": ...})."""
+        results = results.get("totalseg", results)
+        columns, means = {}, {}
+        for key, title in (("synthetic", "Dice synthetic CT"), ("real", "Dice real CT")):
+            part = results.get(key)
+            if isinstance(part, dict):
+                part = part.get("dice", part)
+                columns[title] = {normalize_name(k): float(v) for k, v in part.items() if isinstance(v, (int, float))}
+                if isinstance(results.get(f"mean_{key}"), (int, float)):
+                    means[title] = float(results[f"mean_{key}"])
+        if not columns:
+            raise SynthesisError("the Dice results file has no per-organ values")
+        return columns, means
+
+    @classmethod
+    def fillDiceTable(cls, tableNode, results: dict) -> None:
+        """Organ | Dice synthetic CT | [Dice real CT], one row per organ scored plus the mean."""
+        columns, means = cls._diceColumns(results)
+        organs = [c for c in MODEL_CLASSES if any(c in col for col in columns.values())]
+        wasModifying = tableNode.StartModify()
+        tableNode.RemoveAllColumns()
+        names = vtk.vtkStringArray()
+        names.SetName("Organ")
+        for organ in organs:
+            names.InsertNextValue(DISPLAY_NAMES[MODEL_CLASSES.index(organ)])
+        names.InsertNextValue("Mean")
+        tableNode.AddColumn(names)
+        for title, values in columns.items():
+            array = vtk.vtkDoubleArray()
+            array.SetName(title)
+            scored = [values.get(organ, float("nan")) for organ in organs]
+            for value in scored:
+                array.InsertNextValue(value)
+            mean = means.get(title, float(np.nanmean(scored)) if np.isfinite(scored).any() else float("nan"))
+            array.InsertNextValue(mean)
+            tableNode.AddColumn(array)
+        tableNode.SetUseColumnTitleAsColumnHeader(True)
+        tableNode.SetAttribute(ATTRIBUTE_PREFIX + "DiceResults", json.dumps(results, sort_keys=True))
+        tableNode.EndModify(wasModifying)
+
+    @staticmethod
+    def loadClassLabelmap(path: Path, name: str):
+        """A segmentation node from a label map in model class ids, with the model's names and colours."""
+        voxels, ijkToRAS = readArray(path)
+        segNode = segmentationFromArray(voxels, ijkToRAS, slicer.mrmlScene.GenerateUniqueName(name))
+        segmentation = segNode.GetSegmentation()
+        for i in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(i)
+            value = int(segment.GetLabelValue())
+            if 0 < value < len(MODEL_CLASSES):
+                segment.SetName(DISPLAY_NAMES[value])
+                segment.SetColor(*(c / 255.0 for c in COLORS[value]))
+        return segNode

@@ -1,0 +1,109 @@
+"""Side-by-side review with blinding, and the reader study's cases in the scene: taken from it or loaded from files,
+shown blinded, removed afterwards, and the summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import vtk
+
+import slicer
+
+from .nodes import loadVolumeFile, removeNodes
+from .reader_study import StudyCase, StudySummary
+from .review import setupReviewLayout
+from .tasks import ATTRIBUTE_PREFIX
+
+
+class ReviewAndStudy:
+    # --- review ------------------------------------------------------------------------------------------------
+    def showReview(self, syntheticVolumeNode, segmentationNode=None, realVolumeNode=None, swap: bool = False,
+                   orientation: str = "Axial", blind: bool = False) -> dict[str, str | None]:
+        """Side-by-side review (see :func:`review.setupReviewLayout`); ``blind`` also hides the volumes' names and
+        Data module entries until :meth:`reveal` (refused without a real CT: an empty side gives the answer away)."""
+        if blind and realVolumeNode is None:
+            raise ValueError("blind review needs the real CT: select it as 'Reference CT'")
+        shown = setupReviewLayout(syntheticVolumeNode, segmentationNode, realVolumeNode, swap, orientation)
+        if blind:  # (ends an earlier blinding first)
+            scene = syntheticVolumeNode.GetScene()
+            self.blinding.blind(scene.GetNodeByID(shown["Red"]), scene.GetNodeByID(shown["Yellow"]))
+        else:
+            self.blinding.restore()
+        return shown
+
+    def reveal(self) -> None:
+        """End blinding: the volumes get their names back and reappear in the Data module."""
+        self.blinding.restore()
+
+    # --- reader study ------------------------------------------------------------------------------------------
+    @classmethod
+    def casesFromScene(cls, scene) -> list[StudyCase]:
+        """A reader-study case for each synthetic CT in the scene whose reference (real) CT is still there."""
+        cases = []
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+            real = scene.GetNodeByID(node.GetAttribute(ATTRIBUTE_PREFIX + "ReferenceVolumeID") or "")
+            if cls.isSynthetic(node) and real is not None:
+                segmentation = scene.GetNodeByID(node.GetAttribute(ATTRIBUTE_PREFIX + "SourceSegmentationID") or "")
+                cases.append(StudyCase(node.GetName(), real.GetID(), node.GetID(),
+                                       segmentation.GetID() if segmentation else ""))
+        if not cases:
+            raise ValueError("the scene has no synthetic CT made with a reference CT: synthesize with 'Reference CT' "
+                             "set, or choose a study folder")
+        return cases
+
+    @classmethod
+    def loadStudyCase(cls, case: StudyCase) -> tuple[list, tuple]:
+        """(nodes added to the scene, (real, synthetic, segmentation or None)) for a case given as files or node IDs."""
+        scene = slicer.mrmlScene
+        if scene.GetNodeByID(case.real) is not None:
+            nodes = tuple(scene.GetNodeByID(i) if i else None for i in (case.real, case.synthetic, case.segmentation))
+            return [], nodes
+        added = []
+        try:
+            added += [loadVolumeFile(Path(case.real), "Study volume"),
+                      loadVolumeFile(Path(case.synthetic), "Study volume")]
+            added.append(cls.loadClassLabelmap(Path(case.segmentation), "Study segmentation")
+                         if case.segmentation else None)
+        except BaseException:
+            removeNodes(added)
+            raise
+        return [n for n in added if n is not None], tuple(added)
+
+    def showStudyCase(self, case: StudyCase, syntheticSide: str, orientation: str = "Axial") -> list:
+        """Load a reader-study case (files) or take it from the scene (node IDs) and show it blinded, the synthetic
+        CT on ``syntheticSide``; returns the nodes added (for :meth:`endStudyCase`)."""
+        added, (real, synthetic, segmentation) = self.loadStudyCase(case)
+        try:
+            self.showReview(synthetic, segmentation, real, swap=syntheticSide == "left", orientation=orientation,
+                            blind=True)
+        except BaseException:
+            removeNodes(added)
+            raise
+        return added
+
+    def endStudyCase(self, added: list) -> None:
+        """Unblind and remove the nodes :meth:`showStudyCase` added."""
+        self.reveal()
+        removeNodes(added)
+
+    @staticmethod
+    def studyTable(summary: StudySummary, tableNode=None):
+        """The reader study's summary (quantity, value) in ``tableNode``, else in the scene's "Reader study summary"
+        table (made once)."""
+        scene = slicer.mrmlScene
+        name = "Reader study summary"
+        tableNode = (tableNode or scene.GetFirstNode(name, "vtkMRMLTableNode")
+                     or scene.AddNewNodeByClass("vtkMRMLTableNode", name))
+        wasModifying = tableNode.StartModify()
+        tableNode.RemoveAllColumns()
+        for index, title in enumerate(("Quantity", "Value")):
+            column = vtk.vtkStringArray()
+            column.SetName(title)
+            for row in summary.rows():
+                column.InsertNextValue(row[index])
+            tableNode.AddColumn(column)
+        tableNode.SetUseColumnTitleAsColumnHeader(True)
+        tableNode.EndModify(wasModifying)
+        return tableNode
+

@@ -1,0 +1,269 @@
+"""Synthesis in the background (``ctsynth synth``), loading its result into the scene with its provenance, and the
+model card (``ctsynth info``). Synthesis never touches the scene until it has succeeded: inputs are exported to a
+temporary folder, and only :meth:`Synthesis.finishSynthesis` adds or changes nodes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+import slicer
+from CTSemanticSynthLib.provenance import sidecar_path
+
+from .export import GEOMETRY_TOLERANCE_MM
+from .nodes import SynthesisError, readArray, vtkMatrix
+from .process import BackgroundProcess, State, pythonCommand
+from .review import showAbdomenWindow
+from .segments import exportOrder, mappingJson
+from .tasks import ATTRIBUTE_PREFIX, CLI_MODULE, BackgroundTask
+
+logger = logging.getLogger(__name__)
+
+VARIANCE_COLORS = "vtkMRMLPETProceduralColorNodePET-Heat"
+
+
+class Synthesis:
+    # --- synthesis ---------------------------------------------------------------------------------------------
+    def startSynthesis(self, segmentationNode, outputVolumeNode=None, referenceVolumeNode=None, model: str | None = None,
+                       labels: str = "auto", mappingFile: str | None = None, strictLabels: bool = False,
+                       preset: str = "fast", steps: int = 0, seed: int = 0, device: str = "auto", batchSize: int = 0,
+                       outputName: str | None = None, samples: int = 1, sampler: str | None = None,
+                       precision: str = "auto", regionMarginMm: float | None = None) -> BackgroundTask:
+        """Export the inputs and start ``ctsynth synth`` in the background; the scene is not changed.
+
+        ``steps`` 0 and ``sampler`` None keep the preset's; ``batchSize`` 0 is ``--batch-size auto``; ``precision``
+        is ``ctsynth --precision``. ``samples`` N >= 2 makes N CTs (seeds seed..seed+N-1) and their per-voxel
+        standard deviation. ``regionMarginMm`` regenerates only what was edited: the synthetic CT
+        ``outputVolumeNode`` is kept outside the voxels whose class changed since it was made (see
+        :meth:`regionArguments`), grown by that margin. Finish with :meth:`finishSynthesis` once ``task.poll()`` says
+        SUCCEEDED.
+        """
+        regenerating = regionMarginMm is not None
+        if outputVolumeNode is not None and (outputVolumeNode is referenceVolumeNode
+                                             or outputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode")):
+            raise ValueError(f"'{outputVolumeNode.GetName()}' cannot receive the synthetic CT (it is the reference CT or "
+                             "a label map): choose 'Create new volume' or another volume")
+        if regenerating and samples != 1:
+            raise ValueError("regenerate an edited region with one sample")
+        classes = self.classifySegments(segmentationNode, labels, mappingFile, strictLabels)
+        if regenerating:
+            state = self.segmentationState(outputVolumeNode)
+            geometryNode = outputVolumeNode  # the kept CT's grid
+        else:
+            self.checkGeometry(segmentationNode, referenceVolumeNode)
+            geometryNode = self.geometrySource(segmentationNode, referenceVolumeNode)
+        order = exportOrder(classes)
+        workDir = self._workDir("synth")
+        try:
+            labelsPath, mappingPath = workDir / "labels.nrrd", workDir / "labels.json"
+            ijkToRAS, dims = self.exportLabelmap(segmentationNode, [s.segmentId for s, _ in order], geometryNode, labelsPath)
+            mappingPath.write_text(mappingJson(order))
+            args = ["synth", "--seg", labelsPath, "--out", workDir / "synthetic.nrrd", "--labels", mappingPath,
+                    "--preset", preset, "--seed", int(seed), "--device", device, "--batch-size", int(batchSize) or "auto",
+                    "--precision", precision, "--progress-lines"]
+            outputs = [workDir / "synthetic.nrrd"]
+            if samples > 1:
+                outputs = [workDir / f"synthetic_s{k}.nrrd" for k in range(samples)]
+                args += ["--samples", int(samples), "--variance-map", workDir / "std.nrrd"]
+            if classes.bodyOutline:
+                bodyPath = workDir / "body.nrrd"
+                bodyMatrix, bodyDims = self.exportLabelmap(
+                    segmentationNode, [s.segmentId for s in classes.bodyOutline], geometryNode, bodyPath)
+                if bodyDims != dims or not np.allclose(bodyMatrix, ijkToRAS, atol=GEOMETRY_TOLERANCE_MM):
+                    raise SynthesisError("the body outline segment could not be exported on the segmentation's grid")
+                args += ["--body-mask", bodyPath]
+            if steps:
+                args += ["--steps", int(steps)]
+            if sampler:
+                args += ["--sampler", sampler]
+            if model:
+                args += ["--model", model]
+            if regenerating:
+                args += self.regionArguments(outputVolumeNode, state, workDir, regionMarginMm)
+            process = BackgroundProcess(pythonCommand(self.python(), CLI_MODULE, *map(str, args)),
+                                        env=self.childEnvironment(), cwd=str(workDir))
+        except BaseException:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        transformNode = (geometryNode or segmentationNode).GetParentTransformNode()
+        task = BackgroundTask(process, workDir, "synthesis", keepFiles=self.keepFiles, inputs={
+            "regenerating": regenerating, "labels": labelsPath, "mapping": mappingPath.read_text(encoding="utf-8"),
+            "segmentationID": segmentationNode.GetID(),
+            "referenceID": referenceVolumeNode.GetID() if referenceVolumeNode else None,
+            "outputID": outputVolumeNode.GetID() if outputVolumeNode else None,
+            "outputName": outputName or f"{segmentationNode.GetName()} synthetic CT",
+            "ijkToRAS": ijkToRAS, "dimensions": dims, "outputs": outputs,
+            "variance": workDir / "std.nrrd" if samples > 1 else None,
+            "transformID": transformNode.GetID() if transformNode else None,
+            "unknownSegments": [s.name for s in classes.unknown]})
+        if classes.warning():
+            task.warnings.append(classes.warning())
+        process.start()
+        logger.info("CTSemanticSynth: %s", " ".join(process.args))
+        return task
+
+    def finishSynthesis(self, task: BackgroundTask):
+        """Load the finished synthesis into the output node (new, or the one chosen); returns the node. With several
+        samples the others become new nodes, and ``task.nodes`` holds ``{"samples": [...], "variance": node}``."""
+        try:
+            state = task.poll()
+            if state is State.CANCELLED:
+                raise SynthesisError("synthesis was cancelled")
+            if state is not State.SUCCEEDED:
+                raise SynthesisError(f"synthesis failed: {task.process.errorMessage()}"
+                                     if state is State.FAILED else "synthesis is still running")
+            inputs = task.inputs
+            nodes = []
+            for k, output in enumerate(inputs["outputs"]):
+                name = inputs["outputName"] if k == 0 else f"{inputs['outputName']} sample {k + 1}"
+                nodes.append(self._loadSynthetic({**inputs, "outputID": inputs["outputID"] if k == 0 else None,
+                                                  "outputName": name}, output))
+            variance = self._loadVariance(inputs, nodes[0]) if inputs["variance"] else None
+            task.nodes = {"samples": nodes, "variance": variance}
+            self._storeSegmentationState(nodes[0], inputs)
+            return nodes[0]
+        finally:
+            if task.poll().finished:
+                task.cleanup()
+
+    @staticmethod
+    def _readOnGrid(inputs: dict, path: Path) -> np.ndarray:
+        voxels, ijkToRAS = readArray(path)
+        dims = voxels.shape[::-1]
+        if dims != tuple(inputs["dimensions"]) or not np.allclose(ijkToRAS, inputs["ijkToRAS"], atol=GEOMETRY_TOLERANCE_MM):
+            raise SynthesisError(f"the synthetic CT came back on another grid ({dims} vs {inputs['dimensions']}); "
+                                 "nothing was loaded")
+        return voxels
+
+    def _loadSynthetic(self, inputs: dict, output: Path):
+        scene = slicer.mrmlScene
+        voxels = self._readOnGrid(inputs, output)
+        provenance = json.loads(sidecar_path(output).read_text(encoding="utf-8"))
+        node = scene.GetNodeByID(inputs["outputID"]) if inputs["outputID"] else None
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(inputs["outputName"]))
+        if inputs.get("regenerating"):
+            self._keepPreviousVersion(node)
+        else:
+            self._dropPreviousVersion(node)
+        wasModifying = node.StartModify()
+        slicer.util.updateVolumeFromArray(node, voxels)
+        node.SetIJKToRASMatrix(vtkMatrix(inputs["ijkToRAS"]))  # exactly the segmentation's grid
+        node.SetAndObserveTransformNodeID(inputs["transformID"])
+        self._setProvenance(node, provenance, inputs)
+        node.EndModify(wasModifying)
+        showAbdomenWindow(node)
+        segmentation = scene.GetNodeByID(inputs["segmentationID"])
+        self.placeBeside(node, scene.GetNodeByID(inputs["referenceID"]) if inputs["referenceID"] else segmentation)
+        return node
+
+    def _loadVariance(self, inputs: dict, synthetic):
+        """The samples' per-voxel standard deviation (HU) as a heat-coloured volume to overlay on ``synthetic``."""
+        scene = slicer.mrmlScene
+        voxels = self._readOnGrid(inputs, inputs["variance"])
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                       scene.GenerateUniqueName(f"{inputs['outputName']} std (HU)"))
+        slicer.util.updateVolumeFromArray(node, voxels)
+        node.SetIJKToRASMatrix(vtkMatrix(inputs["ijkToRAS"]))
+        node.SetAndObserveTransformNodeID(inputs["transformID"])
+        node.SetAttribute(ATTRIBUTE_PREFIX + "VarianceOf", synthetic.GetID())
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Samples", str(len(inputs["outputs"])))
+        node.SetDescription(f"Per-voxel standard deviation (HU) of {len(inputs['outputs'])} synthetic CTs: where the "
+                            "model is unsure")
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.AutoWindowLevelOff()
+        top = max(float(voxels.max()), 1.0)
+        display.SetWindowLevel(top, top / 2)
+        display.SetAndObserveColorNodeID(VARIANCE_COLORS)
+        self.placeBeside(node, synthetic)
+        return node
+
+    @staticmethod
+    def _setProvenance(node, provenance: dict, inputs: dict) -> None:
+        options = provenance.get("options", {})
+        segmentation = slicer.mrmlScene.GetNodeByID(inputs["segmentationID"])
+        values = {
+            "Synthetic": "true",
+            "Note": provenance.get("note", "SYNTHETIC CT; not a patient image"),
+            "Generator": provenance.get("generator", ""),
+            "Model": provenance.get("model", ""),
+            "ModelSha256": provenance.get("model_sha256", ""),
+            "Sampler": options.get("sampler", ""),
+            "Steps": options.get("steps", ""),
+            "Seed": options.get("seed", ""),
+            "Device": provenance.get("device", ""),
+            "Created": provenance.get("created", ""),
+            "SourceSegmentation": segmentation.GetName() if segmentation else "",
+            "SourceSegmentationID": inputs["segmentationID"],
+            "ReferenceVolumeID": inputs["referenceID"] or "",
+            "UnknownSegments": ", ".join(inputs.get("unknownSegments", [])),
+            "Provenance": json.dumps(provenance, sort_keys=True),
+        }
+        for key, value in values.items():
+            node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
+        node.SetDescription(f"SYNTHETIC CT - not a patient image. {values['Generator']}, model {values['Model']} "
+                            f"(sha256 {values['ModelSha256'][:12]}), {values['Sampler']} {values['Steps']} steps, "
+                            f"seed {values['Seed']}")
+
+    @staticmethod
+    def isSynthetic(node) -> bool:
+        return node is not None and node.GetAttribute(ATTRIBUTE_PREFIX + "Synthetic") == "true"
+
+    @staticmethod
+    def placeBeside(node, original) -> None:
+        """Put ``node`` in the subject hierarchy folder/study of ``original`` (the scene root if it has none)."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+        parent = shNode.GetSceneItemID()
+        if original is not None and shNode.GetItemByDataNode(original):
+            parent = shNode.GetItemParent(shNode.GetItemByDataNode(original))
+        item = shNode.GetItemByDataNode(node)
+        if item:
+            shNode.SetItemParent(item, parent)
+        else:
+            shNode.CreateItem(parent, node)
+
+    def synthesize(self, segmentationNode, timeout: float | None = None, **kwargs):
+        """Blocking convenience for scripts and tests: start, wait, finish."""
+        task = self.startSynthesis(segmentationNode, **kwargs)
+        try:
+            task.wait(timeout)
+        except BaseException:
+            task.cancel()
+            raise
+        return self.finishSynthesis(task)
+
+    # --- model card (read by the library in the background process: Slicer's own process never imports torch) ----
+    def startModelInfo(self, model: str | None = None) -> BackgroundTask:
+        """Start ``ctsynth info [MODEL] --json``: the library finds the model (path, bundled or cache) and checks it."""
+        args = ["info"] + ([model] if model else []) + ["--json"]
+        process = BackgroundProcess(pythonCommand(self.python(), CLI_MODULE, *args), env=self.childEnvironment())
+        return BackgroundTask(process.start(), self._workDir("info"), "info", keepFiles=self.keepFiles)
+
+    @staticmethod
+    def finishModelInfo(task: BackgroundTask) -> dict:
+        """The model's config (name, model, classes, sha256, ...); raises SynthesisError with the library's message."""
+        try:
+            if task.poll() is not State.SUCCEEDED:
+                raise SynthesisError(task.process.errorMessage() if task.poll() is State.FAILED
+                                     else f"the model check is {task.poll().value}")
+            text = "\n".join(task.process.lines)
+            try:
+                return json.loads(text[text.index("{"):text.rindex("}") + 1])
+            except ValueError:
+                raise SynthesisError(f"unexpected output of ctsynth info: {text[-300:]}") from None
+        finally:
+            task.cleanup()
+
+    @staticmethod
+    def modelSummary(config: dict) -> str:
+        """Two lines for the panel: name, conditioning, size, classes; sha256."""
+        net = config["model"]
+        kind = net["conditioning"] if "conditioning" in net else net["method"]  # a diffusion model or a generator
+        return (f"{config.get('name', '?')} ({kind}, {net['image_size']}x{net['image_size']}), "
+                f"{len(config['classes']) - 1} classes\nsha256 {config['sha256'][:16]}...")
+

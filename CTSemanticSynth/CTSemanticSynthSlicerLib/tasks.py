@@ -1,0 +1,79 @@
+"""A ``ctsynth`` command run in the background for the Logic: the interpreter and environment it runs with, its
+temporary folder, and :class:`BackgroundTask`, which keeps what is needed to finish it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import slicer
+import CTSemanticSynthLib
+
+from .process import BackgroundProcess, State
+
+ATTRIBUTE_PREFIX = "CTSemanticSynth."
+CLI_MODULE = "CTSemanticSynthLib.cli"
+
+
+@dataclass
+class BackgroundTask:
+    """A running ``ctsynth`` command and what is needed to finish it; ``poll()``/``cancel()`` for the caller's timer."""
+
+    process: BackgroundProcess
+    workDir: Path
+    kind: str
+    inputs: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    keepFiles: bool = False
+    nodes: dict = field(default_factory=dict)
+
+    def poll(self) -> State:
+        return self.process.poll()
+
+    def cancel(self) -> None:
+        self.process.cancel()
+        self.cleanup()
+
+    def wait(self, timeout: float | None = None) -> State:
+        return self.process.wait(timeout)
+
+    def cleanup(self) -> None:
+        if not self.keepFiles:
+            shutil.rmtree(self.workDir, ignore_errors=True)
+
+
+
+class TaskRunner:
+    """Where and how background commands run (``pythonExecutable``, ``environment``, ``tempRoot``, ``keepFiles`` are
+    set by :class:`~CTSemanticSynthSlicerLib.logic.SynthesisLogic`)."""
+
+    # --- process environment ---------------------------------------------------------------------------------
+    @staticmethod
+    def _insideSlicerApp() -> bool:
+        return getattr(slicer, "app", None) is not None
+
+    def python(self) -> str:
+        if self.pythonExecutable:
+            return self.pythonExecutable
+        if self._insideSlicerApp():
+            found = shutil.which("PythonSlicer")
+            if found:
+                return found
+        return sys.executable
+
+    def childEnvironment(self) -> dict[str, str]:
+        """The environment Slicer was started with (inside Slicer), with the library on PYTHONPATH."""
+        env = dict(slicer.util.startupEnvironment()) if self._insideSlicerApp() else dict(os.environ)
+        libraryParent = str(Path(CTSemanticSynthLib.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (libraryParent, env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.environment)
+        return env
+
+    def _workDir(self, kind: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"CTSemanticSynth-{kind}-", dir=self.tempRoot))
+
