@@ -12,9 +12,9 @@ import numpy as np
 import vtk
 
 import slicer
-from CTSemanticSynthLib.labels import COLORS, DISPLAY_NAMES, MODEL_CLASSES, normalize_name
+from CTSemanticSynthLib.labels import DISPLAY_NAMES, MODEL_CLASSES, normalize_name
 
-from .nodes import SynthesisError, readArray, segmentationFromArray, writeVolume
+from .nodes import SynthesisError, loadClassLabelmap, placeBeside, writeVolume
 from .process import BackgroundProcess, State, pythonCommand
 from .segments import exportOrder, mappingJson
 from .tasks import ATTRIBUTE_PREFIX, CLI_MODULE, BackgroundTask
@@ -91,9 +91,9 @@ class DiceEvaluation:
             self.fillDiceTable(tableNode, results)
             segNode = None
             if Path(task.inputs["totalseg"]).is_file():
-                segNode = self.loadClassLabelmap(Path(task.inputs["totalseg"]), f"{name} TotalSegmentator")
+                segNode = loadClassLabelmap(Path(task.inputs["totalseg"]), f"{name} TotalSegmentator")
                 if synthetic is not None:
-                    self.placeBeside(segNode, synthetic)
+                    placeBeside(segNode, synthetic)
             return tableNode, segNode
         finally:
             if task.poll().finished:
@@ -169,17 +169,3 @@ class DiceEvaluation:
         tableNode.SetUseColumnTitleAsColumnHeader(True)
         tableNode.SetAttribute(ATTRIBUTE_PREFIX + "DiceResults", json.dumps(results, sort_keys=True))
         tableNode.EndModify(wasModifying)
-
-    @staticmethod
-    def loadClassLabelmap(path: Path, name: str):
-        """A segmentation node from a label map in model class ids, with the model's names and colours."""
-        voxels, ijkToRAS = readArray(path)
-        segNode = segmentationFromArray(voxels, ijkToRAS, slicer.mrmlScene.GenerateUniqueName(name))
-        segmentation = segNode.GetSegmentation()
-        for i in range(segmentation.GetNumberOfSegments()):
-            segment = segmentation.GetNthSegment(i)
-            value = int(segment.GetLabelValue())
-            if 0 < value < len(MODEL_CLASSES):
-                segment.SetName(DISPLAY_NAMES[value])
-                segment.SetColor(*(c / 255.0 for c in COLORS[value]))
-        return segNode

@@ -1,12 +1,16 @@
-"""The headless part of the module's Logic: MRML export/import, the background ``ctsynth`` process, review layout
-and the Dice table. Needs only ``slicer`` (MRML) and ``vtk``: no Qt, no dialogs, no ``processEvents``, so it runs
-in Slicer, in ``PythonSlicer`` and under pytest with the ``slicer-core`` package. Errors are raised as exceptions
-whose message is meant for the user.
+"""The module's Logic, headless: :class:`SynthesisLogic` is the one object the module file (and scripts, tests) use.
+It combines one helper per feature, each in its own file:
 
-Synthesis never touches the scene until it has succeeded: inputs are exported to a temporary folder (the
-temporary export nodes are removed at once), ``ctsynth synth`` runs in its own process, and only
-:meth:`SynthesisLogic.finishSynthesis` adds or changes nodes. Cancelling kills the process tree and deletes the
-folder, so the scene stays exactly as it was.
+- ``tasks``: the background ``ctsynth`` process's interpreter, environment and temporary folder;
+- ``export``: segments -> model classes, the output grid, the label map written for ``ctsynth``;
+- ``synthesis``: ``ctsynth synth`` in the background, its result loaded with provenance, the model card;
+- ``regeneration``: the stored segmentation state, regenerate-what-changed and its undo;
+- ``study_scene``: side-by-side review with blinding, reader-study cases in the scene;
+- ``dice``: TotalSegmentator Dice in the background, its table, TotalSegmentator's weight download.
+
+Needs only ``slicer`` (MRML) and ``vtk``: no Qt, no dialogs, no ``processEvents``, so it runs in Slicer, in
+``PythonSlicer`` and under pytest with the ``slicer-core`` package. Errors are raised as exceptions whose message is
+meant for the user. Synthesis never touches the scene until it has succeeded, and Cancel leaves it as it was.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from .export import SegmentationExport
 from .nodes import SynthesisError
 from .regeneration import Regeneration
 from .study_scene import ReviewAndStudy
-from .synthesis import Synthesis
 from .review import Blinding
+from .synthesis import Synthesis
 from .tasks import TaskRunner
 
 __all__ = ["SynthesisError", "SynthesisLogic", "TotalSegmentatorWeightsMissing"]

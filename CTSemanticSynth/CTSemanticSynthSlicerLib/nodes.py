@@ -1,5 +1,6 @@
-"""Volumes and segmentations between files, arrays and the MRML scene, with their geometry kept exactly. Needs only
-``slicer`` (MRML) and ``vtk``; files are read with the library's one LPS -> RAS conversion."""
+"""Volumes and segmentations between files, arrays and the MRML scene, with their geometry kept exactly, and their
+place in the subject hierarchy. Needs only ``slicer`` (MRML) and ``vtk``; files are read with the library's one
+LPS -> RAS conversion."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import vtk
 
 import slicer
+from CTSemanticSynthLib.labels import COLORS, DISPLAY_NAMES, MODEL_CLASSES
 
 
 class SynthesisError(RuntimeError):
@@ -105,3 +107,30 @@ def removeNodes(nodes) -> None:
         for helper in (h for h in helpers if h is not None):
             scene.RemoveNode(helper)
         scene.RemoveNode(node)
+
+
+def placeBeside(node, original) -> None:
+    """Put ``node`` in the subject hierarchy folder/study of ``original`` (the scene root if it has none)."""
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    parent = shNode.GetSceneItemID()
+    if original is not None and shNode.GetItemByDataNode(original):
+        parent = shNode.GetItemParent(shNode.GetItemByDataNode(original))
+    item = shNode.GetItemByDataNode(node)
+    if item:
+        shNode.SetItemParent(item, parent)
+    else:
+        shNode.CreateItem(parent, node)
+
+
+def loadClassLabelmap(path: Path, name: str):
+    """A segmentation node from a label map in model class ids, with the model's names and colours."""
+    voxels, ijkToRAS = readArray(path)
+    segNode = segmentationFromArray(voxels, ijkToRAS, slicer.mrmlScene.GenerateUniqueName(name))
+    segmentation = segNode.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        value = int(segment.GetLabelValue())
+        if 0 < value < len(MODEL_CLASSES):
+            segment.SetName(DISPLAY_NAMES[value])
+            segment.SetColor(*(c / 255.0 for c in COLORS[value]))
+    return segNode

@@ -9,10 +9,10 @@ import vtk
 
 import slicer
 
-from .nodes import loadVolumeFile, removeNodes
+from .nodes import loadClassLabelmap, loadVolumeFile, removeNodes
 from .reader_study import StudyCase, StudySummary
 from .review import setupReviewLayout
-from .tasks import ATTRIBUTE_PREFIX
+from .tasks import ATTRIBUTE_PREFIX, isSynthetic
 
 
 class ReviewAndStudy:
@@ -36,14 +36,14 @@ class ReviewAndStudy:
         self.blinding.restore()
 
     # --- reader study ------------------------------------------------------------------------------------------
-    @classmethod
-    def casesFromScene(cls, scene) -> list[StudyCase]:
+    @staticmethod
+    def casesFromScene(scene) -> list[StudyCase]:
         """A reader-study case for each synthetic CT in the scene whose reference (real) CT is still there."""
         cases = []
         for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
             node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
             real = scene.GetNodeByID(node.GetAttribute(ATTRIBUTE_PREFIX + "ReferenceVolumeID") or "")
-            if cls.isSynthetic(node) and real is not None:
+            if isSynthetic(node) and real is not None:
                 segmentation = scene.GetNodeByID(node.GetAttribute(ATTRIBUTE_PREFIX + "SourceSegmentationID") or "")
                 cases.append(StudyCase(node.GetName(), real.GetID(), node.GetID(),
                                        segmentation.GetID() if segmentation else ""))
@@ -52,8 +52,8 @@ class ReviewAndStudy:
                              "set, or choose a study folder")
         return cases
 
-    @classmethod
-    def loadStudyCase(cls, case: StudyCase) -> tuple[list, tuple]:
+    @staticmethod
+    def loadStudyCase(case: StudyCase) -> tuple[list, tuple]:
         """(nodes added to the scene, (real, synthetic, segmentation or None)) for a case given as files or node IDs."""
         scene = slicer.mrmlScene
         if scene.GetNodeByID(case.real) is not None:
@@ -63,7 +63,7 @@ class ReviewAndStudy:
         try:
             added += [loadVolumeFile(Path(case.real), "Study volume"),
                       loadVolumeFile(Path(case.synthetic), "Study volume")]
-            added.append(cls.loadClassLabelmap(Path(case.segmentation), "Study segmentation")
+            added.append(loadClassLabelmap(Path(case.segmentation), "Study segmentation")
                          if case.segmentation else None)
         except BaseException:
             removeNodes(added)

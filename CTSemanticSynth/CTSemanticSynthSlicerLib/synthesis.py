@@ -15,11 +15,11 @@ import slicer
 from CTSemanticSynthLib.provenance import sidecar_path
 
 from .export import GEOMETRY_TOLERANCE_MM
-from .nodes import SynthesisError, readArray, vtkMatrix
+from .nodes import SynthesisError, placeBeside, readArray, vtkMatrix
 from .process import BackgroundProcess, State, pythonCommand
 from .review import showAbdomenWindow
 from .segments import exportOrder, mappingJson
-from .tasks import ATTRIBUTE_PREFIX, CLI_MODULE, BackgroundTask
+from .tasks import ATTRIBUTE_PREFIX, CLI_MODULE, BackgroundTask, isSynthetic
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Synthesis:
         node.EndModify(wasModifying)
         showAbdomenWindow(node)
         segmentation = scene.GetNodeByID(inputs["segmentationID"])
-        self.placeBeside(node, scene.GetNodeByID(inputs["referenceID"]) if inputs["referenceID"] else segmentation)
+        placeBeside(node, scene.GetNodeByID(inputs["referenceID"]) if inputs["referenceID"] else segmentation)
         return node
 
     def _loadVariance(self, inputs: dict, synthetic):
@@ -180,7 +180,7 @@ class Synthesis:
         top = max(float(voxels.max()), 1.0)
         display.SetWindowLevel(top, top / 2)
         display.SetAndObserveColorNodeID(VARIANCE_COLORS)
-        self.placeBeside(node, synthetic)
+        placeBeside(node, synthetic)
         return node
 
     @staticmethod
@@ -210,22 +210,7 @@ class Synthesis:
                             f"(sha256 {values['ModelSha256'][:12]}), {values['Sampler']} {values['Steps']} steps, "
                             f"seed {values['Seed']}")
 
-    @staticmethod
-    def isSynthetic(node) -> bool:
-        return node is not None and node.GetAttribute(ATTRIBUTE_PREFIX + "Synthetic") == "true"
-
-    @staticmethod
-    def placeBeside(node, original) -> None:
-        """Put ``node`` in the subject hierarchy folder/study of ``original`` (the scene root if it has none)."""
-        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
-        parent = shNode.GetSceneItemID()
-        if original is not None and shNode.GetItemByDataNode(original):
-            parent = shNode.GetItemParent(shNode.GetItemByDataNode(original))
-        item = shNode.GetItemByDataNode(node)
-        if item:
-            shNode.SetItemParent(item, parent)
-        else:
-            shNode.CreateItem(parent, node)
+    isSynthetic = staticmethod(isSynthetic)
 
     def synthesize(self, segmentationNode, timeout: float | None = None, **kwargs):
         """Blocking convenience for scripts and tests: start, wait, finish."""

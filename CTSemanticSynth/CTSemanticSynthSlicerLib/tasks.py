@@ -19,6 +19,11 @@ ATTRIBUTE_PREFIX = "CTSemanticSynth."
 CLI_MODULE = "CTSemanticSynthLib.cli"
 
 
+def isSynthetic(node) -> bool:
+    """Whether ``node`` is a synthetic CT this module made (it carries the SYNTHETIC attribute)."""
+    return node is not None and node.GetAttribute(ATTRIBUTE_PREFIX + "Synthetic") == "true"
+
+
 @dataclass
 class BackgroundTask:
     """A running ``ctsynth`` command and what is needed to finish it; ``poll()``/``cancel()`` for the caller's timer."""
