@@ -30,6 +30,7 @@ MODULE_DIR = Path(__file__).resolve().parent.parent / "CTSemanticSynth"
 sys.path.insert(0, str(MODULE_DIR))
 
 from CTSemanticSynthLib.labels import totalsegmentator_names  # noqa: E402
+from data_builders.slicer_scene import headless_scene, load_sample_segmentation  # noqa: E402
 from CTSemanticSynthSlicerLib.logic import SynthesisError, SynthesisLogic, TotalSegmentatorWeightsMissing  # noqa: E402
 from CTSemanticSynthSlicerLib.tasks import ATTRIBUTE_PREFIX  # noqa: E402
 from CTSemanticSynthSlicerLib.nodes import segmentationFromArray  # noqa: E402
@@ -50,24 +51,12 @@ def cli_options(command: str) -> set[str]:
 @pytest.fixture
 def scene():
     """A fresh scene with the logics Slicer registers at startup (colours, segmentations, subject hierarchy)."""
-    mrml = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(mrml)
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(mrml)
-    colors.AddDefaultColorNodes()
-    app.SetModuleLogic("Colors", colors)
-    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations.SetMRMLScene(mrml)
-    app.SetModuleLogic("Segmentations", segmentations)
-    hierarchy = slicer.vtkSlicerSubjectHierarchyModuleLogic()
-    hierarchy.SetMRMLScene(mrml)
-    app.SetModuleLogic("SubjectHierarchy", hierarchy)
     previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = mrml
+    mrml, app = headless_scene()
     yield mrml
     slicer.mrmlScene = previous
     mrml.Clear(1)
+    del app
 
 
 @pytest.fixture
@@ -87,11 +76,7 @@ def node_ids(scene) -> list[str]:
 
 def load_segmentation(scene, names: str = "file"):
     """The sample label map read as Slicer's Add Data does; ``names``: 'file' (Segment_N), 'totalseg' (names)."""
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "case01 organs")
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(SAMPLE_SEG))
-    assert storage.ReadData(node)
-    node.SetAndObserveStorageNodeID(storage.GetID())
+    node = load_sample_segmentation(scene)
     if names == "totalseg":
         table = totalsegmentator_names(2)
         segmentation = node.GetSegmentation()
