@@ -25,10 +25,17 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def shown(study: ReaderStudy) -> tuple:
+    """Put the current case on screen (as the module does after showing it) and return it."""
+    current = study.current()
+    study.markShown(current[1].caseId)
+    return current
+
+
 def answer_all(study: ReaderStudy, pick_synthetic: bool) -> None:
     """Answer every case, finding the synthetic side or not; the synthetic side gets 2, the real side 4."""
-    while (current := study.current()) is not None:
-        side = current[2]
+    while study.current() is not None:
+        side = shown(study)[2]
         other = "right" if side == "left" else "left"
         scores = {side: 2, other: 4}
         study.answer(side if pick_synthetic else other, scores["left"], scores["right"])
@@ -48,7 +55,7 @@ def test_plan_follows_the_seed_and_balances_the_sides(tmp_path):
 def test_every_answer_is_written_and_the_csv_holds_the_truth(tmp_path):
     path = tmp_path / "answers.csv"
     study = ReaderStudy(path, CASES, "Dr A", seed=3)
-    position, case, side = study.current()
+    position, case, side = shown(study)
     assert position == 1 and case.caseId == study.plan[0][0] and side == study.plan[0][1]
     wrong = "right" if side == "left" else "left"
     assert study.answer(wrong, 5, 1, note="looks\nreal") is False
@@ -68,7 +75,7 @@ def test_a_session_continues_where_the_reader_stopped(tmp_path):
     path = tmp_path / "answers.csv"
     first = ReaderStudy(path, CASES, "R1", seed=11)
     for _ in range(4):
-        first.answer(first.current()[2], 3, 3)
+        first.answer(shown(first)[2], 3, 3)
     resumed = ReaderStudy(path, CASES, "R1", seed=11)
     assert resumed.current() == first.current()
     assert resumed.current()[0] == 5 and len(resumed.rows) == 4
@@ -83,6 +90,7 @@ def test_a_session_continues_where_the_reader_stopped(tmp_path):
 def test_another_reader_or_seed_cannot_continue_a_file(tmp_path):
     path = tmp_path / "answers.csv"
     study = ReaderStudy(path, CASES, "R1", seed=1)
+    shown(study)
     study.answer("left", 3, 3)
     with pytest.raises(ValueError, match="belongs to reader 'R1' with seed 1"):
         ReaderStudy(path, CASES, "R2", seed=1)
@@ -95,6 +103,7 @@ def test_another_reader_or_seed_cannot_continue_a_file(tmp_path):
 def test_invalid_answers_are_refused_and_nothing_is_written(tmp_path):
     path = tmp_path / "answers.csv"
     study = ReaderStudy(path, CASES, "R1", seed=1)
+    shown(study)
     for args in (("choose...", 3, 3), ("left", 0, 3), ("right", 3, 6)):
         with pytest.raises(ValueError):
             study.answer(*args)
@@ -117,7 +126,7 @@ def test_summary_accuracy_interval_and_mean_scores(tmp_path):
     path = tmp_path / "answers.csv"
     study = ReaderStudy(path, CASES, "R1", seed=5)
     for i in range(10):
-        side = study.current()[2]
+        side = shown(study)[2]
         found = i < 7  # the reader finds the synthetic side 7 times out of 10
         chosen = side if found else ("right" if side == "left" else "left")
         scores = {side: 1 + i % 3, ("right" if side == "left" else "left"): 5}
@@ -135,9 +144,59 @@ def test_summary_accuracy_interval_and_mean_scores(tmp_path):
     assert table["mean realism score, real CT"] == "5.000"
 
 
-def test_empty_summary_has_no_numbers(tmp_path):
-    summary = ReaderStudy(tmp_path / "a.csv", CASES, "R1", seed=1).summary()
-    assert summary.answered == 0 and dict(summary.rows())["accuracy"] == ""
+def test_no_running_score_before_the_last_case(tmp_path):
+    study = ReaderStudy(tmp_path / "a.csv", CASES, "R1", seed=1)
+    with pytest.raises(ValueError, match=r"after the last case \(0 of 10"):
+        study.summary()
+    for _ in range(9):
+        study.answer(shown(study)[2], 3, 3)
+    with pytest.raises(ValueError, match=r"after the last case \(9 of 10"):
+        study.writeSummary()
+    study.answer(shown(study)[2], 3, 3)
+    assert study.summary().answered == 10
+
+
+def test_an_answer_is_taken_only_for_the_case_on_screen(tmp_path):
+    path = tmp_path / "a.csv"
+    study = ReaderStudy(path, CASES, "R1", seed=1)
+    with pytest.raises(ValueError, match="no case is on screen"):
+        study.answer("left", 3, 3)
+    with pytest.raises(ValueError, match="not the next case"):
+        study.markShown(study.plan[1][0])
+    shown(study)
+    study.answer("left", 3, 3)
+    with pytest.raises(ValueError, match="no case is on screen"):  # the next case has not been shown yet
+        study.answer("left", 3, 3)
+    assert len(read_rows(path)) == 1
+
+
+def test_each_reader_gets_a_random_plan_recorded_in_the_csv_and_kept_on_resume(tmp_path):
+    first, second = (ReaderStudy(tmp_path / f"{r}.csv", CASES, r) for r in ("R1", "R2"))
+    assert first.seed != second.seed and first.plan != second.plan
+    first.answer(shown(first)[2], 3, 3)
+    assert read_rows(tmp_path / "R1.csv")[0]["seed"] == str(first.seed)
+    resumed = ReaderStudy(tmp_path / "R1.csv", CASES, "R1")
+    assert resumed.seed == first.seed and resumed.plan == first.plan and resumed.current() == first.current()
+
+
+def test_a_repeated_answer_row_counts_once_and_a_conflicting_one_is_refused(tmp_path):
+    path = tmp_path / "a.csv"
+    study = ReaderStudy(path, CASES, "R1", seed=4)
+    answer_all(study, pick_synthetic=True)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines + lines[1:3]), encoding="utf-8")  # two answers pasted again
+    resumed = ReaderStudy(path, CASES, "R1", seed=4)
+    summary = resumed.summary()
+    assert len(resumed.rows) == 10 and summary.answered == 10 and summary.correct == 10
+    assert (summary.ciLow, summary.ciHigh) == pytest.approx(clopperPearson(10, 10))
+    rows = read_rows(path)
+    rows.append({**rows[0], "chosen_side": "right" if rows[0]["chosen_side"] == "left" else "left"})
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match=f"answers case '{rows[0]['case']}' twice, differently"):
+        ReaderStudy(path, CASES, "R1", seed=4)
 
 
 def test_cases_from_a_folder(tmp_path):

@@ -272,6 +272,64 @@ def test_blinding_hides_names_and_data_entries_and_reveal_restores_them(scene, l
     assert synthetic.GetName() == "case01 synthetic CT" and not synthetic.GetHideFromEditors()
 
 
+def test_blinding_keeps_the_panels_selections_and_restores_every_property(scene, logic):
+    """Slicer's node selectors drop hidden nodes and write that into the parameter node: Reveal puts the panel's
+    selections back, and every display property blinding or the review layout changed."""
+    segmentation = load_segmentation(scene)
+    real = load_volume(scene, SAMPLE_CT, "case01 CT")
+    synthetic = load_volume(scene, SAMPLE_CT, "case01 synthetic CT")
+    other = load_volume(scene, SAMPLE_CT, "another CT")
+    slice_views(scene)
+    for node, (window, level, colors) in ((real, (1500, 300, "vtkMRMLColorTableNodeRainbow")),
+                                          (synthetic, (350, 50, "vtkMRMLColorTableNodeGrey"))):
+        node.CreateDefaultDisplayNodes()
+        node.GetDisplayNode().AutoWindowLevelOff()
+        node.GetDisplayNode().SetWindowLevel(window, level)
+        node.GetDisplayNode().SetAndObserveColorNodeID(colors)
+    real.SetHideFromEditors(False)
+    panel = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "CTSemanticSynth")
+    for role, node in (("inputSegmentation", segmentation), ("referenceVolume", real), ("outputVolume", synthetic)):
+        panel.SetNodeReferenceID(role, node.GetID())
+    state = lambda n: (n.GetName(), n.GetHideFromEditors(), n.GetDisplayNode().GetWindow(),  # noqa: E731
+                       n.GetDisplayNode().GetLevel(), n.GetDisplayNode().GetAutoWindowLevel(),
+                       n.GetDisplayNode().GetColorNodeID())
+    before = {n.GetID(): state(n) for n in (real, synthetic)}
+
+    logic.showReview(synthetic, segmentation, real, blind=True, parameterNode=panel)
+    displays = [n.GetDisplayNode() for n in (real, synthetic)]
+    assert len({(d.GetWindow(), d.GetLevel(), d.GetColorNodeID()) for d in displays}) == 1  # shown alike
+    displays[1].SetWindowLevel(2000, 400)  # a drag to a bone window would show the synthetic CT's clipping ...
+    displays[0].AutoWindowLevelOn()
+    assert [(d.GetWindow(), d.GetLevel(), d.GetAutoWindowLevel()) for d in displays] == [(400, 40, 0)] * 2  # ... held
+    panel.SetNodeReferenceID("outputVolume", None)  # what the selectors do with the hidden volumes
+    panel.SetNodeReferenceID("referenceVolume", other.GetID())
+    logic.reveal()
+    assert {n.GetID(): state(n) for n in (real, synthetic)} == before
+    assert panel.GetNodeReference("outputVolume") is synthetic and panel.GetNodeReference("referenceVolume") is real
+    assert panel.GetNodeReference("inputSegmentation") is segmentation
+
+
+def test_cases_from_the_scene_skip_undo_copies_and_repeat_a_real_ct_only_when_asked(scene, logic):
+    from CTSemanticSynthSlicerLib.regeneration import UNDO_ROLE
+
+    reals = [scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"real {i}") for i in range(2)]
+
+    def synthetic(name, real):
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Synthetic", "true")
+        node.SetAttribute(ATTRIBUTE_PREFIX + "ReferenceVolumeID", real.GetID())
+        return node
+
+    first = synthetic("a", reals[0])
+    samples = [synthetic(f"a sample {k}", reals[0]) for k in (2, 3)]
+    undo = synthetic("a before regeneration", reals[0])
+    first.SetNodeReferenceID(UNDO_ROLE, undo.GetID())
+    second = synthetic("b", reals[1])
+    assert [c.synthetic for c in logic.casesFromScene(scene)] == [first.GetID(), second.GetID()]
+    assert [c.synthetic for c in logic.casesFromScene(scene, samplesPerCase=5)] == [
+        first.GetID(), samples[0].GetID(), samples[1].GetID(), second.GetID()]  # never the undo copy
+
+
 def test_dice_table(scene):
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "dice")
     SynthesisLogic.fillDiceTable(table, {"totalseg": {"synthetic": {"liver": 0.9, "spleen": 0.7, "pancreas": None},
@@ -345,12 +403,13 @@ def test_reader_study_case_from_files_is_shown_blinded_and_removed(scene, logic,
     assert [views[n][0].GetOrientation() for n in ("Red", "Yellow")] == ["Sagittal", "Sagittal"]
     assert added[2].IsA("vtkMRMLSegmentationNode") and added[2].GetSegmentation().GetNumberOfSegments() > 0
     np.testing.assert_allclose(matrix(added[0]), reference_matrix()[0], atol=1e-9)  # the file's geometry
+    study.markShown(case.caseId)
     logic.endStudyCase(added)
     assert node_ids(scene) == ids  # the case's volumes, segmentation and their display nodes are gone
     assert not logic.blinding.active
-    table = logic.studyTable(study.summary())
-    assert (table.GetCellText(0, 0), table.GetCellText(0, 1)) == ("cases answered", "0")
     study.answer(side, 2, 4)
+    table = logic.studyTable(study.summary())
+    assert (table.GetCellText(0, 0), table.GetCellText(0, 1)) == ("cases answered", "1")
     assert logic.studyTable(study.summary()) is table and table.GetCellText(2, 1) == "1.000"  # updated in place
 
 

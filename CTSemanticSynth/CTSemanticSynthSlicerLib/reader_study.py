@@ -1,14 +1,17 @@
 """A blinded reader study: which side is the synthetic CT, and how realistic is each side (1-5)?
 
-Pure Python (no Slicer): the case order and the synthetic CT's side come from the seed, every answer is written to
-the CSV at once (atomically), and a session opened on an existing CSV continues where the reader stopped. The
-accuracy of picking the synthetic side gets an exact (Clopper-Pearson) binomial 95 % confidence interval.
+Pure Python (no Slicer): the case order and the synthetic CT's side come from the seed (drawn for each reader unless
+given, and recorded in every row), every answer is written to the CSV at once (atomically), and a session opened on
+an existing CSV continues where the reader stopped. An answer is taken only for the case on screen, and the summary
+(accuracy of picking the synthetic side with an exact Clopper-Pearson 95 % interval, mean realism scores) only after
+the last case, so that no running score can steer the reader.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import random
 import statistics
@@ -18,10 +21,13 @@ from pathlib import Path
 
 from CTSemanticSynthLib.io import write_bytes
 
+logger = logging.getLogger(__name__)
+
 SIDES = ("left", "right")
 SCORES = (1, 2, 3, 4, 5)
 COLUMNS = ("reader", "seed", "position", "case", "synthetic_side", "chosen_side", "correct", "score_left",
            "score_right", "score_real", "score_synthetic", "note", "answered")
+ANSWER_COLUMNS = ("chosen_side", "score_left", "score_right", "note")  # what a repeated row must repeat
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
 
 
@@ -98,10 +104,11 @@ class ReaderStudy:
     """A reader's session over ``cases``, recorded in ``csvPath`` (continued when the file exists).
 
     The order of the cases and the synthetic CT's side (as many left as right, up to one) are drawn from ``seed``:
-    the same seed gives the same plan, so a resumed session shows the remaining cases in the same order.
+    the same seed gives the same plan, so a resumed session shows the remaining cases in the same order. Without a
+    seed, a continued file gives its own, and a new one gets a random seed: each reader sees their own order.
     """
 
-    def __init__(self, csvPath: str | Path, cases: list[StudyCase], reader: str, seed: int):
+    def __init__(self, csvPath: str | Path, cases: list[StudyCase], reader: str, seed: int | None = None):
         if not cases:
             raise ValueError("the reader study has no cases")
         ids = [c.caseId for c in cases]
@@ -111,6 +118,10 @@ class ReaderStudy:
             raise ValueError("enter the reader's name or code")
         self.csvPath = Path(csvPath)
         self.reader = reader.strip()
+        existing = self._readRows()
+        if seed is None:
+            seed = int(existing[0]["seed"]) if existing and existing[0].get("seed", "").isdigit() else \
+                random.SystemRandom().randrange(1, 2**31)
         self.seed = int(seed)
         self.cases = {c.caseId: c for c in cases}
         rng = random.Random(self.seed)
@@ -118,21 +129,35 @@ class ReaderStudy:
         sides = [SIDES[i % 2] for i in range(len(ids))]
         rng.shuffle(sides)
         self.plan: list[tuple[str, str]] = list(zip(order, sides))
-        self.rows: list[dict[str, str]] = self._readExisting()
+        self.rows: list[dict[str, str]] = self._checkRows(existing)
+        self._shown: str | None = None
 
-    def _readExisting(self) -> list[dict[str, str]]:
+    def _readRows(self) -> list[dict[str, str]]:
         if not self.csvPath.exists():
             return []
         with open(self.csvPath, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            return list(csv.DictReader(f))
+
+    def _checkRows(self, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The answers of an existing file, each case once: a repeated identical answer is dropped, a case answered
+        twice differently is refused."""
         planned = dict(self.plan)
-        for row in rows:
+        kept: dict[str, dict[str, str]] = {}
+        for line, row in enumerate(rows, start=2):
             if (row.get("reader"), row.get("seed")) != (self.reader, str(self.seed)):
                 raise ValueError(f"{self.csvPath} belongs to reader '{row.get('reader')}' with seed {row.get('seed')}: "
                                  "choose another file, or the same reader and seed to continue")
-            if planned.get(row.get("case")) != row.get("synthetic_side"):
-                raise ValueError(f"{self.csvPath} has case '{row.get('case')}', which is not in this study's plan")
-        return rows
+            case = row.get("case")
+            if planned.get(case) != row.get("synthetic_side"):
+                raise ValueError(f"{self.csvPath} has case '{case}', which is not in this study's plan")
+            if case in kept:
+                if any(kept[case].get(k) != row.get(k) for k in ANSWER_COLUMNS):
+                    raise ValueError(f"{self.csvPath} answers case '{case}' twice, differently (line {line}): keep "
+                                     "one of the two rows, then continue")
+                logger.warning("%s: case '%s' is answered twice (line %d); counted once", self.csvPath, case, line)
+                continue
+            kept[case] = row
+        return list(kept.values())
 
     @property
     def answeredIds(self) -> set[str]:
@@ -150,11 +175,21 @@ class ReaderStudy:
                 return position, self.cases[caseId], side
         return None
 
+    def markShown(self, caseId: str) -> None:
+        """Record that ``caseId`` (the current case) is now on screen: only its answer is taken."""
+        current = self.current()
+        if current is None or current[1].caseId != caseId:
+            raise ValueError(f"case '{caseId}' is not the next case of the study")
+        self._shown = caseId
+
     def answer(self, chosenSide: str, scoreLeft: int, scoreRight: int, note: str = "") -> bool:
-        """Record the answer for the current case and write the CSV; returns whether the synthetic side was found."""
+        """Record the answer for the current case, which must be on screen (:meth:`markShown`), and write the CSV;
+        returns whether the synthetic side was found."""
         current = self.current()
         if current is None:
             raise ValueError("every case has been answered")
+        if self._shown != current[1].caseId:
+            raise ValueError("no case is on screen: the answer was not recorded (start or continue the study)")
         if chosenSide not in SIDES:
             raise ValueError(f"choose the synthetic side: {' or '.join(SIDES)}")
         if scoreLeft not in SCORES or scoreRight not in SCORES:
@@ -170,6 +205,7 @@ class ReaderStudy:
                "answered": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self._write(self.csvPath, self.rows + [row], COLUMNS)
         self.rows.append(row)
+        self._shown = None
         return chosenSide == side
 
     @staticmethod
@@ -181,7 +217,11 @@ class ReaderStudy:
         write_bytes(path, text.getvalue().encode("utf-8"), overwrite=True)
 
     def summary(self) -> StudySummary:
-        """Accuracy with its exact 95 % CI, and the mean realism scores of the real and the synthetic CTs."""
+        """Accuracy with its exact 95 % CI, and the mean realism scores of the real and the synthetic CTs; only once
+        every case is answered (no running score during the study)."""
+        if not self.finished:
+            raise ValueError(f"the summary is shown after the last case ({len(self.rows)} of {len(self.plan)} "
+                             "answered)")
         n = len(self.rows)
         correct = sum(int(row["correct"]) for row in self.rows)
         low, high = clopperPearson(correct, n)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import vtk
+
 import slicer
 
 from .choices import ORIENTATIONS
@@ -75,32 +77,99 @@ def setupReviewLayout(syntheticVolumeNode, segmentationNode=None, realVolumeNode
     return shown
 
 
+DISPLAY_PROPERTIES = ("Window", "Level", "AutoWindowLevel", "ColorNodeID")
+
+
+def _displayState(volumeNode) -> dict | None:
+    display = volumeNode.GetDisplayNode()
+    return None if display is None else {key: getattr(display, f"Get{key}")() for key in DISPLAY_PROPERTIES}
+
+
+def _setDisplayState(volumeNode, state: dict) -> None:
+    display = volumeNode.GetDisplayNode()
+    if display is None:
+        return
+    if _displayState(volumeNode) == state:
+        return
+    wasModifying = display.StartModify()
+    display.SetAutoWindowLevel(state["AutoWindowLevel"])
+    if not state["AutoWindowLevel"]:
+        display.SetWindowLevel(state["Window"], state["Level"])
+    display.SetAndObserveColorNodeID(state["ColorNodeID"])
+    display.EndModify(wasModifying)
+
+
+def _references(node) -> dict[str, list[str]]:
+    roles = [node.GetNthNodeReferenceRole(i) for i in range(node.GetNumberOfNodeReferenceRoles())]
+    return {role: [node.GetNthNodeReferenceID(role, i) for i in range(node.GetNumberOfNodeReferences(role))]
+            for role in roles}
+
+
 @dataclass
 class Blinding:
-    """Hides what tells the two volumes apart in the scene: their names (view controllers, Data Probe and
-    annotations show node names) become neutral, and they leave the Data module's tree and the node selectors
-    (HideFromEditors). :meth:`restore` puts everything back as it was."""
+    """Hides what tells the two volumes apart: their names (view controllers, Data Probe and annotations show node
+    names) become neutral, they leave the Data module's tree and the node selectors (HideFromEditors), and their
+    window/level is locked (a drag would show the synthetic CT's clipped intensities). :meth:`restore` puts back
+    every property it changed, and the node references of ``parameterNode``: node selectors drop hidden nodes and
+    write that into the parameter node, so without this the panel would point at other volumes after Reveal."""
 
-    _saved: list[tuple[object, str, int]] = field(default_factory=list)  # (node, name, HideFromEditors)
+    _saved: list[tuple[object, str, int, dict | None]] = field(default_factory=list)  # (node, name, hidden, display)
+    _parameterNode: object = None
+    _references: dict[str, list[str]] = field(default_factory=dict)
+    _holds: list[tuple[object, int]] = field(default_factory=list)  # (display node, observer tag)
 
     @property
     def active(self) -> bool:
         return bool(self._saved)
 
+    def remember(self, volumeNodes, parameterNode=None) -> None:
+        """Save what :meth:`blind` and the review layout will change (call before either; ends an earlier
+        blinding)."""
+        self.restore()
+        self._saved = [(node, node.GetName(), node.GetHideFromEditors(), _displayState(node)) for node in volumeNodes]
+        self._parameterNode = parameterNode
+        self._references = _references(parameterNode) if parameterNode is not None else {}
+
     def blind(self, leftVolumeNode, rightVolumeNode) -> None:
-        """Blind the two volumes shown left and right; refuses when either side is empty."""
+        """Blind the two volumes shown left and right (saved with :meth:`remember` first); refuses when either side
+        is empty."""
         if leftVolumeNode is None or rightVolumeNode is None:
+            self.restore()
             raise ValueError("blind review needs a volume on both sides: select the real CT as reference CT "
                              "(otherwise the empty side gives the answer away)")
-        self.restore()
+        if {id(n) for n, *_ in self._saved} != {id(leftVolumeNode), id(rightVolumeNode)}:
+            self.remember((leftVolumeNode, rightVolumeNode))
         for node, name in ((leftVolumeNode, "Left volume"), (rightVolumeNode, "Right volume")):
-            self._saved.append((node, node.GetName(), node.GetHideFromEditors()))
             node.SetName(name)
             node.SetHideFromEditors(True)
+            self._hold(node)
+
+    def _hold(self, volumeNode) -> None:
+        """Put the volume's window/level and colours back whenever something changes them."""
+        display, held = volumeNode.GetDisplayNode(), _displayState(volumeNode)
+        if display is not None:
+            tag = display.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: _setDisplayState(volumeNode, held))
+            self._holds.append((display, tag))
 
     def restore(self) -> None:
-        """Give the blinded volumes their names back and show them in the Data module again."""
-        for node, name, hidden in self._saved:
+        """Give the blinded volumes back their names, Data module entries and display, and the parameter node its
+        selections."""
+        for display, tag in self._holds:
+            display.RemoveObserver(tag)
+        self._holds = []
+        for node, name, hidden, display in self._saved:
             node.SetName(name)
             node.SetHideFromEditors(hidden)
-        self._saved.clear()
+            if display is not None:
+                _setDisplayState(node, display)
+        parameterNode, references = self._parameterNode, self._references
+        if parameterNode is not None:
+            wasModifying = parameterNode.StartModify()
+            for role in set(_references(parameterNode)) | set(references):
+                ids = references.get(role, [])
+                if _references(parameterNode).get(role, []) != ids:
+                    parameterNode.RemoveNodeReferenceIDs(role)
+                    for index, nodeId in enumerate(ids):
+                        parameterNode.SetNthNodeReferenceID(role, index, nodeId)
+            parameterNode.EndModify(wasModifying)
+        self._saved, self._parameterNode, self._references = [], None, {}

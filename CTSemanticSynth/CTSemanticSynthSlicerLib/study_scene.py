@@ -11,6 +11,7 @@ import slicer
 
 from .nodes import loadClassLabelmap, loadVolumeFile, removeNodes
 from .reader_study import StudyCase, StudySummary
+from .regeneration import UNDO_ROLE
 from .review import setupReviewLayout
 from .tasks import ATTRIBUTE_PREFIX, isSynthetic
 
@@ -18,35 +19,53 @@ from .tasks import ATTRIBUTE_PREFIX, isSynthetic
 class ReviewAndStudy:
     # --- review ------------------------------------------------------------------------------------------------
     def showReview(self, syntheticVolumeNode, segmentationNode=None, realVolumeNode=None, swap: bool = False,
-                   orientation: str = "Axial", blind: bool = False) -> dict[str, str | None]:
+                   orientation: str = "Axial", blind: bool = False, parameterNode=None) -> dict[str, str | None]:
         """Side-by-side review (see :func:`review.setupReviewLayout`); ``blind`` also hides the volumes' names and
-        Data module entries until :meth:`reveal` (refused without a real CT: an empty side gives the answer away)."""
+        Data module entries and locks their window/level until :meth:`reveal`, which also gives ``parameterNode``
+        (the panel's) its node selections back. Refused without a real CT: an empty side gives the answer away."""
         if blind and realVolumeNode is None:
             raise ValueError("blind review needs the real CT: select it as 'Reference CT'")
-        shown = setupReviewLayout(syntheticVolumeNode, segmentationNode, realVolumeNode, swap, orientation)
         if blind:  # (ends an earlier blinding first)
-            scene = syntheticVolumeNode.GetScene()
-            self.blinding.blind(scene.GetNodeByID(shown["Red"]), scene.GetNodeByID(shown["Yellow"]))
+            self.blinding.remember((realVolumeNode, syntheticVolumeNode), parameterNode)
         else:
             self.blinding.restore()
+        try:
+            shown = setupReviewLayout(syntheticVolumeNode, segmentationNode, realVolumeNode, swap, orientation)
+            if blind:
+                scene = syntheticVolumeNode.GetScene()
+                self.blinding.blind(scene.GetNodeByID(shown["Red"]), scene.GetNodeByID(shown["Yellow"]))
+        except BaseException:
+            self.blinding.restore()
+            raise
         return shown
 
     def reveal(self) -> None:
-        """End blinding: the volumes get their names back and reappear in the Data module."""
+        """End blinding: the volumes get their names, Data module entries and display back, the panel its
+        selections."""
         self.blinding.restore()
 
     # --- reader study ------------------------------------------------------------------------------------------
     @staticmethod
-    def casesFromScene(scene) -> list[StudyCase]:
-        """A reader-study case for each synthetic CT in the scene whose reference (real) CT is still there."""
-        cases = []
-        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
-            node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+    def casesFromScene(scene, samplesPerCase: int = 1) -> list[StudyCase]:
+        """Reader-study cases from the synthetic CTs in the scene whose reference (real) CT is still there: at most
+        ``samplesPerCase`` synthetic CTs of each real CT (the first made), so a reader does not see the same real CT
+        again unless asked. The hidden copies kept for undoing a regeneration are not cases."""
+        if samplesPerCase < 1:
+            raise ValueError("samples per case must be 1 or more")
+        volumes = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                   for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+        previousVersions = {node.GetNodeReferenceID(UNDO_ROLE) for node in volumes} - {None}
+        cases, perReal = [], {}
+        for node in volumes:
             real = scene.GetNodeByID(node.GetAttribute(ATTRIBUTE_PREFIX + "ReferenceVolumeID") or "")
-            if isSynthetic(node) and real is not None:
-                segmentation = scene.GetNodeByID(node.GetAttribute(ATTRIBUTE_PREFIX + "SourceSegmentationID") or "")
-                cases.append(StudyCase(node.GetName(), real.GetID(), node.GetID(),
-                                       segmentation.GetID() if segmentation else ""))
+            if not isSynthetic(node) or real is None or node.GetID() in previousVersions:
+                continue
+            perReal[real.GetID()] = perReal.get(real.GetID(), 0) + 1
+            if perReal[real.GetID()] > samplesPerCase:
+                continue
+            segmentation = scene.GetNodeByID(node.GetAttribute(ATTRIBUTE_PREFIX + "SourceSegmentationID") or "")
+            cases.append(StudyCase(node.GetName(), real.GetID(), node.GetID(),
+                                   segmentation.GetID() if segmentation else ""))
         if not cases:
             raise ValueError("the scene has no synthetic CT made with a reference CT: synthesize with 'Reference CT' "
                              "set, or choose a study folder")
@@ -70,13 +89,14 @@ class ReviewAndStudy:
             raise
         return [n for n in added if n is not None], tuple(added)
 
-    def showStudyCase(self, case: StudyCase, syntheticSide: str, orientation: str = "Axial") -> list:
+    def showStudyCase(self, case: StudyCase, syntheticSide: str, orientation: str = "Axial",
+                      parameterNode=None) -> list:
         """Load a reader-study case (files) or take it from the scene (node IDs) and show it blinded, the synthetic
         CT on ``syntheticSide``; returns the nodes added (for :meth:`endStudyCase`)."""
         added, (real, synthetic, segmentation) = self.loadStudyCase(case)
         try:
             self.showReview(synthetic, segmentation, real, swap=syntheticSide == "left", orientation=orientation,
-                            blind=True)
+                            blind=True, parameterNode=parameterNode)
         except BaseException:
             removeNodes(added)
             raise
