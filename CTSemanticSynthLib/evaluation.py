@@ -2,7 +2,8 @@
 
 Per organ: voxels, mean HU of the real CT (clipped to the model's L40/W400 window) and of the synthetic CT, and with
 ``totalseg`` the Dice of TotalSegmentator's organs on the synthetic CT (and on the real CT, the ceiling) against
-the input labels. Over the axial slices that hold body or organs: PSNR and SSIM on the paper's definition
+the input labels; TotalSegmentator sees the real CT with the synthetic CT's intensity handling (:func:`like_synthetic`),
+so the two columns compare like with like. Over the axial slices that hold body or organs: PSNR and SSIM on the paper's definition
 (256 x 256, L40/W400 -> [0, 1]); the stripe index (slice-to-slice consistency, see :mod:`.metrics.consistency`);
 with ``fid`` also FID per plane (axial, coronal, sagittal) and the gap between the planes.
 """
@@ -18,12 +19,21 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError
-from .labels import MODEL_CLASSES, ORGANS
+from .labels import BACKGROUND, MODEL_CLASSES, ORGANS
 
 if TYPE_CHECKING:  # the heavy modules (torch, SimpleITK) load only when a case is evaluated
     from .io import Volume
 
 Progress = Callable[[str], None]
+TOTALSEG_INTENSITY = "both CTs as synthesis writes them: the body clipped to -160..240 HU (L40/W400), air outside"
+
+
+def like_synthetic(hu: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """A real CT handled as synthesis writes a synthetic one: the body (``classes`` > 0) clipped to the model's
+    window, air outside it."""
+    from .preprocess import AIR_HU, hu_to_unit, unit_to_hu
+
+    return np.where(classes == BACKGROUND, AIR_HU, np.rint(unit_to_hu(hu_to_unit(hu)))).astype(np.int16)
 
 
 def json_safe(value: Any) -> Any:
@@ -89,12 +99,14 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
     elif fid:
         raise InputError("--fid needs --real: FID compares the synthetic CT with the real one")
     if totalseg:
+        from .io import Volume
         from .totalseg import totalseg_dice
 
-        scores = totalseg_dice(synthetic, classes, real, fast=fast, device=device, progress=progress)
-        report["totalseg"] = scores.to_dict()
+        real_shown = None if real is None else Volume(like_synthetic(real.array, classes.array), real.affine)
+        scores = totalseg_dice(synthetic, classes, real_shown, fast=fast, device=device, progress=progress)
+        report["totalseg"] = {**scores.to_dict(), "intensity": TOTALSEG_INTENSITY}
         if save_totalseg is not None and scores.predicted_synthetic is not None:
-            from .io import Volume, write_volume
+            from .io import write_volume
 
             write_volume(Volume(scores.predicted_synthetic.astype(np.uint8), synthetic.affine), save_totalseg,
                          overwrite=overwrite)

@@ -327,3 +327,30 @@ def test_evaluate_with_random_weight_totalsegmentator(capsys, tmp_path, monkeypa
     assert "real CT (ceiling)" in (tmp_path / "eval" / "results.md").read_text()
     assert results["models"][0]["stripe_index"] > 0  # a random model's volume against the real CT
     assert f"stripe index {results['models'][0]['stripe_index']:.3f}" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_totalsegmentator_sees_the_real_ct_handled_like_the_synthetic_one(monkeypatch):
+    """The Dice ceiling compares like with like: TotalSegmentator gets the real CT as synthesis would write it (body
+    clipped to the model's window, air outside), and the report says so."""
+    import CTSemanticSynthLib.totalseg as totalseg
+    from CTSemanticSynthLib.evaluation import evaluate_case
+
+    seen = []
+
+    def fake_run(volume, **kwargs):
+        seen.append(volume.array.copy())
+        return Volume(np.zeros(volume.array.shape, dtype=np.uint8), volume.affine)
+
+    monkeypatch.setattr(totalseg, "run_totalsegmentator", fake_run)
+    classes = np.zeros((6, 6, 4), dtype=np.int16)
+    classes[1:5, 1:5] = 16  # body
+    classes[2:4, 2:4] = 6  # liver
+    real = np.full(classes.shape, 900, dtype=np.int16)  # bone-bright everywhere, air included
+    real[2:4, 2:4] = -500
+    synthetic = np.where(classes == 0, -1000, 100).astype(np.int16)
+    report = evaluate_case(Volume(synthetic, np.eye(4)), Volume(classes, np.eye(4)), Volume(real, np.eye(4)),
+                           totalseg=True)
+    np.testing.assert_array_equal(seen[0], synthetic)
+    expected = np.where(classes == 0, -1000, np.where(real > 240, 240, -160))
+    np.testing.assert_array_equal(seen[1], expected)
+    assert "clipped to -160..240 HU" in report["totalseg"]["intensity"]

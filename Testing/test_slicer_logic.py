@@ -337,6 +337,12 @@ def test_dice_table(scene):
     assert table.GetNumberOfColumns() == 3 and table.GetNumberOfRows() == 3
     assert [table.GetCellText(r, 0) for r in range(3)] == ["Spleen", "Liver", "Mean"]
     assert float(table.GetCellText(2, 1)) == pytest.approx(0.8) and float(table.GetCellText(1, 2)) == pytest.approx(0.95)
+    assert table.GetColumnName(2) == "Dice real CT (unclipped)"  # an older report: the table does not pretend
+    intensity = "both CTs as synthesis writes them: the body clipped to -160..240 HU (L40/W400), air outside"
+    SynthesisLogic.fillDiceTable(table, {"totalseg": {"synthetic": {"liver": 0.9}, "real": {"liver": 0.95},
+                                                      "intensity": intensity}})
+    assert table.GetColumnName(2) == "Dice real CT (clipped like the synthetic)"
+    assert table.GetColumnDescription("Dice real CT (clipped like the synthetic)") == intensity
 
 
 def test_empty_segmentation_and_other_grid_are_refused_and_the_scene_is_unchanged(scene, logic, tmp_path):

@@ -132,8 +132,9 @@ class DiceEvaluation:
         """({column title: {class name: dice}}, {column title: mean}) from ``ctsynth evaluate --json``
         (its "totalseg" part: {"synthetic": {organ: dice or null}, "real": ..., "mean_synthetic": ...})."""
         results = results.get("totalseg", results)
+        real = "Dice real CT (clipped like the synthetic)" if results.get("intensity") else "Dice real CT (unclipped)"
         columns, means = {}, {}
-        for key, title in (("synthetic", "Dice synthetic CT"), ("real", "Dice real CT")):
+        for key, title in (("synthetic", "Dice synthetic CT"), ("real", real)):
             part = results.get(key)
             if isinstance(part, dict):
                 part = part.get("dice", part)
@@ -146,7 +147,8 @@ class DiceEvaluation:
 
     @classmethod
     def fillDiceTable(cls, tableNode, results: dict) -> None:
-        """Organ | Dice synthetic CT | [Dice real CT], one row per organ scored plus the mean."""
+        """Organ | Dice synthetic CT | [Dice real CT], one row per organ scored plus the mean; the real CT's column
+        title and description say how TotalSegmentator saw it."""
         columns, means = cls._diceColumns(results)
         organs = [c for c in MODEL_CLASSES if any(c in col for col in columns.values())]
         wasModifying = tableNode.StartModify()
@@ -166,6 +168,9 @@ class DiceEvaluation:
             mean = means.get(title, float(np.nanmean(scored)) if np.isfinite(scored).any() else float("nan"))
             array.InsertNextValue(mean)
             tableNode.AddColumn(array)
+        intensity = results.get("totalseg", results).get("intensity")
+        for title in columns:
+            tableNode.SetColumnDescription(title, intensity or "as loaded (a report without intensity handling)")
         tableNode.SetUseColumnTitleAsColumnHeader(True)
         tableNode.SetAttribute(ATTRIBUTE_PREFIX + "DiceResults", json.dumps(results, sort_keys=True))
         tableNode.EndModify(wasModifying)
