@@ -1,5 +1,4 @@
 import logging
-import pathlib
 import random
 import sys
 from typing import Annotated
@@ -29,7 +28,8 @@ TOO_OLD = _("CT Semantic Synthesis needs 3D Slicer 5.10 or newer (Python 3.12); 
             "Install the current Slicer release.").format(version=sys.version.split()[0])
 
 if SUPPORTED:
-    from CTSemanticSynthSlicerLib.dependencies import installedVersion
+    from CTSemanticSynthSlicerLib.dependencies import installedVersion, missingForSynthesis
+    from CTSemanticSynthSlicerLib.gui import setBlindGui, waitFor  # also binds path fields to str parameters
     from CTSemanticSynthSlicerLib.logic import SynthesisError, SynthesisLogic, TotalSegmentatorWeightsMissing
     from CTSemanticSynthSlicerLib.nodes import segmentationFromArray
     from CTSemanticSynthSlicerLib.process import State, formatDuration
@@ -66,15 +66,16 @@ class CTSemanticSynthParameterNode:
     ceiling); outputVolume - where the synthetic CT goes (None: a new node). Sampling: preset, sampler/steps
     ("preset"/0: the preset's), precision, seed (randomSeed: drawn on Apply), device, batchSize (0: auto), samples;
     regionMargin (mm) grows the edited voxels that "Regenerate edited region" resamples in outputVolume. Review:
-    blindReview, reviewOrientation. Reader study: studyFromScene or studyFolder, studyCsv, readerName, studySeed."""
+    blindReview, reviewOrientation. Reader study: studyFromScene (studySamplesPerCase) or studyFolder, studyCsv,
+    readerName, studySeed (0: a random plan per reader). Paths are strings: "" is no path."""
 
     inputSegmentation: vtkMRMLSegmentationNode
     referenceVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
     useBundledModel: bool = True
-    modelFolder: pathlib.Path
+    modelFolder: str = ""
     labelConvention: Annotated[str, Choice(list(CONVENTIONS))] = "auto"
-    mappingFile: pathlib.Path
+    mappingFile: str = ""
     allowUnknownSegments: bool = True
     preset: Annotated[str, Choice(list(PRESETS))] = "fast"
     sampler: Annotated[str, Choice(list(SAMPLERS))] = "preset"
@@ -90,10 +91,11 @@ class CTSemanticSynthParameterNode:
     reviewOrientation: Annotated[str, Choice(list(ORIENTATIONS))] = "Axial"
     fastDice: bool = True
     studyFromScene: bool = False
-    studyFolder: pathlib.Path
-    studyCsv: pathlib.Path
+    studySamplesPerCase: Annotated[int, WithinRange(1, 16)] = 1
+    studyFolder: str = ""
+    studyCsv: str = ""
     readerName: str = ""
-    studySeed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    studySeed: Annotated[int, WithinRange(0, 2147483647)] = 0  # 0: random
 
 
 class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -103,8 +105,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._task = None
-        self._infoTask = None
+        self._task, self._infoTask, self._stopping = None, None, []  # _stopping: cancelled, still cleaning up
         self._swapped = False
         self._shownModel = ()
         self._study, self._studyNodes = None, []
@@ -157,11 +158,11 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._task is not None:
-            self._task.cancel()
+            self._cancel(self._task)
             self._endTask(_("Cancelled: the scene was closed."))
         self.logic.reveal()  # the scene and its nodes go; the study's answers are in the CSV already
         self._study, self._studyNodes = None, []
-        self._setBlindGui(False)
+        setBlindGui(False)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -188,39 +189,50 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         busy = self._task is not None
         kind = self._task.kind if busy else None
-        self.ui.applyButton.enabled = kind == "synthesis" or (not busy and bool(p and p.inputSegmentation))
+        free = not busy and not self.logic.blinding.active  # blinded, the selectors may not show the real choice
+        self.ui.applyButton.enabled = kind == "synthesis" or (free and bool(p and p.inputSegmentation))
         self.ui.applyButton.text = _("Cancel") if kind == "synthesis" else _("Apply")
         self.ui.applyButton.toolTip = _("Synthesize a CT from the segmentation") if p and p.inputSegmentation else _("Select a segmentation")
         hasOutput = bool(p and self.logic.isSynthetic(p.outputVolume))
-        self.ui.regenerateButton.enabled = kind == "synthesis" or (not busy and hasOutput and bool(p.inputSegmentation))
+        self.ui.regenerateButton.enabled = kind == "synthesis" or (free and hasOutput and bool(p.inputSegmentation))
         self.ui.regenerateButton.text = _("Cancel") if kind == "synthesis" else _("Regenerate edited region")
-        self.ui.undoRegenerationButton.enabled = not busy and bool(p) and self.logic.canUndoRegeneration(p.outputVolume)
+        self.ui.undoRegenerationButton.enabled = free and bool(p) and self.logic.canUndoRegeneration(p.outputVolume)
         for button in (self.ui.reviewButton, self.ui.swapButton):
             button.enabled = hasOutput and not busy and self._study is None
         self.ui.revealButton.enabled = self.logic.blinding.active and self._study is None
-        self.ui.diceButton.enabled = kind in ("dice", "weights") or (hasOutput and not busy)
+        self.ui.diceButton.enabled = kind in ("dice", "weights") or (hasOutput and free)
         self.ui.diceButton.text = _("Cancel Dice") if kind in ("dice", "weights") else _("Dice with TotalSegmentator")
         self.ui.modelFolderPathLineEdit.enabled = bool(p and not p.useBundledModel)
         self.ui.mappingFilePathLineEdit.enabled = bool(p and p.labelConvention == "json")
         self.ui.seedSpinBox.enabled = bool(p and not p.randomSeed)
         self.ui.studyFolderPathLineEdit.enabled = bool(p and not p.studyFromScene)
+        self.ui.studySamplesPerCaseSpinBox.enabled = bool(p and p.studyFromScene)
         self.ui.submitAnswerButton.enabled = self._study is not None
-        if p and self._shownModel != (p.useBundledModel, str(p.modelFolder)):
-            self._shownModel = (p.useBundledModel, str(p.modelFolder))
+        if p:
+            self.ui.bodyTissueLabel.text = self.logic.bodyTissueText(p.inputSegmentation, p.labelConvention,
+                                                                     p.mappingFile)
+        if p and self._shownModel != (p.useBundledModel, p.modelFolder):
+            self._shownModel = (p.useBundledModel, p.modelFolder)
             self.updateModelInfo()
 
     def _modelSpec(self):
         p = self._parameterNode
         if p.useBundledModel:
             return None
-        if str(p.modelFolder) in ("", "."):
+        if not p.modelFolder:
             raise ValueError(_("Choose a model folder, or tick 'Bundled demo model'."))
-        return str(p.modelFolder)
+        return p.modelFolder
 
     def updateModelInfo(self) -> None:
         """Ask the library (in the background process) for the model's card; onTimer shows it."""
         if self._infoTask is not None:
-            self._infoTask.cancel()
+            self._cancel(self._infoTask)
+            self._infoTask = None
+        missing = missingForSynthesis(self.resourcePath("requirements.txt"))
+        if missing:  # the check runs the library, which needs them: say so instead of showing its failure
+            self.ui.modelInfoLabel.text = _("Checked once {packages} are installed (the first Apply offers to install "
+                                            "them).").format(packages=", ".join(missing))
+            return
         try:
             self._infoTask = self.logic.startModelInfo(self._modelSpec())
             self.ui.modelInfoLabel.text = _("checking the model...")
@@ -242,7 +254,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- apply / cancel and the background task ------------------------------------------------------------
     def onApplyButton(self, checked: bool = False, regenerate: bool = False) -> None:
         if self._task is not None:
-            self._task.cancel()
+            self._cancel(self._task)
             self._endTask(_("Cancelled; the scene was not changed."))
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start the synthesis."), waitCursor=True):
@@ -255,8 +267,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             task = self.logic.startSynthesis(
                 p.inputSegmentation, outputVolumeNode=p.outputVolume, referenceVolumeNode=p.referenceVolume,
                 model=self._modelSpec(), labels=p.labelConvention,
-                mappingFile=str(p.mappingFile) if p.labelConvention == "json" else None,
-                strictLabels=not p.allowUnknownSegments, preset=p.preset, steps=p.steps, seed=p.seed, device=p.device,
+                mappingFile=p.mappingFile if p.labelConvention == "json" else None, strictLabels=not p.allowUnknownSegments, preset=p.preset, steps=p.steps, seed=p.seed, device=p.device,
                 batchSize=p.batchSize, samples=p.samples, sampler=None if p.sampler == "preset" else p.sampler,
                 precision=p.precision, regionMarginMm=p.regionMargin if regenerate else None)
             self._startTask(task, _("Regenerating the edited region...") if regenerate else _("Synthesizing..."))
@@ -264,6 +275,12 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onUndoRegeneration(self) -> None:
         self.logic.undoRegeneration(self._parameterNode.outputVolume)
         self._endTask(_("The last regeneration was undone."))
+
+    def _cancel(self, task) -> None:
+        """Ask the task's process to stop; the timer polls it until it has (killed after a grace period)."""
+        task.cancel()
+        self._stopping.append(task)
+        self._timer.start(500)
 
     def _startTask(self, task, message: str) -> None:
         self._task = task
@@ -282,9 +299,10 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTimer(self) -> None:
         self._pollModelInfo()
+        self._stopping = [t for t in self._stopping if t.poll() and not t.process.stopped]
         task = self._task
         if task is None:
-            if self._infoTask is None:
+            if self._infoTask is None and not self._stopping:
                 self._timer.stop()
             return
         state = task.poll()
@@ -311,10 +329,10 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 try:
                     tableNode, _segmentation = self.logic.finishDice(task)
-                except TotalSegmentatorWeightsMissing as exc:  # offline or declined: the message says where they go
-                    if not (self.logic.isOnline() and slicer.util.confirmOkCancelDisplay(
+                except TotalSegmentatorWeightsMissing as exc:  # declined: the message says where they go
+                    if not slicer.util.confirmOkCancelDisplay(
                             _("TotalSegmentator's weights are not on this computer. Let TotalSegmentator download "
-                              "them now (several hundred MB, once)?"), detailedText=str(exc))):
+                              "them now (several hundred MB, once; needs the internet)?"), detailedText=str(exc)):
                         raise
                     self._startTask(self.logic.startWeightsDownload(self._parameterNode.fastDice),
                                     _("TotalSegmentator is downloading its weights..."))
@@ -333,7 +351,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRevealButton(self) -> None:
         self.logic.reveal()
-        self._setBlindGui(False)
+        setBlindGui(False)
         self.ui.statusLabel.text = _("The synthetic CT is on the {side}.").format(side=_("left") if self._swapped else _("right"))
         self._checkCanApply()
 
@@ -341,9 +359,9 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not set up the review layout.")):
             self.logic.showReview(p.outputVolume, p.inputSegmentation, p.referenceVolume, swap=self._swapped,
-                                  orientation=p.reviewOrientation, blind=p.blindReview)
+                                  orientation=p.reviewOrientation, blind=p.blindReview, parameterNode=p.parameterNode)
             slicer.util.resetSliceViews()
-            self._setBlindGui(p.blindReview)
+            setBlindGui(p.blindReview)
             if p.blindReview:
                 self.ui.statusLabel.text = _("Blind review: which side is synthetic? Click Reveal to see.")
             else:
@@ -352,24 +370,10 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Left: {left}, right: {right}.").format(left=left, right=right)
         self._checkCanApply()
 
-    @staticmethod
-    def _setBlindGui(blind: bool) -> None:
-        """Hide what the scene does not: view controllers, corner annotations and the Data Probe."""
-        slicer.util.setViewControllersVisible(not blind)
-        layoutManager = slicer.app.layoutManager()
-        for name in layoutManager.sliceViewNames():
-            view = layoutManager.sliceWidget(name).sliceView()
-            view.cornerAnnotation().SetVisibility(not blind)
-            view.scheduleRender()
-        probe = slicer.util.findChild(slicer.util.mainWindow(), "DataProbeCollapsibleWidget")
-        if blind:
-            probe.collapsed = True
-        probe.enabled = not blind
-
     # --- Dice -----------------------------------------------------------------------------------------------
     def onDiceButton(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            self._cancel(self._task)
             self._endTask(_("Dice evaluation cancelled."))
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start the Dice evaluation."), waitCursor=True):
@@ -378,7 +382,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ensureTotalSegmentator()
             p = self._parameterNode
             task = self.logic.startDice(p.outputVolume, p.inputSegmentation, p.referenceVolume, labels=p.labelConvention,
-                                        mappingFile=str(p.mappingFile) if p.labelConvention == "json" else None,
+                                        mappingFile=p.mappingFile if p.labelConvention == "json" else None,
                                         device=p.device, fast=p.fastDice)
             self._startTask(task, _("Running TotalSegmentator..."))
 
@@ -386,10 +390,11 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStartStudy(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not start the reader study.")):
-            if "." in (str(p.studyCsv), "" if p.studyFromScene else str(p.studyFolder)):
+            if not p.studyCsv or not (p.studyFromScene or p.studyFolder):
                 raise ValueError(_("Choose the case folder (or 'Cases from the scene') and the answers file (CSV)."))
-            cases = self.logic.casesFromScene(slicer.mrmlScene) if p.studyFromScene else casesFromFolder(p.studyFolder)
-            self._study = ReaderStudy(p.studyCsv, cases, p.readerName, p.studySeed)
+            cases = self.logic.casesFromScene(slicer.mrmlScene, p.studySamplesPerCase) if p.studyFromScene \
+                else casesFromFolder(p.studyFolder)
+            self._study = ReaderStudy(p.studyCsv, cases, p.readerName, p.studySeed or None)
             self._showStudyCase()
 
     def onSubmitAnswer(self) -> None:
@@ -399,25 +404,28 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showStudyCase()
 
     def _showStudyCase(self) -> None:
-        """Show the next case blinded, or, when all are answered, the summary (also written beside the CSV)."""
+        """Show the next case blinded, or, when all are answered, the summary (also written beside the CSV): no
+        running score before."""
         self.logic.endStudyCase(self._studyNodes)
         self._studyNodes = []
         self.ui.syntheticSideComboBox.currentIndex = 0
         self.ui.scoreLeftSpinBox.value = self.ui.scoreRightSpinBox.value = 3
         self.ui.noteLineEdit.text = ""
-        self.ui.studySummaryTableView.setMRMLTableNode(self.logic.studyTable(self._study.summary()))
         current = self._study.current()
         if current is None:
+            self.ui.studySummaryTableView.setMRMLTableNode(self.logic.studyTable(self._study.summary()))
             path = self._study.writeSummary()
             self._study = None
-            self._setBlindGui(False)
+            setBlindGui(False)
             self.ui.studyCaseLabel.text = _("All cases answered; summary saved to {path}.").format(path=path)
             self._checkCanApply()
             return
         position, case, side = current
-        self._studyNodes = self.logic.showStudyCase(case, side, self._parameterNode.reviewOrientation)
+        self._studyNodes = self.logic.showStudyCase(case, side, self._parameterNode.reviewOrientation,
+                                                    self._parameterNode.parameterNode)
+        self._study.markShown(case.caseId)
         slicer.util.resetSliceViews()
-        self._setBlindGui(True)
+        setBlindGui(True)
         self.ui.studyCaseLabel.text = _("Case {position} of {total}").format(position=position, total=len(self._study.plan))
         self._checkCanApply()
 
@@ -449,19 +457,6 @@ class CTSemanticSynthTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_SynthesisAndCancel()
 
-    @staticmethod
-    def _wait(task, timeout: float = 600.0):
-        """Poll ``task`` in a local event loop (the GUI stays live) until it ends or ``timeout`` s pass (then cancel it)."""
-        loop, timer = qt.QEventLoop(), qt.QTimer()
-        timer.timeout.connect(lambda: task.poll().finished and loop.quit())
-        qt.QTimer.singleShot(int(1000 * timeout), loop.quit)
-        timer.start(200)
-        loop.exec_()
-        timer.stop()
-        if not task.poll().finished:
-            task.cancel()
-        return task.poll()
-
     def test_SynthesisAndCancel(self):
         import numpy as np
 
@@ -470,7 +465,7 @@ class CTSemanticSynthTest(ScriptedLoadableModuleTest):
             return
         logic = CTSemanticSynthLogic()
         info = logic.startModelInfo()
-        self._wait(info, 300)
+        waitFor(info, 300)
         try:
             logic.finishModelInfo(info)
         except SynthesisError as exc:
@@ -488,7 +483,7 @@ class CTSemanticSynthTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Cancel leaves the scene unchanged")
 
         task = logic.startSynthesis(segmentation, steps=2, seed=1, device="cpu")
-        self.assertEqual(self._wait(task), State.SUCCEEDED, task.process.errorMessage())
+        self.assertEqual(waitFor(task), State.SUCCEEDED, task.process.errorMessage())
         output = logic.finishSynthesis(task)
         self.assertEqual(output.GetImageData().GetDimensions(), (48, 48, 24))
         matrix = vtk.vtkMatrix4x4()

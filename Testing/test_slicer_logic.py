@@ -70,6 +70,13 @@ def matrix(node) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(m)
 
 
+def nrrd_encoding(path) -> str:
+    """The ``encoding`` field of a NRRD header ('raw' when uncompressed)."""
+    with open(path, "rb") as f:
+        header = f.read(4096).split(b"\n\n")[0].decode("ascii", "replace")
+    return next(line.split(":", 1)[1].strip() for line in header.splitlines() if line.startswith("encoding:"))
+
+
 def node_ids(scene) -> list[str]:
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
 
@@ -159,6 +166,7 @@ def test_cancel_leaves_the_scene_unchanged(scene, logic, tiny_model, tmp_path):
     pid = task.process._proc.pid
     task.cancel()
     assert task.poll() is State.CANCELLED
+    assert task.wait(30) is State.CANCELLED and task.process.returncode == 130  # it stopped itself, cleanly
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert node_ids(scene) == ids and existing.GetMTime() == mtime and existing.GetImageData() is None
@@ -174,6 +182,9 @@ def test_unknown_segment_names_get_a_clear_error(scene, logic):
         logic.startSynthesis(segmentation)
     classes = logic.classifySegments(segmentation, labels="totalseg")  # the same segments by label value
     assert "liver" in classes.organNames and not classes.unknown
+    assert logic.bodyTissueText(segmentation).startswith("no segment is an organ")  # the panel says why at once
+    assert logic.bodyTissueText(segmentation, "totalseg").startswith("Synthesized as body tissue: known structures 'Segment_")
+    assert logic.bodyTissueText(None) == ""
 
     segments = segmentation.GetSegmentation()
     segments.GetNthSegment(0).SetName("spleen")
@@ -182,6 +193,7 @@ def test_unknown_segment_names_get_a_clear_error(scene, logic):
         logic.startSynthesis(segmentation, strictLabels=True)
     classes = logic.classifySegments(segmentation)  # not strict: reported and treated as body tissue
     assert "Tumor" in classes.warning() and classes.organNames == ["spleen"]
+    assert "unrecognised 'Tumor'" in logic.bodyTissueText(segmentation)  # listed in the panel before Apply
     assert node_ids(scene) == ids
 
 
@@ -389,6 +401,15 @@ def test_model_card_comes_from_the_library(scene, logic, tiny_model):
         logic.finishModelInfo(task)
 
 
+def test_a_model_trained_on_one_patient_says_so_when_selected(tiny_model):
+    demo = json.loads((Path(__file__).resolve().parent.parent / "Resources" / "models" / "demo" / "config.json").read_text())
+    assert "Warning: trained on one patient" in SynthesisLogic.modelSummary(demo)  # its card: "trained on ONE patient"
+    assert "Warning" not in SynthesisLogic.modelSummary(json.loads((tiny_model / "config.json").read_text()))
+    many = {**demo, "training": {**demo["training"], "patients": 240}}  # a stated count wins over the prose
+    assert "Warning" not in SynthesisLogic.modelSummary(many)
+    assert "Warning" in SynthesisLogic.modelSummary({**many, "training": {"patients": 1}, "description": ""})
+
+
 def test_reader_study_case_from_files_is_shown_blinded_and_removed(scene, logic, tmp_path):
     from CTSemanticSynthSlicerLib.reader_study import ReaderStudy, casesFromFolder
 
@@ -462,6 +483,7 @@ def test_command_mapping_and_body_outline(scene, tmp_path):
     assert mapping["1"] == "body" and "liver" in mapping.values() and "spleen" not in mapping.values()
     assert sorted(mapping, key=int) == [str(i) for i in range(1, len(mapping) + 1)]
     assert "'Milz'" in task.warnings[0]
+    assert nrrd_encoding(option("--seg")) == nrrd_encoding(option("--body-mask")) == "raw"  # fast on the GUI thread
     labels = slicer.vtkMRMLLabelMapVolumeNode()
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(option("--seg"))
@@ -576,6 +598,22 @@ def dice_case(scene):
     return volume, segmentation, labels
 
 
+def test_dice_inputs_are_written_uncompressed_for_the_background_process(scene, tmp_path):
+    """Compressing a large CT takes seconds: what the GUI thread writes for `ctsynth evaluate` is raw NRRD."""
+    true = shutil.which("true")
+    if true is None:
+        pytest.skip("needs a 'true' executable to stand in for PythonSlicer")
+    synthetic, segmentation, _ = dice_case(scene)
+    real = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "real")
+    real.Copy(synthetic)
+    logic = SynthesisLogic(pythonExecutable=true, tempRoot=str(tmp_path), keepFiles=True)
+    task = logic.startDice(synthetic, segmentation, real)
+    task.wait(30)
+    args = [str(a) for a in task.process.args]
+    written = [Path(args[args.index(option) + 1]) for option in ("--synthetic", "--real", "--seg")]
+    assert [nrrd_encoding(p) for p in written] == ["raw"] * 3
+
+
 @pytest.mark.skipif(importlib.util.find_spec("totalsegmentator") is None, reason="TotalSegmentator is not installed")
 def test_dice_offline_missing_weights_then_tiny_random_weights(scene, tmp_path):
     """The Dice button's logic with the installed TotalSegmentator, offline: missing weights are their own error (the
@@ -593,8 +631,9 @@ def test_dice_offline_missing_weights_then_tiny_random_weights(scene, tmp_path):
         offline.finishDice(task)
     assert node_ids(scene) == ids and not task.workDir.exists()
     command = offline.weightsDownloadCommand(fast=True)  # never run here: it would download
-    assert command[1:] == ["-m", "totalsegmentator.bin.totalseg_download_weights", "-t", "total_fast"]
-    assert importlib.util.find_spec(command[2]) is not None  # TotalSegmentator's own public command
+    assert command[1:4] == ["-m", "CTSemanticSynthSlicerLib.weights", "--"]
+    assert command[5:] == ["-m", "totalsegmentator.bin.totalseg_download_weights", "-t", "total_fast"]
+    assert importlib.util.find_spec(command[6]) is not None  # TotalSegmentator's own public command
 
     build_tiny_totalseg(tmp_path / "weights", constant_label=5)  # TotalSegmentator v2 id 5: liver
     logic = SynthesisLogic(environment={**env, "TOTALSEG_WEIGHTS_PATH": str(tmp_path / "weights")},
@@ -609,7 +648,62 @@ def test_dice_offline_missing_weights_then_tiny_random_weights(scene, tmp_path):
     assert [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())] == ["Liver"]
 
 
+FAKE_DOWNLOAD = """import pathlib, shutil, sys
+source, target, cut = map(pathlib.Path, sys.argv[1:4])
+for model in source.iterdir():
+    if (target / model.name).exists():
+        continue  # TotalSegmentator skips a model whose folder exists
+    shutil.copytree(model, target / model.name)
+    if not cut.exists():  # the first download is cut short
+        cut.touch()
+        checkpoint = next((target / model.name).rglob("checkpoint_final.pth"))
+        checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
+        sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("broken_before", [False, True], ids=["cut-during", "left-by-an-earlier-cut"])
+def test_a_cut_short_weight_download_is_detected_and_redone(tmp_path, broken_before):
+    """The background download (CTSemanticSynthSlicerLib.weights) around a stand-in for TotalSegmentator's command
+    that, like it, skips a model folder that exists; its first download is cut short."""
+    import socket as sockets
+
+    from data_builders.tiny_totalseg import build_tiny_totalseg
+    from CTSemanticSynthSlicerLib.weights import incomplete
+
+    source, weights, cut = tmp_path / "release", tmp_path / "weights", tmp_path / "cut"
+    build_tiny_totalseg(source)
+    weights.mkdir()
+    if broken_before:  # a folder an earlier, cancelled download left behind
+        shutil.copytree(next(source.iterdir()), weights / next(source.iterdir()).name)
+        checkpoint = next(weights.rglob("checkpoint_final.pth"))
+        checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
+        cut.touch()
+        assert incomplete(weights) == [checkpoint.parents[2]]
+    logic = SynthesisLogic(environment={"TOTALSEG_WEIGHTS_PATH": str(weights)})
+    with sockets.socket() as server:  # stands in for the download server: the connection check passes
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        command = logic.weightsDownloadCommand()[:3] + ["--host", "127.0.0.1", "--port", str(server.getsockname()[1]),
+                                                        "--", sys.executable, "-c", FAKE_DOWNLOAD, str(source),
+                                                        str(weights), str(cut)]
+        done = subprocess.run(command, env=logic.childEnvironment(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "removing the incomplete download" in done.stdout and incomplete(weights) == []
+    assert next(weights.rglob("checkpoint_final.pth")).read_bytes() == next(source.rglob("checkpoint_final.pth")).read_bytes()
+
+
+def test_weight_download_offline_is_one_line(tmp_path):
+    logic = SynthesisLogic(environment={"TOTALSEG_WEIGHTS_PATH": str(tmp_path)})
+    command = logic.weightsDownloadCommand()[:3] + ["--host", "127.0.0.1", "--port", "9", "--", "false"]
+    done = subprocess.run(command, env=logic.childEnvironment(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr == ""
+    assert done.stdout.startswith("error: no connection to 127.0.0.1") and done.stdout.count("\n") == 1
+
+
 def test_samples_give_several_volumes_and_a_variance_overlay(scene, logic, tiny_model, tmp_path):
+    from CTSemanticSynthSlicerLib.synthesis import VARIANCE_THRESHOLD_HU
+
     segmentation = load_segmentation(scene, names="totalseg")
     task = logic.startSynthesis(segmentation, model=str(tiny_model), seed=5, samples=3, **FAST)
     task.wait(240)
@@ -623,7 +717,12 @@ def test_samples_give_several_volumes_and_a_variance_overlay(scene, logic, tiny_
     np.testing.assert_allclose(std, arrays.std(axis=0), atol=1e-3)
     assert std.max() > 0 and np.array_equal(matrix(variance), matrix(first))
     assert variance.GetAttribute(ATTRIBUTE_PREFIX + "VarianceOf") == first.GetID()
-    assert variance.GetDisplayNode().GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
+    display = variance.GetDisplayNode()
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == VARIANCE_THRESHOLD_HU  # transparent below
+    assert display.GetLevel() - display.GetWindow() / 2 == VARIANCE_THRESHOLD_HU  # the colours start there
+    assert display.GetColorNodeID() == "vtkMRMLColorTableNodeRainbow"  # no black end darkening the CT
+    legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(variance)
+    assert legend is not None and legend.GetTitleText() == "std (HU)" and legend.GetVisibility()  # shown
     assert list(tmp_path.iterdir()) == []  # the temporary folder was removed
 
 

@@ -50,9 +50,9 @@ def _parameter_fields() -> dict[str, str]:
     return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
 
 
-WIDGET_FOR_TYPE = [("vtkMRML", "qMRMLNodeComboBox"), ("pathlib.Path", "ctkPathLineEdit"), ("bool", "QCheckBox"),
-                   ("Annotated[str, Choice", "QComboBox"), ("Annotated[int", "QSpinBox"),
-                   ("Annotated[float", "QDoubleSpinBox"), ("str", "QLineEdit")]
+WIDGET_FOR_TYPE = [("vtkMRML", {"qMRMLNodeComboBox"}), ("bool", {"QCheckBox"}), ("Annotated[str, Choice", {"QComboBox"}),
+                   ("Annotated[int", {"QSpinBox"}), ("Annotated[float", {"QDoubleSpinBox"}),
+                   ("str", {"QLineEdit", "ctkPathLineEdit"})]  # a path is a str: "" shows as an empty field
 
 
 def test_parameter_names_in_the_ui_are_parameter_node_fields_of_a_matching_widget_type():
@@ -65,18 +65,34 @@ def test_parameter_names_in_the_ui_are_parameter_node_fields_of_a_matching_widge
     assert set(bound) == set(fields), f"unbound fields {set(fields) - set(bound)}, unknown {set(bound) - set(fields)}"
     for field, widget in bound.items():
         expected = next(w for prefix, w in WIDGET_FOR_TYPE if fields[field].startswith(prefix))
-        assert widget.get("class") == expected, f"{field}: {fields[field]} bound to a {widget.get('class')}"
+        assert widget.get("class") in expected, f"{field}: {fields[field]} bound to a {widget.get('class')}"
+
+
+def test_path_fields_start_empty():
+    """ctkPathLineEdit fields are str parameters defaulting to "" (bound by gui.PathLineEditToStrConnector): a
+    pathlib.Path parameter, the only kind Slicer binds to them itself, shows an unset path as "."."""
+    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CTSemanticSynthParameterNode")
+    defaults = {n.target.id: (ast.unparse(n.annotation), n.value and ast.literal_eval(n.value))
+                for n in cls.body if isinstance(n, ast.AnnAssign)}
+    paths = {p.find("string").text for w in ui_widgets().values() if w.get("class") == "ctkPathLineEdit"
+             for p in w.findall("property") if p.get("name") == "SlicerParameterName"}
+    assert paths == {"modelFolder", "mappingFile", "studyFolder", "studyCsv"}
+    assert {defaults[name] for name in paths} == {("str", "")}
+    gui = (HELPERS / "gui.py").read_text(encoding="utf-8")
+    assert "@parameterNodeGuiConnector" in gui and "ctk.ctkPathLineEdit" in gui and "== str" in gui
 
 
 def test_spin_boxes_whose_zero_means_a_default_name_it():
-    """steps 0 (the preset's) and batchSize 0 (auto) show a word, not a bare 0, and default to it."""
+    """steps 0 (the preset's), batchSize 0 (auto) and studySeed 0 (random) show a word, not a bare 0, and
+    default to it."""
     bound = {p.find("string").text: w for w in ui_widgets().values() for p in w.findall("property")
              if p.get("name") == "SlicerParameterName"}
     special = {name: w for name, w in bound.items()
                if any(p.get("name") == "specialValueText" for p in w.findall("property"))}
-    assert set(special) == {"steps", "batchSize"}  # seed 0 is a seed
+    assert set(special) == {"steps", "batchSize", "studySeed"}  # seed 0 is a seed; study seed 0 is "random"
     text = MODULE_PY.read_text(encoding="utf-8")
-    for name in ("steps", "batchSize"):
+    for name in ("steps", "batchSize", "studySeed"):
         assert re.search(rf"\n    {name}: Annotated\[int, WithinRange\(0, \d+\)\] = 0\b", text), name
 
 
@@ -123,12 +139,14 @@ def test_module_file_has_the_template_shape():
     assert "import torch" not in text and "processEvents" not in text
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in HELPERS.glob("*.py") if p.name != "dependencies.py"))
+@pytest.mark.parametrize("name", sorted(p.name for p in HELPERS.glob("*.py") if p.name not in ("dependencies.py", "gui.py")))
 def test_headless_helpers_import_no_gui_and_no_torch(name):
     tree = ast.parse((HELPERS / name).read_text(encoding="utf-8"))
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
     assert not roots & {"qt", "ctk", "torch", "PyTorchUtils"}, f"{name} imports {roots & {'qt', 'ctk', 'torch'}}"
+    relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+    assert "gui" not in relative, f"{name} imports the Qt helpers"
     assert not re.search(r"processEvents\(", (HELPERS / name).read_text(encoding="utf-8"))
 
 
@@ -294,7 +312,7 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
         time.sleep(0.05)
     child = int(pidfile.read_text(encoding="utf-8"))
     process.cancel()
-    assert process.poll() is State.CANCELLED
+    assert process.wait(30) is State.CANCELLED
     for _ in range(50):  # the orphaned grandchild is reaped by init; give it a moment
         try:
             import os
@@ -310,6 +328,43 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
         pytest.fail("the grandchild process survived cancel")
 
 
+STOPPABLE = """import pathlib, signal, sys, time
+temp = pathlib.Path(sys.argv[1])
+temp.write_text("partial")
+def stop(signum, frame):
+    temp.unlink()  # what ctsynth does on SIGTERM: its temporary files go
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop if sys.argv[2] == "handle" else signal.SIG_IGN)
+print("PROGRESS 0/1", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM semantics")
+def test_cancel_asks_the_process_to_stop_first_then_kills_it(tmp_path):
+    from CTSemanticSynthSlicerLib.process import BackgroundProcess, State
+
+    def started(mode: str, grace: float) -> BackgroundProcess:
+        process = BackgroundProcess([sys.executable, "-c", STOPPABLE, str(tmp_path / mode), mode], stopGrace=grace)
+        process.start()
+        while process.poll() is State.RUNNING and not process.total:
+            time.sleep(0.05)
+        return process
+
+    polite = started("handle", grace=30)
+    begun = time.monotonic()
+    polite.cancel()
+    assert time.monotonic() - begun < 1  # Cancel returns at once: the GUI thread does not wait
+    assert polite.wait(20) is State.CANCELLED and polite.returncode == 130
+    assert not (tmp_path / "handle").exists()  # it had the chance to remove its temporary file
+    stubborn = started("ignore", grace=0.5)
+    begun = time.monotonic()
+    stubborn.cancel()
+    assert stubborn.poll() is State.CANCELLED and not stubborn.stopped  # asked, still running
+    assert stubborn.wait(20) is State.CANCELLED and stubborn.stopped and time.monotonic() - begun >= 0.5
+    assert (tmp_path / "ignore").exists()  # killed after the grace period
+
+
 def test_segment_classes_by_name_value_and_json(tmp_path):
     from CTSemanticSynthLib.labels import BODY, MODEL_CLASSES
     from CTSemanticSynthSlicerLib.segments import LabelMappingError, Segment, classifySegments, exportOrder, mappingJson
@@ -319,6 +374,8 @@ def test_segment_classes_by_name_value_and_json(tmp_path):
     classes = classifySegments(segments)
     assert classes.organNames == ["kidney_right", "liver"]
     assert [s.name for s in classes.bodyOutline] == ["body"] and [s.name for s in classes.unknown] == ["Tumor"]
+    assert classes.bodyTissue() == "Synthesized as body tissue: known structures 'vertebrae_L1'; unrecognised 'Tumor'."
+    assert "Every segment is an organ" in classifySegments(segments[:2]).bodyTissue()
     order = exportOrder(classes)
     assert [MODEL_CLASSES[c] for _, c in order] == ["body", "body", "liver", "kidney_right"]  # organs drawn last
     assert mappingJson(order).count('"body"') == 2

@@ -1,11 +1,10 @@
 """Dice with TotalSegmentator (``ctsynth evaluate --totalseg``) in the background, its table and segmentation in the
-scene, and TotalSegmentator's own weight download when the user agreed and is online."""
+scene, and TotalSegmentator's own weight download (in the background) when the user agreed."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from .segments import exportOrder, mappingJson
 from .tasks import ATTRIBUTE_PREFIX, CLI_MODULE, BackgroundTask
 
 TOTALSEG_DOWNLOAD_MODULE = "totalsegmentator.bin.totalseg_download_weights"  # TotalSegmentator 2.x's own command
+WEIGHTS_MODULE = "CTSemanticSynthSlicerLib.weights"
 WEIGHTS_MISSING = "TotalSegmentator weights for the"  # how `ctsynth evaluate --totalseg` says they are missing
 
 
@@ -38,14 +38,14 @@ class DiceEvaluation:
         order = exportOrder(classes)
         workDir = self._workDir("dice")
         try:
-            synthetic = workDir / "synthetic.nii.gz"
+            synthetic = workDir / "synthetic.nrrd"
             writeVolume(syntheticVolumeNode, synthetic)
             seg = workDir / "labels.nrrd"
             self.exportLabelmap(segmentationNode, [s.segmentId for s, _ in order], syntheticVolumeNode, seg)
             (workDir / "labels.json").write_text(mappingJson(order))
             real = None
             if realVolumeNode is not None:
-                real = workDir / "real.nii.gz"
+                real = workDir / "real.nrrd"
                 writeVolume(realVolumeNode, real)
             args = self.diceCommand(synthetic, seg, workDir / "labels.json", real, workDir / "dice.json",
                                     workDir / "totalseg_synthetic.nii.gz", device, fast)
@@ -100,32 +100,25 @@ class DiceEvaluation:
                 task.cleanup()
 
     def weightsDownloadCommand(self, fast: bool = True) -> list[str]:
-        """TotalSegmentator's own download command (any 2.x version) for the weights of its 'total' task."""
-        return pythonCommand(self.python(), TOTALSEG_DOWNLOAD_MODULE, "-t", "total_fast" if fast else "total")
+        """The background download (:mod:`.weights`: connection check, then TotalSegmentator's own command for its
+        'total' task, any 2.x version, redone when cut short)."""
+        download = pythonCommand(self.python(), TOTALSEG_DOWNLOAD_MODULE, "-t", "total_fast" if fast else "total")
+        return pythonCommand(self.python(), WEIGHTS_MODULE, *([] if fast else ["--full"]), "--", *download)
 
     def startWeightsDownload(self, fast: bool = True) -> BackgroundTask:
-        """Let TotalSegmentator download its weights; only after the user agreed, and only when :meth:`isOnline`."""
+        """Let TotalSegmentator download its weights in the background; only after the user agreed."""
         process = BackgroundProcess(self.weightsDownloadCommand(fast), env=self.childEnvironment())
         return BackgroundTask(process.start(), self._workDir("weights"), "weights", keepFiles=self.keepFiles)
 
     @staticmethod
     def finishWeightsDownload(task: BackgroundTask) -> None:
-        """Raise SynthesisError with TotalSegmentator's message unless the download succeeded."""
+        """Raise SynthesisError with the download's message unless it succeeded."""
         try:
             if task.poll() is not State.SUCCEEDED:
                 raise SynthesisError(f"TotalSegmentator's weight download {task.poll().value}: "
                                      f"{task.process.errorMessage()}")
         finally:
             task.cleanup()
-
-    @staticmethod
-    def isOnline(host: str = "github.com", timeout: float = 3.0) -> bool:
-        """Whether a connection to ``host`` (where TotalSegmentator's weights are) can be opened."""
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            return True
-        except OSError:
-            return False
 
     @staticmethod
     def _diceColumns(results: dict) -> tuple[dict[str, dict[str, float]], dict[str, float]]:

@@ -32,6 +32,16 @@ class SegmentationExport:
             raise ValueError("select a segmentation")
         return classifySegments(self.segments(segmentationNode), labels, mappingFile, strict)
 
+    def bodyTissueText(self, segmentationNode, labels: str = "auto", mappingFile: str | None = None) -> str:
+        """For the panel: which segments become body tissue, or why the segments cannot be used ('' without a
+        segmentation)."""
+        if segmentationNode is None:
+            return ""
+        try:
+            return self.classifySegments(segmentationNode, labels, mappingFile or None).bodyTissue()
+        except (OSError, ValueError) as exc:
+            return str(exc)
+
     @staticmethod
     def geometrySource(segmentationNode, referenceVolumeNode=None):
         """The volume whose grid the synthetic CT gets: the reference CT if given, else the segmentation's own

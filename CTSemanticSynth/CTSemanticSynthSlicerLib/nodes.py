@@ -47,10 +47,12 @@ def temporaryNodes(scene):
 
 
 def writeVolume(node, path: Path) -> None:
-    """Write a volume node's image with its geometry (a storage node outside the scene: nothing is added)."""
+    """Write a volume node's image with its geometry (a storage node outside the scene: nothing is added). Runs on
+    Slicer's GUI thread, so uncompressed (a compressed 512 x 512 x 300 CT takes seconds; the background process
+    reads the raw file and compresses what it writes)."""
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
-    storage.SetUseCompression(True)
+    storage.SetUseCompression(False)
     if not storage.WriteData(node):
         raise SynthesisError(f"could not write {node.GetName()} to {path}")
 

@@ -1,7 +1,9 @@
-"""A command run in the background: output read on a thread, progress parsed, the whole process tree killable.
+"""A command run in the background: output read on a thread, progress parsed, the whole process tree stoppable.
 
-Nothing here imports Slicer or Qt. The owner calls :meth:`BackgroundProcess.poll` from a timer on the main
-thread (the Slicer Widget uses a ``QTimer``; tests and scripts call :meth:`BackgroundProcess.wait`).
+Nothing here imports Slicer or Qt, and nothing blocks: the owner calls :meth:`BackgroundProcess.poll` from a timer
+on the main thread (the Slicer Widget uses a ``QTimer``; tests and scripts call :meth:`BackgroundProcess.wait`).
+Cancel first asks the process to stop (SIGTERM: ``ctsynth`` then removes its temporary files) and kills the whole
+process tree only if it is still running ``stopGrace`` seconds later.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 _PROGRESS = re.compile(r"^PROGRESS\s+(\d+(?:\.\d+)?)(?:\s*/\s*|\s+)(\d+)\s*$")
 _ERROR_PREFIXES = ("ctsynth: error:", "error:")
 KEEP_LINES = 400
+STOP_GRACE_S = 10.0
 
 
 def parseProgress(line: str) -> tuple[float, int] | None:
@@ -63,8 +66,10 @@ class BackgroundProcess:
     """
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None,
-                 onLine: Callable[[str], None] | None = None):
+                 onLine: Callable[[str], None] | None = None, stopGrace: float = STOP_GRACE_S):
         self.args = [str(a) for a in args]
+        self.stopGrace = stopGrace
+        self._killAt: float | None = None  # after Cancel: when the process tree is killed if still running
         self.env = env
         self.cwd = cwd
         self.onLine = onLine
@@ -113,7 +118,15 @@ class BackgroundProcess:
         self._queue.put(None)  # end of output
 
     def poll(self) -> State:
-        """Take the output that arrived since the last call; returns the state (call from one thread only)."""
+        """Take the output that arrived since the last call; returns the state (call from one thread only). After
+        :meth:`cancel` it kills the process tree once the grace period is over."""
+        if self.state is State.CANCELLED:
+            if self.stopped:
+                self.returncode = self._proc.returncode
+            elif self._killAt is not None and time.monotonic() >= self._killAt:
+                killProcessTree(self._proc)
+                self._killAt = None
+            return self.state
         if self.state is not State.RUNNING:
             return self.state
         ended = False
@@ -131,6 +144,11 @@ class BackgroundProcess:
             self.state = State.SUCCEEDED if self.returncode == 0 else State.FAILED
         return self.state
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the operating-system process has ended (after Cancel it may still be cleaning up)."""
+        return self._proc is None or self._proc.poll() is not None
+
     def _addLine(self, line: str) -> None:
         progress = parseProgress(line)
         if progress is not None:
@@ -146,25 +164,25 @@ class BackgroundProcess:
             self.onLine(line)
 
     def wait(self, timeout: float | None = None, interval: float = 0.1) -> State:
-        """Poll until the process ends (or ``timeout`` seconds pass; then it is cancelled and TimeoutError raised)."""
+        """Poll until the process ends (or ``timeout`` seconds pass; then it is cancelled and TimeoutError raised);
+        after :meth:`cancel`, until it has stopped."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.poll().finished:
+        while not (self.poll().finished and self.stopped):
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel()
+                killProcessTree(self._proc)
                 raise TimeoutError(f"{self.args[0]} did not finish within {timeout:g} s and was stopped")
             time.sleep(interval)
         return self.state
 
     def cancel(self) -> None:
-        """Kill the process and everything it started; the state becomes CANCELLED."""
+        """Ask the process to stop and return at once; the state becomes CANCELLED. :meth:`poll` kills the process
+        and everything it started if it has not ended ``stopGrace`` seconds later."""
         if self.state is not State.RUNNING:
             return
-        killProcessTree(self._proc)
-        try:
-            self.returncode = self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
         self.state = State.CANCELLED
+        self._killAt = time.monotonic() + self.stopGrace
+        requestStop(self._proc)
 
     # --- reporting ---------------------------------------------------------------------------------------
     @property
@@ -210,6 +228,19 @@ class BackgroundProcess:
                     return text[len(prefix):].strip()
         tail = [line for line in self.lines[-5:] if parseProgress(line) is None]
         return "\n".join(tail) or f"{os.path.basename(self.args[0])} exited with code {self.returncode}"
+
+
+def requestStop(proc: subprocess.Popen) -> None:
+    """Ask ``proc`` and its process group to stop (SIGTERM on POSIX; CTRL_BREAK on Windows)."""
+    if proc.poll() is not None:
+        return
+    try:
+        if os.name == "nt":
+            proc.send_signal(signal.CTRL_BREAK_EVENT)
+        else:
+            os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
 
 
 def killProcessTree(proc: subprocess.Popen) -> None:

@@ -61,6 +61,15 @@ class SegmentClasses:
             return ""
         return f"segments not recognised, treated as body tissue: {_names(self.unknown)}"
 
+    def bodyTissue(self) -> str:
+        """For the panel: which segments become body tissue (fat and muscle) rather than an organ."""
+        known = [s for s, c in self.organs if c == BODY]
+        if not known and not self.unknown:
+            return "Every segment is an organ the model knows (or the body outline)."
+        parts = ([f"known structures {_names(known)}"] if known else []) + (
+            [f"unrecognised {_names(self.unknown)}"] if self.unknown else [])
+        return f"Synthesized as body tissue: {'; '.join(parts)}."
+
 
 @lru_cache(maxsize=None)
 def _totalsegmentatorStructures() -> frozenset[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from .tasks import ATTRIBUTE_PREFIX, CLI_MODULE, BackgroundTask, isSynthetic
 
 logger = logging.getLogger(__name__)
 
-VARIANCE_COLORS = "vtkMRMLPETProceduralColorNodePET-Heat"
+VARIANCE_COLORS = "vtkMRMLColorTableNodeRainbow"  # no black end: nothing darkens the CT under the overlay
+ONE_PATIENT = re.compile(r"\b(one|1|a single|single) patient\b", re.IGNORECASE)  # in a model card's description
+VARIANCE_THRESHOLD_HU = 10.0  # standard deviations below this are transparent (sampling noise, not doubt)
 
 
 class Synthesis:
@@ -162,7 +165,8 @@ class Synthesis:
         return node
 
     def _loadVariance(self, inputs: dict, synthetic):
-        """The samples' per-voxel standard deviation (HU) as a heat-coloured volume to overlay on ``synthetic``."""
+        """The samples' per-voxel standard deviation (HU) as a colour overlay for ``synthetic``: transparent below
+        VARIANCE_THRESHOLD_HU, so the CT shows through where the samples agree, with a colour legend."""
         scene = slicer.mrmlScene
         voxels = self._readOnGrid(inputs, inputs["variance"])
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
@@ -173,13 +177,19 @@ class Synthesis:
         node.SetAttribute(ATTRIBUTE_PREFIX + "VarianceOf", synthetic.GetID())
         node.SetAttribute(ATTRIBUTE_PREFIX + "Samples", str(len(inputs["outputs"])))
         node.SetDescription(f"Per-voxel standard deviation (HU) of {len(inputs['outputs'])} synthetic CTs: where the "
-                            "model is unsure")
+                            f"model is unsure (transparent below {VARIANCE_THRESHOLD_HU:g} HU)")
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
         display.AutoWindowLevelOff()
-        top = max(float(voxels.max()), 1.0)
-        display.SetWindowLevel(top, top / 2)
+        top = max(float(voxels.max()), 2 * VARIANCE_THRESHOLD_HU)
+        display.SetWindowLevel(top - VARIANCE_THRESHOLD_HU, (top + VARIANCE_THRESHOLD_HU) / 2)
         display.SetAndObserveColorNodeID(VARIANCE_COLORS)
+        display.AutoThresholdOff()
+        display.SetThreshold(VARIANCE_THRESHOLD_HU, max(top, float(voxels.max())))
+        display.ApplyThresholdOn()
+        legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(node)
+        if legend is not None:
+            legend.SetTitleText("std (HU)")
         placeBeside(node, synthetic)
         return node
 
@@ -219,6 +229,7 @@ class Synthesis:
             task.wait(timeout)
         except BaseException:
             task.cancel()
+            task.wait()  # until it has stopped (killed after the grace period)
             raise
         return self.finishSynthesis(task)
 
@@ -246,9 +257,14 @@ class Synthesis:
 
     @staticmethod
     def modelSummary(config: dict) -> str:
-        """Two lines for the panel: name, conditioning, size, classes; sha256."""
+        """Two lines for the panel: name, conditioning, size, classes; sha256; then the model card's warning, if any
+        (a model trained on one patient)."""
         net = config["model"]
         kind = net["conditioning"] if "conditioning" in net else net["method"]  # a diffusion model or a generator
+        patients = config.get("training", {}).get("patients")
+        onePatient = patients == 1 or (patients is None and ONE_PATIENT.search(config.get("description", "")))
+        warning = ("\nWarning: trained on one patient. It paints that patient's appearance into any layout: for "
+                   "trying the pipeline, not for research or for training other models.") if onePatient else ""
         return (f"{config.get('name', '?')} ({kind}, {net['image_size']}x{net['image_size']}), "
-                f"{len(config['classes']) - 1} classes\nsha256 {config['sha256'][:16]}...")
+                f"{len(config['classes']) - 1} classes\nsha256 {config['sha256'][:16]}...{warning}")
 

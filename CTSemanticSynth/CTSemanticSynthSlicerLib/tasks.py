@@ -37,19 +37,23 @@ class BackgroundTask:
     nodes: dict = field(default_factory=dict)
 
     def poll(self) -> State:
-        return self.process.poll()
+        state = self.process.poll()
+        if state is State.CANCELLED and self.process.stopped:
+            self.cleanup()  # once the process has removed its own temporary files
+        return state
 
     def cancel(self) -> None:
+        """Ask the process to stop; keep polling (or :meth:`wait`) until ``process.stopped``, which removes the
+        temporary folder."""
         self.process.cancel()
-        self.cleanup()
 
     def wait(self, timeout: float | None = None) -> State:
-        return self.process.wait(timeout)
+        state = self.process.wait(timeout)
+        return self.poll() if state is State.CANCELLED else state
 
     def cleanup(self) -> None:
         if not self.keepFiles:
             shutil.rmtree(self.workDir, ignore_errors=True)
-
 
 
 class TaskRunner:
@@ -71,10 +75,11 @@ class TaskRunner:
         return sys.executable
 
     def childEnvironment(self) -> dict[str, str]:
-        """The environment Slicer was started with (inside Slicer), with the library on PYTHONPATH."""
+        """The environment Slicer was started with (inside Slicer), with the library and the helpers on PYTHONPATH."""
         env = dict(slicer.util.startupEnvironment()) if self._insideSlicerApp() else dict(os.environ)
         libraryParent = str(Path(CTSemanticSynthLib.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (libraryParent, env.get("PYTHONPATH", "")) if p)
+        moduleFolder = str(Path(__file__).resolve().parent.parent)  # CTSemanticSynthSlicerLib's (for .weights)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (libraryParent, moduleFolder, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.environment)
         return env

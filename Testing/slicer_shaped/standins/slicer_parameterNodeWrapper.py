@@ -13,3 +13,16 @@ class WithinRange:
 
 def parameterNodeWrapper(cls):
     return cls
+
+
+class GuiConnector:
+    def __init__(self):
+        self._callback = None
+
+
+def parameterNodeGuiConnector(cls):
+    return cls
+
+
+def unannotatedType(datatype):
+    return datatype
