@@ -93,3 +93,13 @@ def test_declining_installs_nothing_and_says_what_is_missing(tmp_path):
     assert result["error"] == f"CTSemanticSynth cannot run without {', '.join(REQUIREMENTS)}"
     assert result["missing_after"] == REQUIREMENTS and "volume" not in result
 
+
+
+def test_ctsynth_started_before_anything_is_installed_says_what_to_install_in_one_line(tmp_path):
+    result, _ = run_scenario("commands", tmp_path)
+    for command in ("info", "synth"):
+        message, output = result[command], result[f"{command}_output"]
+        assert message is not None and "\n" not in message, message
+        assert "not installed" in message and "torch" in message, message
+        assert not any("Traceback" in line or line.startswith("  File ") for line in output), output
+    assert result["nodes"] == 0  # the failed synthesis added nothing

@@ -7,6 +7,7 @@ One module per command (:mod:`.synth`, :mod:`.batch`, :mod:`.info`, :mod:`.class
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -21,6 +22,9 @@ from ..errors import CTSynthError, InputError
 from ..io import commit_log
 from ..parsing import OneLineParser
 from . import batch, classes, evaluate, info, synth
+
+NEEDED = ("torch", "safetensors", "nibabel", "tqdm")  # imported by the commands beyond numpy, scipy, SimpleITK, pillow
+PIP_NAMES = {"yaml": "pyyaml", "skimage": "scikit-image", "PIL": "pillow"}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -100,6 +104,14 @@ def _run(argv: Sequence[str] | None) -> int:
     except CTSynthError as exc:
         print(f"ctsynth: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:  # a fresh Slicer (or venv) before the install: one line, not a traceback
+        missing = _missing_packages(exc)
+        if not missing:
+            raise
+        print(f"ctsynth: error: the Python packages {', '.join(missing)} are not installed: pip install "
+              f"{' '.join(missing)} (in 3D Slicer, Apply in CT Semantic Synthesis offers to install them)",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:  # stdout closed early: fine for `ctsynth info | head`, an error when it is the channel
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if args.command != "synth":
@@ -122,6 +134,22 @@ def _interrupted(command: str, written: list[Path]) -> tuple[str, int]:
     if command == "synth":  # all its files are one unit, written last
         return f"wrote {', '.join(map(str, written))}", 0
     return f"interrupted after writing {', '.join(map(str, written))} (complete); the run did not finish", 130
+
+
+def _missing_packages(exc: ModuleNotFoundError) -> list[str]:
+    """The pip names of the third-party packages ctsynth needs that cannot be imported, the one that failed first;
+    [] when the missing module is one of the library's own (a bug, not an install)."""
+    name = (exc.name or "").split(".")[0]
+    if not name or name == __name__.split(".")[0]:
+        return []
+
+    def importable(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ImportError:
+            return False
+
+    return [PIP_NAMES.get(m, m) for m in dict.fromkeys([name, *NEEDED]) if m == name or not importable(m)]
 
 
 def _interrupt(signum: int, frame: object) -> None:
