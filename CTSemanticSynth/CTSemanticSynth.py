@@ -267,7 +267,8 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             task = self.logic.startSynthesis(
                 p.inputSegmentation, outputVolumeNode=p.outputVolume, referenceVolumeNode=p.referenceVolume,
                 model=self._modelSpec(), labels=p.labelConvention,
-                mappingFile=p.mappingFile if p.labelConvention == "json" else None, strictLabels=not p.allowUnknownSegments, preset=p.preset, steps=p.steps, seed=p.seed, device=p.device,
+                mappingFile=p.mappingFile if p.labelConvention == "json" else None,
+                strictLabels=not p.allowUnknownSegments, preset=p.preset, steps=p.steps, seed=p.seed, device=p.device,
                 batchSize=p.batchSize, samples=p.samples, sampler=None if p.sampler == "preset" else p.sampler,
                 precision=p.precision, regionMarginMm=p.regionMargin if regenerate else None)
             self._startTask(task, _("Regenerating the edited region...") if regenerate else _("Synthesizing..."))
@@ -299,7 +300,9 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTimer(self) -> None:
         self._pollModelInfo()
-        self._stopping = [t for t in self._stopping if t.poll() and not t.process.stopped]
+        for stopping in self._stopping:
+            stopping.poll()  # kills after the grace period; removes its folder once stopped
+        self._stopping = [t for t in self._stopping if not t.process.stopped]
         task = self._task
         if task is None:
             if self._infoTask is None and not self._stopping:

@@ -126,25 +126,19 @@ def commands() -> dict:
     result = {}
     with tempfile.TemporaryDirectory() as temp:
         logic = SynthesisLogic(environment=CHILD_ENV, tempRoot=temp)
-        info = logic.startModelInfo()
-        info.wait(120)
-        try:
-            logic.finishModelInfo(info)
-            result["info"] = None
-        except SynthesisError as exc:
-            result["info"] = str(exc)
-        result["info_output"] = info.process.lines
-        synth = logic.startSynthesis(segmentation, labels="totalseg", steps=2, device="cpu")
-        synth.wait(120)
-        try:
-            logic.finishSynthesis(synth)
-            result["synth"] = None
-        except SynthesisError as exc:
-            result["synth"] = str(exc)
-        result["synth_output"] = synth.process.lines
+        for name, task, finish in (
+                ("info", logic.startModelInfo(), logic.finishModelInfo),
+                ("synth", logic.startSynthesis(segmentation, labels="totalseg", steps=2, device="cpu"),
+                 logic.finishSynthesis)):
+            task.wait(120)
+            try:
+                finish(task)
+                result[name] = None
+            except SynthesisError as exc:
+                result[name] = str(exc)
+            result[f"{name}_output"] = task.process.lines
         result["nodes"] = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     return result
-
 
 if __name__ == "__main__":
     print(json.dumps({"imports": imports, "check": check, "install": install, "commands": commands}[sys.argv[1]]()))
