@@ -201,6 +201,23 @@ def test_extension_urls_point_at_files_in_the_repository():
     assert not missing, f"CMakeLists.txt points at files the repository does not have: {missing}"
 
 
+def test_screenshots_are_in_the_repository_with_honest_captions():
+    """EXTENSION_SCREENSHOTURLS name PNGs the repository has; the README shows each with a caption and says they are
+    rendered, not captured from Slicer, by a script that exists."""
+    from PIL import Image
+
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', text).group(1).split()
+    files = [re.sub(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/", "", url) for url in urls]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(files) >= 2
+    for name in files:
+        with Image.open(REPO / name) as image:
+            assert image.format == "PNG" and min(image.size) >= 200
+        assert re.search(rf"!\[[^]]*\]\({re.escape(name)}\) \| \*[^|]+\|", readme), f"{name} has no caption"
+    assert "not captured\nfrom Slicer's window" in readme and (REPO / "docs/images/make_slicer_figures.py").is_file()
+
+
 def test_license_file_is_the_project_license():
     license_text = (REPO / "LICENSE.txt").read_text(encoding="utf-8")
     assert re.search(r'^license = \{ text = "Apache-2.0" \}$', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M)
