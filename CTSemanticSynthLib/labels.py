@@ -6,6 +6,7 @@ file) to model class indices. Values an adapter does not know become "body" and 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -20,72 +21,69 @@ from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
-MODEL_CLASSES: tuple[str, ...] = (
-    "background",
-    "spleen",
-    "kidney_right",
-    "kidney_left",
-    "gallbladder",
-    "esophagus",
-    "liver",
-    "stomach",
-    "aorta",
-    "inferior_vena_cava",
-    "pancreas",
-    "adrenal_gland_right",
-    "adrenal_gland_left",
-    "duodenum",
-    "urinary_bladder",
-    "prostate_uterus",
-    "body",
-)
-"""Model class index -> name. Indices 1..15 are the AMOS22 ids, so the AMOS adapter is the identity."""
+@dataclass(frozen=True)
+class ClassSet:
+    """A model's classes, read from ``label_tables/classes_<name>.json``: names, display names, colours, and the
+    source structure names (``members``, lower case, a trailing ``*`` matches any ending) each class stands for.
+
+    Every set starts with the paper's 17 classes at the same indices (background 0, AMOS organs 1..15, body 16),
+    so AMOS ids and a paper-set class volume mean the same in every set.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    display_names: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+    members: Mapping[str, int]
+
+    @property
+    def body(self) -> int:
+        """Index of the class for tissue inside the patient outline that no other class describes."""
+        return self.classes.index("body")
+
+    @property
+    def labelled(self) -> tuple[int, ...]:
+        """Every class but background and body (the structures a segmentation names)."""
+        return tuple(c for c in range(len(self.classes)) if c not in (BACKGROUND, self.body))
+
+    def index(self, name: str) -> int | None:
+        """Class index for a normalized source name: the class itself, an exact member, then a wildcard member."""
+        if name in self.classes:
+            return self.classes.index(name)
+        if name in self.members:
+            return self.members[name]
+        for pattern, cls in self.members.items():
+            if pattern.endswith("*") and name.startswith(pattern[:-1]):
+                return cls
+        return None
+
+
+CLASS_SETS = ("paper", "anatomy")
+
+
+@functools.cache
+def class_set(name: str = "paper") -> ClassSet:
+    """The class set ``name`` (one of CLASS_SETS); InputError for another name."""
+    if name not in CLASS_SETS:
+        raise InputError(f"unknown class set '{name}': use one of {', '.join(CLASS_SETS)}")
+    data = json.loads(resources.files(__package__).joinpath(f"label_tables/classes_{name}.json").read_text())
+    entries = data["classes"]
+    members = {m: i for i, e in enumerate(entries) for m in e.get("members", [])}
+    return ClassSet(name, tuple(e["name"] for e in entries), tuple(e["display"] for e in entries),
+                    tuple(tuple(e["color"]) for e in entries), members)  # type: ignore[misc]
+
+
+PAPER = class_set("paper")
+MODEL_CLASSES: tuple[str, ...] = PAPER.classes
+"""The paper set's class index -> name. Indices 1..15 are the AMOS22 ids, so the AMOS adapter is the identity."""
 
 BACKGROUND = 0
-BODY = MODEL_CLASSES.index("body")
+BODY = PAPER.body
 NUM_CLASSES = len(MODEL_CLASSES)
 ORGANS: tuple[int, ...] = tuple(range(1, BODY))
-
-DISPLAY_NAMES: tuple[str, ...] = (
-    "Background",
-    "Spleen",
-    "Right kidney",
-    "Left kidney",
-    "Gallbladder",
-    "Esophagus",
-    "Liver",
-    "Stomach",
-    "Aorta",
-    "Inferior vena cava",
-    "Pancreas",
-    "Right adrenal gland",
-    "Left adrenal gland",
-    "Duodenum",
-    "Urinary bladder",
-    "Prostate/uterus",
-    "Body",
-)
-
-# One colour table for Slicer segments and PNG previews (RGB 0..255), after the paper's Fig. 4 legend.
-COLORS: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 0),
-    (0, 160, 60),  # spleen: green
-    (40, 80, 220),  # right kidney: blue
-    (240, 220, 40),  # left kidney: yellow
-    (110, 200, 90),  # gallbladder
-    (230, 140, 180),  # esophagus
-    (140, 20, 20),  # liver: dark red
-    (75, 0, 130),  # stomach: indigo
-    (200, 150, 90),  # aorta: light brown
-    (60, 190, 170),  # inferior vena cava: aqua blue-green
-    (150, 150, 150),  # pancreas: grey
-    (0, 100, 40),  # right adrenal: dark green
-    (150, 230, 150),  # left adrenal: light green
-    (190, 160, 220),  # duodenum: light purple
-    (190, 140, 100),  # bladder: light brown
-    (130, 40, 160),  # prostate/uterus: purple
-    (235, 215, 180),  # body: beige
-)
+DISPLAY_NAMES: tuple[str, ...] = PAPER.display_names
+COLORS: tuple[tuple[int, int, int], ...] = PAPER.colors
+"""One colour table for Slicer segments and PNG previews (RGB 0..255), after the paper's Fig. 4 legend."""
 
 # Source names that describe the whole patient outline rather than a tissue inside it.
 BODY_OUTLINE_NAMES = frozenset({"body", "skin", "body_trunc", "body_trunk", "body_extremities", "external", "patient"})
@@ -119,26 +117,28 @@ def normalize_name(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip().lower())
 
 
-def class_from_name(name: str) -> int | None:
-    """Model class index for a structure name, or None when the name is not one of the model's classes."""
+def class_from_name(name: str, classes: ClassSet = PAPER) -> int | None:
+    """Class index in ``classes`` for a structure name, or None when the set has no class for it."""
     key = normalize_name(name)
     key = _SYNONYMS.get(key, key)
     if key in BODY_OUTLINE_NAMES:
-        return BODY
-    return MODEL_CLASSES.index(key) if key in MODEL_CLASSES else None
+        return classes.body
+    return classes.index(key)
 
 
 @dataclass(frozen=True)
 class LabelAdapter:
     """Maps source label values to model classes.
 
-    ``table`` lists every source value the adapter knows (organs to their class, other known structures to
-    BODY); ``outline_values`` are source values that describe the patient outline (a body/skin label).
+    ``table`` lists every source value the adapter knows (structures to their class in ``class_set``, other
+    known structures to its body class); ``outline_values`` are source values that describe the patient outline
+    (a body/skin label).
     """
 
     name: str
     table: Mapping[int, int]
     outline_values: frozenset[int] = frozenset()
+    class_set: ClassSet = PAPER
 
     def classes(self, labels: np.ndarray) -> tuple[np.ndarray, MappingReport]:
         """Map a label array to model classes (uint8); unknown non-zero values become BODY and are reported.
@@ -148,15 +148,16 @@ class LabelAdapter:
         """
         values, counts = np.unique(labels, return_counts=True)
         _refuse_intensity_image(values)
-        targets = np.array([BACKGROUND if v == 0 else self.table.get(v, BODY) for v in values.tolist()], np.uint8)
+        body = self.class_set.body
+        targets = np.array([BACKGROUND if v == 0 else self.table.get(v, body) for v in values.tolist()], np.uint8)
         mapped = np.zeros(labels.shape, np.uint8)
         for i in range(len(labels)):  # slice by slice: searchsorted's index array is 8 bytes a voxel
             mapped[i] = targets[np.searchsorted(values, labels[i])]
         unknown = {v: n for v, n in zip(values.tolist(), counts.tolist()) if v != 0 and v not in self.table}
-        present = sorted(set(targets.tolist()) - {BACKGROUND, BODY})
+        present = sorted(set(targets.tolist()) - {BACKGROUND, body})
         report = MappingReport(
             adapter=self.name,
-            organs_present=tuple(MODEL_CLASSES[c] for c in present),
+            organs_present=tuple(self.class_set.classes[c] for c in present),
             unknown=unknown,
             has_outline=bool(self.outline_values & set(values.tolist())),
         )
@@ -182,7 +183,8 @@ def _refuse_intensity_image(values: np.ndarray) -> None:
 
 @dataclass(frozen=True)
 class MappingReport:
-    """What a mapping found: the organs present and the source values the adapter did not know."""
+    """What a mapping found: the structures present (class names other than background and body) and the source
+    values the adapter did not know."""
 
     adapter: str
     organs_present: tuple[str, ...]
@@ -197,20 +199,20 @@ class MappingReport:
         return f"labels not known to the '{self.adapter}' mapping were treated as body tissue: {items}"
 
 
-def amos_adapter() -> LabelAdapter:
-    """AMOS22 ids 1..15 (identical to the model's organ indices)."""
-    return LabelAdapter("amos", {c: c for c in ORGANS})
+def amos_adapter(classes: ClassSet = PAPER) -> LabelAdapter:
+    """AMOS22 ids 1..15 (identical to the organ indices of every class set)."""
+    return LabelAdapter("amos", {c: c for c in ORGANS}, class_set=classes)
 
 
-def _adapter_from_names(name: str, names: Mapping[int, str]) -> LabelAdapter:
+def _adapter_from_names(name: str, names: Mapping[int, str], classes: ClassSet) -> LabelAdapter:
     table: dict[int, int] = {}
     outline: set[int] = set()
     for value, label_name in names.items():
-        cls = class_from_name(label_name)
-        table[value] = BODY if cls is None else cls
+        cls = class_from_name(label_name, classes)
+        table[value] = classes.body if cls is None else cls
         if normalize_name(label_name) in BODY_OUTLINE_NAMES:
             outline.add(value)
-    return LabelAdapter(name, table, frozenset(outline))
+    return LabelAdapter(name, table, frozenset(outline), classes)
 
 
 def totalsegmentator_names(version: int = 2) -> dict[int, str]:
@@ -221,21 +223,23 @@ def totalsegmentator_names(version: int = 2) -> dict[int, str]:
     return {int(k): v for k, v in json.loads(text)["labels"].items()}
 
 
-def totalsegmentator_adapter(version: int = 2) -> LabelAdapter:
-    """TotalSegmentator ``total`` ids; its non-AMOS structures (bones, muscles, bowel, ...) become body."""
-    return _adapter_from_names("totalseg" if version == 2 else "totalseg_v1", totalsegmentator_names(version))
+def totalsegmentator_adapter(version: int = 2, classes: ClassSet = PAPER) -> LabelAdapter:
+    """TotalSegmentator ``total`` ids; structures the class set has no class for (in the paper set: bones,
+    muscles, bowel, ...) become body."""
+    return _adapter_from_names("totalseg" if version == 2 else "totalseg_v1", totalsegmentator_names(version), classes)
 
 
-def segment_names_adapter(names: Mapping[int, str]) -> LabelAdapter:
-    """Adapter from segment names (e.g. a Slicer .seg.nrrd): organ names map to organs, the rest to body."""
-    return _adapter_from_names("segment names", names)
+def segment_names_adapter(names: Mapping[int, str], classes: ClassSet = PAPER) -> LabelAdapter:
+    """Adapter from segment names (e.g. a Slicer .seg.nrrd): names of classes (or their members) map to them, the
+    rest to body."""
+    return _adapter_from_names("segment names", names, classes)
 
 
-def read_label_mapping(path: str | Path) -> dict[str, int]:
+def read_label_mapping(path: str | Path, classes: ClassSet = PAPER) -> dict[str, int]:
     """A user mapping file ``{source value or name: target class name}`` as ``{key: model class}``.
 
     Keys are label values ("7") or source names (returned normalized); targets are model class names or
-    synonyms ("liver", "right kidney", "body", "background").
+    synonyms in ``classes`` ("liver", "right kidney", "body", "background"; "ribs" in the anatomy set).
     """
     path = Path(path)
     try:
@@ -248,27 +252,28 @@ def read_label_mapping(path: str | Path) -> dict[str, int]:
         raise InputError(f"label mapping file {path} must be a non-empty JSON object {{source: target class}}")
     table: dict[str, int] = {}
     for key, target in data.items():
-        cls = BACKGROUND if normalize_name(str(target)) == "background" else class_from_name(str(target))
+        cls = BACKGROUND if normalize_name(str(target)) == "background" else class_from_name(str(target), classes)
         if cls is None:
             raise InputError(
-                f"label mapping file {path}: target '{target}' for '{key}' is not a class; "
-                f"use one of {', '.join(MODEL_CLASSES)}"
+                f"label mapping file {path}: target '{target}' for '{key}' is not a class of the '{classes.name}' "
+                f"set; use one of {', '.join(classes.classes)}"
             )
         key = str(key).strip()
         table[key if key.isdigit() else normalize_name(key)] = cls
     return table
 
 
-def json_adapter(path: str | Path, segment_names: Mapping[int, str] | None = None) -> LabelAdapter:
+def json_adapter(path: str | Path, segment_names: Mapping[int, str] | None = None,
+                 classes: ClassSet = PAPER) -> LabelAdapter:
     """Adapter from a mapping file (:func:`read_label_mapping`); name keys match the input's segment names."""
     values_by_name = {normalize_name(n): v for v, n in (segment_names or {}).items()}
     table: dict[int, int] = {}
-    for key, cls in read_label_mapping(path).items():
+    for key, cls in read_label_mapping(path, classes).items():
         if key.isdigit():
             table[int(key)] = cls
         elif key in values_by_name:
             table[values_by_name[key]] = cls
-    return LabelAdapter(f"json:{Path(path).name}", table)
+    return LabelAdapter(f"json:{Path(path).name}", table, class_set=classes)
 
 
 LABEL_CHOICES = ("auto", "amos", "totalseg", "totalseg_v1")
@@ -281,13 +286,13 @@ AUTO_RULE = (
 )
 
 
-def check_convention(spec: str) -> None:
+def check_convention(spec: str, classes: ClassSet = PAPER) -> None:
     """InputError unless ``spec`` is a known convention or a readable JSON mapping file (cheap: no volume)."""
     if spec in LABEL_CHOICES:
         return
     if not spec.lower().endswith(".json"):
         raise InputError(f"unknown label convention '{spec}': use one of {', '.join(LABEL_CHOICES)} or a .json file")
-    read_label_mapping(spec)
+    read_label_mapping(spec, classes)
 
 
 def mapping_file(spec: str) -> Path | None:
@@ -295,29 +300,31 @@ def mapping_file(spec: str) -> Path | None:
     return Path(spec) if spec.lower().endswith(".json") else None
 
 
-def resolve_adapter(spec: str, labels: np.ndarray, segment_names: Mapping[int, str] | None = None) -> LabelAdapter:
-    """Adapter for ``spec`` ('auto', 'amos', 'totalseg', 'totalseg_v1' or a JSON file path); see AUTO_RULE."""
-    check_convention(spec)
+def resolve_adapter(spec: str, labels: np.ndarray, segment_names: Mapping[int, str] | None = None,
+                    classes: ClassSet = PAPER) -> LabelAdapter:
+    """Adapter onto ``classes`` for ``spec`` ('auto', 'amos', 'totalseg', 'totalseg_v1' or a JSON file path); see
+    AUTO_RULE."""
+    check_convention(spec, classes)
     if spec == "amos":
-        return amos_adapter()
+        return amos_adapter(classes)
     if spec == "totalseg":
-        return totalsegmentator_adapter(2)
+        return totalsegmentator_adapter(2, classes)
     if spec == "totalseg_v1":
-        return totalsegmentator_adapter(1)
+        return totalsegmentator_adapter(1, classes)
     if spec != "auto":
-        return json_adapter(spec, segment_names)
+        return json_adapter(spec, segment_names, classes)
     top = int(labels.max()) if labels.size else 0
     if segment_names:
-        adapter = segment_names_adapter(segment_names)
+        adapter = segment_names_adapter(segment_names, classes)
     elif top > max(ORGANS):
-        adapter = totalsegmentator_adapter(2)
+        adapter = totalsegmentator_adapter(2, classes)
     else:
-        adapter = _unambiguous_small_ids(labels, top)
+        adapter = _unambiguous_small_ids(labels, top, classes)
     logger.info("label convention detected: %s", adapter.name)
     return adapter
 
 
-def _unambiguous_small_ids(labels: np.ndarray, top: int) -> LabelAdapter:
+def _unambiguous_small_ids(labels: np.ndarray, top: int, classes: ClassSet) -> LabelAdapter:
     """The AMOS adapter for ids 0..15 that every convention reads alike; InputError naming each reading otherwise."""
     present = [v for v in range(1, top + 1) if np.any(labels == v)]  # no int64 copy of a large volume
     readings = {"AMOS": [MODEL_CLASSES[v] for v in present]}
@@ -325,7 +332,7 @@ def _unambiguous_small_ids(labels: np.ndarray, top: int) -> LabelAdapter:
         table = totalsegmentator_names(version)
         readings[f"TotalSegmentator v{version}"] = [table.get(v, f"unknown {v}") for v in present]
     if all(names == readings["AMOS"] for names in readings.values()):
-        return amos_adapter()
+        return amos_adapter(classes)
     shown = "; ".join(f"as {name}: {', '.join(names)}" for name, names in readings.items())
     raise InputError(
         f"label ids {', '.join(map(str, present))} fit more than one convention ({shown}): pass --labels amos, "
