@@ -1,4 +1,5 @@
-"""Model folders: ``model.safetensors`` + ``config.json`` (kind, architecture, diffusion, classes, window, sha256).
+"""Model folders: ``model.safetensors`` + ``config.json`` (kind, architecture, diffusion, class set and classes,
+intensity mapping (``intensity``, or the paper models' ``window``), sha256).
 
 ``kind`` is ``diffusion`` (the default: a U-Net sampled by a diffusion process) or ``generator`` (a one-pass
 baseline generator, :mod:`.models.generators`, which has no ``diffusion`` field).
@@ -25,11 +26,11 @@ from .diffusion import GaussianDiffusion, diffusion_defaults
 from .errors import CheckpointError, OutputExistsError
 from .io import atomic_folder
 from .factory import create_diffusion, create_generator, create_model
-from .labels import MODEL_CLASSES
+from .intensity import PAPER_WINDOW, IntensityMapping, mapping_from_config
+from .labels import CLASS_SETS, ClassSet, class_set
 from .models.config import ADDED_KEYS, model_defaults, resolve_config
 from .models.generators import generator_defaults, resolve_generator_config
 from .paths import cache_dir, file_digest
-from .preprocess import WINDOW_LEVEL, WINDOW_WIDTH
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -67,6 +68,16 @@ class LoadedModel:
         """The diffusion model's mask conditioning, or the generator's method (pix2pix, spade, oasis)."""
         model = self.config["model"]
         return str(model["conditioning"] if self.kind == "diffusion" else model["method"])
+
+    @property
+    def class_set(self) -> ClassSet:
+        """The classes the model was trained on (the paper's set for models that name none)."""
+        return class_set(self.config.get("class_set", "paper"))
+
+    @property
+    def intensity(self) -> IntensityMapping:
+        """How the model's [0, 1] maps to HU."""
+        return mapping_from_config(self.config)
 
 
 def resolve_model_path(spec: str | Path | None) -> Path:
@@ -152,18 +163,29 @@ def _check_config(config: dict[str, Any]) -> None:
                           f"{FORMAT_VERSION}{': upgrade ctsynth' if version > FORMAT_VERSION else ''}")
     if not isinstance(config.get("name", ""), str):
         raise _FieldError("field 'name' must be a string")
+    name = _field(config, "class_set", str) if "class_set" in config else "paper"
+    if name not in CLASS_SETS:
+        raise _FieldError(f"field 'class_set' is {json.dumps(name)[:40]}, not one of {', '.join(CLASS_SETS)}")
     classes = _field(config, "classes", list)
-    if classes != list(MODEL_CLASSES):
-        raise _FieldError(f"field 'classes' is {classes}, not this version's {list(MODEL_CLASSES)}")
+    expected = list(class_set(name).classes)
+    if classes != expected:
+        raise _FieldError(f"field 'classes' is {classes}, not this version's '{name}' set {expected}")
     sha = _field(config, "sha256", str)
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise _FieldError("field 'sha256' must be 64 lower-case hex digits")
-    window = _field(config, "window", dict)
-    for key in ("level", "width"):
-        value = _field(window, key, (int, float), "window.")
-        if not math.isfinite(value) or (key == "width" and value <= 0):
-            raise _FieldError(f"field 'window.{key}' must be a finite number{' > 0' if key == 'width' else ''}, "
-                              f"not {json.dumps(value)}")
+    if "intensity" in config:
+        _field(config, "intensity", dict)
+    else:
+        window = _field(config, "window", dict)
+        for key in ("level", "width"):
+            value = _field(window, key, (int, float), "window.")
+            if not math.isfinite(value) or (key == "width" and value <= 0):
+                raise _FieldError(f"field 'window.{key}' must be a finite number{' > 0' if key == 'width' else ''}, "
+                                  f"not {json.dumps(value)}")
+    try:
+        mapping_from_config(config)
+    except ValueError as exc:
+        raise _FieldError(str(exc)) from None
     kind = config.get("kind", "diffusion")
     if kind not in KINDS:
         raise _FieldError(f"field 'kind' must be one of {', '.join(KINDS)}, not {json.dumps(kind)[:40]}")
@@ -175,9 +197,9 @@ def _check_config(config: dict[str, Any]) -> None:
         raise _FieldError(f"field 'model.num_classes' is {config['model']['num_classes']}, but the model's classes are "
                           f"{len(classes)}: this folder's network was made for another class set")
     means = config.get("class_means")
-    if means is not None and (not isinstance(means, list) or len(means) != len(MODEL_CLASSES) or not all(
+    if means is not None and (not isinstance(means, list) or len(means) != len(expected) or not all(
             isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 1 for m in means)):
-        raise _FieldError(f"field 'class_means' must be a list of {len(MODEL_CLASSES)} numbers in 0..1")
+        raise _FieldError(f"field 'class_means' must be a list of {len(expected)} numbers in 0..1")
     presets = config.get("sampling_presets", {})
     if not isinstance(presets, dict):
         raise _FieldError("field 'sampling_presets' must be a JSON object {preset name: options}")
@@ -288,13 +310,20 @@ def save_model(
     extra: dict[str, Any] | None = None,
     half: bool = False,
     overwrite: bool = False,
+    classes: ClassSet | None = None,
+    intensity: IntensityMapping = PAPER_WINDOW,
 ) -> str:
     """Write a model folder atomically and return the weights' sha256.
 
     ``model`` and ``diffusion`` must carry a JSON ``config`` dict; ``diffusion`` None saves a one-pass generator
     (``kind: generator``, no ``diffusion`` field). ``extra`` adds keys such as ``training``,
-    ``sampling`` (recommended sampler preset) or ``description``. ``half`` stores float16 weights.
+    ``sampling`` (recommended sampler preset) or ``description``. ``half`` stores float16 weights. ``classes``
+    (default: the paper's set) and ``intensity`` are what the model was trained on; a window mapping is also
+    written as ``window`` {level, width}, as the paper's models have it.
     """
+    classes = classes or class_set("paper")
+    low, high = intensity.hu_range
+    window = {"window": {"level": (low + high) / 2, "width": high - low}} if intensity.is_window else {}
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise OutputExistsError(f"model folder {folder} exists; choose another name or pass --overwrite")
@@ -308,8 +337,10 @@ def save_model(
             "name": name,
             "library_version": __version__,
             "kind": "diffusion" if diffusion is not None else "generator",
-            "classes": list(MODEL_CLASSES),
-            "window": {"level": WINDOW_LEVEL, "width": WINDOW_WIDTH},
+            "class_set": classes.name,
+            "classes": list(classes.classes),
+            "intensity": intensity.config(),
+            **window,
             "model": model.config,
             **({"diffusion": diffusion.config} if diffusion is not None else {}),
             **(extra or {}),
