@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .device import autocast_dtype, free_memory
 from .errors import Cancelled, CTSynthError
-from .preprocess import condition_inputs, drop_condition
+from .preprocess import condition_inputs, drop_condition, network_classes
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ class VolumeDenoiser:
         if kwargs is not None:
             return kwargs
         kwargs = {k: self.memory_format(v)
-                  for k, v in condition_inputs(self.classes[chunk].long(), self.conditioning).items()}
+                  for k, v in condition_inputs(self.classes[chunk].long(), self.conditioning,
+                                                  network_classes(self.network)).items()}
         features = self.network.encode_condition(**kwargs)  # None for concat models
         if features is not None:
             kwargs["cond_features"] = features

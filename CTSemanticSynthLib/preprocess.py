@@ -156,7 +156,8 @@ def body_mask_from_labels(stack_labels: np.ndarray, *, has_outline: bool, margin
 
 
 def add_body_class(classes: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """Model classes with BODY wherever the body mask is set and no organ is."""
+    """Model classes with BODY wherever the body mask is set and no other class is (BODY is the same index in every
+    class set)."""
     out = classes.copy()
     out[(out == BACKGROUND) & body] = BODY
     return out
@@ -180,16 +181,22 @@ def semantic_edges(classes: torch.Tensor) -> torch.Tensor:
     return edge[:, None].float()
 
 
-def condition_inputs(classes: torch.Tensor, conditioning: str) -> dict[str, torch.Tensor]:
-    """Model keyword inputs for (N, H, W) class slices: one-hot ``mask``, plus ``edge`` for edge-guided models.
+def condition_inputs(classes: torch.Tensor, conditioning: str, num_classes: int = NUM_CLASSES) -> dict[str, torch.Tensor]:
+    """Model keyword inputs for (N, H, W) class slices: one-hot ``mask`` (``num_classes`` channels: the model's
+    ``num_classes``), plus ``edge`` for edge-guided models.
 
     (N, 1 + 2k, H, W) classes (a slice and its neighbours, for 2.5D models) give their one-hot masks side by side
     and the edges of channel 0, the slice itself."""
     stack = classes if classes.ndim == 4 else classes[:, None]
-    inputs = {"mask": one_hot(stack.flatten(0, 1)).unflatten(0, stack.shape[:2]).flatten(1, 2)}
+    inputs = {"mask": one_hot(stack.flatten(0, 1), num_classes).unflatten(0, stack.shape[:2]).flatten(1, 2)}
     if conditioning == "edge":
         inputs["edge"] = semantic_edges(stack[:, 0])
     return inputs
+
+
+def network_classes(network: torch.nn.Module) -> int:
+    """The ``num_classes`` of a network's config (the paper's 17 for networks without a config)."""
+    return int(getattr(network, "config", {}).get("num_classes", NUM_CLASSES))
 
 
 def drop_condition(inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:

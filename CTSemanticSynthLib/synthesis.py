@@ -33,6 +33,7 @@ from .preprocess import (
     body_mask_from_labels,
     condition_inputs,
     hu_to_unit,
+    network_classes,
     one_hot,
     unit_to_hu,
 )
@@ -425,7 +426,8 @@ def generate_slices(
         for first in range(0, len(classes), batch):
             if cancel is not None and cancel():
                 raise Cancelled("cancelled by the user; nothing was written")
-            mask = to_memory_format(one_hot(classes[first : first + batch].long()), precision)
+            mask = to_memory_format(one_hot(classes[first : first + batch].long(), network_classes(generator)),
+                                    precision)
             outputs.append(generator(mask, None if noise is None else noise[first : first + batch]).float())
             if on_step is not None:
                 on_step(min(1.0, (first + batch) / len(classes)))
@@ -444,7 +446,8 @@ def evaluation_flops(model: LoadedModel) -> int:
     size = model.image_size
     classes = with_neighbours(torch.zeros((1, size, size), dtype=torch.long), [0], network_context(model.model))
     device = next(model.model.parameters()).device
-    kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, model.conditioning).items()}
+    kwargs: dict[str, Any] = {k: v.to(device) for k, v in condition_inputs(classes, model.conditioning,
+                                                                                     network_classes(model.model)).items()}
     with torch.inference_mode():
         features = model.model.encode_condition(**kwargs)
         if features is not None:
