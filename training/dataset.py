@@ -10,12 +10,15 @@ import numpy as np
 import torch
 
 from CTSemanticSynthLib.errors import InputError
-from CTSemanticSynthLib.labels import BACKGROUND, MODEL_CLASSES, NUM_CLASSES
+from CTSemanticSynthLib.intensity import IntensityMapping, mapping_from_config
+from CTSemanticSynthLib.labels import BACKGROUND, ClassSet, class_set
 from CTSemanticSynthLib.slice_context import context_offsets
 
 
 class SliceCache:
-    """The slices of one split: ``batch(indices)`` -> (images [B,1,S,S] in [-1,1], classes [B,S,S] long)."""
+    """The slices of one split: ``batch(indices)`` -> (images [B,1,S,S] in [-1,1], classes [B,S,S] long).
+
+    ``class_set`` and ``intensity`` are the classes and HU mapping the cache was prepared with."""
 
     def __init__(self, root: str | Path, split: str) -> None:
         root = Path(root)
@@ -23,8 +26,10 @@ class SliceCache:
         if not meta_path.is_file():
             raise InputError(f"{root} is not a slice cache (no cache.json): run python -m training.prepare first")
         self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("classes") != list(MODEL_CLASSES):
+        self.class_set: ClassSet = class_set(self.meta.get("class_set", "paper"))
+        if self.meta.get("classes") != list(self.class_set.classes):
             raise InputError(f"{root} was prepared for other classes; prepare it again with this version")
+        self.intensity: IntensityMapping = mapping_from_config(self.meta)
         self.image_size = int(self.meta["image_size"])
         self._images: dict[str, np.ndarray] = {}
         self._classes: dict[str, np.ndarray] = {}
@@ -76,8 +81,9 @@ class SliceCache:
         step = max(1, len(self) // max_slices)
         images, classes = self.batch(list(range(0, len(self), step)))
         unit = (images[:, 0] + 1) / 2
-        sums = torch.zeros(NUM_CLASSES).index_add_(0, classes.flatten(), unit.flatten())
-        counts = torch.bincount(classes.flatten(), minlength=NUM_CLASSES).float()
+        num_classes = len(self.class_set.classes)
+        sums = torch.zeros(num_classes).index_add_(0, classes.flatten(), unit.flatten())
+        counts = torch.bincount(classes.flatten(), minlength=num_classes).float()
         return [float(s / c) if c > 0 else 0.0 for s, c in zip(sums, counts)]
 
 

@@ -2,7 +2,10 @@
 
     python -m training.prepare --amos /data/amos22 --out cache/amos256
     python -m training.prepare --images cts/ --labels segs/ --convention totalseg --holdout-every 8 --out cache/demo
+    python -m training.prepare ... --class-set anatomy --intensity full_range --out cache/anatomy96
 
+``--class-set`` picks the classes (``paper``: 15 AMOS organs + body; ``anatomy``: also bones, lungs, bowel,
+muscles, ...), ``--intensity`` the HU mapping (``paper_window``: L40/W400; ``full_range``: -1024..2000 HU companded).
 Each case becomes ``OUT/cases/<id>/{images.npy (float16, [0,1]), classes.npy (uint8)}`` of shape (N, S, S),
 written atomically, so an interrupted run resumes where it stopped. ``OUT/manifest.csv`` lists every slice
 (case, slice index, split, source spacing) and ``OUT/cache.json`` the settings. Bad cases (unreadable, grid
@@ -28,17 +31,10 @@ import torch
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.io import atomic_folder, atomic_outputs, read_ct, read_labelmap, write_bytes
-from CTSemanticSynthLib.labels import MODEL_CLASSES, check_convention, resolve_adapter
+from CTSemanticSynthLib.intensity import MAPPINGS, named_mapping
+from CTSemanticSynthLib.labels import CLASS_SETS, class_set, check_convention, resolve_adapter
 from CTSemanticSynthLib.parsing import OneLineParser
-from CTSemanticSynthLib.preprocess import (
-    WINDOW_LEVEL,
-    WINDOW_WIDTH,
-    AxialOrientation,
-    PlaneResize,
-    add_body_class,
-    body_mask_from_ct,
-    hu_to_unit,
-)
+from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize, add_body_class, body_mask_from_ct
 from CTSemanticSynthLib.progress import ProgressDisplay
 
 logger = logging.getLogger("training.prepare")
@@ -99,20 +95,24 @@ def paired_cases(images: Path, labels: Path, split: str) -> list[Case]:
     return cases
 
 
-def prepare_case(case: Case, out: Path, size: int, convention: str) -> dict:
-    """Window, add the body class, reorient and resize one case; write its arrays atomically."""
+def prepare_case(case: Case, out: Path, size: int, convention: str, classes: str = "paper",
+                 intensity: str = "paper_window") -> dict:
+    """Map the HU to [0, 1] (``intensity``) and the labels to ``classes``, add the body class, reorient and resize
+    one case; write its arrays atomically."""
     ct = read_ct(case.image, f"CT {case.image}")
     seg, names = read_labelmap(case.labels)
     if not ct.same_grid(seg, atol=1e-3):
         raise InputError(f"label map {case.labels} is not on the grid of CT {case.image}")
-    classes, report = resolve_adapter(convention, seg.array, names).classes(seg.array)
+    mapped, report = resolve_adapter(convention, seg.array, names, class_set(classes)).classes(seg.array)
     if not report.organs_present:
-        raise InputError(f"{case.labels.name} holds no organ of the model with the '{convention}' convention")
+        raise InputError(f"{case.labels.name} holds no structure of the '{classes}' classes with the '{convention}' "
+                         "convention")
     orientation = AxialOrientation.from_affine(ct.affine)
     hu = orientation.to_stack(ct.array)
-    cls = add_body_class(orientation.to_stack(classes), body_mask_from_ct(hu))
+    cls = add_body_class(orientation.to_stack(mapped), body_mask_from_ct(hu))
     resize = PlaneResize(hu.shape[1], hu.shape[2], size)
-    images = resize.to_model(torch.from_numpy(hu_to_unit(hu)), labels=False).clamp(0, 1).numpy().astype(np.float16)
+    unit = named_mapping(intensity).to_unit(hu)
+    images = resize.to_model(torch.from_numpy(unit), labels=False).clamp(0, 1).numpy().astype(np.float16)
     small = resize.to_model(torch.from_numpy(cls.astype(np.int64)), labels=True).numpy().astype(np.uint8)
     with atomic_folder(out / "cases" / case.case_id) as tmp:
         np.save(tmp / "images.npy", images)
@@ -145,12 +145,18 @@ def write_manifest(out: Path, infos: list[dict], holdout_every: int) -> int:
     return rows
 
 
-def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers: int, holdout_every: int) -> dict:
+def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers: int, holdout_every: int,
+            classes: str = "paper", intensity: str = "paper_window") -> dict:
     """Prepare every case not already in the cache (in parallel); returns the cache summary."""
     previous = out / "cache.json"
+    mapping = named_mapping(intensity)
     if previous.is_file():
         settings = json.loads(previous.read_text())
-        for key, value in (("image_size", size), ("label_convention", convention)):
+        settings.setdefault("class_set", "paper")  # caches from before class sets and mappings
+        settings.setdefault("intensity", {"name": "paper_window"})
+        settings["intensity"] = settings["intensity"]["name"]
+        for key, value in (("image_size", size), ("label_convention", convention), ("class_set", classes),
+                           ("intensity", intensity)):
             if settings.get(key) != value:
                 raise InputError(f"{out} was prepared with {key} {settings.get(key)!r}, not {value!r}: "
                                  "use another --out (or delete it to start over)")
@@ -165,7 +171,7 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
     failed: dict[str, str] = {}
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool, \
             ProgressDisplay("prepare:", "preparing", "case", total=len(cases), done=len(done)) as display:
-        futures = {pool.submit(prepare_case, case, out, size, convention): case for case in todo}
+        futures = {pool.submit(prepare_case, case, out, size, convention, classes, intensity): case for case in todo}
         for future in as_completed(futures):
             case = futures[future]
             try:
@@ -176,7 +182,7 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
             display.update(len(done) + len(failed))
     slices = write_manifest(out, done, holdout_every)
     summary = {"format": "ctsynth-slice-cache", "library_version": __version__, "image_size": size,
-               "window": {"level": WINDOW_LEVEL, "width": WINDOW_WIDTH}, "classes": list(MODEL_CLASSES),
+               "intensity": mapping.config(), "class_set": classes, "classes": list(class_set(classes).classes),
                "label_convention": convention, "holdout_every": holdout_every, "cases": len(done),
                "slices": slices, "skipped": failed}
     write_bytes(out / "cache.json", (json.dumps(summary, indent=2) + "\n").encode(), overwrite=True)
@@ -196,7 +202,11 @@ def check_options(args: argparse.Namespace) -> None:
         raise InputError(f"--split {args.split!r} is not one of {', '.join(SPLITS)}")
     if args.images is not None and args.labels is None:
         raise InputError("--images needs --labels")
-    check_convention(args.convention)
+    if args.class_set not in CLASS_SETS:
+        raise InputError(f"--class-set {args.class_set!r} is not one of {', '.join(CLASS_SETS)}")
+    if args.intensity not in MAPPINGS:
+        raise InputError(f"--intensity {args.intensity!r} is not one of {', '.join(MAPPINGS)}")
+    check_convention(args.convention, class_set(args.class_set))
     existing = next(p for p in (args.out, *args.out.parents) if p.exists())
     if not existing.is_dir():
         raise InputError(f"--out {args.out}: {existing} is a file; give a folder for the slice cache")
@@ -209,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--images", type=Path, help="folder of CT NIfTI files (with --labels)")
     parser.add_argument("--labels", type=Path, help="folder of label NIfTI files named like the CTs")
     parser.add_argument("--convention", default="amos", help="label convention of the labels (default amos)")
+    parser.add_argument("--class-set", default="paper",
+                        help=f"model classes: {' or '.join(CLASS_SETS)} (default paper, the paper's 17)")
+    parser.add_argument("--intensity", default="paper_window",
+                        help=f"HU mapping: {' or '.join(MAPPINGS)} (default paper_window, L40/W400)")
     parser.add_argument("--split", default="train", help=f"split for --images cases: {' or '.join(SPLITS)} "
                         "(default train)")
     parser.add_argument("--holdout-every", type=int, default=0,
@@ -222,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         check_options(args)
         cases = amos_cases(args.amos) if args.amos is not None else paired_cases(args.images, args.labels, args.split)
         summary = prepare(cases, args.out, size=args.size, convention=args.convention, workers=args.workers,
-                          holdout_every=args.holdout_every)
+                          holdout_every=args.holdout_every, classes=args.class_set, intensity=args.intensity)
         if not summary["cases"]:
             raise InputError(f"all {len(summary['skipped'])} cases were skipped (reasons above): nothing to train on")
     except CTSynthError as exc:

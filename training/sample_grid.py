@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,6 @@ from PIL import Image
 
 from CTSemanticSynthLib.diffusion import GaussianDiffusion, make_sampler
 from CTSemanticSynthLib.io import atomic_outputs
-from CTSemanticSynthLib.labels import COLORS
 from CTSemanticSynthLib.synthesis import class_prior, sample_slices
 
 
@@ -34,18 +34,21 @@ def sample_grid_slices(model: torch.nn.Module, diffusion: GaussianDiffusion, cla
 
 def write_sample_grid(path: Path, model: torch.nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor,
                       classes: torch.Tensor, conditioning: str, *, steps: int, start_timestep: int | None,
-                      class_means: list[float] | None, device: torch.device) -> None:
-    """PNG grid for real images [B, 1, S, S] in [-1, 1] and their classes [B, S, S] (or [B, 1 + 2k, S, S])."""
+                      class_means: list[float] | None, device: torch.device,
+                      colors: Sequence[tuple[int, int, int]]) -> None:
+    """PNG grid for real images [B, 1, S, S] in [-1, 1] and their classes [B, S, S] (or [B, 1 + 2k, S, S]), the
+    classes drawn in their class set's ``colors``."""
     synthetic = sample_grid_slices(model, diffusion, classes, conditioning, steps=steps, start_timestep=start_timestep,
                               class_means=class_means, device=device)
-    save_grid(path, images, classes, synthetic)
+    save_grid(path, images, classes, synthetic, colors)
 
 
-def save_grid(path: Path, images: torch.Tensor, classes: torch.Tensor, synthetic: torch.Tensor) -> None:
+def save_grid(path: Path, images: torch.Tensor, classes: torch.Tensor, synthetic: torch.Tensor,
+              colors: Sequence[tuple[int, int, int]]) -> None:
     """PNG rows mask | real | synthetic for real images [B, 1, S, S] in [-1, 1], classes [B, S, S] and synthetic
     slices [B, S, S] in [0, 1]."""
     real = (images[:, 0] + 1) / 2
-    colours = np.asarray(COLORS, dtype=np.uint8)
+    colours = np.asarray(colors, dtype=np.uint8)
     rows = []
     for c, r, s in zip((classes if classes.ndim == 3 else classes[:, 0]).numpy(), real.numpy(), synthetic.numpy()):
         grey = [np.repeat((np.clip(a, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1) for a in (r, s)]

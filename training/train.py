@@ -34,12 +34,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from CTSemanticSynthLib.checkpoint import save_model
+from CTSemanticSynthLib.checkpoint import load_model, save_model
 from CTSemanticSynthLib.device import cuda_native_bf16, select_device
 from CTSemanticSynthLib.diffusion import diffusion_defaults
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.factory import create_diffusion, create_model
 from CTSemanticSynthLib.io import atomic_outputs
+from CTSemanticSynthLib.labels import NUM_CLASSES
 from CTSemanticSynthLib.models import model_defaults
 from CTSemanticSynthLib.models.config import resolve_config
 from CTSemanticSynthLib.parsing import OneLineParser
@@ -88,7 +89,7 @@ def train_defaults() -> dict[str, Any]:
     diffusion = {k: v for k, v in diffusion_defaults().items() if k not in DIFFUSION_FIXED}
     return trainer_defaults() | network | diffusion | {
         "weight_decay": 0.0, "grad_clip": 1.0, "timestep_sampler": "uniform", "max_timestep": 0, "sample_steps": 25,
-        "sample_start_timestep": 0,
+        "sample_start_timestep": 0, "init_from": "",
     }
 
 
@@ -201,7 +202,7 @@ def check_config(config: dict[str, Any]) -> None:
     check_options(config, {"sample_steps": 1, "max_timestep": 0, "sample_start_timestep": 0, "weight_decay": 0.0,
                            "encoder_channels": 0}, ("grad_clip",), {"timestep_sampler": TIMESTEP_SAMPLERS})
     try:  # the network at its smallest valid size: the slice cache's size is checked when it is read
-        resolve_config(**model_config(config, 2 ** max(len(config["channel_mult"]) - 1, 0)))
+        resolve_config(**model_config(config, 2 ** max(len(config["channel_mult"]) - 1, 0), NUM_CLASSES))
     except (TypeError, ValueError) as exc:
         raise InputError(f"network options: {exc}") from None
     try:
@@ -246,17 +247,42 @@ def _read_yaml(path: Path, defaults: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_config(config: dict[str, Any], image_size: int) -> dict[str, Any]:
-    """The network's config: every model option, the slice size, and one output channel more for 'hybrid'."""
+def model_config(config: dict[str, Any], image_size: int, num_classes: int) -> dict[str, Any]:
+    """The network's config: every model option, the slice size and class count (from the slice cache), and one
+    output channel more for 'hybrid'."""
     out = {k: config[k] for k in model_defaults() if k not in MODEL_FIXED}
     out["encoder_channels"] = out["encoder_channels"] or None
-    return out | {"image_size": image_size, "out_channels": 2 if config["loss"] == "hybrid" else 1}
+    return out | {"image_size": image_size, "num_classes": num_classes,
+                  "out_channels": 2 if config["loss"] == "hybrid" else 1}
 
 
 def diffusion_config(config: dict[str, Any]) -> dict[str, Any]:
     """The diffusion's config: every diffusion option; the variance is learned exactly when the loss is 'hybrid'."""
     return diffusion_defaults() | {k: config[k] for k in diffusion_defaults() if k not in DIFFUSION_FIXED} | {
         "learn_sigma": config["loss"] == "hybrid"}
+
+
+def warm_start(model: torch.nn.Module, source: str) -> None:
+    """Start ``model`` from the weights of the model folder (or name) ``source``: tensors of equal shape are copied;
+    a tensor that has more input channels here (a class set that extends the source's, as the anatomy set extends
+    the paper's at the same indices) gets the source's channels first and zeros for the new ones, so the new classes
+    start out ignored. InputError when any other tensor differs."""
+    try:
+        found = load_model(source).model.state_dict()
+    except CTSynthError as exc:
+        raise InputError(f"--init-from: {exc}") from None
+    state = model.state_dict()
+    for key, value in state.items():
+        other = found.get(key)
+        if other is not None and other.shape == value.shape:
+            value.copy_(other)
+        elif other is not None and other.ndim == value.ndim >= 2 and other.shape[0] == value.shape[0] and \
+                other.shape[2:] == value.shape[2:] and other.shape[1] < value.shape[1]:
+            value.zero_()[:, : other.shape[1]] = other
+        else:
+            raise InputError(f"--init-from {source}: its weight {key} "
+                             f"{'is missing' if other is None else f'has shape {tuple(other.shape)}'}, this network's "
+                             f"{tuple(value.shape)}: give a model with the same architecture")
 
 
 class Trainer:
@@ -316,7 +342,10 @@ class Trainer:
     def _build(self) -> None:
         """The network, its EMA copy, the optimiser, the diffusion and the timestep sampler."""
         config = self.config
-        self.model = self._place(lambda: create_model(model_config(config, self.train_data.image_size)), "network")
+        self.model = self._place(lambda: create_model(model_config(config, self.train_data.image_size,
+                                                                   len(self.train_data.class_set.classes))), "network")
+        if config["init_from"]:
+            warm_start(self.model, config["init_from"])
         self.diffusion = create_diffusion(diffusion_config(config))
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"],
@@ -415,7 +444,7 @@ class Trainer:
         waits for the GPU, so the loop does that on logging steps only)."""
         cfg = self.config
         images, classes = model_batch(*self._slices())  # one-hot and edges are built here, on the device
-        inputs = condition_inputs(classes, cfg["conditioning"])
+        inputs = condition_inputs(classes, cfg["conditioning"], len(self.train_data.class_set.classes))
         if cfg["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
             inputs = {k: v.contiguous(memory_format=torch.channels_last) for k, v in inputs.items()}
@@ -493,7 +522,7 @@ class Trainer:
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         write_sample_grid(path, self.ema, self.diffusion, images, classes, self.config["conditioning"],
                           steps=self.config["sample_steps"], start_timestep=self.config["sample_start_timestep"] or None,
-                          class_means=self.class_means, device=self.device)
+                          class_means=self.class_means, device=self.device, colors=self.train_data.class_set.colors)
         return path
 
     def training_summary(self) -> dict[str, Any]:
@@ -520,7 +549,8 @@ class Trainer:
                 "paper": {"sampler": "ancestral", "steps": start + 1, "start_timestep": start},
             }
         save_model(target, self.ema, self.diffusion, name=self.config["name"] or self.out.name, extra=extra,
-                   half=self.config["half_export"], overwrite=True)
+                   half=self.config["half_export"], overwrite=True, classes=self.train_data.class_set,
+                   intensity=self.train_data.intensity)
         return target
 
 

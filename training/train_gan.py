@@ -163,7 +163,7 @@ class GANTrainer(train.Trainer):
             synthetic = generate_slices(self.ema, classes, index.tolist(), seed=0, device=self.device)
         finally:
             self.ema.train()
-        save_grid(path, images, classes, synthetic)
+        save_grid(path, images, classes, synthetic, self.train_data.class_set.colors)
         return path
 
     def export(self) -> Path:
