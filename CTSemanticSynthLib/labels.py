@@ -109,7 +109,35 @@ _SYNONYMS: dict[str, str] = {
     "uterus": "prostate_uterus",
     "prostate_or_uterus": "prostate_uterus",
     "prostate/uterus": "prostate_uterus",
+    # MAISI (label_tables/maisi_ct.json): lesions and vessels inside an organ take the organ's class
+    "hepatic_tumor": "liver",
+    "hepatic_vessel": "liver",
+    "pancreatic_tumor": "pancreas",
+    "colon_cancer_primaries": "colon",
+    "lung_tumor": "lung",
 }
+
+_VERTEBRA = re.compile(r"^([cltsCLTS]\d{1,2})_vertebra$")
+
+
+@functools.cache
+def _slicer_names() -> dict[str, str]:
+    """Slicer TotalSegmentator-extension segment names (normalized) -> TotalSegmentator names."""
+    text = resources.files(__package__).joinpath("label_tables/slicer_totalseg_names.json").read_text()
+    return {normalize_name(k): v.lower() for k, v in json.loads(text)["names"].items()}
+
+
+def _spellings(key: str) -> list[str]:
+    """A normalized name and the other spellings it may stand for: synonyms, Slicer segment names, the side moved to
+    the end ("left_rib_1" -> "rib_1_left", as TotalSegmentator writes sides) and "l1_vertebra" -> "vertebrae_l1"."""
+    out = [key]
+    for side in ("left_", "right_"):
+        if key.startswith(side):
+            out.append(f"{key[len(side):]}_{side[:-1]}")
+    match = _VERTEBRA.match(key)
+    if match:
+        out.append(f"vertebrae_{match.group(1)}")
+    return [k for each in out for k in (_SYNONYMS.get(each, each), _slicer_names().get(each, each))]
 
 
 def normalize_name(name: str) -> str:
@@ -119,11 +147,13 @@ def normalize_name(name: str) -> str:
 
 def class_from_name(name: str, classes: ClassSet = PAPER) -> int | None:
     """Class index in ``classes`` for a structure name, or None when the set has no class for it."""
-    key = normalize_name(name)
-    key = _SYNONYMS.get(key, key)
-    if key in BODY_OUTLINE_NAMES:
-        return classes.body
-    return classes.index(key)
+    for key in _spellings(normalize_name(name)):
+        if key in BODY_OUTLINE_NAMES:
+            return classes.body
+        cls = classes.index(key)
+        if cls is not None:
+            return cls
+    return None
 
 
 @dataclass(frozen=True)
@@ -229,6 +259,21 @@ def totalsegmentator_adapter(version: int = 2, classes: ClassSet = PAPER) -> Lab
     return _adapter_from_names("totalseg" if version == 2 else "totalseg_v1", totalsegmentator_names(version), classes)
 
 
+def maisi_names() -> dict[int, str]:
+    """MAISI (NV-Generate-CTMR ``configs/label_dict.json``) id -> name: 132 labels and body (200)."""
+    text = resources.files(__package__).joinpath("label_tables/maisi_ct.json").read_text()
+    return {int(k): v for k, v in json.loads(text)["labels"].items()}
+
+
+MAISI_BODY = 200
+"""MAISI's body label: every voxel inside the body outline that no other label covers."""
+
+
+def maisi_adapter(classes: ClassSet = PAPER) -> LabelAdapter:
+    """MAISI ids; the body label (200) is the body outline, structures without a class of their own become body."""
+    return _adapter_from_names("maisi", maisi_names(), classes)
+
+
 def segment_names_adapter(names: Mapping[int, str], classes: ClassSet = PAPER) -> LabelAdapter:
     """Adapter from segment names (e.g. a Slicer .seg.nrrd): names of classes (or their members) map to them, the
     rest to body."""
@@ -276,13 +321,13 @@ def json_adapter(path: str | Path, segment_names: Mapping[int, str] | None = Non
     return LabelAdapter(f"json:{Path(path).name}", table, class_set=classes)
 
 
-LABEL_CHOICES = ("auto", "amos", "totalseg", "totalseg_v1")
+LABEL_CHOICES = ("auto", "amos", "totalseg", "totalseg_v1", "maisi")
 
 AUTO_RULE = (
-    "'auto' reads segment names when the file has them (Slicer .seg.nrrd); otherwise ids above 15 as "
-    "TotalSegmentator v2, and ids 1-4 (the same organs in every convention) as AMOS. Ids 5-15 with nothing above "
+    "'auto' reads segment names when the file has them (Slicer .seg.nrrd); otherwise a file with label 200 (MAISI's "
+    "body) as MAISI, ids above 15 as TotalSegmentator v2, and ids 1-4 (the same organs in every convention) as AMOS. Ids 5-15 with nothing above "
     "mean different organs in AMOS and TotalSegmentator (e.g. its --roi_subset output), so auto refuses them: "
-    "pass --labels amos, totalseg or totalseg_v1"
+    "pass --labels amos, totalseg, totalseg_v1 or maisi"
 )
 
 
@@ -302,8 +347,8 @@ def mapping_file(spec: str) -> Path | None:
 
 def resolve_adapter(spec: str, labels: np.ndarray, segment_names: Mapping[int, str] | None = None,
                     classes: ClassSet = PAPER) -> LabelAdapter:
-    """Adapter onto ``classes`` for ``spec`` ('auto', 'amos', 'totalseg', 'totalseg_v1' or a JSON file path); see
-    AUTO_RULE."""
+    """Adapter onto ``classes`` for ``spec`` ('auto', 'amos', 'totalseg', 'totalseg_v1', 'maisi' or a JSON file path);
+    see AUTO_RULE."""
     check_convention(spec, classes)
     if spec == "amos":
         return amos_adapter(classes)
@@ -311,11 +356,15 @@ def resolve_adapter(spec: str, labels: np.ndarray, segment_names: Mapping[int, s
         return totalsegmentator_adapter(2, classes)
     if spec == "totalseg_v1":
         return totalsegmentator_adapter(1, classes)
+    if spec == "maisi":
+        return maisi_adapter(classes)
     if spec != "auto":
         return json_adapter(spec, segment_names, classes)
     top = int(labels.max()) if labels.size else 0
     if segment_names:
         adapter = segment_names_adapter(segment_names, classes)
+    elif top == MAISI_BODY:
+        adapter = maisi_adapter(classes)
     elif top > max(ORGANS):
         adapter = totalsegmentator_adapter(2, classes)
     else:

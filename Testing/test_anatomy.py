@@ -1,0 +1,147 @@
+"""The anatomy class set and its adapters (TotalSegmentator v1/v2, AMOS, MAISI, JSON, Slicer segment names), and the
+intensity mappings (paper window, full range)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from CTSemanticSynthLib.errors import InputError
+from CTSemanticSynthLib.intensity import FULL_RANGE, PAPER_WINDOW, IntensityMapping, mapping_from_config, named_mapping
+from CTSemanticSynthLib.labels import (
+    MODEL_CLASSES,
+    amos_adapter,
+    class_from_name,
+    class_set,
+    json_adapter,
+    maisi_names,
+    resolve_adapter,
+    segment_names_adapter,
+    totalsegmentator_adapter,
+    totalsegmentator_names,
+)
+from CTSemanticSynthLib.preprocess import hu_to_unit, unit_to_hu
+
+ANATOMY = class_set("anatomy")
+
+
+def names_of(adapter, source: dict[int, str]) -> dict[str, str]:
+    """Source name -> class name for every value the adapter knows."""
+    return {source[v]: ANATOMY.classes[c] for v, c in adapter.table.items()}
+
+
+def test_anatomy_set_extends_the_paper_set_at_the_same_indices():
+    assert ANATOMY.classes[: len(MODEL_CLASSES)] == MODEL_CLASSES
+    assert ANATOMY.body == 16 and 30 <= len(ANATOMY.classes) <= 40
+    assert len(set(ANATOMY.classes)) == len(ANATOMY.classes) == len(ANATOMY.colors) == len(ANATOMY.display_names)
+    assert len(set(ANATOMY.colors)) == len(ANATOMY.colors)
+    assert class_set("paper").classes == MODEL_CLASSES
+
+
+def test_unknown_class_set_is_refused():
+    with pytest.raises(InputError, match="unknown class set 'organs': use one of paper, anatomy"):
+        class_set("organs")
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_totalsegmentator_onto_anatomy_groups_bones_muscles_bowel_and_lungs(version):
+    names = names_of(totalsegmentator_adapter(version, ANATOMY), totalsegmentator_names(version))
+    expected = {
+        "vertebrae_L3": "vertebrae", "vertebrae_C1": "vertebrae", "rib_left_1": "ribs", "rib_right_12": "ribs",
+        "sacrum": "pelvis", "hip_left": "pelvis", "femur_right": "femur", "humerus_left": "shoulder_arm_bones",
+        "lung_upper_lobe_left": "lung", "trachea": "lung", "colon": "colon", "small_bowel": "small_bowel",
+        "autochthon_left": "autochthon", "iliopsoas_right": "iliopsoas", "gluteus_maximus_left": "gluteus",
+        "gluteus_minimus_right": "gluteus", "iliac_artery_left": "other_vessels",
+        "portal_vein_and_splenic_vein": "other_vessels", "liver": "liver", "kidney_right": "kidney_right",
+        "aorta": "aorta", "urinary_bladder": "urinary_bladder", "brain": "brain",
+    }
+    if version == 2:
+        expected |= {"vertebrae_S1": "pelvis", "spinal_cord": "spinal_cord", "kidney_cyst_left": "kidney_cyst", "sternum": "sternum_cartilage",
+                     "costal_cartilages": "sternum_cartilage", "heart": "heart", "prostate": "prostate_uterus",
+                     "thyroid_gland": "thyroid_gland", "superior_vena_cava": "other_vessels"}
+    else:
+        expected |= {"heart_myocardium": "heart", "heart_ventricle_left": "heart", "pulmonary_artery": "other_vessels",
+                     "face": "body"}
+    assert {k: names[k] for k in expected} == expected
+    # every structure has a class of its own except what the set leaves to body (v1's face only)
+    assert [n for n, c in names.items() if c == "body"] == ([] if version == 2 else ["face"])
+
+
+def test_paper_set_is_unchanged_by_the_anatomy_tables():
+    adapter = totalsegmentator_adapter(2)
+    assert MODEL_CLASSES[adapter.table[28]] == "body" and MODEL_CLASSES[adapter.table[5]] == "liver"
+    assert class_from_name("left rib 3") is None and class_from_name("left rib 3", ANATOMY) == ANATOMY.index("ribs")
+
+
+def test_amos_onto_anatomy_keeps_organs_and_makes_the_rest_body():
+    labels = np.array([[[0, 1, 6, 15, 16, 40]]], dtype=np.int16)
+    mapped, report = amos_adapter(ANATOMY).classes(labels)
+    assert mapped.tolist() == [[[0, 1, 6, 15, 16, 16]]]
+    assert report.unknown == {16: 1, 40: 1} and report.organs_present == ("spleen", "liver", "prostate_uterus")
+
+
+def test_maisi_table_and_adapter():
+    names = maisi_names()
+    assert len(names) == 133 and names[200] == "body" and names[1] == "liver" and names[62] == "colon"
+    labels = np.array([[[0, 1, 5, 14, 33, 63, 97, 62, 19, 28, 122, 200, 2]]], dtype=np.uint8)
+    for classes, expected in ((ANATOMY, ["background", "liver", "kidney_right", "kidney_left", "vertebrae", "ribs",
+                                         "pelvis", "colon", "small_bowel", "lung", "sternum_cartilage", "body", "body"]),
+                              (class_set("paper"), ["background", "liver", "kidney_right", "kidney_left"] + ["body"] * 9)):
+        adapter = resolve_adapter("maisi", labels, classes=classes)
+        mapped, report = adapter.classes(labels)
+        assert [classes.classes[c] for c in mapped.ravel()] == expected
+        assert report.has_outline and report.unknown == {}
+    assert resolve_adapter("auto", labels, classes=ANATOMY).name == "maisi"  # label 200 is MAISI's body
+
+
+def test_slicer_segment_names_as_the_totalsegmentator_extension_writes_them():
+    slicer = {1: "Right kidney", 2: "superior lobe of left lung", 3: "L3 vertebra", 4: "left rib 3",
+              5: "left deep back muscle", 6: "costal cartilage", 7: "left atrial appendage", 8: "right hip",
+              9: "S1 vertebra", 10: "right common iliac vein", 11: "left iliopsoas muscle", 12: "urinary bladder",
+              13: "left gluteus maximus", 14: "small intestine", 15: "left femur", 16: "spinal cord", 17: "Body"}
+    adapter = segment_names_adapter(slicer, ANATOMY)
+    assert list(names_of(adapter, slicer).values()) == [
+        "kidney_right", "lung", "vertebrae", "ribs", "autochthon", "sternum_cartilage", "heart", "pelvis", "pelvis",
+        "other_vessels", "iliopsoas", "urinary_bladder", "gluteus", "small_bowel", "femur", "spinal_cord", "body"]
+    assert adapter.outline_values == frozenset({17})
+    assert resolve_adapter("auto", np.array([[[0, 1, 3]]]), slicer, ANATOMY).name == "segment names"
+
+
+def test_json_mapping_onto_anatomy_classes(tmp_path: Path):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"3": "ribs", "bone": "vertebrae", "9": "liver", "7": "background"}))
+    adapter = json_adapter(path, {4: "Bone"}, ANATOMY)
+    assert {v: ANATOMY.classes[c] for v, c in adapter.table.items()} == {
+        3: "ribs", 4: "vertebrae", 9: "liver", 7: "background"}
+    with pytest.raises(InputError, match="'ribs' for '3' is not a class of the 'paper' set"):
+        json_adapter(path)
+
+
+def test_full_range_keeps_soft_tissue_precision_and_the_bone_and_air_range():
+    hu = np.array([-1024, -1000, -850, -160, 40, 240, 1000, 2000, 3000], dtype=np.float32)
+    unit = FULL_RANGE.to_unit(hu)
+    assert unit[0] == 0 and unit[-2] == unit[-1] == 1 and np.all(np.diff(unit[:-1]) > 0)
+    assert unit[5] - unit[3] == pytest.approx(0.6)  # soft tissue -160..240 HU gets 60 % of [0, 1]
+    grid = np.linspace(-1024, 2000, 3025, dtype=np.float32)
+    assert np.abs(FULL_RANGE.to_hu(FULL_RANGE.to_unit(grid)) - grid).max() < 0.01
+    assert FULL_RANGE.hu_range == (-1024.0, 2000.0)
+
+
+def test_paper_window_mapping_is_the_paper_window_exactly():
+    hu = np.random.default_rng(0).uniform(-1500, 2500, 10_000).astype(np.float32)
+    assert np.array_equal(PAPER_WINDOW.to_unit(hu), hu_to_unit(hu))
+    unit = np.random.default_rng(1).uniform(-0.5, 1.5, 10_000).astype(np.float32)
+    assert np.array_equal(PAPER_WINDOW.to_hu(unit), unit_to_hu(unit))
+
+
+def test_mapping_configs_round_trip_and_old_configs_read_as_the_window():
+    assert mapping_from_config({"intensity": FULL_RANGE.config()}) == FULL_RANGE
+    assert mapping_from_config({"window": {"level": 40, "width": 400}}) == PAPER_WINDOW
+    assert mapping_from_config({"window": {"level": 50, "width": 350}}).hu_range == (-125.0, 225.0)
+    with pytest.raises(ValueError, match="field 'intensity'"):
+        mapping_from_config({"intensity": {"name": "x", "hu": [0, -1], "unit": [0, 1]}})
+    with pytest.raises(ValueError, match="knots must run from unit 0 to 1"):
+        IntensityMapping("bad", ((0.0, 0.0), (10.0, 0.5)))
+    with pytest.raises(InputError, match="unknown intensity mapping 'wide'"):
+        named_mapping("wide")
