@@ -220,6 +220,8 @@ class MappingReport:
     organs_present: tuple[str, ...]
     unknown: dict[int, int] = field(default_factory=dict)
     has_outline: bool = False
+    body_source: str = ""
+    """Where the body outline came from (set by ``synthesis.prepare_classes``)."""
 
     def unknown_message(self) -> str:
         """One line naming each unknown value and its voxel count, or '' when there were none."""

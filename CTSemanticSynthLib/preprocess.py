@@ -126,33 +126,80 @@ def body_mask_from_ct(stack_hu: np.ndarray, threshold_hu: float = BODY_THRESHOLD
     return _per_slice(np.asarray(stack_hu) > threshold_hu, one)
 
 
-def body_mask_from_labels(stack_labels: np.ndarray, *, has_outline: bool, margin_px: int = 0) -> np.ndarray:
+def body_mask_from_labels(stack_labels: np.ndarray, *, has_outline: bool, margin_px: float = 0,
+                          bridge_px: float = 0) -> np.ndarray:
     """Body estimated from a segmentation alone, per axial slice.
 
     With an outline label (body/skin) the filled union of all labels is exact. Without one the outline is
-    unknown, so the filled convex hull of all labelled structures grown by ``margin_px`` stands in for it
-    (subcutaneous fat is usually not labelled); give a real body mask where one exists.
+    unknown: labelled structures closer than ``2 * bridge_px`` to each other form one group (the trunk's organs,
+    bones and muscles), each group is replaced by its convex hull grown by ``margin_px`` (subcutaneous fat is
+    usually not labelled), and enclosed gaps are filled. Separate limbs (a humerus, a femur with its muscles) stay
+    separate groups, so the air between them and the trunk is not made body. Give a real body mask where one exists.
     """
-    union = np.asarray(stack_labels) != 0
+    union = np.not_equal(stack_labels, 0, order="C")  # contiguous slices, whatever the stack's strides
     if has_outline:
         return _per_slice(union, ndimage.binary_fill_holes)
+    factor, coarse = _groups(union, bridge_px)
+    out = np.zeros_like(union)
+    for k in range(len(union)):
+        if not union[k].any():
+            continue
+        rows, cols = np.arange(union.shape[1]) // factor, np.arange(union.shape[2]) // factor
+        groups = coarse[k][np.ix_(rows, cols)]
+        ids = np.unique(coarse[k][coarse[k] > 0]) if coarse[k].any() else np.ones(1, np.int32)
+        for group in ids:
+            out[k] |= _grown_hull(union[k] & (groups == group) if len(ids) > 1 else union[k], margin_px)
+        if len(ids) > 1:
+            out[k] = ndimage.binary_fill_holes(out[k])
+        out[k] |= union[k]
+    return out
 
-    def hull(s: np.ndarray) -> np.ndarray:
-        from scipy.spatial import ConvexHull, QhullError
 
-        pts = np.argwhere(s)
-        try:
-            eq = ConvexHull(pts).equations
-        except (QhullError, ValueError):  # fewer than 3 points or collinear
-            out = s
-        else:
-            grid = np.indices(s.shape).reshape(2, -1).T
-            out = (grid @ eq[:, :2].T + eq[:, 2] <= 1e-9).all(axis=1).reshape(s.shape)
-        if margin_px > 0:
-            out = ndimage.binary_dilation(out, iterations=margin_px)
-        return out | s
+def _groups(union: np.ndarray, bridge_px: float) -> tuple[int, np.ndarray]:
+    """(factor, groups): ``groups`` (N, H / factor, W / factor) numbers, per slice, the groups of labelled structures
+    within ``2 * bridge_px`` of each other, on a grid coarsened by ``factor`` so that the bridge is about 3 cells
+    (cheap on large slices); one group per slice when ``bridge_px`` is 0."""
+    n, h, w = union.shape
+    if bridge_px <= 0:
+        return max(h, w, 1), np.ones((n, 1, 1), np.int32)
+    factor = min(max(1, int(bridge_px // 3)), max(h, w))
+    ph, pw = -h % factor, -w % factor
+    coarse = np.pad(union, ((0, 0), (0, ph), (0, pw))).reshape(n, (h + ph) // factor, factor, (w + pw) // factor,
+                                                               factor).any(axis=(2, 4))
+    radius = min(int(np.ceil(bridge_px / factor)), max(coarse.shape[1:]))  # wider joins nothing more
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disk = (yy**2 + xx**2 <= radius**2)[None]
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = True  # 8-connected within a slice, never across slices
+    groups, _ = ndimage.label(ndimage.binary_dilation(coarse, structure=disk), structure=in_plane)
+    return factor, groups
 
-    return _per_slice(union, hull)
+
+def _grown_hull(mask2d: np.ndarray, margin_px: float) -> np.ndarray:
+    """The filled convex hull of ``mask2d``'s pixels with every edge moved out by ``margin_px``; pixels that span no
+    area (fewer than three, or in a line) are grown by ``margin_px`` steps instead."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    rows = np.flatnonzero(mask2d.any(axis=1))
+    first = mask2d[rows].argmax(axis=1)
+    last = mask2d.shape[1] - 1 - mask2d[rows, ::-1].argmax(axis=1)
+    points = np.concatenate([np.stack([rows, first], 1), np.stack([rows, last], 1)])  # the hull's candidates
+    try:
+        eq = ConvexHull(points).equations
+    except (QhullError, ValueError):  # fewer than 3 points or collinear
+        steps = int(round(margin_px))
+        return ndimage.binary_dilation(mask2d, iterations=steps) if steps > 0 else mask2d.copy()
+    # inside: a * row + b * col + c <= margin (unit normals); per row, each edge bounds the columns from one side
+    y = np.arange(mask2d.shape[0], dtype=np.float64)[:, None]
+    a, b, c = eq[:, 0], eq[:, 1], eq[:, 2] - margin_px
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = (-c - a * y) / b
+    tol = 1e-9
+    low = np.where(b < -tol, bound, -np.inf).max(axis=1)
+    high = np.where(b > tol, bound, np.inf).min(axis=1)
+    rows_ok = np.all((np.abs(b) > tol) | (a * y + c <= tol), axis=1)
+    cols = np.arange(mask2d.shape[1])
+    return rows_ok[:, None] & (cols >= low[:, None] - tol) & (cols <= high[:, None] + tol)
 
 
 def add_body_class(classes: np.ndarray, body: np.ndarray) -> np.ndarray:

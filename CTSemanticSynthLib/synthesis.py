@@ -24,12 +24,14 @@ from .diffusion.slice_noise import SliceNoise
 from .errors import Cancelled, CTSynthError, InputError
 from .factory import create_diffusion
 from .io import Volume
-from .labels import BACKGROUND, NUM_CLASSES, MappingReport, resolve_adapter
+from .labels import BACKGROUND, NUM_CLASSES, PAPER, ClassSet, MappingReport, resolve_adapter
 from .preprocess import (
     AIR_HU,
+    BODY_THRESHOLD_HU,
     AxialOrientation,
     PlaneResize,
     add_body_class,
+    body_mask_from_ct,
     body_mask_from_labels,
     condition_inputs,
     hu_to_unit,
@@ -49,6 +51,9 @@ ProgressCallback = Callable[[float, int], None]
 BODY_MARGIN_MM = 30.0
 """Margin around the labelled structures that stands in for unlabelled subcutaneous fat when no body outline is
 given (best Dice, 0.94, against the CT-derived body on the bundled example)."""
+BODY_BRIDGE_MM = 15.0
+"""Labelled structures closer than twice this share one convex hull when the body is built from the labels (the
+trunk's organs, bones and muscles); farther ones (a limb beside the trunk) keep hulls of their own."""
 
 
 @dataclass(frozen=True)
@@ -162,35 +167,48 @@ def prepare_classes(
     labels: str = "auto",
     body_mask: Volume | None = None,
     body_margin_mm: float = BODY_MARGIN_MM,
+    *,
+    reference: Volume | None = None,
+    classes: ClassSet = PAPER,
 ) -> tuple[Volume, MappingReport]:
-    """Model classes (uint8, same grid) from a label map: organs mapped, the body class added.
+    """Classes of ``classes`` (uint8, same grid) from a label map: structures mapped, the body class added.
 
     A map whose labels the convention knows but that holds none of the model's organs (a pelvis crop with only bowel
     and bones) is all body tissue (``report.organs_present`` is empty); an empty map, or one whose every label the
-    convention does not know, is an InputError."""
+    convention does not know, is an InputError. The body outline comes from ``body_mask``, else from the
+    ``reference`` CT (on the same grid) as training takes it (:func:`~.preprocess.body_mask_from_ct`), else from the
+    labels (:func:`~.preprocess.body_mask_from_labels`); the report's ``body_source`` says which."""
     labelled = np.count_nonzero(segmentation.array)
     if not labelled:
         raise InputError("the segmentation is empty (all voxels are 0): nothing to synthesize")
-    adapter = resolve_adapter(labels, segmentation.array, segment_names)
+    adapter = resolve_adapter(labels, segmentation.array, segment_names, classes)
     mapped, report = adapter.classes(segmentation.array)
     if sum(report.unknown.values()) == labelled:
         values = sorted(report.unknown)
         raise InputError(
             f"the '{adapter.name}' label convention knows none of the label values "
             f"({', '.join(map(str, values[:9]))}{', ...' if len(values) > 9 else ''}): no organ the model knows was "
-            "found; pass --labels amos, totalseg, totalseg_v1 or a JSON mapping file"
+            "found; pass --labels amos, totalseg, totalseg_v1, maisi or a JSON mapping file"
         )
     orientation = AxialOrientation.from_affine(segmentation.affine)
+    for name, given in (("body mask", body_mask), ("reference CT", reference)):
+        if given is not None and not given.same_grid(segmentation):
+            raise InputError(f"the {name} is not on the segmentation's grid (shape, spacing, origin, direction)")
     if body_mask is not None:
-        if not body_mask.same_grid(segmentation):
-            raise InputError("the body mask is not on the segmentation's grid (shape, spacing, origin, direction)")
-        body = body_mask.array != 0
+        body, source = body_mask.array != 0, "body mask"
+    elif reference is not None:
+        body = orientation.from_stack(body_mask_from_ct(orientation.to_stack(reference.array)))
+        source = f"reference CT (above {BODY_THRESHOLD_HU:g} HU, opened, largest component, holes filled)"
+    elif report.has_outline:
+        body = orientation.from_stack(body_mask_from_labels(orientation.to_stack(segmentation.array), has_outline=True))
+        source = "body label of the segmentation"
     else:
-        in_plane = [s for axis, s in enumerate(segmentation.spacing) if axis != orientation.axes[0]]
-        margin_px = int(round(body_margin_mm / float(np.mean(in_plane)))) if not report.has_outline else 0
-        stack = orientation.to_stack(segmentation.array)
-        body = orientation.from_stack(body_mask_from_labels(stack, has_outline=report.has_outline, margin_px=margin_px))
-    return Volume(add_body_class(mapped, body), segmentation.affine), report
+        pixel = float(np.mean([s for axis, s in enumerate(segmentation.spacing) if axis != orientation.axes[0]]))
+        body = orientation.from_stack(body_mask_from_labels(
+            orientation.to_stack(segmentation.array), has_outline=False, margin_px=body_margin_mm / pixel,
+            bridge_px=BODY_BRIDGE_MM / pixel))
+        source = f"labelled structures (convex hull of each group + {body_margin_mm:g} mm)"
+    return Volume(add_body_class(mapped, body), segmentation.affine), replace(report, body_source=source)
 
 
 def synthesize(

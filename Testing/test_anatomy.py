@@ -21,7 +21,15 @@ from CTSemanticSynthLib.labels import (
     totalsegmentator_adapter,
     totalsegmentator_names,
 )
-from CTSemanticSynthLib.preprocess import hu_to_unit, unit_to_hu
+from CTSemanticSynthLib.io import Volume
+from CTSemanticSynthLib.preprocess import (
+    AxialOrientation,
+    body_mask_from_ct,
+    body_mask_from_labels,
+    hu_to_unit,
+    unit_to_hu,
+)
+from CTSemanticSynthLib.synthesis import prepare_classes
 
 ANATOMY = class_set("anatomy")
 
@@ -145,3 +153,34 @@ def test_mapping_configs_round_trip_and_old_configs_read_as_the_window():
         IntensityMapping("bad", ((0.0, 0.0), (10.0, 0.5)))
     with pytest.raises(InputError, match="unknown intensity mapping 'wide'"):
         named_mapping("wide")
+
+
+def test_body_from_labels_does_not_bridge_a_separate_limb():
+    labels = np.zeros((1, 60, 90), np.int32)
+    labels[0, 20:40, 10:40] = 5  # trunk structures
+    labels[0, 22:38, 42:46] = 86  # a muscle 2 px from them: same group
+    labels[0, 10:14, 75:79] = 69  # a humerus 29 px away
+    grouped = body_mask_from_labels(labels, has_outline=False, margin_px=2, bridge_px=5)[0]
+    single = body_mask_from_labels(labels, has_outline=False, margin_px=2)[0]
+    assert grouped[30, 41] and grouped[30, 47]  # the gap inside the trunk group is body
+    assert not grouped[20, 60] and single[20, 60]  # the air between trunk and arm is body only in one hull
+    assert grouped[12, 77] and grouped[8, 77] and not grouped[5, 77]  # the arm: its own hull, grown by 2 px
+    assert grouped.sum() < single.sum()
+
+
+def test_prepare_classes_takes_the_body_from_the_reference_ct():
+    labels = np.zeros((40, 40, 4), np.uint8)
+    labels[15:25, 15:25, :] = 5  # a liver (TotalSegmentator 5)
+    hu = np.full(labels.shape, -1000, np.int16)
+    hu[5:35, 8:30, :] = 30  # the patient: larger than any hull of the labels, and off-centre
+    seg, ct = Volume(labels, np.eye(4)), Volume(hu, np.eye(4))
+    classes, report = prepare_classes(seg, labels="totalseg", reference=ct, classes=ANATOMY)
+    orientation = AxialOrientation.from_affine(ct.affine)
+    expected = orientation.from_stack(body_mask_from_ct(orientation.to_stack(hu)))
+    np.testing.assert_array_equal(classes.array != 0, expected)
+    assert (classes.array[6:34, 9:29] == ANATOMY.body).sum() > 0.9 * (28 * 20 * 4 - labels.astype(bool).sum())
+    assert report.body_source.startswith("reference CT")
+    _, from_labels = prepare_classes(seg, labels="totalseg")
+    assert from_labels.body_source.startswith("labelled structures")
+    with pytest.raises(InputError, match="the reference CT is not on the segmentation's grid"):
+        prepare_classes(seg, labels="totalseg", reference=Volume(hu[:-1], np.eye(4)))
