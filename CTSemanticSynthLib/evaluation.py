@@ -19,6 +19,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError
+from .intensity import PAPER_WINDOW, IntensityMapping, mapping_from_config
 from .labels import BACKGROUND, MODEL_CLASSES, ORGANS
 
 if TYPE_CHECKING:  # the heavy modules (torch, SimpleITK) load only when a case is evaluated
@@ -59,14 +60,15 @@ def _hu_stats(hu: np.ndarray, classes: np.ndarray) -> dict[str, dict[str, float]
 def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None, *, totalseg: bool = False,
                   fast: bool = True, fid: bool = False, inception: Path | None = None, device: str = "auto",
                   progress: Progress | None = None, save_totalseg: Path | None = None,
-                  overwrite: bool = False) -> dict[str, Any]:
+                  overwrite: bool = False, intensity: IntensityMapping = PAPER_WINDOW) -> dict[str, Any]:
     """All metrics for one case; ``classes`` holds model classes (body included) on the CT grid.
 
-    ``save_totalseg`` writes TotalSegmentator's organs on the synthetic CT there (with ``totalseg``).
+    ``save_totalseg`` writes TotalSegmentator's organs on the synthetic CT there (with ``totalseg``). The real CT's
+    organ HU are taken within ``intensity``'s range (the model's mapping: no synthetic value can leave it).
     """
     from .metrics.consistency import plane_fid_gap, stripe_index
     from .metrics.image import SLICE_SIZE, axial_unit_slices, psnr, ssim, summarize
-    from .preprocess import AxialOrientation, hu_to_unit, unit_to_hu
+    from .preprocess import AxialOrientation
 
     for name, vol in (("synthetic", synthetic), ("real", real)):
         if vol is not None and not vol.same_grid(classes, atol=1e-3):
@@ -76,8 +78,8 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
     stack = AxialOrientation.from_affine(classes.affine).to_stack(classes.array)
     active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
     if real is not None:
-        # clipped to the model's window (as training.holdout_check does): no synthetic value can leave it
-        report["hu_real"] = _hu_stats(unit_to_hu(hu_to_unit(real.array)), classes.array)
+        # clipped to the model's range (as training.holdout_check does): no synthetic value can leave it
+        report["hu_real"] = _hu_stats(intensity.to_hu(intensity.to_unit(real.array)), classes.array)
         if progress is not None:
             progress(f"PSNR/SSIM over {len(active)} axial slices")
         a = axial_unit_slices(real.array, real.affine, active)
@@ -137,12 +139,14 @@ def evaluate_files(synthetic: Path, seg: Path, real: Path | None = None, *, labe
     real_volume = None if real is None else onto_grid(read_ct(real, f"--real {real}"), segmentation, "image",
                                                       f"--real {real}", note)
     classes, mapping = prepare_classes(segmentation, names, labels)
+    provenance = read_sidecar(synthetic)
+    intensity = mapping_from_config(provenance if provenance and "intensity" in provenance else {})
     report = evaluate_case(synthetic_volume, classes, real_volume, totalseg=totalseg, fast=fast, fid=fid,
                            inception=inception, device=device, progress=progress, save_totalseg=save_totalseg,
-                           overwrite=overwrite)
+                           overwrite=overwrite, intensity=intensity)
     report["inputs"] = {"synthetic": str(synthetic), "segmentation": str(seg),
                         "real": None if real is None else str(real), "labels": mapping.adapter,
                         "unknown_labels": {str(k): v for k, v in mapping.unknown.items()}}
-    report["synthetic_provenance"] = read_sidecar(synthetic)
+    report["synthetic_provenance"] = provenance
     report["generator"] = f"CTSemanticSynth {__version__}"
     return report

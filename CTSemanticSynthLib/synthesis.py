@@ -24,7 +24,8 @@ from .diffusion.slice_noise import SliceNoise
 from .errors import Cancelled, CTSynthError, InputError
 from .factory import create_diffusion
 from .io import Volume
-from .labels import BACKGROUND, NUM_CLASSES, PAPER, ClassSet, MappingReport, resolve_adapter
+from .intensity import IntensityMapping
+from .labels import BACKGROUND, PAPER, ClassSet, MappingReport, resolve_adapter
 from .preprocess import (
     AIR_HU,
     BODY_THRESHOLD_HU,
@@ -34,10 +35,8 @@ from .preprocess import (
     body_mask_from_ct,
     body_mask_from_labels,
     condition_inputs,
-    hu_to_unit,
     network_classes,
     one_hot,
-    unit_to_hu,
 )
 from .provenance import provenance_record
 from .regenerate import DEFAULT_JUMP_N_SAMPLE, RegionEdit
@@ -242,8 +241,9 @@ def synthesize(
     before every batch and raises :class:`Cancelled`. Out of memory halves the batch size and retries (the
     provenance's ``batch_size_used`` is the last one); at batch size 1 it raises :class:`CTSynthError`.
     """
-    if classes.array.max() >= NUM_CLASSES:
-        raise InputError(f"class volume has values >= {NUM_CLASSES}; map labels with prepare_classes first")
+    num_classes = len(model.class_set.classes)
+    if classes.array.max() >= num_classes:
+        raise InputError(f"class volume has values >= {num_classes}; map labels with prepare_classes first")
     if (keep is None) != (region is None):
         raise InputError("regenerating a region needs both the kept CT and the region")
     edit = None if keep is None or region is None else RegionEdit.checked(classes, keep, region)
@@ -282,7 +282,7 @@ def synthesize(
                                      on_step=on_step, on_batch_size=used.append)
         else:
             inpaint = None if edit is None else _inpainting(
-                edit, orientation, resize, active, _jumps(sampler.num_steps, jump_length, jump_n_sample))
+                edit, orientation, resize, active, _jumps(sampler.num_steps, jump_length, jump_n_sample), model.intensity)
             sample = sample_slices(network, model.conditioning, sampler, small, active, seed=options.seed,
                                    device=device, batch_size=options.batch_size, prior=prior, precision=precision,
                                    cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
@@ -296,12 +296,14 @@ def synthesize(
     hu_stack, first = orientation.to_stack(hu), 0                 # by part: no full-volume float temporaries
     for part in _parts(active):
         unit = resize.from_model(sample[first : first + len(part)], labels=False).numpy()
-        hu_stack[part] = np.where(stack[part] == BACKGROUND, AIR_HU, np.rint(unit_to_hu(unit)))
+        hu_stack[part] = np.where(stack[part] == BACKGROUND, AIR_HU, np.rint(model.intensity.to_hu(unit)))
         first += len(part)
     volume = Volume(hu, classes.affine)
     record = provenance_record(model.name, model.sha256, model.conditioning,
                                sampler.config if sampler is not None else {"sampler": "one-pass"},
                                asdict(used_options(options, model.kind)), str(device), len(active))
+    record.update(classes=list(model.class_set.classes), class_set=model.class_set.name,
+                  intensity=model.intensity.config())
     record.update(precision=precision, device_capability=device_capability(device), kind=model.kind,
                   batch_size_used=used[-1])
     if edit is not None and inpaint is not None:
@@ -318,11 +320,11 @@ def _jumps(num_steps: int, length: int | None, n_sample: int | None) -> Jumps:
 
 
 def _inpainting(edit: RegionEdit, orientation: AxialOrientation, resize: PlaneResize, active: np.ndarray,
-                jumps: Jumps) -> Inpainting:
-    """The kept CT (windowed, in [-1, 1]) and the region (1 where any of it falls in a pixel) of the ``active``
+                jumps: Jumps, intensity: IntensityMapping) -> Inpainting:
+    """The kept CT (mapped by the model's ``intensity``, in [-1, 1]) and the region (1 where any of it falls in a pixel) of the ``active``
     slices on the model's grid."""
     keep, region = orientation.to_stack(edit.keep), orientation.to_stack(edit.region)
-    known = torch.cat([resize.to_model(torch.from_numpy(hu_to_unit(keep[part])), labels=False) for part in _parts(active)])
+    known = torch.cat([resize.to_model(torch.from_numpy(intensity.to_unit(keep[part])), labels=False) for part in _parts(active)])
     unknown = torch.cat([resize.to_model(torch.from_numpy(region[part].astype(np.float32)), labels=False) > 0
                          for part in _parts(active)])
     return Inpainting(known[:, None] * 2 - 1, unknown[:, None].float(), jumps)
@@ -340,7 +342,7 @@ def class_prior(class_means: Sequence[float]) -> torch.Tensor:
 
 def _model_prior(model: LoadedModel) -> torch.Tensor:
     means = model.config.get("class_means")
-    if means is None or len(means) != NUM_CLASSES:
+    if means is None or len(means) != len(model.class_set.classes):
         raise InputError(
             f"model '{model.name}' has no per-class mean intensities (class_means), so it cannot start from a prior: "
             "drop the start timestep or use another preset"

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SAMPLE_CT, SAMPLE_SEG
+
 from CTSemanticSynthLib.errors import InputError
 from CTSemanticSynthLib.intensity import FULL_RANGE, PAPER_WINDOW, IntensityMapping, mapping_from_config, named_mapping
 from CTSemanticSynthLib.labels import (
@@ -184,3 +186,69 @@ def test_prepare_classes_takes_the_body_from_the_reference_ct():
     assert from_labels.body_source.startswith("labelled structures")
     with pytest.raises(InputError, match="the reference CT is not on the segmentation's grid"):
         prepare_classes(seg, labels="totalseg", reference=Volume(hu[:-1], np.eye(4)))
+
+
+def _sample_cut(folder: Path, slices: slice) -> tuple[Path, Path]:
+    """A CT/label pair cut from the bundled sample (every 2nd voxel in-plane, ``slices`` axially), named alike."""
+    import nibabel as nib
+
+    paths = folder / "ct" / "case.nii.gz", folder / "seg" / "case.nii.gz"
+    for source, target, dtype in ((SAMPLE_CT, paths[0], np.int16), (SAMPLE_SEG, paths[1], np.uint8)):
+        img = nib.load(source)
+        affine = img.affine.copy()
+        affine[:3, 3] = affine[:3, :3] @ np.array([0, 0, slices.start]) + affine[:3, 3]
+        affine[:3, :2] *= 2
+        target.parent.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::2, ::2, slices].astype(dtype), affine), target)
+    return paths
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("classes, intensity", [("paper", "full_range"), ("anatomy", "paper_window"),
+                                                ("anatomy", "full_range")])
+def test_class_sets_and_mappings_end_to_end(tmp_path, capsys, classes, intensity):
+    """prepare -> train a few iterations -> export -> ctsynth info / synth (body from the real CT) -> evaluate
+    (the paper set with the paper window is test_training's)."""
+    from CTSemanticSynthLib.checkpoint import load_model
+    from CTSemanticSynthLib.cli import main as ctsynth
+    from CTSemanticSynthLib.io import read_image
+    from training import prepare, train
+
+    ct, seg = _sample_cut(tmp_path, slice(70, 82))
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    assert prepare.main(["--images", str(ct.parent), "--labels", str(seg.parent), "--out", str(cache), "--size", "16",
+                         "--workers", "1", "--convention", "totalseg", "--class-set", classes,
+                         "--intensity", intensity]) == 0
+    assert train.main(["--data", str(cache), "--out", str(run), "--model-channels", "8", "--channel-mult", "1,2",
+                       "--num-res-blocks", "1", "--attention-resolutions", "2", "--num-heads", "1", "--batch-size",
+                       "2", "--iterations", "2", "--sample-every", "2", "--sample-steps", "2", "--threads", "1",
+                       "--device", "cpu"]) == 0
+    model = load_model(run / "model")
+    set_size = len(class_set(classes).classes)
+    assert model.class_set.name == classes and model.config["model"]["num_classes"] == set_size
+    assert model.intensity == named_mapping(intensity) and len(model.config["class_means"]) == set_size
+    capsys.readouterr()
+    assert ctsynth(["info", str(run / "model")]) == 0
+    shown = capsys.readouterr().out
+    assert f"class set:    {classes} ({set_size} classes)" in shown and f"intensity:    {intensity} (" in shown
+    out, preview = tmp_path / "syn.nii.gz", tmp_path / "preview.png"
+    assert ctsynth(["synth", "--seg", str(seg), "--labels", "totalseg", "--model", str(run / "model"), "--out",
+                    str(out), "--steps", "3", "--reference-ct", str(ct), "--preview", str(preview), "--device", "cpu",
+                    "-q"]) == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "syn.json").read_text())
+    assert record["class_set"] == classes and record["intensity"]["name"] == intensity
+    assert record["inputs"]["body_outline"].startswith("reference CT")
+    synthetic = read_image(out).array
+    body = synthetic[synthetic > -1000]
+    low, high = named_mapping(intensity).hu_range
+    assert body.min() >= low and body.max() <= high
+    if intensity == "full_range":  # an untrained model's values spread over the whole range, past the window
+        assert body.min() < -160 or body.max() > 240
+    from PIL import Image
+
+    assert Image.open(preview).width > (5 if intensity == "full_range" else 3) * 16  # the bone window too
+    report = tmp_path / "report.json"
+    assert ctsynth(["evaluate", "--synthetic", str(out), "--seg", str(seg), "--labels", "totalseg", "--real", str(ct),
+                    "--json", str(report)]) == 0
+    real_liver = json.loads(report.read_text())["hu_real"]["liver"]["mean"]
+    assert (real_liver > 0) and (real_liver < 240)

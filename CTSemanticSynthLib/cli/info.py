@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         f"presets:      {'; '.join(_preset_summary(name, preset) for name, preset in model_presets(cfg).items())}",
         f"diffusion:    T={cfg['diffusion']['num_timesteps']} {cfg['diffusion']['schedule']} schedule, "
         f"predicts {cfg['diffusion']['prediction']}, {cfg['diffusion']['loss']} loss",
-        f"window:       L{cfg['window']['level']:g} / W{cfg['window']['width']:g}",
+        f"intensity:    {model.intensity.describe()}",
+        f"class set:    {model.class_set.name} ({len(model.class_set.classes)} classes)",
         f"classes:      {', '.join(cfg['classes'])}",
     ]
     if "description" in cfg:

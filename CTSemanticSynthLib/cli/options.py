@@ -111,17 +111,18 @@ def sampling_setup(args: argparse.Namespace) -> tuple[torch.device, str, Path, S
     before any volume or weight is read."""
     from ..checkpoint import read_config, resolve_model_path
     from ..device import select_device, select_precision
-    from ..labels import check_convention
+    from ..labels import check_convention, class_set
     from ..synthesis import preset_options
 
     device = select_device(args.device)
     precision = select_precision(args.precision, device)
     model_folder = resolve_model_path(args.model)
-    options = preset_options(read_config(model_folder), args.preset, sampler=args.sampler, steps=args.steps,
+    config = read_config(model_folder)
+    options = preset_options(config, args.preset, sampler=args.sampler, steps=args.steps,
                              seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation,
                              guidance=args.guidance, slice_agreement=args.slice_agreement,
                              compile=args.compile)
-    check_convention(args.labels)
+    check_convention(args.labels, class_set(config.get("class_set", "paper")))
     return device, precision, model_folder, options
 
 

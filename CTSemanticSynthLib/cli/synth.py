@@ -55,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--preview", type=Path, default=None, metavar="PNG",
                        help="also write a PNG preview (axial, coronal, sagittal: segmentation | synthetic | real CT)")
     synth.add_argument("--reference-ct", type=Path, default=None, metavar="CT",
-                       help="the real CT, shown beside the synthetic one in --preview; on another grid it is "
+                       help="the real CT: the body outline is taken from it (as training does; unless "
+                            "--body-mask), and --preview shows it beside the synthetic one; on another grid it is "
                             "reordered or resampled (linear) onto the segmentation's")
     synth.add_argument("--progress-lines", action="store_true",
                        help="instead of a bar, print 'PROGRESS <slices done> <total>' lines on stdout (for Slicer)")
@@ -68,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     from ..grid import onto_grid
     from ..io import (WRITE_SUFFIXES, atomic_outputs, check_distinct_paths, check_output_path, read_ct,
                      read_labelmap, save_volume)
-    from ..preview import preview_png
+    from ..preview import preview_png, preview_windows
     from ..provenance import provenance_header, write_record
+    from ..labels import class_set
     from ..synthesis import MAX_SEED, prepare_classes, synthesize
 
     for option, path in (("--out", args.out), ("--variance-map", args.variance_map)):
@@ -112,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     keep = region = None
     if args.keep_ct is not None:
         keep, region, region_record = _region(args, seg, names)
-    classes, report = prepare_classes(seg, names, args.labels, body)
+    classes, report = prepare_classes(seg, names, args.labels, body, reference=reference,
+                                      classes=class_set(read_config(model_folder).get("class_set", "paper")))
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
     if not report.organs_present:
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
                                 precision=precision, progress=progress, keep=keep, region=region,
                                 jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
             result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
+                                           "body_outline": report.body_source,
                                            "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
             if keep is not None:
                 result.provenance["region"].update(region_record)
@@ -147,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
         writers[path] = functools.partial(save_volume, result.volume, metadata=provenance_header(result.provenance))
         writers[sidecar_path(path)] = functools.partial(write_record, result.provenance)
     if args.preview is not None:
-        writers[args.preview] = lambda tmp: tmp.write_bytes(preview_png(classes, results[0].volume, reference))
+        writers[args.preview] = lambda tmp: tmp.write_bytes(preview_png(
+            classes, results[0].volume, reference, class_set=model.class_set,
+            windows=preview_windows(not model.intensity.is_window)))
     if args.variance_map is not None:
         writers[args.variance_map] = functools.partial(save_volume, std_map([r.volume for r in results]),
                                                        metadata=std_header(len(results)))
