@@ -322,7 +322,7 @@ def _run_job(result: JobResult, model: LoadedModel, options: SamplingOptions, se
             cache.clear()
             digest = file_digest(job.segmentation)  # before reading: a later edit makes the job stale, not done
             seg, names = read_labelmap(job.segmentation)
-            cache[job.case] = seg, prepare_classes(seg, names, settings.labels)[0], digest
+            cache[job.case] = seg, prepare_classes(seg, names, settings.labels, classes=model.class_set)[0], digest
         seg, classes, digest = cache[job.case]
         synthesis = synthesize(classes, model, dataclasses.replace(options, seed=job.seed), device=device,
                                precision=recipe.precision, progress=progress)

@@ -252,3 +252,30 @@ def test_class_sets_and_mappings_end_to_end(tmp_path, capsys, classes, intensity
                     "--json", str(report)]) == 0
     real_liver = json.loads(report.read_text())["hu_real"]["liver"]["mean"]
     assert (real_liver > 0) and (real_liver < 240)
+
+
+def test_warm_start_copies_a_paper_model_into_an_anatomy_network(tmp_path):
+    """--init-from: equal tensors copied; the input convolution's 19 new class channels start at zero, so the
+    anatomy network computes what the paper model computes on a paper-set class map."""
+    import torch
+
+    from conftest import make_model_folder, tiny_model_config
+    from CTSemanticSynthLib.checkpoint import load_model
+    from CTSemanticSynthLib.models import UNetModel
+    from CTSemanticSynthLib.preprocess import condition_inputs
+    from training.train import warm_start
+
+    source = load_model(make_model_folder(tmp_path / "paper")).model
+    target = UNetModel(**tiny_model_config() | {"num_classes": len(ANATOMY.classes)})
+    warm_start(target, str(tmp_path / "paper"))
+    weight = target.input_conv.weight
+    assert torch.equal(weight[:, : 1 + len(MODEL_CLASSES)], source.input_conv.weight) and not weight[:, 18:].any()
+    classes = torch.randint(0, len(MODEL_CLASSES), (2, 32, 32))
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 200])
+    with torch.no_grad():
+        theirs = source(x, t, **condition_inputs(classes, "concat"))
+        ours = target(x, t, **condition_inputs(classes, "concat", len(ANATOMY.classes)))
+    torch.testing.assert_close(ours, theirs)
+    other = UNetModel(**tiny_model_config() | {"model_channels": 16})
+    with pytest.raises(InputError, match="--init-from .* has shape"):
+        warm_start(other, str(tmp_path / "paper"))
