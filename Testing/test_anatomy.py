@@ -227,6 +227,10 @@ def test_class_sets_and_mappings_end_to_end(tmp_path, capsys, classes, intensity
     set_size = len(class_set(classes).classes)
     assert model.class_set.name == classes and model.config["model"]["num_classes"] == set_size
     assert model.intensity == named_mapping(intensity) and len(model.config["class_means"]) == set_size
+    present = set(np.unique(np.load(cache / "cases" / "case" / "classes.npy")).tolist())
+    means = model.config["class_means"]
+    assert len(present) < set_size and all(means[c] == means[16] for c in range(set_size) if c not in present)
+    assert means[6] != means[16]  # liver: its own mean; absent classes take the body's (0 would be air)
     capsys.readouterr()
     assert ctsynth(["info", str(run / "model")]) == 0
     shown = capsys.readouterr().out
@@ -279,3 +283,15 @@ def test_warm_start_copies_a_paper_model_into_an_anatomy_network(tmp_path):
     other = UNetModel(**tiny_model_config() | {"model_channels": 16})
     with pytest.raises(InputError, match="--init-from .* has shape"):
         warm_start(other, str(tmp_path / "paper"))
+
+
+def test_bundled_anatomy_model_names_its_classes_and_mapping():
+    from CTSemanticSynthLib.checkpoint import load_model
+
+    model = load_model("anatomy")
+    assert model.class_set is ANATOMY and model.intensity == FULL_RANGE
+    assert model.config["model"]["num_classes"] == len(ANATOMY.classes) == len(model.config["class_means"])
+    means = dict(zip(ANATOMY.classes, model.config["class_means"]))
+    # the class-mean prior already separates air, fat, soft tissue and bone in the full range
+    assert means["lung"] < FULL_RANGE.to_unit(-500) < means["body"] < means["liver"] < means["femur"]
+    assert load_model("demo").class_set.name == "paper" and load_model("demo").intensity == PAPER_WINDOW

@@ -11,12 +11,14 @@ held-out slices (every 8th axial slice, as ``training.prepare --holdout-every 8`
 lung the mean over the voxels where the real CT is air (< -500 HU). The real CT is taken as it is (full HU); for the
 demo model the real organ means clipped to its window are shown too. Also the stripe index
 (``metrics.consistency``, 1.0 = as the real CT) and wall/CPU seconds per volume. Prints markdown; ``--out`` keeps the
-volumes.
+volumes (``<model>_<sha256[:8]>_s<seed>.nii.gz`` with a ``.json`` of its timing and stripe index) and reads back
+those it already holds, so one model can be run at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -54,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo,anatomy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="folder for the synthetic volumes")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the synthetic volumes (reused)")
     args = parser.parse_args()
     seg, names = read_labelmap(SAMPLE / "seg_total.nii.gz")
     real = read_image(SAMPLE / "ct.nii.gz")
@@ -69,16 +71,22 @@ def main() -> None:
     results, timing = {}, []
     for name in args.models.split(","):
         model = load_model(name)
-        classes, _ = prepare_classes(seg, names, "totalseg", reference=real, classes=model.class_set)
-        options = preset_options(model.config, "fast", seed=args.seed)
-        tic, cpu = time.perf_counter(), time.process_time()
-        volume = synthesize(classes, model, options, device="cpu").volume
-        timing.append((name, time.perf_counter() - tic, time.process_time() - cpu,
-                       stripe_index(volume, real, classes)["stripe_index"]))
-        results[name] = (volume.array.astype(np.float32), model.intensity)
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            write_volume(volume, args.out / f"{name}.nii.gz", overwrite=True)
+        stem = None if args.out is None else args.out / f"{model.name}_{model.sha256[:8]}_s{args.seed}"
+        if stem is not None and stem.with_suffix(".json").is_file():
+            volume = read_image(stem.with_suffix(".nii.gz"))
+            timing.append(tuple(json.loads(stem.with_suffix(".json").read_text())))
+        else:
+            classes, _ = prepare_classes(seg, names, "totalseg", reference=real, classes=model.class_set)
+            options = preset_options(model.config, "fast", seed=args.seed)
+            tic, cpu = time.perf_counter(), time.process_time()
+            volume = synthesize(classes, model, options, device="cpu").volume
+            timing.append((model.name, time.perf_counter() - tic, time.process_time() - cpu,
+                           stripe_index(volume, real, classes)["stripe_index"]))
+            if stem is not None:
+                args.out.mkdir(parents=True, exist_ok=True)
+                write_volume(volume, stem.with_suffix(".nii.gz"), overwrite=True)
+                stem.with_suffix(".json").write_text(json.dumps(timing[-1]))
+        results[model.name] = (volume.array.astype(np.float32), model.intensity)
     real_hu = real.array.astype(np.float32)
     header = ["structure", "voxels", "real HU"] + [f"{m} HU (diff)" for m in results] + \
              [f"{m} held-out diff" for m in results]

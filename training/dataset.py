@@ -77,14 +77,17 @@ class SliceCache:
         return model_batch(*self.load(indices, context_slices=context_slices))
 
     def class_means(self, max_slices: int = 2000) -> list[float]:
-        """Mean [0,1] intensity per model class over (up to ``max_slices`` of) the split; 0 for absent classes."""
+        """Mean [0,1] intensity per model class over (up to ``max_slices`` of) the split. A class absent from it gets
+        the body class's mean (tissue inside the body is the best guess for the sampler's prior; 0 would be air)."""
         step = max(1, len(self) // max_slices)
         images, classes = self.batch(list(range(0, len(self), step)))
         unit = (images[:, 0] + 1) / 2
         num_classes = len(self.class_set.classes)
         sums = torch.zeros(num_classes).index_add_(0, classes.flatten(), unit.flatten())
         counts = torch.bincount(classes.flatten(), minlength=num_classes).float()
-        return [float(s / c) if c > 0 else 0.0 for s, c in zip(sums, counts)]
+        body = self.class_set.body
+        fallback = float(sums[body] / counts[body]) if counts[body] > 0 else 0.0
+        return [float(s / c) if c > 0 else fallback for s, c in zip(sums, counts)]
 
 
 def model_batch(images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
