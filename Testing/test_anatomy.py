@@ -295,3 +295,18 @@ def test_bundled_anatomy_model_names_its_classes_and_mapping():
     # the class-mean prior already separates air, fat, soft tissue and bone in the full range
     assert means["lung"] < FULL_RANGE.to_unit(-500) < means["body"] < means["liver"] < means["femur"]
     assert load_model("demo").class_set.name == "paper" and load_model("demo").intensity == PAPER_WINDOW
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_gan_baselines_refuse_an_anatomy_cache(tmp_path, capsys):
+    from training import prepare, train_gan
+
+    ct, seg = _sample_cut(tmp_path, slice(70, 74))
+    cache = tmp_path / "cache"
+    assert prepare.main(["--images", str(ct.parent), "--labels", str(seg.parent), "--out", str(cache), "--size", "16",
+                         "--workers", "1", "--convention", "totalseg", "--class-set", "anatomy"]) == 0
+    capsys.readouterr()
+    assert train_gan.main(["--data", str(cache), "--out", str(tmp_path / "run"), "--method", "pix2pix",
+                           "--device", "cpu"]) == 2
+    assert "the GAN baselines train on the paper's classes only" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -8,7 +8,9 @@ anatomy set (``labels.class_set('anatomy')``): the organs, vertebrae, ribs, pelv
 (autochthon + iliopsoas + gluteus), colon, small bowel, lungs, and fat = the body class (tissue inside the body that no
 label covers). For each group and model: mean HU of the synthetic CT and of the real CT over all slices and over the
 held-out slices (every 8th axial slice, as ``training.prepare --holdout-every 8``), and for colon, small bowel and
-lung the mean over the voxels where the real CT is air (< -500 HU). The real CT is taken as it is (full HU); for the
+lung the mean over the voxels where the real CT is air (< -500 HU). "ceiling" is the real CT sent through the model's
+grid and mapping and back (HU -> [0, 1] -> its slice size -> back): the best mean any model of that size and mapping
+can give. The real CT is taken as it is (full HU); for the
 demo model the real organ means clipped to its window are shown too. Also the stripe index
 (``metrics.consistency``, 1.0 = as the real CT) and wall/CPU seconds per volume. Prints markdown; ``--out`` keeps the
 volumes (``<model>_<sha256[:8]>_s<seed>.nii.gz`` with a ``.json`` of its timing and stripe index) and reads back
@@ -33,7 +35,7 @@ from CTSemanticSynthLib.checkpoint import load_model  # noqa: E402
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_volume  # noqa: E402
 from CTSemanticSynthLib.labels import ORGANS, class_set  # noqa: E402
 from CTSemanticSynthLib.metrics.consistency import stripe_index  # noqa: E402
-from CTSemanticSynthLib.preprocess import AxialOrientation  # noqa: E402
+from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize  # noqa: E402
 from CTSemanticSynthLib.synthesis import prepare_classes, preset_options, synthesize  # noqa: E402
 
 SAMPLE = REPO / "Resources" / "sample"
@@ -52,6 +54,15 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
+def ceiling(real: Volume, size: int, mapping) -> np.ndarray:
+    """The real CT through the model's mapping and slice size and back, in HU (the file's voxel order)."""
+    orientation = AxialOrientation.from_affine(real.affine)
+    stack = orientation.to_stack(real.array)
+    resize = PlaneResize(stack.shape[1], stack.shape[2], size)
+    unit = resize.from_model(resize.to_model(torch.from_numpy(mapping.to_unit(stack)), labels=False), labels=False)
+    return orientation.from_stack(mapping.to_hu(unit.numpy()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo,anatomy")
@@ -68,7 +79,7 @@ def main() -> None:
     masks = {g: np.isin(groups_volume.array, [ANATOMY.classes.index(n) for n in members])
              for g, members in GROUPS.items()}
     air = real.array < -500
-    results, timing = {}, []
+    results, timing, ceilings = {}, [], {}
     for name in args.models.split(","):
         model = load_model(name)
         stem = None if args.out is None else args.out / f"{model.name}_{model.sha256[:8]}_s{args.seed}"
@@ -87,17 +98,18 @@ def main() -> None:
                 write_volume(volume, stem.with_suffix(".nii.gz"), overwrite=True)
                 stem.with_suffix(".json").write_text(json.dumps(timing[-1]))
         results[model.name] = (volume.array.astype(np.float32), model.intensity)
+        ceilings[model.name] = ceiling(real, model.image_size, model.intensity)
     real_hu = real.array.astype(np.float32)
-    header = ["structure", "voxels", "real HU"] + [f"{m} HU (diff)" for m in results] + \
+    header = ["structure", "voxels", "real HU"] + [f"{m} HU (diff) [ceiling]" for m in results] + \
              [f"{m} held-out diff" for m in results]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for group, mask in masks.items():
         if not mask.any():
             continue
         row = [group, str(int(mask.sum())), f"{_mean(real_hu[mask]):.0f}"]
-        for volume, mapping in results.values():
+        for name, (volume, mapping) in results.items():
             shown = _mean(volume[mask]) - _mean(real_hu[mask])
-            row.append(f"{_mean(volume[mask]):.0f} ({shown:+.0f})")
+            row.append(f"{_mean(volume[mask]):.0f} ({shown:+.0f}) [{_mean(ceilings[name][mask]):.0f}]")
         for volume, mapping in results.values():
             both = mask & held_out
             row.append(f"{_mean(volume[both]) - _mean(real_hu[both]):+.0f}")

@@ -96,6 +96,9 @@ class GANTrainer(train.Trainer):
     def _build(self) -> None:
         cfg = self.config
         size = self.train_data.image_size
+        if self.train_data.class_set.name != "paper":
+            raise InputError(f"{cfg['data']} holds the '{self.train_data.class_set.name}' class set; the GAN baselines "
+                             "train on the paper's classes only: prepare a cache without --class-set")
         if not cfg["iterations"]:
             cfg["iterations"] = max(1, math.ceil(cfg["epochs"] * len(self.train_data) / cfg["batch_size"]))
         self.method = make_method(cfg)
