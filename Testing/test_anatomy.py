@@ -254,8 +254,11 @@ def test_class_sets_and_mappings_end_to_end(tmp_path, capsys, classes, intensity
     report = tmp_path / "report.json"
     assert ctsynth(["evaluate", "--synthetic", str(out), "--seg", str(seg), "--labels", "totalseg", "--real", str(ct),
                     "--json", str(report)]) == 0
-    real_liver = json.loads(report.read_text())["hu_real"]["liver"]["mean"]
-    assert (real_liver > 0) and (real_liver < 240)
+    # the real CT is clipped to the synthetic's recorded mapping: the left kidney here has voxels above 240 HU
+    real_kidney = json.loads(report.read_text())["hu_real"]["kidney_left"]["mean"]
+    labels, hu = read_image(seg).array, read_image(ct).array
+    assert real_kidney == pytest.approx(np.clip(hu[labels == 3], low, high).mean(), abs=0.01)
+    assert (real_kidney > 25) == (intensity == "full_range")
 
 
 def test_warm_start_copies_a_paper_model_into_an_anatomy_network(tmp_path):
