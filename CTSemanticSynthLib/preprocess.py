@@ -176,8 +176,8 @@ def _groups(union: np.ndarray, bridge_px: float) -> tuple[int, np.ndarray]:
 
 
 def _grown_hull(mask2d: np.ndarray, margin_px: float) -> np.ndarray:
-    """The filled convex hull of ``mask2d``'s pixels with every edge moved out by ``margin_px``; pixels that span no
-    area (fewer than three, or in a line) are grown by ``margin_px`` steps instead."""
+    """The filled convex hull of ``mask2d``'s pixels (all of them if they span no area: fewer than three, or in a
+    line), grown by ``round(margin_px)`` 4-connected steps within its bounding box plus the margin."""
     from scipy.spatial import ConvexHull, QhullError
 
     rows = np.flatnonzero(mask2d.any(axis=1))
@@ -187,19 +187,24 @@ def _grown_hull(mask2d: np.ndarray, margin_px: float) -> np.ndarray:
     try:
         eq = ConvexHull(points).equations
     except (QhullError, ValueError):  # fewer than 3 points or collinear
-        steps = int(round(margin_px))
-        return ndimage.binary_dilation(mask2d, iterations=steps) if steps > 0 else mask2d.copy()
-    # inside: a * row + b * col + c <= margin (unit normals); per row, each edge bounds the columns from one side
-    y = np.arange(mask2d.shape[0], dtype=np.float64)[:, None]
-    a, b, c = eq[:, 0], eq[:, 1], eq[:, 2] - margin_px
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bound = (-c - a * y) / b
-    tol = 1e-9
-    low = np.where(b < -tol, bound, -np.inf).max(axis=1)
-    high = np.where(b > tol, bound, np.inf).min(axis=1)
-    rows_ok = np.all((np.abs(b) > tol) | (a * y + c <= tol), axis=1)
-    cols = np.arange(mask2d.shape[1])
-    return rows_ok[:, None] & (cols >= low[:, None] - tol) & (cols <= high[:, None] + tol)
+        hull = mask2d.copy()
+    else:  # inside: a * row + b * col + c <= 0 (unit normals); per row, each edge bounds the columns from one side
+        y = np.arange(mask2d.shape[0], dtype=np.float64)[:, None]
+        a, b, c = eq[:, 0], eq[:, 1], eq[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bound = (-c - a * y) / b
+        tol = 1e-9
+        low = np.where(b < -tol, bound, -np.inf).max(axis=1)
+        high = np.where(b > tol, bound, np.inf).min(axis=1)
+        rows_ok = np.all((np.abs(b) > tol) | (a * y + c <= tol), axis=1)
+        cols = np.arange(mask2d.shape[1])
+        hull = rows_ok[:, None] & (cols >= low[:, None] - tol) & (cols <= high[:, None] + tol)
+    steps = int(round(margin_px))
+    if steps > 0:  # the dilation only where it can reach: the hull's bounding box grown by the steps
+        r, c = np.flatnonzero(hull.any(axis=1)), np.flatnonzero(hull.any(axis=0))
+        box = (slice(max(r[0] - steps, 0), r[-1] + steps + 1), slice(max(c[0] - steps, 0), c[-1] + steps + 1))
+        hull[box] = ndimage.binary_dilation(hull[box], iterations=steps)
+    return hull
 
 
 def add_body_class(classes: np.ndarray, body: np.ndarray) -> np.ndarray:
