@@ -175,7 +175,7 @@ def _check_config(config: dict[str, Any]) -> None:
         raise _FieldError("field 'sha256' must be 64 lower-case hex digits")
     if "intensity" in config:
         _field(config, "intensity", dict)
-    else:
+    if "window" in config or "intensity" not in config:  # models before full range name only their window
         window = _field(config, "window", dict)
         for key in ("level", "width"):
             value = _field(window, key, (int, float), "window.")

@@ -24,7 +24,7 @@ from .diffusion.slice_noise import SliceNoise
 from .errors import Cancelled, CTSynthError, InputError
 from .factory import create_diffusion
 from .io import Volume
-from .intensity import IntensityMapping
+from .intensity import PAPER_WINDOW, IntensityMapping
 from .labels import BACKGROUND, PAPER, ClassSet, MappingReport, resolve_adapter
 from .preprocess import (
     AIR_HU,
@@ -320,7 +320,7 @@ def _jumps(num_steps: int, length: int | None, n_sample: int | None) -> Jumps:
 
 
 def _inpainting(edit: RegionEdit, orientation: AxialOrientation, resize: PlaneResize, active: np.ndarray,
-                jumps: Jumps, intensity: IntensityMapping) -> Inpainting:
+                jumps: Jumps, intensity: IntensityMapping = PAPER_WINDOW) -> Inpainting:
     """The kept CT (mapped by the model's ``intensity``, in [-1, 1]) and the region (1 where any of it falls in a pixel) of the ``active``
     slices on the model's grid."""
     keep, region = orientation.to_stack(edit.keep), orientation.to_stack(edit.region)
