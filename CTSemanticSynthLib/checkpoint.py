@@ -119,7 +119,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     """
     config_path = folder / CONFIG_NAME
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{folder} is not a model folder: {CONFIG_NAME} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

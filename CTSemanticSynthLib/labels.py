@@ -66,7 +66,8 @@ def class_set(name: str = "paper") -> ClassSet:
     """The class set ``name`` (one of CLASS_SETS); InputError for another name."""
     if name not in CLASS_SETS:
         raise InputError(f"unknown class set '{name}': use one of {', '.join(CLASS_SETS)}")
-    data = json.loads(resources.files(__package__).joinpath(f"label_tables/classes_{name}.json").read_text())
+    table = resources.files(__package__).joinpath(f"label_tables/classes_{name}.json")
+    data = json.loads(table.read_text(encoding="utf-8"))
     entries = data["classes"]
     members = {m: i for i, e in enumerate(entries) for m in e.get("members", [])}
     return ClassSet(name, tuple(e["name"] for e in entries), tuple(e["display"] for e in entries),
@@ -123,7 +124,7 @@ _VERTEBRA = re.compile(r"^([cltsCLTS]\d{1,2})_vertebra$")
 @functools.cache
 def _slicer_names() -> dict[str, str]:
     """Slicer TotalSegmentator-extension segment names (normalized) -> TotalSegmentator names."""
-    text = resources.files(__package__).joinpath("label_tables/slicer_totalseg_names.json").read_text()
+    text = resources.files(__package__).joinpath("label_tables/slicer_totalseg_names.json").read_text(encoding="utf-8")
     return {normalize_name(k): v.lower() for k, v in json.loads(text)["names"].items()}
 
 
@@ -251,7 +252,8 @@ def totalsegmentator_names(version: int = 2) -> dict[int, str]:
     """TotalSegmentator ``total`` task id -> name (v2: 117 classes, v1: 104 classes)."""
     if version not in (1, 2):
         raise ValueError(f"TotalSegmentator version must be 1 or 2, not {version}")
-    text = resources.files(__package__).joinpath(f"label_tables/totalseg_v{version}_total.json").read_text()
+    table = resources.files(__package__).joinpath(f"label_tables/totalseg_v{version}_total.json")
+    text = table.read_text(encoding="utf-8")
     return {int(k): v for k, v in json.loads(text)["labels"].items()}
 
 
@@ -263,7 +265,7 @@ def totalsegmentator_adapter(version: int = 2, classes: ClassSet = PAPER) -> Lab
 
 def maisi_names() -> dict[int, str]:
     """MAISI (NV-Generate-CTMR ``configs/label_dict.json``) id -> name: 132 labels and body (200)."""
-    text = resources.files(__package__).joinpath("label_tables/maisi_ct.json").read_text()
+    text = resources.files(__package__).joinpath("label_tables/maisi_ct.json").read_text(encoding="utf-8")
     return {int(k): v for k, v in json.loads(text)["labels"].items()}
 
 
@@ -290,7 +292,7 @@ def read_label_mapping(path: str | Path, classes: ClassSet = PAPER) -> dict[str,
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"label mapping file not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

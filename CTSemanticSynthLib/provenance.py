@@ -31,7 +31,7 @@ def read_sidecar(volume: Path) -> dict[str, Any] | None:
 def read_record(path: Path) -> dict[str, Any] | None:
     """A provenance record file, or None when it is missing or unreadable."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return record if isinstance(record, dict) else None

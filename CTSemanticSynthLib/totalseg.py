@@ -144,7 +144,7 @@ def run_totalsegmentator(ct: Volume, *, fast: bool = True, device: str = "auto",
                                "or the fast mode") from None
         output = (proc.stdout or "") + (proc.stderr or "")
         if log_path is not None:
-            log_path.write_text(output)
+            log_path.write_text(output, encoding="utf-8")
         if proc.returncode != 0 or not labels.is_file():
             logger.info("TotalSegmentator output:\n%s", output)
             raise CTSynthError(f"TotalSegmentator failed (exit code {proc.returncode}): {_last_lines(output)}"

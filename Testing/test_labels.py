@@ -1,6 +1,9 @@
 """Label table and adapters: AMOS, TotalSegmentator v1/v2, segment names, JSON files, unknown labels."""
 
 import json
+import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -165,3 +168,19 @@ def test_unknown_convention_and_missing_file():
 def test_segment_names_adapter_on_unnamed_structure():
     adapter = segment_names_adapter({1: "spleen", 2: "tumour"})
     assert adapter.table == {1: 1, 2: BODY}
+
+
+def test_mapping_file_with_non_ascii_names_reads_under_an_ascii_locale(tmp_path: Path):
+    """CI runs with an ASCII locale (and a DICOM read can switch a process to it): a user's mapping file and the
+    bundled tables are UTF-8 whatever the locale says."""
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"7": "liver", "Milz (ü)": "spleen"}, ensure_ascii=False), encoding="utf-8")
+    code = ("import sys, locale; from CTSemanticSynthLib.labels import json_adapter; "
+            "assert locale.getpreferredencoding(False).lower() != 'utf-8'; "
+            "print(json_adapter(sys.argv[1], {3: 'Milz (\\u00fc)'}).table)")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    result = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(mapping)], capture_output=True,
+                            text=True, encoding="utf-8", env=env, cwd=Path(__file__).resolve().parent.parent,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{7: 6, 3: 1}"

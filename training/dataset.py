@@ -25,7 +25,7 @@ class SliceCache:
         meta_path = root / "cache.json"
         if not meta_path.is_file():
             raise InputError(f"{root} is not a slice cache (no cache.json): run python -m training.prepare first")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         self.class_set: ClassSet = class_set(self.meta.get("class_set", "paper"))
         if self.meta.get("classes") != list(self.class_set.classes):
             raise InputError(f"{root} was prepared for other classes; prepare it again with this version")

@@ -227,7 +227,7 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
 
     def ts_scores(path: Path, ct: Volume, classes: Volume) -> dict[str, float]:
         if path.is_file():
-            return {k: (math.nan if v is None else v) for k, v in json.loads(path.read_text()).items()}
+            return {k: (math.nan if v is None else v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
         organs = totalseg_organs(run_totalsegmentator(ct, fast=not args.totalseg_full, device=args.device))
         scores = dice_per_organ(organs, classes.array)
         write_bytes(path, json.dumps(json_safe(scores)).encode(), overwrite=True)

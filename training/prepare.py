@@ -58,7 +58,7 @@ def amos_cases(root: Path) -> list[Case]:
     if not meta.is_file():
         raise InputError(f"{root} is not an AMOS22 folder: dataset.json is missing")
     try:
-        data = json.loads(meta.read_text())
+        data = json.loads(meta.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{meta} is not valid JSON ({exc})") from None
     cases = []
@@ -151,7 +151,7 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
     previous = out / "cache.json"
     mapping = named_mapping(intensity)
     if previous.is_file():
-        settings = json.loads(previous.read_text())
+        settings = json.loads(previous.read_text(encoding="utf-8"))
         settings.setdefault("class_set", "paper")  # caches from before class sets and mappings
         settings.setdefault("intensity", {"name": "paper_window"})
         settings["intensity"] = settings["intensity"]["name"]
@@ -167,7 +167,7 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
     done, todo = [], []
     for case in cases:
         info_path = out / "cases" / case.case_id / "case.json"
-        (done.append(json.loads(info_path.read_text())) if info_path.is_file() else todo.append(case))
+        (done.append(json.loads(info_path.read_text(encoding="utf-8"))) if info_path.is_file() else todo.append(case))
     failed: dict[str, str] = {}
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool, \
             ProgressDisplay("prepare:", "preparing", "case", total=len(cases), done=len(done)) as display:

@@ -220,7 +220,7 @@ def _read_yaml(path: Path, defaults: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise InputError(f"--config {path}: cannot read it ({exc.strerror})") from None
     except yaml.YAMLError as exc:
