@@ -69,9 +69,25 @@ def test_config_errors_name_the_key(config, needle):
     assert needle in str(info.value)
 
 
-def test_unet_refuses_an_sdm_config():
-    with pytest.raises(ValueError, match="UNetModel builds architecture 'unet'"):
+def test_unet_refuses_an_sdm_config_and_sdm_a_unet_config():
+    with pytest.raises(ValueError, match="UNetModel builds architecture 'unet', not 'sdm'"):
         UNetModel(**tiny_model_config() | SDM)
+    with pytest.raises(ValueError, match="SDMModel builds architecture 'sdm', not 'unet'"):
+        SDMModel(**tiny_model_config())
+
+
+def test_bad_inputs_raise():
+    """The SDM checks a call's image, timesteps and mask as the U-Net does (one mask: no 2.5D neighbours)."""
+    model, x, t = _sdm(), torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    mask = one_hot(_classes(0)).float()
+    with pytest.raises(ValueError, match=r"^mask must be one-hot \[2, 17, 16, 16\], got \(2, 51, 16, 16\)$"):
+        model(x, t, mask.repeat(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="multiples of 2, got 15x16"):
+        model(x[:, :, :15], t, mask[:, :, :15])
+    with pytest.raises(ValueError, match=r"timesteps must be a scalar or have shape \[2\]"):
+        model(x, t[:1], mask)
+    with pytest.raises(ValueError, match=r"x must be \[B, 1, H, W\]"):
+        model(x[0], t, mask)
 
 
 def test_spade_decoder_reads_the_labels_and_the_encoder_does_not():

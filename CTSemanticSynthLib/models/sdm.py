@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import ResBlock
-from .config import resolve_config
+from .denoiser_net import DenoiserNet
 from .generators.spade_blocks import SPADE
 from .levels import build_levels
-from .nn import GroupNorm32, group_count, normalization, timestep_embedding, zero_module
+from .nn import GroupNorm32, group_count
 
 SPADE_HIDDEN = 128
 """Width of the conv net that turns the mask into a SPADE norm's scale and shift (the authors' ``nhidden``)."""
@@ -78,59 +78,38 @@ class SPADESequential(nn.Sequential):
         return x
 
 
-class SDMModel(nn.Module):
+class SDMModel(DenoiserNet):
     """SDM denoiser for 2-D CT slices; same config keys and call as :class:`~.unet.UNetModel`
-    (``architecture`` "sdm", ``conditioning`` "spade"), so the diffusion, samplers and trainer use it unchanged."""
+    (``architecture`` "sdm", ``conditioning`` "spade"), so the diffusion, samplers and trainer use it unchanged.
+
+    A call's mask is [B, num_classes, H, W] (no 2.5D neighbours); `edge` and `cond_features` exist for the U-Net's
+    call and must be None.
+    """
+
+    architecture = "sdm"
 
     def __init__(self, **config: Any) -> None:
-        super().__init__()
-        cfg = self.config = resolve_config(**config)
-        if cfg["architecture"] != "sdm":
-            raise ValueError(f"SDMModel builds architecture 'sdm', not {cfg['architecture']!r}")
-        mc, mult, ckpt = cfg["model_channels"], cfg["channel_mult"], cfg["use_checkpoint"]
-        emb_dim, labels = 4 * mc, cfg["num_classes"]
-
-        def res(in_ch: int, out_ch: int) -> ResBlock:
-            return ResBlock(in_ch, out_ch, emb_dim, cfg["dropout"], cfg["use_scale_shift_norm"], ckpt)
+        super().__init__(config)
+        cfg = self.config
+        self.mask_channels = cfg["num_classes"]
 
         def spade(in_ch: int, out_ch: int) -> SPADEResBlock:
-            return SPADEResBlock(in_ch, out_ch, emb_dim, labels, cfg["dropout"], cfg["use_scale_shift_norm"], ckpt)
+            return SPADEResBlock(in_ch, out_ch, self.emb_channels, self.mask_channels, cfg["dropout"],
+                                 cfg["use_scale_shift_norm"], cfg["use_checkpoint"])
 
-        self.conditioning: str = cfg["conditioning"]
-        self.size_multiple = 2 ** (len(mult) - 1)
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.input_conv = nn.Conv2d(cfg["in_channels"], mc, 3, padding=1)
-
+        self._add_stem(cfg["in_channels"])
         # the encoder sees the noisy image only; the middle block and the decoder see the mask too
-        levels = build_levels(cfg, res, spade, SPADESequential, [0] * len(mult))
+        levels = build_levels(cfg, self._res_block, spade, SPADESequential, [0] * len(cfg["channel_mult"]))
         self.input_blocks, self.middle_block = levels.input_blocks, levels.middle_block
         self.output_blocks = levels.output_blocks
-        ch = levels.out_channels
-
-        self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg["out_channels"], 3, padding=1))
-        )
+        self._add_head(levels.out_channels)
 
     def encode_condition(self, mask: Tensor, edge: Tensor | None = None) -> None:
         """None: SDM has no condition encoder (each SPADE norm reads the mask at its own resolution)."""
         return None
 
-    def forward(
-        self,
-        x: Tensor,
-        timesteps: Tensor,
-        mask: Tensor,
-        edge: Tensor | None = None,
-        cond_features: list[Tensor] | None = None,
-    ) -> Tensor:
-        """Predict [B, out_channels, H, W] from the noisy image x [B, in_channels, H, W] and the one-hot mask
-        [B, num_classes, H, W] (all zeros: the "no label" input of classifier-free guidance); `timesteps` [B] or a
-        scalar on the 0..T-1 scale. `edge` and `cond_features` exist for the U-Net's call and must be None."""
-        self._check_inputs(x, timesteps, mask, edge, cond_features)
-        mask = mask.to(x.dtype)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.config["model_channels"]))
+    def _decoder_features(self, x: Tensor, emb: Tensor, mask: Tensor, edge: Tensor | None,
+                          cond_features: list[Tensor] | None) -> Tensor:
         h = self.input_conv(x)
         skips = [h]
         for block in self.input_blocks:
@@ -139,21 +118,11 @@ class SDMModel(nn.Module):
         h = self.middle_block(h, emb, mask)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, mask)
-        return self.out(h).to(x.dtype)
+        return h
 
     def _check_inputs(self, x: Tensor, timesteps: Tensor, mask: Tensor, edge: Tensor | None,
-                      cond_features: list[Tensor] | None) -> None:
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg["in_channels"]:
-            raise ValueError(f"x must be [B, {cfg['in_channels']}, H, W], got {tuple(x.shape)}")
-        b, _, height, width = x.shape
-        if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(f"image height and width must be multiples of {self.size_multiple}, got {height}x{width}")
-        if timesteps.shape not in ((), (b,)):
-            raise ValueError(f"timesteps must be a scalar or have shape [{b}], got {tuple(timesteps.shape)}")
-        if mask.shape != (b, cfg["num_classes"], height, width):
-            raise ValueError(
-                f"mask must be one-hot [{b}, {cfg['num_classes']}, {height}, {width}], got {tuple(mask.shape)}"
-            )
+                      cond_features: list[Tensor] | None) -> tuple[int, int, int]:
+        shape = super()._check_inputs(x, timesteps, mask, edge, cond_features)
         if edge is not None or cond_features is not None:
             raise ValueError("an SDM model takes the mask only (no edge map, no condition-encoder features)")
+        return shape
