@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all mutation install clean
 
 install: $(STAMP)
 
@@ -41,6 +41,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m ''
+
+# Mutation testing of one library file (docs/testing.md), e.g. make mutation FILE=CTSemanticSynthLib/preprocess.py;
+# MUTATION_ARGS passes more options to benchmarks/mutation.py (--rev, --mutants, --max-children, --out).
+mutation: $(STAMP)
+	$(if $(FILE),,$(error name the file: make mutation FILE=CTSemanticSynthLib/preprocess.py))
+	$(PY) -c 'import mutmut' 2>/dev/null || $(PY) -m pip install --quiet -c constraints.txt -e '.[mutation]'
+	$(PY) benchmarks/mutation.py $(FILE) $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
