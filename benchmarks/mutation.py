@@ -220,9 +220,8 @@ def main() -> int:
               f"`OMP_NUM_THREADS=1 mutmut run --max-children {args.max_children}"
               f"{''.join(' ' + m for m in args.mutants)}` in {scratch}",
               f"Tests: {', '.join(selection_for(file)[0])}; -k \"{selection_for(file)[1]}\""]
-    print("\n".join(header), flush=True)
     log = scratch / "mutmut.log"
-    print(f"mutation: mutmut's output goes to {log}", flush=True)
+    print(f"mutation: mutating {file} in {scratch}; mutmut's output goes to {log}", flush=True)
     tic = time.perf_counter()
     with log.open("w") as handle:
         code = subprocess.run(command, cwd=scratch, env=env, stdout=handle, stderr=subprocess.STDOUT,
