@@ -24,7 +24,7 @@ EXAMPLES = """\
 examples:
   ctsynth synth --seg amos_0001_labels.nii.gz --labels amos --out amos_0001_synthetic.nii.gz
   ctsynth synth --seg totalseg_output.nii.gz --labels totalseg --out syn.nii.gz --preset balanced --seed 7
-  ctsynth synth --seg case.seg.nrrd --out syn.nrrd --model ~/models/mask_guided_150k --device cuda
+  ctsynth synth --seg case.seg.nrrd --out syn_mask_guided.nrrd --model ~/models/mask_guided_150k --device cuda
   ctsynth synth --seg edited.nii.gz --keep-ct syn.nii.gz --previous-seg case.nii.gz --out syn_edited.nii.gz
   ctsynth info demo
 
