@@ -15,6 +15,7 @@ from CTSemanticSynthLib.preprocess import (
     body_mask_from_ct,
     body_mask_from_labels,
     condition_inputs,
+    drop_condition,
     hu_to_unit,
     one_hot,
     semantic_edges,
@@ -238,3 +239,22 @@ def test_condition_inputs_per_conditioning(conditioning):
     assert inputs.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(inputs[key], value)
+
+
+def test_condition_inputs_of_a_slice_and_its_neighbours():
+    """(N, 1 + 2k, H, W) classes (2.5D): the one-hot masks side by side, slice first; edges of the slice only."""
+    classes = torch.randint(0, 17, (2, 3, 6, 6), generator=torch.Generator().manual_seed(0))
+    inputs = condition_inputs(classes, "edge")
+    torch.testing.assert_close(inputs["mask"], torch.cat([one_hot(classes[:, j]) for j in range(3)], dim=1))
+    torch.testing.assert_close(inputs["edge"], semantic_edges(classes[:, 0]))
+
+
+def test_drop_condition_zeroes_the_dropped_samples_only():
+    classes = torch.randint(1, 17, (3, 6, 6), generator=torch.Generator().manual_seed(1))
+    inputs = condition_inputs(classes, "edge")
+    dropped = drop_condition(inputs, torch.tensor([True, False, True]))
+    assert dropped.keys() == inputs.keys()
+    for key, value in inputs.items():
+        assert dropped[key].dtype == value.dtype and value[1].any()
+        torch.testing.assert_close(dropped[key][[0, 2]], value[[0, 2]])
+        assert not dropped[key][1].any()
