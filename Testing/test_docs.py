@@ -1,6 +1,6 @@
-"""Docs that run as written: every flag that README.md and docs/*.md give a `ctsynth` command, a ``python -m``
-module of this repository or a ``benchmarks/`` script is in that command's ``--help``, and every repository path
-they mention exists. Cheap: each command's help is printed in this process, once."""
+"""Docs that run as written: every flag that README.md, docs/*.md and the demo model card give a `ctsynth` command,
+a ``python -m`` module of this repository or a ``benchmarks/`` script is in that command's ``--help``, and every
+repository path they mention exists. Cheap: each command's help is printed in this process, once."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "Resources/models/demo/MODEL_CARD.md"]
 TOP = {p.name for p in REPO.iterdir() if not p.name.startswith(".")} | {".ci"}
 
 COMMAND = re.compile(
