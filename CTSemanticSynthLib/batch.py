@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
+from .device import select_precision
 from .batch_layout import DATASET_JSON, Job, JobResult, Layout, check_listings, nnunet_labels, write_listings
 from .errors import CTSynthError, InputError
 from .io import READ_SUFFIXES, Volume, atomic_outputs, read_image, read_labelmap, save_volume, verify_complete
@@ -127,8 +128,7 @@ class Recipe:
 
     model_sha256: str
     options: SamplingOptions
-    """As the model uses them (:func:`~.synthesis.used_options`)."""
-    precision: str
+    """As the model uses them (:func:`~.synthesis.used_options`), the precision resolved for the device."""
     device_type: str
     """cpu, cuda or mps: each draws other random numbers from the same seed."""
     labels: str
@@ -137,19 +137,20 @@ class Recipe:
 
     def difference(self, job: Job, input_sha256: str | None) -> str | None:
         """Why the job's sidecar does not record this recipe, this input content and the job's seed (None when it
-        does). Records from before an option existed ran with it off (:data:`NEUTRAL_OPTIONS`) and in fp32; the batch
-        size and --compile may differ."""
+        does). Records from before an option existed ran with it off (:data:`NEUTRAL_OPTIONS`); those from before the
+        precision was an option record it beside them (fp32 when not at all); the batch size and --compile may
+        differ."""
         record = read_record(job.outputs[-1])
         if record is None or not isinstance(record.get("options"), dict):
             return "it has no readable ctsynth record"
         inputs = record.get("inputs") if isinstance(record.get("inputs"), dict) else {}
         batch = record.get("batch") if isinstance(record.get("batch"), dict) else {}
         expected = dataclasses.asdict(dataclasses.replace(self.options, seed=job.seed))
-        recorded = {**NEUTRAL_OPTIONS, **record["options"]}
+        recorded = {**NEUTRAL_OPTIONS, "precision": record.get("precision", "fp32"), **record["options"]}
         checks = (
             (record.get("model_sha256") == self.model_sha256, "another model"),
+            (recorded["precision"] == self.options.precision, "another precision"),
             ({**recorded, **HOW_NOT_WHAT} == {**expected, **HOW_NOT_WHAT}, "other sampling options or seed"),
-            (record.get("precision", "fp32") == self.precision, "another precision"),
             (_device_type(record.get("device")) == self.device_type, "another device type"),
             (labels_identity(str(inputs.get("labels")), inputs.get("labels_sha256")) == self.labels,
              "another label convention or mapping"),
@@ -263,7 +264,7 @@ class BatchSettings:
 
 
 def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions, settings: BatchSettings, *,
-              device: torch.device, precision: str = "fp32", shard: Shard = Shard(),
+              device: torch.device, shard: Shard = Shard(),
               on_job: JobCallback | None = None, progress: ProgressCallback | None = None) -> list[JobResult]:
     """Run this rank's jobs that are not done; returns every job's result (all ranks', gathered under torchrun).
 
@@ -272,8 +273,9 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     variance maps and dataset.json once every rank has finished.
     """
     layout = settings.layout
-    recipe = Recipe(model.sha256, used_options(options, model.kind), precision, device.type,
-                    labels_identity(settings.labels), settings.label_names)
+    options = dataclasses.replace(options, precision=select_precision(options.precision, device))  # as recorded
+    recipe = Recipe(model.sha256, used_options(options, model.kind), device.type, labels_identity(settings.labels),
+                    settings.label_names)
     done = job_states(jobs, recipe, settings.overwrite)
     check_listings(layout, jobs, nnunet_labels(settings.label_names), settings.overwrite)
     if settings.variance and not settings.overwrite:
@@ -325,7 +327,7 @@ def _run_job(result: JobResult, model: LoadedModel, options: SamplingOptions, se
             cache[job.case] = seg, prepare_classes(seg, names, settings.labels, classes=model.class_set)[0], digest
         seg, classes, digest = cache[job.case]
         synthesis = synthesize(classes, model, dataclasses.replace(options, seed=job.seed), device=device,
-                               precision=recipe.precision, progress=progress)
+                               progress=progress)
         result.seconds = time.perf_counter() - start
         record = synthesis.provenance
         record["inputs"] = {"segmentation": str(job.segmentation), "segmentation_sha256": digest,

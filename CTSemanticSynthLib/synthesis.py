@@ -60,7 +60,10 @@ class SamplingOptions:
     """How to sample. ``start_timestep`` < T-1 starts from the noised class-mean prior (SDEdit); ``guidance`` s != 0 is
     classifier-free guidance (models trained with label dropout). ``batch_size``: slices the network evaluates
     together, or "auto" (measured from free GPU memory, see :meth:`~.denoiser.VolumeDenoiser.measured_batch_size`).
-    ``compile``: torch.compile the network (pays on CUDA, not on the CPU: see docs/benchmarks.md)."""
+    ``compile``: torch.compile the network (pays on CUDA, not on the CPU: see docs/benchmarks.md). ``precision`` is
+    the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI defaults to auto, the
+    library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic stays float32, and the
+    provenance records the resolved value."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -73,6 +76,7 @@ class SamplingOptions:
     slice_agreement: float = 0.0
     slice_agreement_below: float = 1.0
     compile: bool = False
+    precision: str = "fp32"
 
 
 NEUTRAL_OPTIONS = {"slice_correlation": 0.0, "guidance": 0.0, "slice_agreement": 0.0, "slice_agreement_below": 1.0}
@@ -81,7 +85,7 @@ NEUTRAL_OPTIONS = {"slice_correlation": 0.0, "guidance": 0.0, "slice_agreement":
 
 def used_options(options: SamplingOptions, kind: str) -> SamplingOptions:
     """The options a model of ``kind`` samples with, as its provenance records them: a one-pass generator uses only
-    the seed and the batch size (no sampler, one step, every refinement off)."""
+    the seed, the batch size and the precision (no sampler, one step, every refinement off)."""
     if kind == "diffusion":
         return options
     return replace(options, sampler="one-pass", steps=1, start_timestep=None, eta=0.0, **NEUTRAL_OPTIONS)
@@ -216,7 +220,6 @@ def synthesize(
     options: SamplingOptions = SamplingOptions(),
     *,
     device: str | torch.device = "auto",
-    precision: str = "fp32",
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
     keep: Volume | None = None,
@@ -232,9 +235,7 @@ def synthesize(
     default :data:`~.regenerate.DEFAULT_JUMP_N_SAMPLE`); the sample is faded into ``keep`` over a thin band inside
     the region's border, and every voxel outside the region is ``keep``'s value (as int16). See :mod:`.regenerate`.
 
-    ``precision`` is the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI
-    defaults to auto, the library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic
-    stays float32. The same seed, options, device and precision give the same volume, whatever the batch size (the
+    The same seed, options (precision included) and device give the same volume, whatever the batch size (the
     slices sampled together by the network; the whole volume walks the timesteps together) up to float rounding
     (the kernels are picked by batch size: a few voxels 1 HU apart); bit for bit for a repeated run at the same
     batch size (on CUDA with deterministic algorithms). ``cancel()`` is polled
@@ -251,7 +252,7 @@ def synthesize(
         raise InputError(f"model '{model.name}' is a one-pass generator: it cannot regenerate a region (it has no "
                          "steps to hold the kept CT in); use a diffusion model")
     device = select_device(device) if isinstance(device, str) else device
-    precision = select_precision(precision, device)
+    options = replace(options, precision=select_precision(options.precision, device))
     model.model.to(device)
     orientation = AxialOrientation.from_affine(classes.affine)
     stack = orientation.to_stack(classes.array)
@@ -278,15 +279,15 @@ def synthesize(
         if sampler is None:
             inpaint = None
             sample = generate_slices(network, small, active, seed=options.seed, device=device,
-                                     batch_size=options.batch_size, precision=precision, cancel=cancel,
+                                     batch_size=options.batch_size, precision=options.precision, cancel=cancel,
                                      on_step=on_step, on_batch_size=used.append)
         else:
             inpaint = None if edit is None else _inpainting(
                 edit, orientation, resize, active, _jumps(sampler.num_steps, jump_length, jump_n_sample), model.intensity)
             sample = sample_slices(network, model.conditioning, sampler, small, active, seed=options.seed,
-                                   device=device, batch_size=options.batch_size, prior=prior, precision=precision,
-                                   cancel=cancel, on_step=on_step, slice_correlation=options.slice_correlation,
-                                   inpaint=inpaint, guidance=options.guidance,
+                                   device=device, batch_size=options.batch_size, prior=prior,
+                                   precision=options.precision, cancel=cancel, on_step=on_step,
+                                   slice_correlation=options.slice_correlation, inpaint=inpaint, guidance=options.guidance,
                                    slice_agreement=(options.slice_agreement, options.slice_agreement_below),
                                    on_batch_size=used.append)
     except torch.OutOfMemoryError:
@@ -304,7 +305,7 @@ def synthesize(
                                asdict(used_options(options, model.kind)), str(device), len(active))
     record.update(classes=list(model.class_set.classes), class_set=model.class_set.name,
                   intensity=model.intensity.config())
-    record.update(precision=precision, device_capability=device_capability(device), kind=model.kind,
+    record.update(precision=options.precision, device_capability=device_capability(device), kind=model.kind,
                   batch_size_used=used[-1])
     if edit is not None and inpaint is not None:
         volume = Volume(edit.blend(volume.array), classes.affine)

@@ -16,8 +16,10 @@ import torch
 
 from CTSemanticSynthLib import batch
 from CTSemanticSynthLib.batch import Layout, job_seed, list_cases, plan_jobs, std_map
+from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.cli import main
 from CTSemanticSynthLib.io import Volume
+from CTSemanticSynthLib.synthesis import SamplingOptions
 
 from conftest import REPO, SAMPLE_SEG
 
@@ -218,8 +220,43 @@ def test_files_made_in_another_precision_are_not_taken_as_done(capsys, segs, tin
     assert run_batch(capsys, segs, out, tiny_model, "-q", "--precision", "fp32")[0] == 0
     first = (out / "caseA_s0.nii.gz").read_bytes()
     code, err = run_batch(capsys, segs, out, tiny_model, "-q", "--precision", "bf16")
-    assert code == 2 and "caseA_s0.nii.gz exists and was made otherwise" in err
+    assert code == 2 and "caseA_s0.nii.gz exists and was made otherwise (another precision)" in err
     assert (out / "caseA_s0.nii.gz").read_bytes() == first
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_records_from_before_precision_was_an_option_still_count_as_done(capsys, monkeypatch, segs, tiny_model,
+                                                                         tmp_path, precision):
+    """Records whose options lack the precision: it stood beside them, or (fp32) was not recorded at all."""
+    out = tmp_path / "out"
+    assert run_batch(capsys, segs, out, tiny_model, "-q", "--precision", precision)[0] == 0
+    for sidecar in out.glob("*.json"):
+        record = json.loads(sidecar.read_text())
+        assert record["options"].pop("precision") == record["precision"] == precision
+        if precision == "fp32":
+            del record["precision"]
+        sidecar.write_text(json.dumps(record))
+    calls = []
+    monkeypatch.setattr(batch, "synthesize", lambda *a, **k: calls.append(1))
+    assert run_batch(capsys, segs, out, tiny_model, "-q", "--precision", precision)[0] == 0
+    assert calls == []
+    code, err = run_batch(capsys, segs, out, tiny_model, "-q", "--precision", "fp16" if precision == "fp32" else "fp32")
+    assert code == 2 and "was made otherwise (another precision)" in err
+
+
+def test_a_library_batch_in_auto_precision_finds_its_own_files_done(monkeypatch, segs, tiny_model, tmp_path):
+    """``precision`` "auto" is resolved for the device before the done-check, as it is recorded."""
+    layout = Layout(tmp_path / "out", None)
+    jobs = plan_jobs(list_cases(segs), 1, 0, layout)
+    model = load_model(tiny_model)
+    options = SamplingOptions(steps=2, batch_size=4, precision="auto")
+    settings = batch.BatchSettings(layout, "totalseg")
+    first = batch.run_batch(jobs, model, options, settings, device=torch.device("cpu"))
+    assert [r.status for r in first] == ["ok"] * len(jobs)
+    calls = []
+    monkeypatch.setattr(batch, "synthesize", lambda *a, **k: calls.append(1))
+    again = batch.run_batch(jobs, model, options, settings, device=torch.device("cpu"))
+    assert calls == [] and [r.status for r in again] == ["ok"] * len(jobs)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -125,9 +125,9 @@ def main() -> None:
         for seed in seeds:
             path = args.out / f"{name}_s{seed}.json"
             if not path.exists():
-                sampling = preset_options(config, args.preset, seed=seed, **overrides)
+                sampling = preset_options(config, args.preset, seed=seed, **{"precision": "auto", **overrides})
                 start = time.process_time()
-                result = synthesize(classes, model, sampling, device="cpu", precision="auto")  # as ctsynth synth
+                result = synthesize(classes, model, sampling, device="cpu")  # auto precision, as ctsynth synth
                 cpu = time.process_time() - start
                 write_volume(result.volume, args.out / f"{name}_s{seed}.nii.gz", overwrite=True)
                 report = evaluate_case(result.volume, classes, real)

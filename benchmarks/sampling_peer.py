@@ -62,8 +62,8 @@ def slab(slices: int) -> Volume:
 
 def ours(classes: Volume, args: argparse.Namespace, device: torch.device, precision: str) -> None:
     model = load_model("demo", device=device)
-    options = SamplingOptions(sampler=args.sampler, steps=args.steps, batch_size=args.batch_size)
-    synthesize(classes, model, options, device=device, precision=precision)
+    options = SamplingOptions(sampler=args.sampler, steps=args.steps, batch_size=args.batch_size, precision=precision)
+    synthesize(classes, model, options, device=device)
 
 
 def diffusers_peer_run(classes: Volume, args: argparse.Namespace, device: torch.device, precision: str) -> None:

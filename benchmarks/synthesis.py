@@ -50,13 +50,14 @@ def main() -> None:
     seg, names = read_labelmap(args.seg)
     classes, _ = prepare_classes(seg, names, "totalseg")
     model = load_model(args.model, device=device)
-    options = preset_options(model.config, args.preset, steps=args.steps, batch_size=args.batch_size)
+    options = preset_options(model.config, args.preset, steps=args.steps, batch_size=args.batch_size,
+                             precision=args.precision)
     times = []
     for _ in range(args.repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         tic = time.perf_counter()
-        result = synthesize(classes, model, options, device=device, precision=args.precision)
+        result = synthesize(classes, model, options, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - tic)

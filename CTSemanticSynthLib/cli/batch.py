@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--variance needs --samples 2 or more")
     if args.nnunet_labels != "model" and args.nnunet is None:
         raise InputError("--nnunet-labels needs --nnunet")
-    device, precision, model_folder, options = sampling_setup(args)
+    device, model_folder, options = sampling_setup(args)
     layout = Layout(args.out, args.nnunet)
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder")
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                          + (f" ({detail})" if detail else ""))
             overall.update(count, total)
 
-        results = run_batch(jobs, model, options, settings, device=device, precision=precision, shard=shard,
+        results = run_batch(jobs, model, options, settings, device=device, shard=shard,
                             on_job=on_job, progress=volume.update)
     failed = [r for r in results if r.status == "failed"]
     if shard.rank == 0:

@@ -106,24 +106,23 @@ def check_region_options(args: argparse.Namespace) -> None:
         check_convention(args.previous_labels)
 
 
-def sampling_setup(args: argparse.Namespace) -> tuple[torch.device, str, Path, SamplingOptions]:
-    """(device, precision, model folder, sampling options) from :func:`add_sampling_options`'s options, all checked
-    before any volume or weight is read."""
+def sampling_setup(args: argparse.Namespace) -> tuple[torch.device, Path, SamplingOptions]:
+    """(device, model folder, sampling options with the precision resolved for the device) from
+    :func:`add_sampling_options`'s options, all checked before any volume or weight is read."""
     from ..checkpoint import read_config, resolve_model_path
     from ..device import select_device, select_precision
     from ..labels import check_convention, class_set
     from ..synthesis import preset_options
 
     device = select_device(args.device)
-    precision = select_precision(args.precision, device)
     model_folder = resolve_model_path(args.model)
     config = read_config(model_folder)
     options = preset_options(config, args.preset, sampler=args.sampler, steps=args.steps,
                              seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation,
                              guidance=args.guidance, slice_agreement=args.slice_agreement,
-                             compile=args.compile)
+                             compile=args.compile, precision=select_precision(args.precision, device))
     check_convention(args.labels, class_set(config.get("class_set", "paper")))
-    return device, precision, model_folder, options
+    return device, model_folder, options
 
 
 def _batch_size(text: str) -> int | str:

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.variance_map is not None and args.samples < 2:
         raise InputError("--variance-map needs --samples 2 or more")
     # every option is checked before any volume or weight is read
-    device, precision, model_folder, options = sampling_setup(args)
+    device, model_folder, options = sampling_setup(args)
     if args.seed + args.samples - 1 > MAX_SEED:
         raise InputError(f"--seed {args.seed} with --samples {args.samples} goes past the largest seed {MAX_SEED}")
     if args.progress_lines and sys.stdout is None:
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"ctsynth: {model.name} ({model.conditioning}, sha256 {model.sha256[:12]}), {how}, "
               f"labels '{report.adapter}', organs: {', '.join(report.organs_present) or 'none (body only)'}, "
-              f"device {device} ({precision})", file=sys.stderr)
+              f"device {device} ({options.precision})", file=sys.stderr)
     results = []
     with ProgressDisplay("ctsynth:", "synthesizing", "slice", quiet=args.quiet or args.progress_lines) as display:
         for k in range(args.samples):
@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
                 display.update(done, total)
 
             result = synthesize(classes, model, dataclasses.replace(options, seed=args.seed + k), device=device,
-                                precision=precision, progress=progress, keep=keep, region=region,
-                                jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
+                                progress=progress, keep=keep, region=region, jump_length=args.jump_length,
+                                jump_n_sample=args.jump_n_sample)
             result.provenance["inputs"] = {"segmentation": str(args.seg), "labels": report.adapter,
                                            "body_outline": report.body_source,
                                            "unknown_labels": {str(k): v for k, v in report.unknown.items()}}
