@@ -257,6 +257,19 @@ def test_a_model_folder_for_another_class_set_is_one_line(tmp_path, capsys, kind
     assert not (tmp_path / "x.nii.gz").exists()
 
 
+def test_a_generator_cannot_regenerate_a_region(generator_folder):
+    """synthesize() itself says why (the command line refuses it before reading anything)."""
+    from CTSemanticSynthLib.errors import InputError
+    from CTSemanticSynthLib.io import Volume
+    from CTSemanticSynthLib.synthesis import synthesize
+
+    classes = np.full((32, 32, 2), 16, np.uint8)
+    keep, region = Volume(np.zeros(classes.shape, np.int16), np.eye(4)), Volume(classes // 16, np.eye(4))
+    with pytest.raises(InputError, match="^model 'tiny-pix2pix' is a one-pass generator: it cannot regenerate a "
+                                         r"region \(it has no steps to hold the kept CT in\); use a diffusion model$"):
+        synthesize(Volume(classes, np.eye(4)), load_model(generator_folder), device="cpu", keep=keep, region=region)
+
+
 @pytest.mark.parametrize("batch_size", [2, 1, "auto"])
 def test_a_generator_records_the_batch_size_it_ran_with(generator_folder, batch_size):
     from CTSemanticSynthLib.denoiser import FIXED_AUTO_BATCH

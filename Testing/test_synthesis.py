@@ -233,6 +233,24 @@ def test_synthesize_refuses_class_values_beyond_the_model_and_names_an_empty_cla
         synthesize(Volume(labels, np.eye(4)), model, SamplingOptions(steps=1), device="cpu")
 
 
+def test_synthesize_names_a_region_without_body_or_organ(tiny_model):
+    labels = np.zeros((8, 8, 3), np.uint8)
+    labels[2:6, 2:6, 0] = BODY
+    region = np.zeros(labels.shape, np.uint8)
+    region[2:6, 2:6, 2] = 1  # a slice without body
+    keep = Volume(np.zeros(labels.shape, np.int16), np.eye(4))
+    with pytest.raises(InputError, match="^the region has no body or organ voxel"):
+        synthesize(Volume(labels, np.eye(4)), load_model(tiny_model), SamplingOptions(steps=1), device="cpu",
+                   keep=keep, region=Volume(region, np.eye(4)))
+
+
+def test_synthesize_resolves_auto_precision_for_the_device(tiny_model):
+    classes, _ = prepare_classes(_box_segmentation((2.0, 2.0, 5.0)), labels="totalseg")
+    result = synthesize(classes, load_model(tiny_model), SamplingOptions(steps=1, precision="auto"), device="cpu")
+    resolved = select_precision("auto", torch.device("cpu"))
+    assert result.provenance["precision"] == result.provenance["options"]["precision"] == resolved
+
+
 def test_compile_option_compiles_the_network(tiny_model, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
