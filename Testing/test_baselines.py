@@ -286,6 +286,7 @@ def test_a_generator_records_the_batch_size_it_ran_with(generator_folder, batch_
                         progress=lambda done, total: steps.append(done / total), cancel=lambda: polls.append(1) and False)
     expected = FIXED_AUTO_BATCH if batch_size == "auto" else batch_size
     assert result.provenance["batch_size_used"] == expected and result.provenance["options"]["sampler"] == "one-pass"
+    assert result.provenance["sampler"] == {"sampler": "one-pass"} and result.provenance["kind"] == "generator"
     recorded = result.provenance["options"]
     assert (recorded["steps"], recorded["eta"], recorded["slice_correlation"]) == (1, 0.0, 0.0)
     assert (recorded["slice_agreement"], recorded["slice_agreement_below"], recorded["guidance"]) == (0.0, 1.0, 0.0)

@@ -202,8 +202,12 @@ def test_prepare_classes_uses_segment_names_and_a_drawn_body_outline():
 
 def test_synthesize_picks_the_device_itself_by_default(tiny_model):
     classes, _ = prepare_classes(_box_segmentation((2.0, 2.0, 5.0)), labels="totalseg")
-    result = synthesize(classes, load_model(tiny_model), SamplingOptions(steps=2))
+    model = load_model(tiny_model)
+    result = synthesize(classes, model, SamplingOptions(steps=2))
     assert result.provenance["device"] == str(select_device("auto"))
+    record = result.provenance  # the model it names
+    assert (record["model"], record["model_sha256"], record["conditioning"], record["kind"]) == (
+        model.name, model.sha256, model.conditioning, "diffusion")
 
 
 def test_synthesize_resizes_classes_as_labels_and_pastes_every_resize_part_back(tiny_model, monkeypatch):

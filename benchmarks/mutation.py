@@ -74,7 +74,8 @@ TESTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("CTSemanticSynthLib/regenerate.py", ("test_regenerate.py",), NO_TRAINING),
     ("CTSemanticSynthLib/slice_context.py", ("test_consistency.py",), NO_TRAINING),
     ("CTSemanticSynthLib/*", ("test_synthesis.py", "test_golden.py", "test_consistency.py", "test_regenerate.py",
-                              "test_denoiser.py", "test_sdm.py", "test_baselines.py", "test_bad_inputs.py"),
+                              "test_denoiser.py", "test_sdm.py", "test_baselines.py", "test_bad_inputs.py",
+                              "test_cli.py", "test_batch.py"),
      f"{UNIT_FAST} and {NO_TRAINING}"),
 )
 """Which tests may kill a mutant of each library file (synthesis.py, denoiser.py, device.py and the rest: the last
