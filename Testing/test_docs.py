@@ -31,9 +31,10 @@ PATH = re.compile(r"(?<![\w./$<{-])(?:(?:%s)/[\w./{},*<>-]*|(?:Makefile|pyprojec
                   % "|".join(re.escape(t) for t in sorted(TOP) if (REPO / t).is_dir()))
 
 
-def snippets(text: str) -> list[str]:
-    """The command-bearing pieces of a markdown text: each line of a code block (lines ending in a backslash joined
-    with the next, a comment after `` #`` dropped) and each inline code span."""
+def snippets(text: str) -> list[tuple[str, bool]]:
+    """The command-bearing pieces of a markdown text, and whether each is a command to run: each line of a code block
+    (lines ending in a backslash joined with the next, a comment after `` #`` dropped), and each inline code span
+    (prose that names a command or an option)."""
     pieces, code = [], False
     lines = iter(text.splitlines())
     for line in lines:
@@ -43,17 +44,17 @@ def snippets(text: str) -> list[str]:
         if code or line.startswith("    "):
             while line.rstrip().endswith("\\"):
                 line = line.rstrip()[:-1] + " " + next(lines, "")
-            pieces.append(re.sub(r"\s#\s.*$", "", line))
+            pieces.append((re.sub(r"\s#\s.*$", "", line), True))
         else:
-            pieces += re.findall(r"`([^`]+)`", line)
+            pieces += [(span, False) for span in re.findall(r"`([^`]+)`", line)]
     return pieces
 
 
 def commands(text: str) -> list[tuple[str, str, set[str], set[str]]]:
-    """(command key, the snippet, its flags, those given without a value) for every command in the text: a
-    command's flags run from its name to the next command, a pipe or a shell separator."""
+    """(command key, the snippet, its flags, those given without a value in a command to run) for every command in
+    the text: a command's flags run from its name to the next command, a pipe or a shell separator."""
     found = []
-    for piece in snippets(text):
+    for piece, runnable in snippets(text):
         matches = list(COMMAND.finditer(piece))
         for i, match in enumerate(matches):
             end = matches[i + 1].start() if i + 1 < len(matches) else len(piece)
@@ -65,7 +66,7 @@ def commands(text: str) -> list[tuple[str, str, set[str], set[str]]]:
                 if module == "CTSemanticSynthLib.cli":
                     module = f"ctsynth {match['sub'] or match['modsub'] or ''}".strip()
                 key = module
-            bare = set(re.findall(r"(--[a-z][a-z0-9_-]*)(?=\s+-|\s*\]|\s*$)", rest))
+            bare = set(re.findall(r"(--[a-z][a-z0-9_-]*)(?=\s+-|\s*\]|\s*$)", rest)) if runnable else set()
             found.append((key, piece, set(FLAG.findall(rest)), bare))
     return found
 
@@ -108,7 +109,8 @@ def test_the_docs_name_commands():
 
 @pytest.mark.parametrize("key", sorted({key for _, key, *_ in documented_commands()}))
 def test_every_documented_flag_is_in_the_commands_help(key):
-    """Each flag exists, and one that takes a value is not written bare (followed by another flag or nothing)."""
+    """Each flag exists, and in a command to run one that takes a value is not written bare (followed by another
+    flag or nothing)."""
     text = help_text(key)
     assert "usage:" in text, text
     offered, needs_value = set(FLAG.findall(text)), value_flags(text)
@@ -132,7 +134,7 @@ def test_every_repository_path_in_the_docs_exists():
     missing = []
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
-        mentioned = {p for piece in snippets(text) for p in PATH.findall(piece)}
+        mentioned = {p for piece, _ in snippets(text) for p in PATH.findall(piece)}
         mentioned |= {str((doc.parent / link).relative_to(REPO)) for link in re.findall(r"\]\(([\w./-]+)\)", text)
                       if not link.startswith("http")}
         for path in sorted(mentioned):
