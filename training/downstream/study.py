@@ -127,7 +127,7 @@ def synthesize_samples(jobs: Sequence[Job], model: LoadedModel, options: Samplin
         say(f"  synthetic {done}/{total}: {result.job.case} sample {result.job.sample} {result.status} ({detail})")
 
     results = run_batch(jobs, model, options, BatchSettings(layout, settings.labels), device=settings.device,
-                        precision=settings.precision, on_job=progress)
+                        on_job=progress)
     failed = [r for r in results if r.status != "ok"]
     if failed:
         raise InputError(f"{len(failed)} of {len(results)} synthetic CT(s) failed, e.g. {failed[0].job.case} sample "
@@ -143,7 +143,7 @@ def run_study(settings: StudySettings, nnunet: NnUNet, say: Say = lambda message
                                                    "--train": settings.train,
                                                    "--model": resolve_model_path(settings.model)})
     model = load_model(settings.model, device=settings.device)
-    options = preset_options(model.config, settings.preset, seed=settings.seed)
+    options = preset_options(model.config, settings.preset, seed=settings.seed, precision=settings.precision)
     layout = Layout(paths.synthetic)
     jobs = plan_jobs([(c.name, c.seg) for c in cases.train], settings.samples, settings.seed, layout)
     check_settings(nnunet.trainer, nnunet.configuration, nnunet.fold, len(cases.train))
