@@ -29,7 +29,8 @@ def test_every_library_file_has_tests_that_exist_and_every_row_is_used():
 
 def test_left_out_tests_exist():
     """Each ``not NAME`` of a -k expression names a test, so a renamed slow test cannot slip back into the runs."""
-    names = "\n".join(re.findall(r"def (test_\w+)", "".join(p.read_text() for p in (REPO / "Testing").glob("test_*.py"))))
+    sources = "".join(p.read_text(encoding="utf-8") for p in (REPO / "Testing").glob("test_*.py"))
+    names = "\n".join(re.findall(r"def (test_\w+)", sources))
     terms = {term for _, _, keyword in TESTS for term in re.findall(r"not (\w+)", keyword)}
     assert terms and [t for t in terms if t not in names] == []
 
@@ -40,7 +41,7 @@ def test_unknown_file_is_one_line():
 
 
 def test_generated_config_replaces_the_checkouts_and_keeps_the_rest():
-    original = (REPO / "pyproject.toml").read_text()
+    original = (REPO / "pyproject.toml").read_text(encoding="utf-8")
     old = '[tool.mutmut]\nonly_mutate = ["CTSemanticSynthLib/io.py"]\npytest_add_cli_args = ["-k", """a \\\n  b"""]\n\n'
     at = original.index("[tool.pytest.ini_options]")
     with_old = original[:at] + old + original[at:]  # an old section between two others, as older commits have
