@@ -153,7 +153,7 @@ def _field(config: dict[str, Any], key: str, kind: type | tuple[type, ...], wher
 _JSON_NAMES = {str: "string", dict: "JSON object", list: "list", bool: "true/false", type(None): "null"}
 _PRESET_FIELDS = {"sampler": str, "steps": int, "start_timestep": (int, type(None)), "eta": (int, float),
                   "slice_correlation": (int, float), "slice_agreement": (int, float),
-                  "slice_agreement_below": (int, float)}
+                  "slice_agreement_below": (int, float), "boundary_correction": bool}
 
 
 def _check_config(config: dict[str, Any]) -> None:

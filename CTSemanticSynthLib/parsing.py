@@ -13,3 +13,10 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise InputError(f"{message} (see '{self.prog} --help')")
+
+
+def boolean(text: str) -> bool:
+    """A true/false option value (1/0, true/false, yes/no, any case)."""
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text.lower() in ("1", "true", "yes")

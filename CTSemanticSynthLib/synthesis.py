@@ -26,6 +26,7 @@ from .factory import create_diffusion
 from .io import Volume
 from .intensity import PAPER_WINDOW, IntensityMapping
 from .labels import BACKGROUND, PAPER, ClassSet, MappingReport, resolve_adapter
+from .partial_volume import ClassValues, restore_boundaries
 from .preprocess import (
     AIR_HU,
     BODY_THRESHOLD_HU,
@@ -63,7 +64,8 @@ class SamplingOptions:
     ``compile``: torch.compile the network (pays on CUDA, not on the CPU: see docs/benchmarks.md). ``precision`` is
     the network's arithmetic (fp32, bf16, fp16, or auto: see :func:`select_precision`; the CLI defaults to auto, the
     library to fp32, which gives the same volume on every CPU); the sampler's own arithmetic stays float32, and the
-    provenance records the resolved value."""
+    provenance records the resolved value. ``boundary_correction``: restore the class boundaries that the model's
+    coarser slice grid blurs, from the class volume (:mod:`.partial_volume`)."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -77,6 +79,7 @@ class SamplingOptions:
     slice_agreement_below: float = 1.0
     compile: bool = False
     precision: str = "fp32"
+    boundary_correction: bool = False
 
 
 NEUTRAL_OPTIONS = {"slice_correlation": 0.0, "guidance": 0.0, "slice_agreement": 0.0, "slice_agreement_below": 1.0}
@@ -293,11 +296,14 @@ def synthesize(
     except torch.OutOfMemoryError:
         raise CTSynthError(f"out of memory on {device} even with batch size 1 (one slice at a time): use --device cpu "
                            "or a smaller model") from None
+    restore = _boundary_restorer(stack, active, sample, resize, model) if options.boundary_correction else None
     hu = np.full(classes.array.shape, AIR_HU, dtype=np.int16)  # the output, filled through its stack view part
     hu_stack, first = orientation.to_stack(hu), 0                 # by part: no full-volume float temporaries
     for part in _parts(active):
-        unit = resize.from_model(sample[first : first + len(part)], labels=False).numpy()
-        hu_stack[part] = np.where(stack[part] == BACKGROUND, AIR_HU, np.rint(model.intensity.to_hu(unit)))
+        low = sample[first : first + len(part)]
+        full = model.intensity.to_hu(resize.from_model(low, labels=False).numpy()) if restore is None else \
+            restore(stack[part], low)
+        hu_stack[part] = np.where(stack[part] == BACKGROUND, AIR_HU, np.rint(full))
         first += len(part)
     volume = Volume(hu, classes.affine)
     record = provenance_record(model.name, model.sha256, model.conditioning,
@@ -311,6 +317,20 @@ def synthesize(
         volume = Volume(edit.blend(volume.array), classes.affine)
         record["region"] = edit.record(asdict(inpaint.jumps))
     return SynthesisResult(volume, record)
+
+
+def _boundary_restorer(stack: np.ndarray, active: np.ndarray, sample: torch.Tensor, resize: PlaneResize,
+                       model: LoadedModel) -> Callable[[np.ndarray, torch.Tensor], np.ndarray]:
+    """(classes, model-size [0, 1] slices) -> full-resolution HU with the class boundaries restored, its class values
+    estimated from all sampled slices (:mod:`.partial_volume`)."""
+    mapping = model.intensity
+    estimate, first = ClassValues(len(model.class_set.classes), resize), 0
+    for part in _parts(active):
+        estimate.add(stack[part], torch.from_numpy(mapping.to_hu(sample[first : first + len(part)].numpy())))
+        first += len(part)
+    values = estimate.solve(mapping.hu_range)
+    return lambda classes, low: restore_boundaries(classes, torch.from_numpy(mapping.to_hu(low.numpy())), resize,
+                                                   values, mapping.hu_range)
 
 
 def _jumps(num_steps: int, length: int | None, n_sample: int | None) -> Jumps:

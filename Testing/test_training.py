@@ -297,6 +297,19 @@ def test_train_few_steps_exports_a_usable_model(amos_cache, tmp_path, capsys, co
     np.testing.assert_allclose(result.affine, nib.load(seg).affine, atol=1e-5)
 
 
+@pytest.mark.parametrize("start", [0, 300])
+def test_exported_presets_carry_slice_agreement_and_boundary_correction(amos_cache, tmp_path, start):
+    out = tmp_path / "run"
+    assert _train(amos_cache, out, "--iterations", 1, "--sample-every", 0, "--sample-start-timestep", start,
+                  "--max-timestep", 400, "--sample-slice-agreement", 0.3, "--boundary-correction", "true") == 0
+    presets = load_model(out / "model").config["sampling_presets"]
+    assert set(presets) == {"fast", "balanced", "paper"} and all(p["boundary_correction"] for p in presets.values())
+    assert presets["fast"]["slice_agreement"] == 0.3 and "slice_agreement" not in presets["balanced"]
+    assert all(p.get("start_timestep") == (start or None) for p in presets.values())
+    assert _train(amos_cache, tmp_path / "plain", "--iterations", 1, "--sample-every", 0) == 0
+    assert "sampling_presets" not in load_model(tmp_path / "plain" / "model").config
+
+
 def _weights(out: Path) -> dict:
     return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
 

@@ -35,6 +35,8 @@ from CTSemanticSynthLib.checkpoint import load_model  # noqa: E402
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_volume  # noqa: E402
 from CTSemanticSynthLib.labels import ORGANS, class_set  # noqa: E402
 from CTSemanticSynthLib.metrics.consistency import stripe_index  # noqa: E402
+from CTSemanticSynthLib.parsing import boolean  # noqa: E402
+from CTSemanticSynthLib.partial_volume import ClassValues, restore_boundaries  # noqa: E402
 from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize  # noqa: E402
 from CTSemanticSynthLib.synthesis import prepare_classes, preset_options, synthesize  # noqa: E402
 
@@ -54,13 +56,21 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def ceiling(real: Volume, size: int, mapping) -> np.ndarray:
-    """The real CT through the model's mapping and slice size and back, in HU (the file's voxel order)."""
+def ceiling(real: Volume, classes: Volume, model, correct: bool) -> np.ndarray:
+    """The real CT through the model's mapping and slice size and back, in HU (the file's voxel order), with the
+    boundary correction when ``correct`` (as synthesize does it, its class values estimated from the real CT)."""
     orientation = AxialOrientation.from_affine(real.affine)
-    stack = orientation.to_stack(real.array)
-    resize = PlaneResize(stack.shape[1], stack.shape[2], size)
-    unit = resize.from_model(resize.to_model(torch.from_numpy(mapping.to_unit(stack)), labels=False), labels=False)
-    return orientation.from_stack(mapping.to_hu(unit.numpy()))
+    stack, mapping = orientation.to_stack(real.array), model.intensity
+    resize = PlaneResize(stack.shape[1], stack.shape[2], model.image_size)
+    low = resize.to_model(torch.from_numpy(mapping.to_unit(stack)), labels=False).clamp(0, 1)
+    if not correct:
+        return orientation.from_stack(mapping.to_hu(resize.from_model(low, labels=False).numpy()))
+    class_stack = orientation.to_stack(classes.array)
+    low_hu = torch.from_numpy(mapping.to_hu(low.numpy()))
+    estimate = ClassValues(len(model.class_set.classes), resize)
+    estimate.add(class_stack, low_hu)
+    values = estimate.solve(mapping.hu_range)
+    return orientation.from_stack(restore_boundaries(class_stack, low_hu, resize, values, mapping.hu_range))
 
 
 def main() -> None:
@@ -68,6 +78,8 @@ def main() -> None:
     parser.add_argument("--models", default="demo,anatomy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="folder for the synthetic volumes (reused)")
+    parser.add_argument("--boundary-correction", type=boolean, default=None, metavar="true|false",
+                        help="override every model's preset (default: each model's own)")
     args = parser.parse_args()
     seg, names = read_labelmap(SAMPLE / "seg_total.nii.gz")
     real = read_image(SAMPLE / "ct.nii.gz")
@@ -82,13 +94,14 @@ def main() -> None:
     results, timing, ceilings = {}, [], {}
     for name in args.models.split(","):
         model = load_model(name)
-        stem = None if args.out is None else args.out / f"{model.name}_{model.sha256[:8]}_s{args.seed}"
+        options = preset_options(model.config, "fast", seed=args.seed, boundary_correction=args.boundary_correction)
+        tag = "_bc" if options.boundary_correction else ""
+        stem = None if args.out is None else args.out / f"{model.name}_{model.sha256[:8]}_s{args.seed}{tag}"
+        classes, _ = prepare_classes(seg, names, "totalseg", reference=real, classes=model.class_set)
         if stem is not None and stem.with_suffix(".json").is_file():
             volume = read_image(stem.with_suffix(".nii.gz"))
             timing.append(tuple(json.loads(stem.with_suffix(".json").read_text())))
         else:
-            classes, _ = prepare_classes(seg, names, "totalseg", reference=real, classes=model.class_set)
-            options = preset_options(model.config, "fast", seed=args.seed)
             tic, cpu = time.perf_counter(), time.process_time()
             volume = synthesize(classes, model, options, device="cpu").volume
             timing.append((model.name, time.perf_counter() - tic, time.process_time() - cpu,
@@ -98,7 +111,7 @@ def main() -> None:
                 write_volume(volume, stem.with_suffix(".nii.gz"), overwrite=True)
                 stem.with_suffix(".json").write_text(json.dumps(timing[-1]))
         results[model.name] = (volume.array.astype(np.float32), model.intensity)
-        ceilings[model.name] = ceiling(real, model.image_size, model.intensity)
+        ceilings[model.name] = ceiling(real, classes, model, options.boundary_correction)
     real_hu = real.array.astype(np.float32)
     header = ["structure", "voxels", "real HU"] + [f"{m} HU (diff) [ceiling]" for m in results] + \
              [f"{m} held-out diff" for m in results]
@@ -131,7 +144,9 @@ def main() -> None:
     print(f"\n| model | wall s | CPU s | stripe index |\n|---|---:|---:|---:|")
     for name, wall, cpu, stripes in timing:
         print(f"| {name} | {wall:.1f} | {cpu:.1f} | {stripes:.2f} |")
-    print(f"\n({torch.get_num_threads()} torch threads, seed {args.seed}, fast preset of each model)")
+    corrected = "each model's own" if args.boundary_correction is None else str(args.boundary_correction).lower()
+    print(f"\n({torch.get_num_threads()} torch threads, seed {args.seed}, fast preset of each model, boundary "
+          f"correction: {corrected})")
 
 
 if __name__ == "__main__":

@@ -43,10 +43,10 @@ from CTSemanticSynthLib.io import atomic_outputs
 from CTSemanticSynthLib.labels import NUM_CLASSES
 from CTSemanticSynthLib.models import model_defaults
 from CTSemanticSynthLib.models.config import resolve_config
-from CTSemanticSynthLib.parsing import OneLineParser
+from CTSemanticSynthLib.parsing import OneLineParser, boolean
 from CTSemanticSynthLib.preprocess import condition_inputs, drop_condition
 from CTSemanticSynthLib.progress import ProgressDisplay
-from CTSemanticSynthLib.synthesis import MAX_SEED
+from CTSemanticSynthLib.synthesis import DEFAULT_PRESETS, MAX_SEED
 
 from .dataset import SliceCache, model_batch
 from .ema import ema_rate, update_ema
@@ -89,7 +89,7 @@ def train_defaults() -> dict[str, Any]:
     diffusion = {k: v for k, v in diffusion_defaults().items() if k not in DIFFUSION_FIXED}
     return trainer_defaults() | network | diffusion | {
         "weight_decay": 0.0, "grad_clip": 1.0, "timestep_sampler": "uniform", "max_timestep": 0, "sample_steps": 25,
-        "sample_start_timestep": 0, "init_from": "",
+        "sample_start_timestep": 0, "init_from": "", "sample_slice_agreement": 0.0, "boundary_correction": False,
     }
 
 
@@ -112,7 +112,7 @@ def parse_config(argv: list[str] | None = None, defaults_for: Callable[[dict[str
     for key, value in defaults.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            parser.add_argument(flag, type=_bool, default=None, metavar="BOOL")
+            parser.add_argument(flag, type=boolean, default=None, metavar="BOOL")
         elif isinstance(value, list):
             parser.add_argument(flag, type=_int_list, default=None, metavar="A,B,..")
         else:
@@ -123,12 +123,6 @@ def parse_config(argv: list[str] | None = None, defaults_for: Callable[[dict[str
     config = defaults_for(explicit) | explicit
     check(config)
     return config, args
-
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-    return text.lower() in ("1", "true", "yes")
 
 
 def _int_list(text: str) -> list[int]:
@@ -542,12 +536,19 @@ class Trainer:
             "training": self.training_summary() | {"timesteps_trained": self.timesteps.num_timesteps},
         }
         start, steps = self.config["sample_start_timestep"], self.config["sample_steps"]
+        presets: dict[str, dict[str, Any]] = {name: dict(preset) for name, preset in DEFAULT_PRESETS.items()}
         if start:  # the model was made to sample from the noised class-mean prior: every preset starts there
-            extra["sampling_presets"] = {
+            presets = {
                 "fast": {"sampler": "ddim", "steps": steps, "start_timestep": start},
                 "balanced": {"sampler": "ddim", "steps": min(start + 1, 4 * steps), "start_timestep": start},
                 "paper": {"sampler": "ancestral", "steps": start + 1, "start_timestep": start},
             }
+        if self.config["sample_slice_agreement"]:
+            presets["fast"]["slice_agreement"] = self.config["sample_slice_agreement"]
+        if self.config["boundary_correction"]:
+            presets = {name: preset | {"boundary_correction": True} for name, preset in presets.items()}
+        if presets != DEFAULT_PRESETS:
+            extra["sampling_presets"] = presets
         save_model(target, self.ema, self.diffusion, name=self.config["name"] or self.out.name, extra=extra,
                    half=self.config["half_export"], overwrite=True, classes=self.train_data.class_set,
                    intensity=self.train_data.intensity)

@@ -63,4 +63,5 @@ def _preset_summary(name: str, preset: Mapping[str, Any]) -> str:
     if preset.get("start_timestep") is not None:
         text += f" from t={preset['start_timestep']}"
     extras = {"eta": "eta", "slice_correlation": "slice correlation", "slice_agreement": "slice agreement"}
-    return ", ".join([text, *(f"{label} {preset[key]:g}" for key, label in extras.items() if preset.get(key))])
+    return ", ".join([text, *(f"{label} {preset[key]:g}" for key, label in extras.items() if preset.get(key)),
+                      *(["boundary correction"] if preset.get("boundary_correction") else [])])

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from ..parsing import boolean
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,10 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-agreement", type=float, default=None, metavar="W",
                         help="blend every step's prediction with the neighbouring slices' where their labels agree, "
                              "with this strength (0..1; default: the preset's, see docs/consistency.md)")
+    parser.add_argument("--boundary-correction", type=boolean, default=None, metavar="true|false",
+                        help="restore the class boundaries that the model's coarser slice grid blurs (thin bones, "
+                             "small organs, lung and bowel walls), from the segmentation (default: the preset's; "
+                             "see docs/anatomy.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (and their .json)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
@@ -120,7 +125,8 @@ def sampling_setup(args: argparse.Namespace) -> tuple[torch.device, Path, Sampli
     options = preset_options(config, args.preset, sampler=args.sampler, steps=args.steps,
                              seed=args.seed, batch_size=args.batch_size, slice_correlation=args.slice_correlation,
                              guidance=args.guidance, slice_agreement=args.slice_agreement,
-                             compile=args.compile, precision=select_precision(args.precision, device))
+                             compile=args.compile, precision=select_precision(args.precision, device),
+                             boundary_correction=args.boundary_correction)
     check_convention(args.labels, class_set(config.get("class_set", "paper")))
     return device, model_folder, options
 
