@@ -354,3 +354,9 @@ def test_totalsegmentator_sees_the_real_ct_handled_like_the_synthetic_one(monkey
     expected = np.where(classes == 0, -1000, np.where(real > 240, 240, -160))
     np.testing.assert_array_equal(seen[1], expected)
     assert "clipped to -160..240 HU" in report["totalseg"]["intensity"]
+    from CTSemanticSynthLib.intensity import FULL_RANGE  # a full-range model's: the real CT within -1024..2000 HU
+
+    report = evaluate_case(Volume(synthetic, np.eye(4)), Volume(classes, np.eye(4)), Volume(real, np.eye(4)),
+                           totalseg=True, intensity=FULL_RANGE)
+    np.testing.assert_array_equal(seen[3], np.where(classes == 0, -1000, real))
+    assert "clipped to -1024..2000 HU (full_range)" in report["totalseg"]["intensity"]
