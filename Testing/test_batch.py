@@ -21,7 +21,7 @@ from CTSemanticSynthLib.cli import main
 from CTSemanticSynthLib.io import Volume
 from CTSemanticSynthLib.synthesis import SamplingOptions
 
-from conftest import REPO, SAMPLE_SEG, tiny_model_config
+from conftest import REPO, SAMPLE_SEG, make_anatomy_model_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -371,16 +371,11 @@ def test_nnunet_original_labels_are_renumbered_consecutively(capsys, monkeypatch
 
 def test_nnunet_dataset_of_an_anatomy_model_lists_its_classes(capsys, monkeypatch, segs, tmp_path):
     """An anatomy model's labelsTr hold its own 36 classes, and dataset.json names them with their indices."""
-    from CTSemanticSynthLib.checkpoint import save_model
-    from CTSemanticSynthLib.diffusion import GaussianDiffusion, diffusion_defaults
-    from CTSemanticSynthLib.intensity import FULL_RANGE
     from CTSemanticSynthLib.labels import class_set, totalsegmentator_names
-    from CTSemanticSynthLib.models import UNetModel
 
     anatomy = class_set("anatomy")
-    save_model(tmp_path / "anatomy", UNetModel(**tiny_model_config(), num_classes=len(anatomy.classes)),
-               GaussianDiffusion(**diffusion_defaults()), name="tiny-anatomy", classes=anatomy, intensity=FULL_RANGE)
-    code, err = run_batch(capsys, segs, tmp_path / "raw", tmp_path / "anatomy", "--nnunet", "Dataset506_Anat", "-q")
+    model = make_anatomy_model_folder(tmp_path / "anatomy")
+    code, err = run_batch(capsys, segs, tmp_path / "raw", model, "--nnunet", "Dataset506_Anat", "-q")
     assert code == 0, err
     dataset = tmp_path / "raw" / "Dataset506_Anat"
     description = json.loads((dataset / "dataset.json").read_text())

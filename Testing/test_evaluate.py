@@ -18,7 +18,7 @@ from CTSemanticSynthLib.metrics.paper import PAPER_RESULTS
 from CTSemanticSynthLib.preprocess import AxialOrientation
 from CTSemanticSynthLib.synthesis import prepare_classes
 
-from conftest import SAMPLE_CT, SAMPLE_SEG, single_thread, tiny_model_config
+from conftest import SAMPLE_CT, SAMPLE_SEG, make_anatomy_model_folder, single_thread, tiny_model_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,6 +136,43 @@ def test_an_interrupt_after_the_report_went_in_names_it(capsys, tmp_path, noisy_
                         "finish\n"), err
     assert json.loads((tmp_path / "r.json").read_text())["inputs"]["labels"] == "totalseg"
 
+
+
+# --- training/holdout_check.py ------------------------------------------------------------------------
+
+def test_holdout_rows_follow_the_class_set_and_the_intensity_mapping():
+    """The real CT is clipped to the model's range, as `ctsynth evaluate` takes it; the rows are the set's classes."""
+    from CTSemanticSynthLib.intensity import FULL_RANGE
+    from CTSemanticSynthLib.labels import class_set
+    from training.holdout_check import organ_means
+
+    anatomy = class_set("anatomy")
+    vertebrae = anatomy.classes.index("vertebrae")
+    classes = np.array([6, 6, vertebrae, vertebrae, 16, 0])  # liver, vertebrae, body, background
+    real = np.array([300.0, 100.0, 1500.0, 2500.0, -100.0, -1000.0])
+    synthetic = np.array([150.0, 150.0, 900.0, 1100.0, -90.0, -1000.0])
+    paper = organ_means(np.where(classes == vertebrae, 16, classes), real, synthetic)
+    assert paper == [{"organ": "Liver", "voxels": 2, "real_hu": 170.0, "synthetic_hu": 150.0, "difference_hu": -20.0,
+                      "is_organ": True}]  # 300 HU seen as 240: the paper's window
+    rows = {r["organ"]: r for r in organ_means(classes, real, synthetic, anatomy, FULL_RANGE)}
+    assert list(rows) == ["Liver", anatomy.display_names[vertebrae]]
+    assert rows["Liver"]["real_hu"] == 200.0 and rows["Liver"]["is_organ"]
+    vertebra_row = rows[anatomy.display_names[vertebrae]]
+    assert vertebra_row["real_hu"] == pytest.approx(1750.0) and vertebra_row["difference_hu"] == pytest.approx(-750.0)
+    assert not vertebra_row["is_organ"]
+
+
+def test_holdout_check_of_an_anatomy_model_scores_its_classes_in_its_range(tmp_path, capsys):
+    from training.holdout_check import main as holdout_main
+
+    model = make_anatomy_model_folder(tmp_path / "anatomy")
+    code = holdout_main(["--model", str(model), "--ct", str(SAMPLE_CT), "--seg", str(SAMPLE_SEG), "--labels",
+                         "totalseg", "--preset", "fast", "--json", str(tmp_path / "rows.json"), "--tolerance", "1e9"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| organ | voxels | real HU (-1024..2000) |" in out
+    rows = {r["organ"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    assert {"Liver", "Vertebrae", "Ribs"} <= set(rows) and not rows["Vertebrae"]["is_organ"]
+    assert rows["Femurs"]["real_hu"] > 240 and rows["Lungs and airways"]["real_hu"] < -500  # beyond the window
 
 # --- training/evaluate.py -----------------------------------------------------------------------------
 
