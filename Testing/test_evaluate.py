@@ -195,10 +195,13 @@ def _run_evaluate(out: Path, model: Path, cache: Path, *extra) -> int:
                           "--batch-size", "3", "--steps", "2", "--device", "cpu", *map(str, extra)])
 
 
-def test_training_evaluate_writes_parseable_reports_and_resumes(tmp_path, tiny_cache, tiny_model):
+def test_training_evaluate_writes_parseable_reports_and_resumes(tmp_path, tiny_cache, tiny_model, capsys):
     fid_flags = [] if _have_inception() else ["--no-fid"]
     out = tmp_path / "eval"
     assert _run_evaluate(out, tiny_model, tiny_cache, *fid_flags) == 0
+    err = capsys.readouterr().err  # off a terminal: the progress display's lines, no bar
+    assert "evaluate: sampling tiny 100% (4/4 slices" in err and "evaluate: metrics 100% (2/2 chunks" in err
+    assert "\r" not in err
     results = json.loads((out / "results.json").read_text())
     model = results["models"][0]
     assert model["name"] == "tiny" and model["n_slices"] == 4 and results["settings"]["slices"] == 4
@@ -319,6 +322,67 @@ def test_training_evaluate_refuses_a_model_of_another_size(tmp_path, tiny_cache,
     assert _run_evaluate(tmp_path / "out", tmp_path / "m16", tiny_cache, "--no-fid") == 2
     assert "16 px" in capsys.readouterr().err
 
+
+
+@pytest.fixture(scope="module")
+def anatomy_cache(tmp_path_factory) -> Path:
+    from training.prepare import Case, prepare
+
+    out = tmp_path_factory.mktemp("cache") / "anatomy32"
+    with single_thread():  # prepare forks workers
+        prepare([Case("sample", SAMPLE_CT, SAMPLE_SEG, "train")], out, size=32, convention="totalseg", workers=0,
+                holdout_every=8, classes="anatomy", intensity="full_range")
+    return out
+
+
+def test_training_evaluate_scores_an_anatomy_model_in_its_classes_and_mapping(tmp_path, anatomy_cache, tiny_model,
+                                                                               monkeypatch, capsys):
+    """Slices and volumes in the model's own class set and intensity mapping (the cache's); a model of another set
+    or mapping than the cache is refused."""
+    import training.evaluate as evaluate
+    from CTSemanticSynthLib.intensity import FULL_RANGE
+    from CTSemanticSynthLib.labels import class_set
+    from CTSemanticSynthLib.metrics.consistency import stripe_index
+    from training.dataset import SliceCache
+
+    assert _run_evaluate(tmp_path / "paper", tiny_model, anatomy_cache, "--no-fid") == 2
+    assert "works in the 'paper' class set and the paper_window mapping but" in capsys.readouterr().err
+    model = make_anatomy_model_folder(tmp_path / "anatomy")
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for folder, source in ((images, SAMPLE_CT), (labels, SAMPLE_SEG)):
+        folder.mkdir()
+        os.symlink(source, folder / "sample.nii.gz")
+    given = []
+    real_synthesize = evaluate.synthesize
+    monkeypatch.setattr(evaluate, "synthesize", lambda classes, *a, **k: given.append(int(classes.array.max()))
+                        or real_synthesize(classes, *a, **k))
+    out = tmp_path / "eval"
+    assert _run_evaluate(out, model, anatomy_cache, "--no-fid", "--volumes-images", images, "--volumes-labels",
+                         labels, "--convention", "totalseg") == 0
+    assert given[0] > 16 and given[-1] > 16  # the anatomy classes beyond the paper's reach the model: slices, volume
+    (sample_dir,) = (out / "samples").iterdir()
+    synthetic = np.concatenate([np.load(c) for c in sorted(sample_dir.glob("chunk_*.npy"))]).astype(np.float32)
+    cache = SliceCache(anatomy_cache, "test")
+    _, classes = cache.batch(evaluate.select_rows(len(cache), 4).tolist())
+    air = FULL_RANGE.to_unit(np.array(-1000.0))  # outside the body, in the cache's full-range units
+    np.testing.assert_allclose(synthetic[classes.numpy() == 0], air, atol=1e-3)
+    assert air > 0.005
+    results = json.loads((out / "results.json").read_text())["models"][0]
+    ct, (seg, names) = read_image(SAMPLE_CT), read_labelmap(SAMPLE_SEG)
+    volume_classes = evaluate._case_classes(ct, seg, names, "totalseg", class_set("anatomy"))
+    (volume_dir,) = (out / "volumes").glob("tiny-*")
+    syn = read_image(volume_dir / "sample.nii.gz")
+    assert results["stripe_index"] == pytest.approx(stripe_index(syn, ct, volume_classes, FULL_RANGE)["stripe_index"])
+    assert figure_ok(out / "figure.png")
+
+
+def figure_ok(path: Path) -> bool:
+    """figure.png is a PNG, or absent where matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return not path.exists()
+    return path.read_bytes()[:4] == b"\x89PNG"
 
 def _have_inception() -> bool:
     from CTSemanticSynthLib.errors import CheckpointError
