@@ -277,7 +277,8 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
     recipe = Recipe(model.sha256, used_options(options, model.kind), device.type, labels_identity(settings.labels),
                     settings.label_names)
     done = job_states(jobs, recipe, settings.overwrite)
-    check_listings(layout, jobs, nnunet_labels(settings.label_names), settings.overwrite)
+    labels = nnunet_labels(settings.label_names, model.class_set)
+    check_listings(layout, jobs, labels, settings.overwrite)
     if settings.variance and not settings.overwrite:
         _check_std_maps(layout, jobs, done)
     for folder in layout.folders():
@@ -294,21 +295,21 @@ def run_batch(jobs: Sequence[Job], model: LoadedModel, options: SamplingOptions,
             if result.status == "pending":
                 _run_job(result, model, options, settings, device, recipe, cache, progress)
                 if shard.world_size == 1:
-                    write_listings(layout, results, settings.label_names)
+                    write_listings(layout, results, labels)
             if on_job is not None:
                 on_job(result, count, len(mine))
     except KeyboardInterrupt:  # the listings say what is on disk, even for a job whose files just went in
         if result is not None and result.status == "pending" and job_states([result.job], recipe, True)[0]:
             result.status, result.model_sha256 = "ok", model.sha256
         if shard.world_size == 1:
-            write_listings(layout, results, settings.label_names)
+            write_listings(layout, results, labels)
         raise
     if shard.world_size > 1:
         results = _gather(results, shard)
     if shard.rank == 0:
         if settings.variance:
             _write_std_maps(layout, results)
-        write_listings(layout, results, settings.label_names)
+        write_listings(layout, results, labels)
     if shard.world_size > 1:
         torch.distributed.barrier()
     return results

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import InputError
 from .io import write_bytes
-from .labels import MODEL_CLASSES
+from .labels import PAPER, ClassSet
 from .provenance import read_record, sidecar_path
 
 OUTPUT_SUFFIX = ".nii.gz"
@@ -105,10 +105,11 @@ class JobResult:
                 "error": self.error}
 
 
-def nnunet_labels(label_names: dict[int, str] | None) -> dict[str, int]:
-    """dataset.json's ``labels``: the model classes, or the original values' names numbered 1..N in value order."""
+def nnunet_labels(label_names: dict[int, str] | None, classes: ClassSet = PAPER) -> dict[str, int]:
+    """dataset.json's ``labels``: the model's classes (``classes``, the set the exported label maps hold: name ->
+    class index), or the original values' names numbered 1..N in value order."""
     if label_names is None:
-        return {name: value for value, name in enumerate(MODEL_CLASSES)}
+        return {name: value for value, name in enumerate(classes.classes)}
     return {"background": 0, **{label_names[v]: i for i, v in enumerate(sorted(label_names), start=1)}}
 
 
@@ -121,16 +122,22 @@ def write_manifest(layout: Layout, results: Sequence[JobResult]) -> None:
     write_bytes(layout.manifest, buffer.getvalue().encode("utf-8"), overwrite=True)
 
 
-def write_listings(layout: Layout, results: Sequence[JobResult], label_names: dict[int, str] | None) -> None:
-    """The manifest and, for nnU-Net, dataset.json."""
+def write_listings(layout: Layout, results: Sequence[JobResult], labels: dict[str, int]) -> None:
+    """The manifest and, for nnU-Net, dataset.json with ``labels`` (:func:`nnunet_labels`)."""
     write_manifest(layout, results)
     if layout.nnunet is not None:
-        write_dataset_json(layout, results, nnunet_labels(label_names))
+        write_dataset_json(layout, results, labels)
+
+
+def nnunet_dataset(name: str, description: str, labels: dict[str, int], cases: int,
+                   **extra: Any) -> dict[str, Any]:
+    """nnU-Net v2's ``dataset.json`` for one CT channel in .nii.gz files; ``extra`` keys follow nnU-Net's."""
+    return {"name": name, "description": description, "channel_names": {"0": "CT"}, "labels": labels,
+            "numTraining": cases, "file_ending": OUTPUT_SUFFIX, **extra}
 
 
 def _dataset(layout: Layout, labels: dict[str, int], cases: int) -> dict[str, Any]:
-    return {"name": layout.nnunet, "description": DATASET_DESCRIPTION, "channel_names": {"0": "CT"},
-            "labels": labels, "numTraining": cases, "file_ending": OUTPUT_SUFFIX}
+    return nnunet_dataset(str(layout.nnunet), DATASET_DESCRIPTION, labels, cases)
 
 
 def write_dataset_json(layout: Layout, results: Sequence[JobResult], labels: dict[str, int]) -> None:

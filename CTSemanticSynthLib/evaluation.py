@@ -1,6 +1,7 @@
 """Score one synthetic CT against its segmentation (and the real CT when there is one) -> a JSON-safe report.
 
-Per organ: voxels, mean HU of the real CT (clipped to the model's L40/W400 window) and of the synthetic CT, and with
+Per organ: voxels, mean HU of the real CT (clipped to the range of the model's intensity mapping: L40/W400 for the
+paper's models) and of the synthetic CT, and with
 ``totalseg`` the Dice of TotalSegmentator's organs on the synthetic CT (and on the real CT, the ceiling) against
 the input labels; TotalSegmentator sees the real CT with the synthetic CT's intensity handling (:func:`like_synthetic`),
 so the two columns compare like with like. Over the axial slices that hold body or organs: PSNR and SSIM on the paper's definition
@@ -11,7 +12,7 @@ with ``fid`` also FID per plane (axial, coronal, sagittal) and the gap between t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,21 +21,26 @@ import numpy as np
 from . import __version__
 from .errors import InputError
 from .intensity import PAPER_WINDOW, IntensityMapping, mapping_from_config
-from .labels import BACKGROUND, MODEL_CLASSES, ORGANS
+from .labels import BACKGROUND, MODEL_CLASSES, ORGANS, PAPER, ClassSet
 
 if TYPE_CHECKING:  # the heavy modules (torch, SimpleITK) load only when a case is evaluated
     from .io import Volume
 
 Progress = Callable[[str], None]
-TOTALSEG_INTENSITY = "both CTs as synthesis writes them: the body clipped to -160..240 HU (L40/W400), air outside"
 
 
-def like_synthetic(hu: np.ndarray, classes: np.ndarray) -> np.ndarray:
+def totalseg_intensity(intensity: IntensityMapping = PAPER_WINDOW) -> str:
+    """How TotalSegmentator sees both CTs (the report's ``totalseg.intensity``)."""
+    low, high = intensity.hu_range
+    return f"both CTs as synthesis writes them: the body clipped to {low:g}..{high:g} HU ({intensity.name}), air outside"
+
+
+def like_synthetic(hu: np.ndarray, classes: np.ndarray, intensity: IntensityMapping = PAPER_WINDOW) -> np.ndarray:
     """A real CT handled as synthesis writes a synthetic one: the body (``classes`` > 0) clipped to the model's
-    window, air outside it."""
-    from .preprocess import AIR_HU, hu_to_unit, unit_to_hu
+    mapping (:meth:`~.intensity.IntensityMapping.clipped`), air outside it."""
+    from .preprocess import AIR_HU
 
-    return np.where(classes == BACKGROUND, AIR_HU, np.rint(unit_to_hu(hu_to_unit(hu)))).astype(np.int16)
+    return np.where(classes == BACKGROUND, AIR_HU, np.rint(intensity.clipped(hu))).astype(np.int16)
 
 
 def json_safe(value: Any) -> Any:
@@ -48,12 +54,15 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _hu_stats(hu: np.ndarray, classes: np.ndarray) -> dict[str, dict[str, float]]:
+def hu_per_class(hu: np.ndarray, classes: np.ndarray, indices: Iterable[int] = ORGANS,
+                 class_set: ClassSet = PAPER) -> dict[str, dict[str, float]]:
+    """``{class name: {"mean", "std"}}`` of ``hu`` over each class in ``indices`` of ``class_set`` (NaN where a class
+    has no voxel). Give a real CT through the model's :meth:`~.intensity.IntensityMapping.clipped`."""
     out = {}
-    for c in ORGANS:
+    for c in indices:
         voxels = hu[classes == c]
-        out[MODEL_CLASSES[c]] = ({"mean": float(voxels.mean()), "std": float(voxels.std())} if voxels.size
-                                 else {"mean": math.nan, "std": math.nan})
+        out[class_set.classes[c]] = ({"mean": float(voxels.mean()), "std": float(voxels.std())} if voxels.size
+                                     else {"mean": math.nan, "std": math.nan})
     return out
 
 
@@ -74,19 +83,19 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
         if vol is not None and not vol.same_grid(classes, atol=1e-3):
             raise InputError(f"the {name} CT is not on the segmentation's grid: resample it or give the matching files")
     report: dict[str, Any] = {"voxels": {MODEL_CLASSES[c]: int(np.count_nonzero(classes.array == c)) for c in ORGANS},
-                              "hu_synthetic": _hu_stats(synthetic.array, classes.array)}
+                              "hu_synthetic": hu_per_class(synthetic.array, classes.array)}
     stack = AxialOrientation.from_affine(classes.affine).to_stack(classes.array)
     active = np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))
     if real is not None:
-        # clipped to the model's range (as training.holdout_check does): no synthetic value can leave it
-        report["hu_real"] = _hu_stats(intensity.to_hu(intensity.to_unit(real.array)), classes.array)
+        report["hu_real"] = hu_per_class(intensity.clipped(real.array), classes.array)
+        report["hu_real_range"] = list(intensity.hu_range)
         if progress is not None:
             progress(f"PSNR/SSIM over {len(active)} axial slices")
         a = axial_unit_slices(real.array, real.affine, active)
         b = axial_unit_slices(synthetic.array, synthetic.affine, active)
         report["image"] = {"slices": int(len(active)), "size": SLICE_SIZE, "psnr": summarize(psnr(a, b)),
                            "ssim": summarize(ssim(a, b))}
-        report["consistency"] = stripe_index(synthetic, real, classes)
+        report["consistency"] = stripe_index(synthetic, real, classes, intensity)
         if fid:
             from .metrics.inception import InceptionFeatures
             from .metrics.planes import per_plane_fid
@@ -104,9 +113,10 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
         from .io import Volume
         from .totalseg import totalseg_dice
 
-        real_shown = None if real is None else Volume(like_synthetic(real.array, classes.array), real.affine)
+        real_shown = None if real is None else Volume(like_synthetic(real.array, classes.array, intensity),
+                                                      real.affine)
         scores = totalseg_dice(synthetic, classes, real_shown, fast=fast, device=device, progress=progress)
-        report["totalseg"] = {**scores.to_dict(), "intensity": TOTALSEG_INTENSITY}
+        report["totalseg"] = {**scores.to_dict(), "intensity": totalseg_intensity(intensity)}
         if save_totalseg is not None and scores.predicted_synthetic is not None:
             from .io import write_volume
 

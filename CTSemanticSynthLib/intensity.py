@@ -49,6 +49,11 @@ class IntensityMapping:
         """[0, 1] -> HU (float32), the inverse of :meth:`to_unit` on its range; inputs are clipped to [0, 1]."""
         return _through(np.asarray(unit, dtype=np.float32), self.knots, 1, 0)
 
+    def clipped(self, hu: np.ndarray) -> np.ndarray:
+        """HU as a model with this mapping can give them (float32): clipped to its range, through the mapping and
+        back. A real CT compared with a synthetic one is taken this way, since no synthetic value can leave it."""
+        return self.to_hu(self.to_unit(hu))
+
     def config(self) -> dict[str, Any]:
         """The model config's ``intensity`` field."""
         return {"name": self.name, "hu": [h for h, _ in self.knots], "unit": [u for _, u in self.knots]}

@@ -202,9 +202,16 @@ MAX_DISTINCT_LABELS = 255
 task has 117 labels; any real CT, in whatever integer type, has hundreds to thousands of distinct values)."""
 
 
+def few_enough_for_labels(values: np.ndarray) -> bool:
+    """Whether an array with these distinct values can be a label map rather than an intensity image: at most
+    MAX_DISTINCT_LABELS of them besides 0. The one rule for both directions (a CT given as a segmentation, a
+    segmentation given as a CT)."""
+    return int(np.count_nonzero(values)) <= MAX_DISTINCT_LABELS
+
+
 def _refuse_intensity_image(values: np.ndarray) -> None:
-    nonzero = values[values != 0]
-    if nonzero.size > MAX_DISTINCT_LABELS:
+    if not few_enough_for_labels(values):
+        nonzero = values[values != 0]
         raise InputError(
             f"the segmentation has {nonzero.size} distinct values ({nonzero.min()} to {nonzero.max()}), so it looks "
             f"like an intensity image (a CT?) rather than a label map (at most {MAX_DISTINCT_LABELS} labels); "

@@ -41,6 +41,19 @@ def make_model_folder(folder: Path, conditioning: str = "concat", seed: int = 0,
     return folder
 
 
+def make_anatomy_model_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny concat model of the anatomy class set (36 classes) with the full-range intensity mapping."""
+    from CTSemanticSynthLib.intensity import FULL_RANGE
+    from CTSemanticSynthLib.labels import class_set
+
+    torch.manual_seed(seed)
+    anatomy = class_set("anatomy")
+    model = randomise_zero_layers(UNetModel(**tiny_model_config(), num_classes=len(anatomy.classes)))
+    save_model(folder, model, GaussianDiffusion(**diffusion_defaults()), name="tiny-anatomy", classes=anatomy,
+               intensity=FULL_RANGE)
+    return folder
+
+
 @contextlib.contextmanager
 def single_thread():
     """One intra-op thread inside the block, restored after. Module fixtures that fork worker processes (slice-cache

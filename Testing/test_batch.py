@@ -21,7 +21,7 @@ from CTSemanticSynthLib.cli import main
 from CTSemanticSynthLib.io import Volume
 from CTSemanticSynthLib.synthesis import SamplingOptions
 
-from conftest import REPO, SAMPLE_SEG
+from conftest import REPO, SAMPLE_SEG, make_anatomy_model_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -367,6 +367,37 @@ def test_nnunet_original_labels_are_renumbered_consecutively(capsys, monkeypatch
     code, err = run_batch(capsys, segs, tmp_path / "other", tiny_model, "--nnunet-labels", "original")
     assert code == 2 and "--nnunet-labels needs --nnunet" in err
 
+
+
+def test_nnunet_dataset_of_an_anatomy_model_lists_its_classes(capsys, monkeypatch, segs, tmp_path):
+    """An anatomy model's labelsTr hold its own 36 classes, and dataset.json names them with their indices."""
+    from CTSemanticSynthLib.labels import class_set, totalsegmentator_names
+
+    anatomy = class_set("anatomy")
+    model = make_anatomy_model_folder(tmp_path / "anatomy")
+    code, err = run_batch(capsys, segs, tmp_path / "raw", model, "--nnunet", "Dataset506_Anat", "-q")
+    assert code == 0, err
+    dataset = tmp_path / "raw" / "Dataset506_Anat"
+    description = json.loads((dataset / "dataset.json").read_text())
+    labels = description["labels"]
+    assert len(labels) == 36 and sorted(labels.values()) == list(range(36))  # contiguous, as nnU-Net wants
+    assert labels["background"] == 0 and labels["liver"] == 6 and labels["body"] == 16
+    assert list(labels) == list(anatomy.classes)
+    assert description["channel_names"] == {"0": "CT"} and description["file_ending"] == ".nii.gz"
+    written, source = voxels(dataset / "labelsTr" / "caseA_s0.nii.gz"), voxels(segs / "caseA.nii.gz")
+    names = totalsegmentator_names(2)
+    for structure, prefix in (("vertebrae", "vertebrae_"), ("ribs", "rib_"), ("autochthon", "autochthon_"),
+                              ("liver", "liver")):
+        expected = np.isin(source, [v for v, n in names.items() if n.startswith(prefix)])
+        assert expected.any() and ((written == labels[structure]) == expected).all(), structure
+    assert set(np.unique(written).tolist()) <= set(labels.values())
+    try:
+        from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    except ImportError:
+        return
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(name, str(tmp_path / name))
+    verify_dataset_integrity(str(dataset), 1)  # raises on any problem
 
 # --- the done check: what decides a volume --------------------------------------------------------------------
 

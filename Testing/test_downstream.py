@@ -134,6 +134,17 @@ def test_the_three_datasets_differ_as_they_should(done, inputs):
     assert _identifiers(paths.test_images) == [f"{c}_0000" for c in TEST]
 
 
+
+def test_the_datasets_are_described_by_the_batchs_dataset_json_builder(done):
+    """One dataset.json builder (``batch_layout.nnunet_dataset``): nnU-Net's keys in its order, then the record."""
+    from CTSemanticSynthLib.batch_layout import nnunet_dataset
+
+    for kind in datasets.KINDS:
+        meta = json.loads((_dataset(done["paths"], kind) / "dataset.json").read_text())
+        assert list(meta) == [*nnunet_dataset("name", "description", {}, 0), "ctsynth"]
+        assert meta == nnunet_dataset(datasets.dataset_name(501, kind), meta["description"], meta["labels"],
+                                      meta["numTraining"], ctsynth=meta["ctsynth"])
+
 def test_real_images_are_linked_not_copied_and_samples_share_their_case_label(done, inputs):
     paths = done["paths"]
     for kind in ("real", "real+synthetic"):

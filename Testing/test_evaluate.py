@@ -18,7 +18,7 @@ from CTSemanticSynthLib.metrics.paper import PAPER_RESULTS
 from CTSemanticSynthLib.preprocess import AxialOrientation
 from CTSemanticSynthLib.synthesis import prepare_classes
 
-from conftest import SAMPLE_CT, SAMPLE_SEG, single_thread, tiny_model_config
+from conftest import SAMPLE_CT, SAMPLE_SEG, make_anatomy_model_folder, single_thread, tiny_model_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,6 +137,43 @@ def test_an_interrupt_after_the_report_went_in_names_it(capsys, tmp_path, noisy_
     assert json.loads((tmp_path / "r.json").read_text())["inputs"]["labels"] == "totalseg"
 
 
+
+# --- training/holdout_check.py ------------------------------------------------------------------------
+
+def test_holdout_rows_follow_the_class_set_and_the_intensity_mapping():
+    """The real CT is clipped to the model's range, as `ctsynth evaluate` takes it; the rows are the set's classes."""
+    from CTSemanticSynthLib.intensity import FULL_RANGE
+    from CTSemanticSynthLib.labels import class_set
+    from training.holdout_check import organ_means
+
+    anatomy = class_set("anatomy")
+    vertebrae = anatomy.classes.index("vertebrae")
+    classes = np.array([6, 6, vertebrae, vertebrae, 16, 0])  # liver, vertebrae, body, background
+    real = np.array([300.0, 100.0, 1500.0, 2500.0, -100.0, -1000.0])
+    synthetic = np.array([150.0, 150.0, 900.0, 1100.0, -90.0, -1000.0])
+    paper = organ_means(np.where(classes == vertebrae, 16, classes), real, synthetic)
+    assert paper == [{"organ": "Liver", "voxels": 2, "real_hu": 170.0, "synthetic_hu": 150.0, "difference_hu": -20.0,
+                      "is_organ": True}]  # 300 HU seen as 240: the paper's window
+    rows = {r["organ"]: r for r in organ_means(classes, real, synthetic, anatomy, FULL_RANGE)}
+    assert list(rows) == ["Liver", anatomy.display_names[vertebrae]]
+    assert rows["Liver"]["real_hu"] == 200.0 and rows["Liver"]["is_organ"]
+    vertebra_row = rows[anatomy.display_names[vertebrae]]
+    assert vertebra_row["real_hu"] == pytest.approx(1750.0) and vertebra_row["difference_hu"] == pytest.approx(-750.0)
+    assert not vertebra_row["is_organ"]
+
+
+def test_holdout_check_of_an_anatomy_model_scores_its_classes_in_its_range(tmp_path, capsys):
+    from training.holdout_check import main as holdout_main
+
+    model = make_anatomy_model_folder(tmp_path / "anatomy")
+    code = holdout_main(["--model", str(model), "--ct", str(SAMPLE_CT), "--seg", str(SAMPLE_SEG), "--labels",
+                         "totalseg", "--preset", "fast", "--json", str(tmp_path / "rows.json"), "--tolerance", "1e9"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| organ | voxels | real HU (-1024..2000) |" in out
+    rows = {r["organ"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    assert {"Liver", "Vertebrae", "Ribs"} <= set(rows) and not rows["Vertebrae"]["is_organ"]
+    assert rows["Femurs"]["real_hu"] > 240 and rows["Lungs and airways"]["real_hu"] < -500  # beyond the window
+
 # --- training/evaluate.py -----------------------------------------------------------------------------
 
 
@@ -158,10 +195,13 @@ def _run_evaluate(out: Path, model: Path, cache: Path, *extra) -> int:
                           "--batch-size", "3", "--steps", "2", "--device", "cpu", *map(str, extra)])
 
 
-def test_training_evaluate_writes_parseable_reports_and_resumes(tmp_path, tiny_cache, tiny_model):
+def test_training_evaluate_writes_parseable_reports_and_resumes(tmp_path, tiny_cache, tiny_model, capsys):
     fid_flags = [] if _have_inception() else ["--no-fid"]
     out = tmp_path / "eval"
     assert _run_evaluate(out, tiny_model, tiny_cache, *fid_flags) == 0
+    err = capsys.readouterr().err  # off a terminal: the progress display's lines, no bar
+    assert "evaluate: sampling tiny 100% (4/4 slices" in err and "evaluate: metrics 100% (2/2 chunks" in err
+    assert "\r" not in err
     results = json.loads((out / "results.json").read_text())
     model = results["models"][0]
     assert model["name"] == "tiny" and model["n_slices"] == 4 and results["settings"]["slices"] == 4
@@ -283,6 +323,67 @@ def test_training_evaluate_refuses_a_model_of_another_size(tmp_path, tiny_cache,
     assert "16 px" in capsys.readouterr().err
 
 
+
+@pytest.fixture(scope="module")
+def anatomy_cache(tmp_path_factory) -> Path:
+    from training.prepare import Case, prepare
+
+    out = tmp_path_factory.mktemp("cache") / "anatomy32"
+    with single_thread():  # prepare forks workers
+        prepare([Case("sample", SAMPLE_CT, SAMPLE_SEG, "train")], out, size=32, convention="totalseg", workers=0,
+                holdout_every=8, classes="anatomy", intensity="full_range")
+    return out
+
+
+def test_training_evaluate_scores_an_anatomy_model_in_its_classes_and_mapping(tmp_path, anatomy_cache, tiny_model,
+                                                                               monkeypatch, capsys):
+    """Slices and volumes in the model's own class set and intensity mapping (the cache's); a model of another set
+    or mapping than the cache is refused."""
+    import training.evaluate as evaluate
+    from CTSemanticSynthLib.intensity import FULL_RANGE
+    from CTSemanticSynthLib.labels import class_set
+    from CTSemanticSynthLib.metrics.consistency import stripe_index
+    from training.dataset import SliceCache
+
+    assert _run_evaluate(tmp_path / "paper", tiny_model, anatomy_cache, "--no-fid") == 2
+    assert "works in the 'paper' class set and the paper_window mapping but" in capsys.readouterr().err
+    model = make_anatomy_model_folder(tmp_path / "anatomy")
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for folder, source in ((images, SAMPLE_CT), (labels, SAMPLE_SEG)):
+        folder.mkdir()
+        os.symlink(source, folder / "sample.nii.gz")
+    given = []
+    real_synthesize = evaluate.synthesize
+    monkeypatch.setattr(evaluate, "synthesize", lambda classes, *a, **k: given.append(int(classes.array.max()))
+                        or real_synthesize(classes, *a, **k))
+    out = tmp_path / "eval"
+    assert _run_evaluate(out, model, anatomy_cache, "--no-fid", "--volumes-images", images, "--volumes-labels",
+                         labels, "--convention", "totalseg") == 0
+    assert given[0] > 16 and given[-1] > 16  # the anatomy classes beyond the paper's reach the model: slices, volume
+    (sample_dir,) = (out / "samples").iterdir()
+    synthetic = np.concatenate([np.load(c) for c in sorted(sample_dir.glob("chunk_*.npy"))]).astype(np.float32)
+    cache = SliceCache(anatomy_cache, "test")
+    _, classes = cache.batch(evaluate.select_rows(len(cache), 4).tolist())
+    air = FULL_RANGE.to_unit(np.array(-1000.0))  # outside the body, in the cache's full-range units
+    np.testing.assert_allclose(synthetic[classes.numpy() == 0], air, atol=1e-3)
+    assert air > 0.005
+    results = json.loads((out / "results.json").read_text())["models"][0]
+    ct, (seg, names) = read_image(SAMPLE_CT), read_labelmap(SAMPLE_SEG)
+    volume_classes = evaluate._case_classes(ct, seg, names, "totalseg", class_set("anatomy"))
+    (volume_dir,) = (out / "volumes").glob("tiny-*")
+    syn = read_image(volume_dir / "sample.nii.gz")
+    assert results["stripe_index"] == pytest.approx(stripe_index(syn, ct, volume_classes, FULL_RANGE)["stripe_index"])
+    assert figure_ok(out / "figure.png")
+
+
+def figure_ok(path: Path) -> bool:
+    """figure.png is a PNG, or absent where matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return not path.exists()
+    return path.read_bytes()[:4] == b"\x89PNG"
+
 def _have_inception() -> bool:
     from CTSemanticSynthLib.errors import CheckpointError
     from CTSemanticSynthLib.metrics import resolve_inception_path
@@ -354,3 +455,9 @@ def test_totalsegmentator_sees_the_real_ct_handled_like_the_synthetic_one(monkey
     expected = np.where(classes == 0, -1000, np.where(real > 240, 240, -160))
     np.testing.assert_array_equal(seen[1], expected)
     assert "clipped to -160..240 HU" in report["totalseg"]["intensity"]
+    from CTSemanticSynthLib.intensity import FULL_RANGE  # a full-range model's: the real CT within -1024..2000 HU
+
+    report = evaluate_case(Volume(synthetic, np.eye(4)), Volume(classes, np.eye(4)), Volume(real, np.eye(4)),
+                           totalseg=True, intensity=FULL_RANGE)
+    np.testing.assert_array_equal(seen[3], np.where(classes == 0, -1000, real))
+    assert "clipped to -1024..2000 HU (full_range)" in report["totalseg"]["intensity"]

@@ -113,6 +113,27 @@ def test_a_ct_given_as_segmentation_is_refused_in_any_type(dtype, offset):
             resolve_adapter(spec, ct).classes(ct)
 
 
+
+@pytest.mark.parametrize("count", [255, 256])
+def test_one_rule_tells_a_label_map_from_an_intensity_image_both_ways(tmp_path, count):
+    """The segmentation check and the CT check agree at the limit: 255 values besides 0 are a label map for both
+    (accepted as a segmentation, refused as a CT), 256 an intensity image for both."""
+    from CTSemanticSynthLib.io import Volume, read_ct, write_volume
+
+    array = np.zeros(8 * 8 * 5, np.int16)
+    array[:count] = np.arange(1, count + 1) * 3
+    array = array.reshape(8, 8, 5)
+    write_volume(Volume(array, np.eye(4)), tmp_path / "x.nii.gz")
+    adapter = resolve_adapter("totalseg", array)
+    if count == 255:
+        adapter.classes(array)
+        with pytest.raises(InputError, match="looks like a label map, not a CT: it holds 256 distinct whole numbers"):
+            read_ct(tmp_path / "x.nii.gz", "--ct x.nii.gz")
+    else:
+        with pytest.raises(InputError, match="has 256 distinct values .* looks like an intensity image"):
+            adapter.classes(array)
+        np.testing.assert_array_equal(read_ct(tmp_path / "x.nii.gz", "--ct x.nii.gz").array, array)
+
 def test_huge_label_values_map_without_a_huge_table():
     labels = np.zeros((3, 4, 5), dtype=np.int32)
     labels[0] = 6

@@ -30,6 +30,13 @@ def test_library_imports_flow_one_way(path: Path):
     assert "print(" not in path.read_text(encoding="utf-8") or command_line, f"{path.name} prints; use logging"
 
 
+
+@pytest.mark.parametrize("path", sorted((LIB.parent / "training").rglob("*.py")), ids=lambda p: p.name)
+def test_training_shows_progress_through_the_one_display(path: Path):
+    """The trainers show progress with ``progress.ProgressDisplay`` (a bar on a terminal, lines in a log), never with
+    a tqdm of their own."""
+    assert not {n for n in _imports(path) if n.split(".")[0] == "tqdm"}, f"{path.name} imports tqdm"
+
 def test_only_the_command_line_imports_its_commands():
     """The trainers and the library take the one-line parser from below ``cli``, never the command modules."""
     cli = "CTSemanticSynthLib.cli"

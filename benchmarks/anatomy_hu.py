@@ -137,7 +137,7 @@ def main() -> None:
     print("\nOrgans (15 AMOS) against the real CT clipped to each model's range (what it can reproduce):\n")
     print("| model | mean abs organ diff (HU) | max abs organ diff (HU) | organs within 20 HU |\n|---|---:|---:|---:|")
     for name, (volume, mapping) in results.items():
-        clipped = mapping.to_hu(mapping.to_unit(real_hu))
+        clipped = mapping.clipped(real_hu)
         diffs = [abs(_mean(volume[masks[g]]) - _mean(clipped[masks[g]])) for g in list(GROUPS)[: len(ORGANS)]
                  if masks[g].any()]
         print(f"| {name} | {np.mean(diffs):.1f} | {np.max(diffs):.1f} | {sum(d <= 20 for d in diffs)} of {len(diffs)} |")

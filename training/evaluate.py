@@ -15,11 +15,13 @@ through ``CTSemanticSynthLib.synthesis.synthesize`` (per-slice seeds), in chunks
 ``OUT/samples/<model>-<key>/``, so an interrupted run resumes; a change of model, preset, steps, seed, chunk or
 slice set gets a new folder. A 2.5D model, or slice agreement, needs a slice's neighbours: those are taken from the
 slice's own case and sampled with it (up to 2 x 4 more slices per slice with ``--max-slices``; see
-``pseudo_volume``). Real and synthetic slices are compared at 256 x 256 in [0, 1] (L40/W400): PSNR and SSIM per
+``pseudo_volume``). Real and synthetic slices are compared at 256 x 256 in [0, 1] through the model's intensity
+mapping (L40/W400 for the paper's models; the cache must hold the model's class set and mapping): PSNR and SSIM per
 slice, FID/KID over the Inception features of the sets.
 Volumes (optional): CT/label pairs are synthesized whole (cached as NIfTI under ``OUT/volumes/``), scored with
 TotalSegmentator (Dice per organ; on the real CT too, the ceiling), with FID per plane (and the gap between planes)
-and with the stripe index (slice-to-slice consistency, 1.0 = like the real CT; mean over the cases).
+and with the stripe index (slice-to-slice consistency, 1.0 = like the real CT; mean over the cases), both in the
+model's mapping; their classes are the model's set, the body taken from the CT.
 Writes ``OUT/results.{md,csv,json}`` (the paper's numbers in adjacent columns; replaced on each run) and
 ``OUT/figure.png`` (mask | real | each model, and per-organ Dice bars) when matplotlib is installed.
 """
@@ -38,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from CTSemanticSynthLib import __version__
 from CTSemanticSynthLib.checkpoint import LoadedModel, load_model
@@ -48,13 +49,15 @@ from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.evaluation import json_safe
 from CTSemanticSynthLib.io import (Volume, atomic_outputs, read_ct, read_image, read_labelmap, write_bytes,
                                    write_volume)
-from CTSemanticSynthLib.labels import COLORS
+from CTSemanticSynthLib.intensity import IntensityMapping
+from CTSemanticSynthLib.labels import ClassSet
 from CTSemanticSynthLib.metrics import (InceptionFeatures, dice_per_organ, fid, kid, mean_dice, psnr, ssim, summarize,
                                         to_model_slices)
 from CTSemanticSynthLib.metrics.consistency import plane_fid_gap, stripe_index
 from CTSemanticSynthLib.metrics.paper import PAPER_ORGANS, csv_rows, to_csv, to_markdown
 from CTSemanticSynthLib.metrics.planes import PLANES, plane_slices
-from CTSemanticSynthLib.preprocess import AxialOrientation, body_mask_from_ct, hu_to_unit
+from CTSemanticSynthLib.preprocess import AxialOrientation, body_mask_from_ct
+from CTSemanticSynthLib.progress import ProgressDisplay
 from CTSemanticSynthLib.slice_context import network_context
 from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, synthesize
 from CTSemanticSynthLib.totalseg import check_totalsegmentator, run_totalsegmentator, totalseg_organs
@@ -63,6 +66,7 @@ from .dataset import SliceCache
 from .prepare import paired_cases
 
 logger = logging.getLogger("training.evaluate")
+PREFIX = "evaluate:"
 EVAL_SIZE = 256
 # A voxel grid whose axial stack is the array itself (slices, rows, columns): cached slices pass through
 # synthesize() unchanged (AxialOrientation identity, PlaneResize identity at the model size).
@@ -145,12 +149,13 @@ def pseudo_volume(cache: SliceCache, picks: list[tuple[str, int]], margin: int) 
 
 def sample_chunk(entry: Entry, cache: SliceCache, picks: list[tuple[str, int]], chunk_index: int,
                  device: torch.device) -> np.ndarray:
-    """Synthetic [0, 1] slices (float16) for a chunk of (case, slice) picks, each sampled with its real neighbours
-    where the model or the options look at neighbours (:func:`neighbour_margin`)."""
+    """Synthetic [0, 1] slices (float16, in the model's intensity mapping, as the cache holds the real ones) for a
+    chunk of (case, slice) picks, each sampled with its real neighbours where the model or the options look at
+    neighbours (:func:`neighbour_margin`)."""
     stack, at = pseudo_volume(cache, picks, neighbour_margin(entry.model, entry.options))
     options = replace(entry.options, seed=entry.options.seed * 100_003 + chunk_index)
     result = synthesize(Volume(stack, STACK_AFFINE), entry.model, options, device=device)
-    return hu_to_unit(result.volume.array[at]).astype(np.float16)
+    return entry.model.intensity.to_unit(result.volume.array[at]).astype(np.float16)
 
 
 def sample_all(entries: list[Entry], cache: SliceCache, rows: np.ndarray, chunk: int, device: torch.device) -> None:
@@ -158,12 +163,12 @@ def sample_all(entries: list[Entry], cache: SliceCache, rows: np.ndarray, chunk:
     for entry in entries:
         todo = [c for c in range(math.ceil(len(rows) / chunk)) if not (entry.folder / f"chunk_{c:05d}.npy").is_file()]
         done = len(rows) - sum(len(rows[c * chunk:(c + 1) * chunk]) for c in todo)
-        with tqdm(total=len(rows), initial=done, unit="slice", desc=f"sampling {entry.name}") as bar:
+        with ProgressDisplay(PREFIX, f"sampling {entry.name}", "slice", total=len(rows), done=done) as display:
             for c in todo:
                 index = rows[c * chunk:(c + 1) * chunk]
                 picks = [cache.rows[i] for i in index]
                 _save_npy(entry.folder / f"chunk_{c:05d}.npy", sample_chunk(entry, cache, picks, c, device))
-                bar.update(len(index))
+                display.update(display.done + len(index))
 
 
 def slice_metrics(entries: list[Entry], cache: SliceCache, rows: np.ndarray, chunk: int, out: Path,
@@ -174,18 +179,22 @@ def slice_metrics(entries: list[Entry], cache: SliceCache, rows: np.ndarray, chu
     tag = extractor.sha1[:8] if extractor is not None else ""  # features of another network are not reused
     per = {e.name: {"psnr": [], "ssim": [], "features": []} for e in entries}
     real_features = []
-    for c in tqdm(range(math.ceil(len(rows) / chunk)), desc="metrics", unit="chunk"):
-        images, _ = cache.batch(rows[c * chunk:(c + 1) * chunk].tolist())
-        real = to_model_slices((images[:, 0] + 1) / 2, EVAL_SIZE)
-        if extractor is not None:
-            real_features.append(_cached(real_dir / f"feat_{tag}_{c:05d}.npy", lambda: extractor(real)))
-        for e in entries:
-            syn = to_model_slices(torch.from_numpy(np.load(e.folder / f"chunk_{c:05d}.npy").astype(np.float32)),
-                                  EVAL_SIZE)
-            per[e.name]["psnr"].append(psnr(real, syn))
-            per[e.name]["ssim"].append(ssim(real, syn))
+    chunks = math.ceil(len(rows) / chunk)
+    with ProgressDisplay(PREFIX, "metrics", "chunk", total=chunks) as display:
+        for c in range(chunks):
+            images, _ = cache.batch(rows[c * chunk:(c + 1) * chunk].tolist())
+            real = to_model_slices((images[:, 0] + 1) / 2, EVAL_SIZE)
             if extractor is not None:
-                per[e.name]["features"].append(_cached(e.folder / f"feat_{tag}_{c:05d}.npy", lambda: extractor(syn)))
+                real_features.append(_cached(real_dir / f"feat_{tag}_{c:05d}.npy", lambda: extractor(real)))
+            for e in entries:
+                syn = to_model_slices(torch.from_numpy(np.load(e.folder / f"chunk_{c:05d}.npy").astype(np.float32)),
+                                      EVAL_SIZE)
+                per[e.name]["psnr"].append(psnr(real, syn))
+                per[e.name]["ssim"].append(ssim(real, syn))
+                if extractor is not None:
+                    features = _cached(e.folder / f"feat_{tag}_{c:05d}.npy", lambda: extractor(syn))
+                    per[e.name]["features"].append(features)
+            display.update(c + 1)
     results = {}
     for e in entries:
         p, s = summarize(np.concatenate(per[e.name]["psnr"])), summarize(np.concatenate(per[e.name]["ssim"]))
@@ -199,21 +208,27 @@ def slice_metrics(entries: list[Entry], cache: SliceCache, rows: np.ndarray, chu
     return results
 
 
-def _case_classes(ct: Volume, seg: Volume, names: dict[int, str], convention: str) -> Volume:
-    """Model classes with the body from the CT (threshold + morphology), as training.prepare makes them."""
+def _case_classes(ct: Volume, seg: Volume, names: dict[int, str], convention: str, classes: ClassSet) -> Volume:
+    """Classes of ``classes`` with the body from the CT (threshold + morphology), as training.prepare makes them."""
     orientation = AxialOrientation.from_affine(ct.affine)
     body = orientation.from_stack(body_mask_from_ct(orientation.to_stack(ct.array)))
-    return prepare_classes(seg, names, convention, Volume(body.astype(np.uint8), seg.affine))[0]
+    return prepare_classes(seg, names, convention, Volume(body.astype(np.uint8), seg.affine), classes=classes)[0]
 
 
-def _plane_features(extractor: InceptionFeatures, ct: Volume, mask: Volume, folder: Path, stem: str) -> dict:
+def _plane_features(extractor: InceptionFeatures, ct: Volume, mask: Volume, folder: Path, stem: str,
+                    intensity: IntensityMapping) -> dict:
+    """Inception features of each plane's views of ``ct`` in ``intensity`` (a file per plane; a mapping other than
+    the paper's window is part of the name)."""
+    stem = stem if intensity.name == "paper_window" else f"{stem}.{intensity.name}"
     return {p: _cached(folder / f"{stem}.{p}.{extractor.sha1[:8]}.npy",
-                       lambda p=p: extractor(plane_slices(ct, p, mask=mask))) for p in PLANES}
+                       lambda p=p: extractor(plane_slices(ct, p, mask=mask, intensity=intensity))) for p in PLANES}
 
 
 def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: torch.device,
-                     extractor: InceptionFeatures | None) -> tuple[dict[str, dict[str, Any]], dict[str, float] | None]:
-    """Synthesize each case with each model; TotalSegmentator Dice and FID per plane. Returns (per model, ceiling)."""
+                     extractor: InceptionFeatures | None, cache: SliceCache) -> tuple[dict[str, dict[str, Any]],
+                                                                                   dict[str, float] | None]:
+    """Synthesize each case with each model (classes of the cache's set, the models' own); TotalSegmentator Dice,
+    the stripe index and FID per plane in the cache's intensity mapping. Returns (per model, ceiling)."""
     cases = paired_cases(args.volumes_images, args.volumes_labels, "test")
     if args.totalseg:
         check_totalsegmentator(fast=not args.totalseg_full)
@@ -233,34 +248,35 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
         write_bytes(path, json.dumps(json_safe(scores)).encode(), overwrite=True)
         return scores
 
-    for case in tqdm(cases, desc="volumes", unit="case"):
-        ct, (seg, names) = read_ct(case.image, f"CT {case.image}"), read_labelmap(case.labels)
-        if not ct.same_grid(seg, atol=1e-3):
-            raise InputError(f"{case.labels} is not on the grid of {case.image}")
-        classes = _case_classes(ct, seg, names, args.convention)
-        if args.totalseg:
-            ceiling.append(ts_scores(real_dir / f"{case.case_id}.totalseg-{mode}.json", ct, classes))
-        if extractor is not None:
-            for p, f in _plane_features(extractor, ct, classes, real_dir, case.case_id).items():
-                feats["real"][p].append(f)
-        for e in entries:
-            folder = e.volume_folder
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{case.case_id}.nii.gz"
-            if not path.is_file():
-                with tqdm(desc=f"{case.case_id} {e.name}", unit="slice", leave=False) as bar:
-                    def progress(done: float, total: int) -> None:
-                        bar.total, bar.n = total, round(done, 1)
-                        bar.refresh()
-
-                    write_volume(synthesize(classes, e.model, e.options, device=device, progress=progress).volume, path)
-            syn = read_image(path)
-            stripes[e.name].append(stripe_index(syn, ct, classes)["stripe_index"])
+    intensity = cache.intensity
+    with ProgressDisplay(PREFIX, "volumes", "case", total=len(cases)) as overall, \
+            ProgressDisplay(PREFIX, "volume", "slice", lines=False, position=1, leave=False) as volume:
+        for done, case in enumerate(cases, start=1):
+            ct, (seg, names) = read_ct(case.image, f"CT {case.image}"), read_labelmap(case.labels)
+            if not ct.same_grid(seg, atol=1e-3):
+                raise InputError(f"{case.labels} is not on the grid of {case.image}")
+            classes = _case_classes(ct, seg, names, args.convention, cache.class_set)
             if args.totalseg:
-                dice[e.name].append(ts_scores(folder / f"{case.case_id}.totalseg-{mode}.json", syn, classes))
+                ceiling.append(ts_scores(real_dir / f"{case.case_id}.totalseg-{mode}.json", ct, classes))
             if extractor is not None:
-                for p, f in _plane_features(extractor, syn, classes, folder, case.case_id).items():
-                    feats[e.name][p].append(f)
+                for p, f in _plane_features(extractor, ct, classes, real_dir, case.case_id, intensity).items():
+                    feats["real"][p].append(f)
+            for e in entries:
+                folder = e.volume_folder
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / f"{case.case_id}.nii.gz"
+                if not path.is_file():
+                    overall.postfix(f"{case.case_id} {e.name}")
+                    write_volume(synthesize(classes, e.model, e.options, device=device, progress=volume.update).volume,
+                                 path)
+                syn = read_image(path)
+                stripes[e.name].append(stripe_index(syn, ct, classes, intensity)["stripe_index"])
+                if args.totalseg:
+                    dice[e.name].append(ts_scores(folder / f"{case.case_id}.totalseg-{mode}.json", syn, classes))
+                if extractor is not None:
+                    for p, f in _plane_features(extractor, syn, classes, folder, case.case_id, intensity).items():
+                        feats[e.name][p].append(f)
+            overall.update(done)
 
     def organ_means(scores: list[dict[str, float]]) -> dict[str, float]:
         with np.errstate(all="ignore"):
@@ -298,7 +314,7 @@ def write_figure(path: Path, cache: SliceCache, rows: np.ndarray, entries: list[
     fig = plt.figure(figsize=(2.2 * (2 + len(entries)), 2.2 * len(picks) + (3.0 if with_dice else 0)))
     grid = fig.add_gridspec(len(picks) + (1 if with_dice else 0), 2 + len(entries),
                             height_ratios=[1] * len(picks) + ([1.4] if with_dice else []))
-    colours = np.asarray(COLORS, dtype=np.uint8)
+    colours = np.asarray(cache.class_set.colors, dtype=np.uint8)
     for r, pick in enumerate(picks):
         images, classes = cache.batch([int(rows[pick])])
         chunk_index, offset = divmod(int(pick), chunk)
@@ -373,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
             if model.image_size != cache.image_size:
                 raise InputError(f"model {path} works at {model.image_size} px but {args.data} holds "
                                  f"{cache.image_size} px slices; prepare a cache at the model's size")
+            if (model.class_set, model.intensity) != (cache.class_set, cache.intensity):
+                raise InputError(f"model {path} works in the '{model.class_set.name}' class set and the "
+                                 f"{model.intensity.name} mapping but {args.data} holds '{cache.class_set.name}' "
+                                 f"classes in {cache.intensity.name}; prepare a cache with the model's --class-set "
+                                 "and --intensity")
             options = preset_options(model.config, args.preset, steps=args.steps, seed=args.seed, batch_size=args.batch_size)
             key = {"sha256": model.sha256, "options": asdict(options), "split": args.split,
                    "rows": [cache.rows[i] for i in rows], "chunk": args.batch_size, "version": 1}
@@ -392,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         results = slice_metrics(entries, cache, rows, args.batch_size, args.out, extractor)
         ceiling = None
         if args.volumes_images is not None:
-            volume_results, ceiling = evaluate_volumes(entries, args, device, extractor)
+            volume_results, ceiling = evaluate_volumes(entries, args, device, extractor, cache)
             for name, r in volume_results.items():
                 results[name].update(r)
         measured = [{"name": e.name, "kind": e.model.kind, "conditioning": e.model.conditioning,

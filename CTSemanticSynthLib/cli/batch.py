@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="write an nnU-Net v2 raw dataset DIR/DatasetNNN_Name (imagesTr, labelsTr with the model "
                             "classes, dataset.json)")
     batch.add_argument("--nnunet-labels", choices=("model", "original"), default="model",
-                       help="labelsTr holds the model classes (default: 0 background, 1-15 organs, 16 body) or the "
-                            "input's own label values, numbered 1..N in value order (named after .seg.nrrd segments)")
+                       help="labelsTr holds the model's classes (default; a paper-set model: 0 background, 1-15 "
+                            "organs, 16 body; an anatomy model: its 36 classes) or the input's own label values, numbered 1..N in value order (named after .seg.nrrd segments)")
     batch.add_argument("--variance", action="store_true",
                        help="with --samples 2 or more: also write <case>_std.nii.gz, the per-voxel std in HU")
     add_sampling_options(batch)

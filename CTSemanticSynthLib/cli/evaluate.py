@@ -87,7 +87,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"TotalSegmentator 'total' ({ts['mode']} mode, device {ts['device']}); "
                      "the real-CT column is the ceiling")
     if report.get("hu_real"):
-        lines.append("HU: mean +/- sd per organ; the real CT clipped to the model's window (-160..240 HU)")
+        low, high = report.get("hu_real_range", (-160, 240))
+        lines.append(f"HU: mean +/- sd per organ; the real CT clipped to the model's range ({low:g}..{high:g} HU)")
     image = report.get("image")
     if image:
         p, s = image["psnr"], image["ssim"]

@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..labels import MAX_DISTINCT_LABELS
+from ..labels import few_enough_for_labels
 from .complete import _refuse_nonfinite, verify_complete
 from .volume import Volume, lps_to_ras_affine, sitk_to_volume
 
@@ -35,11 +35,11 @@ def read_image(path: str | Path) -> Volume:
 
 def read_ct(path: str | Path, name: str) -> Volume:
     """:func:`read_image` for an input that must be a CT (``name``, e.g. "--keep-ct ct.nii.gz", starts the message):
-    InputError when it looks like a label map, at most MAX_DISTINCT_LABELS whole numbers >= 0 (the converse of the
-    check that refuses a CT given as a segmentation)."""
+    InputError when it looks like a label map: whole numbers >= 0, few enough for one
+    (:func:`~CTSemanticSynthLib.labels.few_enough_for_labels`, the rule that refuses a CT given as a segmentation)."""
     volume = read_image(path)
     values = _label_values(volume.array)
-    if values is not None and len(values) <= MAX_DISTINCT_LABELS:
+    if values is not None and few_enough_for_labels(np.asarray(values)):
         raise InputError(f"{name} looks like a label map, not a CT: it holds {len(values)} distinct whole numbers "
                          f"from {values[0]} to {values[-1]} (a CT in HU has many values, air near -1000); give the "
                          "CT file")

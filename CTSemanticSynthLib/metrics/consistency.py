@@ -2,7 +2,8 @@
 
 A slice-wise generator samples every axial slice on its own, so its volumes can change more from one slice to the
 next than real scans do: coronal and sagittal views show stripes. The stripe index measures that within the organs,
-in the model's L40/W400 window, with every difference divided by the voxel spacing along its axis:
+in the model's intensity mapping (the paper's L40/W400 window by default), with every difference divided by the
+voxel spacing along its axis:
 
     ratio(CT) = mean |difference between adjacent slices| / mean |difference between adjacent in-plane voxels|
     stripe index = ratio(synthetic) / ratio(real)
@@ -18,18 +19,19 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..intensity import PAPER_WINDOW, IntensityMapping
 from ..io import Volume
 from ..labels import ORGANS
-from ..preprocess import AxialOrientation, hu_to_unit
+from ..preprocess import AxialOrientation
 
 
-def slice_ratio(ct: Volume, classes: Volume) -> float:
-    """Mean |through-slice gradient| / mean |in-plane gradient| (per mm, windowed) of ``ct`` within the organs of
-    ``classes`` (model classes, same grid); NaN when no adjacent organ voxels exist along both."""
+def slice_ratio(ct: Volume, classes: Volume, intensity: IntensityMapping = PAPER_WINDOW) -> float:
+    """Mean |through-slice gradient| / mean |in-plane gradient| (per mm, in ``intensity``'s [0, 1]) of ``ct`` within
+    the organs of ``classes`` (model classes, same grid); NaN when no adjacent organ voxels exist along both."""
     if not ct.same_grid(classes, atol=1e-3):
         raise ValueError("the CT is not on the classes' grid")
     orientation = AxialOrientation.from_affine(classes.affine)
-    unit = hu_to_unit(orientation.to_stack(ct.array))
+    unit = intensity.to_unit(orientation.to_stack(ct.array))
     organs = np.isin(orientation.to_stack(classes.array), ORGANS)
     spacing = [classes.spacing[a] for a in orientation.axes]  # slice, row, column
     per_axis = []
@@ -46,10 +48,12 @@ def slice_ratio(ct: Volume, classes: Volume) -> float:
     return float(through.mean() / in_plane.mean())
 
 
-def stripe_index(synthetic: Volume, real: Volume, classes: Volume) -> dict[str, float]:
-    """``{"stripe_index", "ratio_synthetic", "ratio_real"}``; see the module docstring (1.0 = like the real CT)."""
-    ratio_synthetic = slice_ratio(synthetic, classes)
-    ratio_real = slice_ratio(real, classes)
+def stripe_index(synthetic: Volume, real: Volume, classes: Volume,
+                 intensity: IntensityMapping = PAPER_WINDOW) -> dict[str, float]:
+    """``{"stripe_index", "ratio_synthetic", "ratio_real"}`` in the model's ``intensity`` mapping; see the module
+    docstring (1.0 = like the real CT)."""
+    ratio_synthetic = slice_ratio(synthetic, classes, intensity)
+    ratio_real = slice_ratio(real, classes, intensity)
     index = ratio_synthetic / ratio_real if ratio_real > 0 else math.nan
     return {"stripe_index": index, "ratio_synthetic": ratio_synthetic, "ratio_real": ratio_real}
 

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..intensity import PAPER_WINDOW, IntensityMapping
 from ..io import Volume
-from ..preprocess import AxialOrientation, hu_to_unit
+from ..preprocess import AxialOrientation
 from .fid import fid
 from .image import SLICE_SIZE, to_model_slices
 
@@ -40,8 +41,9 @@ def _spacing_hw(spacing: Sequence[float], plane: str) -> tuple[float, float]:
     return {"axial": (r, c), "coronal": (s, c), "sagittal": (s, r)}[plane]
 
 
-def plane_slices(ct: Volume, plane: str, *, mask: Volume | None = None, size: int = SLICE_SIZE) -> torch.Tensor:
-    """(N, size, size) [0, 1] windowed views of an HU volume along ``plane``.
+def plane_slices(ct: Volume, plane: str, *, mask: Volume | None = None, size: int = SLICE_SIZE,
+                 intensity: IntensityMapping = PAPER_WINDOW) -> torch.Tensor:
+    """(N, size, size) [0, 1] views of an HU volume along ``plane``, through ``intensity`` (default: L40/W400).
 
     With ``mask`` (same grid, e.g. the segmentation) only views that cut a non-zero mask voxel are kept, so real
     and synthetic volumes give matching view sets.
@@ -55,7 +57,7 @@ def plane_slices(ct: Volume, plane: str, *, mask: Volume | None = None, size: in
             raise ValueError("the mask is not on the CT's grid")
         keep = _views(orientation.to_stack(mask.array != 0), plane).reshape(len(views), -1).any(axis=1)
         views = views[keep]
-    unit = torch.from_numpy(hu_to_unit(views))
+    unit = torch.from_numpy(intensity.to_unit(views))
     if len(unit) == 0:
         return torch.zeros((0, size, size))
     sh, sw = _spacing_hw(spacing, plane)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from CTSemanticSynthLib.batch import case_name, list_cases
-from CTSemanticSynthLib.batch_layout import Job
+from CTSemanticSynthLib.batch_layout import Job, nnunet_dataset
 from CTSemanticSynthLib.errors import CTSynthError, InputError
 from CTSemanticSynthLib.io import (READ_SUFFIXES, Volume, atomic_folder, read_ct, read_labelmap, write_bytes,
                                    write_volume)
@@ -259,7 +259,6 @@ def _dataset_json(name: str, kind: str, cases: int, record: dict[str, Any]) -> b
                    "real+synthetic": "real CTs and synthetic CTs (SYNTHETIC, not patient images) from the same "
                                      "label maps",
                    "synthetic": "synthetic CTs only (SYNTHETIC, not patient images)"}[kind]
-    dataset = {"name": name, "description": f"CTSemanticSynth downstream study: {description}",
-               "channel_names": {"0": "CT"}, "labels": ORGAN_LABELS, "numTraining": cases, "file_ending": NIFTI,
-               "ctsynth": record}
+    dataset = nnunet_dataset(name, f"CTSemanticSynth downstream study: {description}", ORGAN_LABELS, cases,
+                             ctsynth=record)
     return (json.dumps(dataset, indent=2) + "\n").encode()
