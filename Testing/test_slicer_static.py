@@ -411,3 +411,32 @@ def test_segment_classes_by_name_value_and_json(tmp_path):
     mapping.write_text('{"Tumor": "kidney"}')
     with pytest.raises(LabelMappingError, match="'kidney'.*not a class"):
         classifySegments(segments, "json", mapping)
+
+
+def test_segments_map_onto_the_models_class_set():
+    """The TotalSegmentator extension's segment names keep their structure in the anatomy set; in the paper set they
+    are known anatomy synthesized as body tissue (not 'unrecognised'), as TotalSegmentator's own names always were."""
+    import json
+
+    from CTSemanticSynthLib.labels import class_set, totalsegmentator_names
+    from CTSemanticSynthSlicerLib.segments import Segment, classifySegments, exportOrder, mappingJson
+
+    anatomy = class_set("anatomy")
+    names = ["liver", "superior lobe of left lung", "L3 vertebra", "left rib 3", "left deep back muscle", "Tumor",
+             "Body"]
+    segments = [Segment(str(i), name) for i, name in enumerate(names)]
+    rich = classifySegments(segments, classes=anatomy)
+    assert {s.name: anatomy.classes[c] for s, c in rich.organs} == {
+        "liver": "liver", "superior lobe of left lung": "lung", "L3 vertebra": "vertebrae", "left rib 3": "ribs",
+        "left deep back muscle": "autochthon"}
+    assert [s.name for s in rich.notInModel] == ["Tumor"] and [s.name for s in rich.bodyOutline] == ["Body"]
+    assert json.loads(mappingJson(exportOrder(rich), anatomy)) == {"1": "body", "2": "liver", "3": "lung",
+                                                                   "4": "vertebrae", "5": "ribs", "6": "autochthon"}
+    paper = classifySegments(segments)
+    assert paper.organNames == ["liver"] and [s.name for s in paper.unknown] == ["Tumor"]
+    assert [s.name for s in paper.notInModel] == names[1:6]
+    assert paper.bodyTissue().startswith("Synthesized as body tissue: known structures 'superior lobe of left lung'")
+    l3 = next(v for v, n in totalsegmentator_names(2).items() if n == "vertebrae_L3")
+    by_value = classifySegments([Segment("a", "Segment_5", 5), Segment("b", f"Segment_{l3}", l3)], "totalseg",
+                                classes=anatomy)
+    assert by_value.organNames == ["liver", "vertebrae"]

@@ -9,6 +9,7 @@ import numpy as np
 import vtk
 
 import slicer
+from CTSemanticSynthLib.labels import class_set
 
 from .nodes import SynthesisError, nodeIJKToRAS, temporaryNodes, writeVolume
 from .segments import Segment, SegmentClasses, classifySegments
@@ -27,18 +28,20 @@ class SegmentationExport:
         return result
 
     def classifySegments(self, segmentationNode, labels: str = "auto", mappingFile: str | None = None,
-                         strict: bool = False) -> SegmentClasses:
+                         strict: bool = False, classSet: str = "paper") -> SegmentClasses:
+        """The segments mapped onto the class set named ``classSet`` (the model's: ``config["class_set"]``)."""
         if segmentationNode is None:
             raise ValueError("select a segmentation")
-        return classifySegments(self.segments(segmentationNode), labels, mappingFile, strict)
+        return classifySegments(self.segments(segmentationNode), labels, mappingFile, strict, class_set(classSet))
 
-    def bodyTissueText(self, segmentationNode, labels: str = "auto", mappingFile: str | None = None) -> str:
-        """For the panel: which segments become body tissue, or why the segments cannot be used ('' without a
-        segmentation)."""
+    def bodyTissueText(self, segmentationNode, labels: str = "auto", mappingFile: str | None = None,
+                       classSet: str = "paper") -> str:
+        """For the panel: which segments become body tissue in the model's class set, or why the segments cannot be
+        used ('' without a segmentation)."""
         if segmentationNode is None:
             return ""
         try:
-            return self.classifySegments(segmentationNode, labels, mappingFile or None).bodyTissue()
+            return self.classifySegments(segmentationNode, labels, mappingFile or None, classSet=classSet).bodyTissue()
         except (OSError, ValueError) as exc:
             return str(exc)
 
