@@ -81,15 +81,41 @@ def node_ids(scene) -> list[str]:
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
 
 
+EXTENSION_NAMES = {"lung_upper_lobe_left": "superior lobe of left lung", "lung_lower_lobe_left": "inferior lobe of left lung",
+                   "lung_lower_lobe_right": "inferior lobe of right lung", "autochthon_left": "left deep back muscle",
+                   "autochthon_right": "right deep back muscle", "iliopsoas_left": "left iliopsoas muscle",
+                   "iliopsoas_right": "right iliopsoas muscle", "iliac_artery_left": "left common iliac artery",
+                   "iliac_artery_right": "right common iliac artery", "iliac_vena_left": "left common iliac vein",
+                   "iliac_vena_right": "right common iliac vein", "costal_cartilages": "costal cartilage",
+                   "small_bowel": "small intestine", "urinary_bladder": "urinary bladder"}
+
+
+def extension_name(name: str) -> str:
+    """A TotalSegmentator v2 structure's segment name as the Slicer TotalSegmentator extension writes it ('superior
+    lobe of left lung', 'L3 vertebra', 'left rib 3', 'left deep back muscle', 'left kidney', 'portal vein and
+    splenic vein')."""
+    rib = re.fullmatch(r"rib_(left|right)_(\d+)", name)
+    side = re.fullmatch(r"(.+)_(left|right)", name)
+    if name in EXTENSION_NAMES:
+        return EXTENSION_NAMES[name]
+    if name.startswith("vertebrae_"):
+        return f"{name[len('vertebrae_'):]} vertebra"
+    if rib:
+        return f"{rib[1]} rib {rib[2]}"
+    return f"{side[2]} {side[1].replace('_', ' ')}" if side else name.replace("_", " ")
+
+
 def load_segmentation(scene, names: str = "file"):
-    """The sample label map read as Slicer's Add Data does; ``names``: 'file' (Segment_N), 'totalseg' (names)."""
+    """The sample label map read as Slicer's Add Data does; ``names``: 'file' (Segment_N), 'totalseg'
+    (TotalSegmentator's names), 'extension' (the names the Slicer TotalSegmentator extension gives its segments)."""
     node = load_sample_segmentation(scene)
-    if names == "totalseg":
+    if names in ("totalseg", "extension"):
         table = totalsegmentator_names(2)
         segmentation = node.GetSegmentation()
         for i in range(segmentation.GetNumberOfSegments()):
             segment = segmentation.GetNthSegment(i)
-            segment.SetName(table[segment.GetLabelValue()])
+            name = table[segment.GetLabelValue()]
+            segment.SetName(extension_name(name) if names == "extension" else name)
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient 1")
     study = hierarchy.CreateStudyItem(patient, "Abdomen CT")
@@ -394,7 +420,12 @@ def test_model_card_comes_from_the_library(scene, logic, tiny_model):
     task.wait(120)
     config = logic.finishModelInfo(task)
     assert config["sha256"] == json.loads((tiny_model / "config.json").read_text())["sha256"]
-    assert logic.modelSummary(config).startswith("tiny-concat (concat, 32x32), 16 classes")
+    assert logic.modelSummary(config).splitlines()[:3] == [
+        "tiny-concat (concat, 32x32)", "class set: paper (17 classes)",
+        "intensity: paper_window (-160 HU -> 0, 240 HU -> 1; clipped outside -160..240 HU)"]
+    assert logic.modelConfigs[str(tiny_model)] == config  # kept: Apply maps the segments with its class set
+    assert logic.modelClassSet(str(tiny_model)) == logic.knownClassSet(str(tiny_model)) == "paper"
+    assert logic.knownClassSet("not read yet") == "paper"
     task = logic.startModelInfo("no-such-model")
     task.wait(120)
     with pytest.raises(SynthesisError, match="model 'no-such-model' not found"):
@@ -469,7 +500,7 @@ def test_command_mapping_and_body_outline(scene, tmp_path):
     segments.GetSegment(segments.GetSegmentIdBySegmentName("liver")).SetName("Liver")
     segments.GetSegment(segments.GetSegmentIdBySegmentName("urinary_bladder")).SetName("body")
     segments.GetSegment(segments.GetSegmentIdBySegmentName("spleen")).SetName("Milz")
-    task = logic.startSynthesis(segmentation, model="demo", preset="balanced", seed=9, steps=0)
+    task = logic.startSynthesis(segmentation, model="demo", preset="balanced", seed=9, steps=0, classSet="paper")
     task.wait(30)
     args = task.process.args
     assert args[1:4] == ["-m", "CTSemanticSynthLib.cli", "synth"]
@@ -504,7 +535,7 @@ def test_sampler_and_precision_reach_the_command(scene, tmp_path, sampler, preci
         pytest.skip("needs a 'true' executable to stand in for PythonSlicer")
     logic = SynthesisLogic(pythonExecutable=true, tempRoot=str(tmp_path))
     task = logic.startSynthesis(load_segmentation(scene, names="totalseg"), sampler=sampler, precision=precision,
-                                steps=4, batchSize=3)
+                                steps=4, batchSize=3, classSet="paper")
     task.wait(30)
     args = task.process.args
     option = lambda name: args[args.index(name) + 1]  # noqa: E731
@@ -775,3 +806,157 @@ def test_regenerate_needs_a_synthetic_ct_made_here(scene, logic):
     with pytest.raises(ValueError, match="one sample"):
         logic.startSynthesis(segmentation, outputVolumeNode=other, regionMarginMm=10.0, samples=2)
     assert node_ids(scene) == ids
+
+
+# --- the model's class set, the reference CT's body outline, one window for both review sides ----------------------
+@pytest.fixture(scope="module")
+def tiny_anatomy_model(tmp_path_factory) -> Path:
+    """A tiny random model on the 36-class anatomy set with full-range HU."""
+    import torch
+
+    from conftest import randomise_zero_layers, tiny_model_config
+    from CTSemanticSynthLib.checkpoint import save_model
+    from CTSemanticSynthLib.diffusion import GaussianDiffusion, diffusion_defaults
+    from CTSemanticSynthLib.intensity import FULL_RANGE
+    from CTSemanticSynthLib.labels import class_set
+    from CTSemanticSynthLib.models import UNetModel
+
+    anatomy = class_set("anatomy")
+    torch.manual_seed(0)
+    model = randomise_zero_layers(UNetModel(**tiny_model_config(), num_classes=len(anatomy.classes)))
+    folder = tmp_path_factory.mktemp("models") / "tiny-anatomy"
+    save_model(folder, model, GaussianDiffusion(**diffusion_defaults()), name="tiny-anatomy", classes=anatomy,
+               intensity=FULL_RANGE, extra={"class_means": [0.0] + [0.5] * (len(anatomy.classes) - 1)})
+    return folder
+
+
+def exported_classes(args: list[str], scene) -> np.ndarray:
+    """Class names per voxel of the label map and mapping a (stand-in) ``ctsynth synth`` was given."""
+    option = lambda name: args[args.index(name) + 1]  # noqa: E731
+    mapping = json.loads(Path(option("--labels")).read_text())
+    names = np.array(["background"] + [mapping[str(v)] for v in range(1, len(mapping) + 1)])
+    return names[slicer.util.arrayFromVolume(load_volume(scene, Path(option("--seg")), "exported"))]
+
+
+def test_segments_reach_the_command_in_the_models_class_set_with_the_reference_ct(scene, tmp_path):
+    """A TotalSegmentator-extension segmentation ('superior lobe of left lung', 'L3 vertebra', 'left rib 7', ...):
+    every structure of the anatomy set keeps its class, and the paper set gets exactly what it got before; the
+    reference CT goes along as --reference-ct, voxel for voxel."""
+    from CTSemanticSynthLib.labels import class_from_name, class_set
+
+    true = shutil.which("true")
+    if true is None:
+        pytest.skip("needs a 'true' executable to stand in for PythonSlicer")
+    logic = SynthesisLogic(pythonExecutable=true, tempRoot=str(tmp_path), keepFiles=True)
+    segmentation = load_segmentation(scene, names="extension")
+    names = {segmentation.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(segmentation.GetSegmentation().GetNumberOfSegments())}
+    assert {"superior lobe of left lung", "L3 vertebra", "left rib 7", "left deep back muscle"} <= names
+    ct = load_volume(scene, SAMPLE_CT, "case01 CT")
+    source = slicer.util.arrayFromVolume(load_volume(scene, SAMPLE_SEG, "TotalSegmentator ids"))
+    table = totalsegmentator_names(2)
+    for name in ("anatomy", "paper"):
+        classes = class_set(name)
+        task = logic.startSynthesis(segmentation, referenceVolumeNode=ct, classSet=name, steps=2)
+        task.wait(30)
+        assert not task.warnings  # every segment name is known anatomy: nothing 'unrecognised'
+        got = exported_classes(task.process.args, scene)
+        expected = {v: classes.classes[class_from_name(n, classes) or classes.body] for v, n in table.items()}
+        labelled = source != 0
+        assert (got[labelled] == np.vectorize(expected.get)(source[labelled])).all()
+        assert set(got[labelled].tolist()) >= ({"vertebrae", "ribs", "lung", "autochthon", "pelvis", "liver"}
+                                               if name == "anatomy" else {"body", "liver"})
+        reference = Path(task.process.args[task.process.args.index("--reference-ct") + 1])
+        assert np.array_equal(slicer.util.arrayFromVolume(load_volume(scene, reference, "sent")),
+                              slicer.util.arrayFromVolume(ct))
+        task.cleanup()
+
+
+def test_anatomy_model_run_takes_the_body_from_the_reference_and_lists_unknown_segments(scene, tmp_path,
+                                                                                          tiny_anatomy_model):
+    """Apply with a full-range anatomy model: the class set comes from the model's card, the body outline from the
+    reference CT; the panel's summary names both, the intensity mapping and the segments the model does not know."""
+    logic = SynthesisLogic(environment={"OMP_NUM_THREADS": "1"}, tempRoot=str(tmp_path))
+    segmentation = load_segmentation(scene, names="extension")
+    segments = segmentation.GetSegmentation()
+    segments.GetSegment(segments.GetSegmentIdBySegmentName("prostate")).SetName("Tumor")
+    ct = load_volume(scene, SAMPLE_CT, "case01 CT")
+    output = logic.synthesize(segmentation, timeout=300, model=str(tiny_anatomy_model), referenceVolumeNode=ct,
+                              seed=2, **FAST)
+    provenance = json.loads(output.GetAttribute(ATTRIBUTE_PREFIX + "Provenance"))
+    assert provenance["class_set"] == "anatomy" and provenance["inputs"]["body_outline"].startswith("reference CT")
+    summary = logic.synthesisSummary(output).splitlines()
+    assert summary == [
+        "Class set: anatomy (36 classes); intensity: full_range (-1024 HU -> 0, -160 HU -> 0.2, 240 HU -> 0.8, "
+        "2000 HU -> 1; clipped outside -1024..2000 HU)",
+        f"Body outline: {provenance['inputs']['body_outline']}",
+        "Segments the model does not know (1, synthesized as body tissue): 'Tumor'"]
+    state = output.GetNodeReference("CTSemanticSynthSegmentationState")
+    assert {"vertebrae", "ribs", "lung"} <= set(json.loads(state.GetAttribute(ATTRIBUTE_PREFIX + "LabelMapping")).values())
+    assert logic.reviewWindows(output) == ("Abdomen", "Bone", "Lung")
+    assert logic.synthesisSummary(ct) == ""  # not a synthetic CT
+
+
+def test_a_paper_model_run_lists_the_structures_it_has_no_class_for(scene, logic, tiny_model):
+    from CTSemanticSynthLib.labels import class_from_name
+
+    segmentation = load_segmentation(scene, names="extension")
+    output = logic.synthesize(segmentation, timeout=240, model=str(tiny_model), seed=1, **FAST)
+    names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+    without = [n for n in names if class_from_name(n) is None]  # bones, lungs, muscles, bowel, vessels
+    summary = logic.synthesisSummary(output).splitlines()
+    assert summary[0].startswith("Class set: paper (17 classes); intensity: paper_window (")
+    assert summary[1].startswith("Body outline: labelled structures")
+    assert summary[2].startswith(f"Segments the model does not know ({len(without)}, synthesized as body tissue): "
+                                 f"'{without[0]}'") and summary[2].endswith(f"and {len(without) - 12} more")
+    assert logic.reviewWindows(output) == ("Abdomen",)
+
+
+def _synthetic_stand_in(scene, name: str, intensity: dict | None):
+    node = load_volume(scene, SAMPLE_CT, name)
+    node.SetAttribute(ATTRIBUTE_PREFIX + "Synthetic", "true")
+    if intensity is not None:
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Provenance", json.dumps({"intensity": intensity}))
+    return node
+
+
+def test_review_shows_both_sides_in_one_window_blinded_or_not(scene, logic):
+    """A full-range model's CT and the real CT share the Abdomen, Bone or Lung window, also while blinded (a drag
+    is put back to the shared window); a paper-window model's CT is clipped outside the abdomen window, so other
+    windows are refused and nothing changes."""
+    from CTSemanticSynthLib.intensity import FULL_RANGE, PAPER_WINDOW
+
+    segmentation = load_segmentation(scene)
+    real = load_volume(scene, SAMPLE_CT, "case01 CT")
+    full = _synthetic_stand_in(scene, "full-range synthetic", FULL_RANGE.config())
+    paper = _synthetic_stand_in(scene, "paper synthetic", PAPER_WINDOW.config())
+    old = _synthetic_stand_in(scene, "synthetic without a recorded mapping", None)
+    slice_views(scene)
+    assert [logic.reviewWindows(n) for n in (full, paper, old)] == [("Abdomen", "Bone", "Lung"), ("Abdomen",),
+                                                                   ("Abdomen",)]
+    windows = lambda: [(n.GetDisplayNode().GetWindow(), n.GetDisplayNode().GetLevel()) for n in (real, full)]  # noqa: E731
+
+    logic.showReview(full, segmentation, real, window="Bone")
+    assert windows() == [(1800, 400)] * 2
+    logic.setReviewWindow("Lung")
+    assert windows() == [(1000, -500)] * 2
+    logic.showReview(full, segmentation, real, swap=True, blind=True, window="Abdomen")
+    assert windows() == [(400, 40)] * 2
+    logic.setReviewWindow("Bone")  # blinded: both sides change together ...
+    assert windows() == [(1800, 400)] * 2
+    full.GetDisplayNode().SetWindowLevel(400, 40)  # ... and a drag on one side is put back
+    assert windows() == [(1800, 400)] * 2
+    logic.reveal()
+    assert windows() == [(1000, -500)] * 2  # the display from before the blinded review, as for every property
+
+    logic.showReview(paper, segmentation, real, blind=True)
+    shown = [(n.GetDisplayNode().GetWindow(), n.GetDisplayNode().GetLevel()) for n in (real, paper)]
+    assert shown == [(400, 40)] * 2
+    with pytest.raises(ValueError, match="Bone window shows HU outside .* use Abdomen"):
+        logic.setReviewWindow("Bone")
+    assert [(n.GetDisplayNode().GetWindow(), n.GetDisplayNode().GetLevel()) for n in (real, paper)] == shown
+    logic.reveal()
+    with pytest.raises(ValueError, match="Lung window"):
+        logic.showReview(old, segmentation, real, window="Lung")
+    assert not logic.blinding.active

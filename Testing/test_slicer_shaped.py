@@ -102,4 +102,6 @@ def test_ctsynth_started_before_anything_is_installed_says_what_to_install_in_on
         assert message is not None and "\n" not in message, message
         assert "not installed" in message and "torch" in message, message
         assert not any("Traceback" in line or line.startswith("  File ") for line in output), output
+    message = result["class_set"]  # Apply before the model's card could be read: the same one line
+    assert message is not None and "\n" not in message and "not installed" in message and "torch" in message
     assert result["nodes"] == 0  # the failed synthesis added nothing

@@ -8,3 +8,7 @@ DEVICES = ("auto", "cuda", "cpu", "mps")
 CONVENTIONS = ("auto", "amos", "totalseg", "totalseg_v1", "json")
 """auto: segment names; amos / totalseg / totalseg_v1: segment label values; json: a mapping file."""
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
+REVIEW_WINDOWS = ("Abdomen", "Bone", "Lung")
+"""Display windows of the side-by-side review, applied to both sides (values in review.WINDOW_PRESETS)."""
+BUNDLED_MODELS = ("demo", "anatomy")
+"""Models in Resources/models: the paper's classes and window, and the 36-class anatomy set with full-range HU."""

@@ -38,3 +38,5 @@ class SynthesisLogic(TaskRunner, SegmentationExport, Synthesis, Regeneration, Re
         self.tempRoot = tempRoot
         self.keepFiles = keepFiles
         self.blinding = Blinding()
+        self.modelConfigs: dict[str | None, dict] = {}  # model spec -> its card, as ctsynth info read it last
+        self.reviewVolumes: tuple = ()  # (synthetic, real or None) of the review shown last

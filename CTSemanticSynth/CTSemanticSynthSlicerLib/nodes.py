@@ -101,6 +101,15 @@ def segmentationFromArray(labels: np.ndarray, ijkToRAS: np.ndarray, name: str, s
     return segmentation
 
 
+def exampleSegmentation() -> tuple[object, np.ndarray]:
+    """(segmentation, IJKToRAS): three organs (liver, spleen, right kidney) on a small oblique-free 48 x 48 x 24 grid
+    with Slicer's LPS-flipped axes, for the module's self-test."""
+    labels = np.zeros((24, 48, 48), dtype=np.int16)  # K, J, I
+    labels[4:20, 8:30, 6:26], labels[6:16, 10:22, 30:42], labels[8:14, 30:40, 10:20] = 1, 2, 3
+    ijkToRAS = np.array([[-1.5, 0, 0, 40], [0, -1.5, 0, 30], [0, 0, 2.5, -20], [0, 0, 0, 1]])
+    return segmentationFromArray(labels, ijkToRAS, "organs", ("liver", "spleen", "right kidney")), ijkToRAS
+
+
 def removeNodes(nodes) -> None:
     """Remove nodes from their scene together with their display and storage nodes."""
     for node in (n for n in nodes if n is not None and n.GetScene() is not None):

@@ -2,7 +2,9 @@
 adds the GUI parts (view controllers, corner annotations, Data Probe).
 
 Slicer's side-by-side layout keeps each view's own orientation (Red axial, Yellow sagittal by default) and linked
-views only follow each other when their orientations match, so both views get the same orientation here.
+views only follow each other when their orientations match, so both views get the same orientation here. Both
+volumes always share one display window (a preset): a side shown in another window, or in a window reaching past the
+HU range the model represents (where the synthetic CT is clipped and the real one is not), gives the answer away.
 """
 
 from __future__ import annotations
@@ -13,19 +15,31 @@ import vtk
 
 import slicer
 
-from .choices import ORIENTATIONS
+from .choices import ORIENTATIONS, REVIEW_WINDOWS
 
 VIEWS = ("Red", "Yellow")  # left, right in the side-by-side layout
-WINDOW, LEVEL = 400.0, 40.0  # abdomen window, the model's L40/W400
+WINDOW_PRESETS = {"Abdomen": (400.0, 40.0), "Bone": (1800.0, 400.0), "Lung": (1000.0, -500.0)}
+"""(window, level) of each REVIEW_WINDOWS preset: the paper's L40/W400 (-160..240 HU), a bone window (-500..1300 HU,
+as ``ctsynth --preview``'s) and a lung/gas window (-1000..0 HU: air and lung dark to grey, soft tissue white)."""
 
 
-def showAbdomenWindow(volumeNode) -> None:
-    """Grey colour map and the abdomen window (fixed, not automatic)."""
+def windowPresets(huRange: tuple[float, float]) -> tuple[str, ...]:
+    """The presets whose window lies inside ``huRange`` (the HU a model's intensity mapping represents): only in
+    those do a synthetic CT and the real one look alike where the real CT is outside that range."""
+    low, high = huRange
+    return tuple(name for name, (width, level) in WINDOW_PRESETS.items()
+                 if low <= level - width / 2 and level + width / 2 <= high)
+
+
+def showWindow(volumeNode, preset: str = "Abdomen") -> None:
+    """Grey colour map and the window ``preset`` (fixed, not automatic)."""
+    if preset not in REVIEW_WINDOWS:
+        raise ValueError(f"unknown window '{preset}': use one of {', '.join(REVIEW_WINDOWS)}")
     if volumeNode.GetDisplayNode() is None:
         volumeNode.CreateDefaultDisplayNodes()
     display = volumeNode.GetDisplayNode()
     display.AutoWindowLevelOff()
-    display.SetWindowLevel(WINDOW, LEVEL)
+    display.SetWindowLevel(*WINDOW_PRESETS[preset])
     display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
 
 
@@ -38,9 +52,9 @@ def _viewNode(scene, className: str, viewName: str):
 
 
 def setupReviewLayout(syntheticVolumeNode, segmentationNode=None, realVolumeNode=None, swap: bool = False,
-                      orientation: str = "Axial") -> dict[str, str | None]:
+                      orientation: str = "Axial", window: str = "Abdomen") -> dict[str, str | None]:
     """Side-by-side layout: real CT (or nothing, the segmentation alone) left, synthetic right (``swap`` exchanges
-    them); both views in ``orientation`` and linked, both volumes in the abdomen window, segmentation outlines in
+    them); both views in ``orientation`` and linked, both volumes in the ``window`` preset, segmentation outlines in
     both. Returns ``{"Red": volumeID or None, "Yellow": ...}`` (Red is left, Yellow right)."""
     if orientation not in ORIENTATIONS:
         raise ValueError(f"unknown orientation '{orientation}': use one of {', '.join(ORIENTATIONS)}")
@@ -65,7 +79,7 @@ def setupReviewLayout(syntheticVolumeNode, segmentationNode=None, realVolumeNode
         shown[viewName] = volume.GetID() if volume else None
     for volume in (realVolumeNode, syntheticVolumeNode):
         if volume is not None:
-            showAbdomenWindow(volume)
+            showWindow(volume, window)
     if segmentationNode is not None:
         if segmentationNode.GetDisplayNode() is None:
             segmentationNode.CreateDefaultDisplayNodes()
@@ -150,6 +164,17 @@ class Blinding:
         if display is not None:
             tag = display.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: _setDisplayState(volumeNode, held))
             self._holds.append((display, tag))
+
+    def change(self, apply) -> None:
+        """Call ``apply(volumeNode)`` on both blinded volumes (e.g. a window preset for both sides) and hold what it
+        set instead."""
+        for display, tag in self._holds:
+            display.RemoveObserver(tag)
+        self._holds = []
+        for node, *_ in self._saved:
+            apply(node)
+        for node, *_ in self._saved:
+            self._hold(node)
 
     def restore(self) -> None:
         """Give the blinded volumes back their names, Data module entries and display, and the parameter node its

@@ -128,8 +128,8 @@ def commands() -> dict:
         logic = SynthesisLogic(environment=CHILD_ENV, tempRoot=temp)
         for name, task, finish in (
                 ("info", logic.startModelInfo(), logic.finishModelInfo),
-                ("synth", logic.startSynthesis(segmentation, labels="totalseg", steps=2, device="cpu"),
-                 logic.finishSynthesis)):
+                ("synth", logic.startSynthesis(segmentation, labels="totalseg", steps=2, device="cpu",
+                                               classSet="paper"), logic.finishSynthesis)):
             task.wait(120)
             try:
                 finish(task)
@@ -137,6 +137,11 @@ def commands() -> dict:
             except SynthesisError as exc:
                 result[name] = str(exc)
             result[f"{name}_output"] = task.process.lines
+        try:  # without a class set, Apply reads the model's card first, which needs the library's packages too
+            logic.startSynthesis(segmentation, labels="totalseg")
+            result["class_set"] = None
+        except SynthesisError as exc:
+            result["class_set"] = str(exc)
         result["nodes"] = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     return result
 
