@@ -19,10 +19,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CTSemanticSynthSlicerLib.choices import CONVENTIONS, DEVICES, ORIENTATIONS, PRECISIONS, PRESETS, SAMPLERS
+from CTSemanticSynthSlicerLib.choices import (BUNDLED_MODELS, CONVENTIONS, DEVICES, ORIENTATIONS, PRECISIONS, PRESETS,
+                                              REVIEW_WINDOWS, SAMPLERS)
 
-# Slicer 5.10 and newer ship Python 3.12; older Slicer (Python 3.9) gets one message instead of a traceback. Nothing
-# above this line may need a newer Python than 3.9.
+# Slicer 5.10+ ship Python 3.12; older Slicer (3.9) gets one message, no traceback: nothing above may need Python > 3.9.
 SUPPORTED = sys.version_info >= (3, 12)
 TOO_OLD = _("CT Semantic Synthesis needs 3D Slicer 5.10 or newer (Python 3.12); this Slicer runs Python {version}. "
             "Install the current Slicer release.").format(version=sys.version.split()[0])
@@ -31,7 +31,7 @@ if SUPPORTED:
     from CTSemanticSynthSlicerLib.dependencies import installedVersion, missingForSynthesis
     from CTSemanticSynthSlicerLib.gui import setBlindGui, waitFor  # also binds path fields to str parameters
     from CTSemanticSynthSlicerLib.logic import SynthesisError, SynthesisLogic, TotalSegmentatorWeightsMissing
-    from CTSemanticSynthSlicerLib.nodes import segmentationFromArray
+    from CTSemanticSynthSlicerLib.nodes import exampleSegmentation, nodeIJKToRAS
     from CTSemanticSynthSlicerLib.process import State, formatDuration
     from CTSemanticSynthSlicerLib.reader_study import ReaderStudy, casesFromFolder
 else:  # a placeholder so that the classes below can be defined; the Widget shows TOO_OLD instead of the panel
@@ -45,34 +45,34 @@ class CTSemanticSynth(ScriptedLoadableModule):
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.contributors = ["CTSemanticSynth contributors (CTSemanticSynth project)"]
         self.parent.helpText = _("""
-Turn an abdominal segmentation (15 AMOS organs, from TotalSegmentator, AMOS label maps or named segments) into a
-<b>synthetic CT</b> with a conditional diffusion model, on the segmentation's exact grid. The result is marked
-SYNTHETIC and carries its provenance (model sha256, sampler, steps, seed) as node attributes. Review it side by
-side with the real CT (blinded if wished), run a blinded reader study, and score it by running TotalSegmentator on
-it (Dice per organ). Needs 3D Slicer 5.10 or newer (Python 3.12) and the PyTorch extension.
+Turn a segmentation (every structure the model's class set knows: the 15 AMOS organs, or TotalSegmentator's anatomy)
+into a <b>synthetic CT</b> with a conditional diffusion model, on the segmentation's exact grid. The result is marked
+SYNTHETIC and carries its provenance (model sha256, sampler, steps, seed) as node attributes. Review it side by side
+with the real CT in one window (blinded if wished), run a blinded reader study, and score it by running
+TotalSegmentator on it (Dice per organ). Needs 3D Slicer 5.10 or newer (Python 3.12) and the PyTorch extension.
 See the <a href="https://github.com/ctsemanticsynth/CTSemanticSynth#3d-slicer-extension">documentation</a>.
 """)
-        self.parent.acknowledgementText = _("""
-Method: Y. Zhuang et al., <i>Semantic Image Synthesis for Abdominal CT</i>, arXiv:2312.06453 (2023).
-Module layout after the Slicer scripted-module template and SlicerMONAIAuto3DSeg (background processing).
-""")
+        self.parent.acknowledgementText = _("""Method: Y. Zhuang et al., <i>Semantic Image Synthesis for Abdominal CT</i>,
+arXiv:2312.06453 (2023). Module layout after the Slicer scripted-module template and SlicerMONAIAuto3DSeg.""")
         if not SUPPORTED:
             logging.error(TOO_OLD)
 
 
 @parameterNodeWrapper
 class CTSemanticSynthParameterNode:
-    """inputSegmentation - the organs to synthesize from; referenceVolume - optional real CT (grid, review, Dice
-    ceiling); outputVolume - where the synthetic CT goes (None: a new node). Sampling: preset, sampler/steps
-    ("preset"/0: the preset's), precision, seed (randomSeed: drawn on Apply), device, batchSize (0: auto), samples;
-    regionMargin (mm) grows the edited voxels that "Regenerate edited region" resamples in outputVolume. Review:
-    blindReview, reviewOrientation. Reader study: studyFromScene (studySamplesPerCase) or studyFolder, studyCsv,
-    readerName, studySeed (0: a random plan per reader). Paths are strings: "" is no path."""
+    """inputSegmentation - the structures to synthesize from; referenceVolume - optional real CT (grid, body outline,
+    review, Dice ceiling); outputVolume - where the synthetic CT goes (None: a new node); bundledModel or modelFolder:
+    the model (its class set maps the segments). Sampling: preset, sampler/steps ("preset"/0: the preset's), precision,
+    seed (randomSeed: drawn on Apply), device, batchSize (0: auto), samples; regionMargin (mm) grows the edited voxels
+    that "Regenerate edited region" resamples in outputVolume. Review: blindReview, reviewOrientation, reviewWindow
+    (both sides). Reader study: studyFromScene (studySamplesPerCase) or studyFolder, studyCsv, readerName, studySeed
+    (0: a random plan per reader). Paths are strings: "" is no path."""
 
     inputSegmentation: vtkMRMLSegmentationNode
     referenceVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
     useBundledModel: bool = True
+    bundledModel: Annotated[str, Choice(list(BUNDLED_MODELS))] = "demo"
     modelFolder: str = ""
     labelConvention: Annotated[str, Choice(list(CONVENTIONS))] = "auto"
     mappingFile: str = ""
@@ -89,6 +89,7 @@ class CTSemanticSynthParameterNode:
     regionMargin: Annotated[float, WithinRange(0.0, 100.0)] = 10.0
     blindReview: bool = False
     reviewOrientation: Annotated[str, Choice(list(ORIENTATIONS))] = "Axial"
+    reviewWindow: Annotated[str, Choice(list(REVIEW_WINDOWS))] = "Abdomen"
     fastDice: bool = True
     studyFromScene: bool = False
     studySamplesPerCase: Annotated[int, WithinRange(1, 16)] = 1
@@ -106,8 +107,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._task, self._infoTask, self._stopping = None, None, []  # _stopping: cancelled, still cleaning up
-        self._swapped = False
-        self._shownModel = ()
+        self._swapped, self._shownModel = False, ()
         self._study, self._studyNodes = None, []
         self._timer = qt.QTimer()  # started with a 500 ms interval
         self._timer.timeout.connect(self.onTimer)
@@ -122,7 +122,6 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CTSemanticSynthLogic()
-
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
@@ -132,6 +131,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reviewButton.connect("clicked(bool)", self.onReviewButton)
         self.ui.swapButton.connect("clicked(bool)", self.onSwapButton)
         self.ui.revealButton.connect("clicked(bool)", self.onRevealButton)
+        self.ui.reviewWindowComboBox.connect("currentTextChanged(QString)", self.onReviewWindow)
         self.ui.diceButton.connect("clicked(bool)", self.onDiceButton)
         self.ui.startStudyButton.connect("clicked(bool)", self.onStartStudy)
         self.ui.submitAnswerButton.connect("clicked(bool)", self.onSubmitAnswer)
@@ -203,25 +203,24 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.diceButton.enabled = kind in ("dice", "weights") or (hasOutput and free)
         self.ui.diceButton.text = _("Cancel Dice") if kind in ("dice", "weights") else _("Dice with TotalSegmentator")
         self.ui.modelFolderPathLineEdit.enabled = bool(p and not p.useBundledModel)
+        self.ui.bundledModelComboBox.enabled = bool(p and p.useBundledModel)
         self.ui.mappingFilePathLineEdit.enabled = bool(p and p.labelConvention == "json")
         self.ui.seedSpinBox.enabled = bool(p and not p.randomSeed)
         self.ui.studyFolderPathLineEdit.enabled = bool(p and not p.studyFromScene)
         self.ui.studySamplesPerCaseSpinBox.enabled = bool(p and p.studyFromScene)
         self.ui.submitAnswerButton.enabled = self._study is not None
-        if p:
-            self.ui.bodyTissueLabel.text = self.logic.bodyTissueText(p.inputSegmentation, p.labelConvention,
-                                                                     p.mappingFile)
-        if p and self._shownModel != (p.useBundledModel, p.modelFolder):
-            self._shownModel = (p.useBundledModel, p.modelFolder)
+        if p:  # in the model's class set once its card is read (the paper's set before)
+            self.ui.bodyTissueLabel.text = self.logic.bodyTissueText(p.inputSegmentation, p.labelConvention, p.mappingFile,
+                                                                     self.logic.knownClassSet(self._modelSpec(False)))
+        if p and self._shownModel != (p.useBundledModel, p.bundledModel, p.modelFolder):
+            self._shownModel = (p.useBundledModel, p.bundledModel, p.modelFolder)
             self.updateModelInfo()
 
-    def _modelSpec(self):
+    def _modelSpec(self, required: bool = True) -> str:
         p = self._parameterNode
-        if p.useBundledModel:
-            return None
-        if not p.modelFolder:
-            raise ValueError(_("Choose a model folder, or tick 'Bundled demo model'."))
-        return p.modelFolder
+        if required and not p.useBundledModel and not p.modelFolder:
+            raise ValueError(_("Choose a model folder, or tick 'Bundled model'."))
+        return p.bundledModel if p.useBundledModel else p.modelFolder
 
     def updateModelInfo(self) -> None:
         """Ask the library (in the background process) for the model's card; onTimer shows it."""
@@ -248,6 +247,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._infoTask = None
         try:
             self.ui.modelInfoLabel.text = self.logic.modelSummary(self.logic.finishModelInfo(task))
+            self._checkCanApply()  # the segments' classes in the model's class set
         except SynthesisError as exc:  # the library's message (model not found, torch not installed yet, ...)
             self.ui.modelInfoLabel.text = str(exc)
 
@@ -272,6 +272,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 batchSize=p.batchSize, samples=p.samples, sampler=None if p.sampler == "preset" else p.sampler,
                 precision=p.precision, regionMarginMm=p.regionMargin if regenerate else None)
             self._startTask(task, _("Regenerating the edited region...") if regenerate else _("Synthesizing..."))
+            self.ui.runSummaryLabel.text = ""
 
     def onUndoRegeneration(self) -> None:
         self.logic.undoRegeneration(self._parameterNode.outputVolume)
@@ -326,6 +327,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.outputVolume = node
                 slicer.util.setSliceViewerLayers(background=node, foreground=task.nodes["variance"], foregroundOpacity=0.5, fit=True)
                 self.ui.statusLabel.text = _("Done: '{name}' in {time}.").format(name=node.GetName(), time=formatDuration(task.process.elapsed))
+                self.ui.runSummaryLabel.text = self.logic.synthesisSummary(node)
             elif task.kind == "weights":
                 self.logic.finishWeightsDownload(task)
                 self.onDiceButton()
@@ -333,9 +335,8 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 try:
                     tableNode, _segmentation = self.logic.finishDice(task)
                 except TotalSegmentatorWeightsMissing as exc:  # declined: the message says where they go
-                    if not slicer.util.confirmOkCancelDisplay(
-                            _("TotalSegmentator's weights are not on this computer. Let TotalSegmentator download "
-                              "them now (several hundred MB, once; needs the internet)?"), detailedText=str(exc)):
+                    if not slicer.util.confirmOkCancelDisplay(_("TotalSegmentator's weights are not on this computer. Let "
+                            "TotalSegmentator download them now (several hundred MB, once; needs the internet)?"), detailedText=str(exc)):
                         raise
                     self._startTask(self.logic.startWeightsDownload(self._parameterNode.fastDice),
                                     _("TotalSegmentator is downloading its weights..."))
@@ -358,11 +359,20 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("The synthetic CT is on the {side}.").format(side=_("left") if self._swapped else _("right"))
         self._checkCanApply()
 
+    def onReviewWindow(self, window: str) -> None:  # both sides, or the reason why not (nothing changes then)
+        try:
+            self.logic.setReviewWindow(window)
+        except ValueError as exc:
+            self.ui.statusLabel.text = str(exc)
+
     def _showReview(self) -> None:
         p = self._parameterNode
+        if p.reviewWindow not in self.logic.reviewWindows(p.outputVolume):
+            p.reviewWindow = "Abdomen"  # a paper-window model: the synthetic CT is clipped outside the abdomen window
         with slicer.util.tryWithErrorDisplay(_("Could not set up the review layout.")):
             self.logic.showReview(p.outputVolume, p.inputSegmentation, p.referenceVolume, swap=self._swapped,
-                                  orientation=p.reviewOrientation, blind=p.blindReview, parameterNode=p.parameterNode)
+                                  orientation=p.reviewOrientation, blind=p.blindReview, parameterNode=p.parameterNode,
+                                  window=p.reviewWindow)
             slicer.util.resetSliceViews()
             setBlindGui(p.blindReview)
             if p.blindReview:
@@ -425,7 +435,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         position, case, side = current
         self._studyNodes = self.logic.showStudyCase(case, side, self._parameterNode.reviewOrientation,
-                                                    self._parameterNode.parameterNode)
+                                                    self._parameterNode.parameterNode, self._parameterNode.reviewWindow)
         self._study.markShown(case.caseId)
         slicer.util.resetSliceViews()
         setBlindGui(True)
@@ -461,8 +471,6 @@ class CTSemanticSynthTest(ScriptedLoadableModuleTest):
         self.test_SynthesisAndCancel()
 
     def test_SynthesisAndCancel(self):
-        import numpy as np
-
         if installedVersion("torch") is None:
             self.delayDisplay("Synthesis test skipped: PyTorch is not installed (install it with the PyTorch extension)")
             return
@@ -474,24 +482,17 @@ class CTSemanticSynthTest(ScriptedLoadableModuleTest):
         except SynthesisError as exc:
             self.delayDisplay(f"Synthesis test skipped: {exc}")
             return
-        labels = np.zeros((24, 48, 48), dtype=np.int16)  # K, J, I
-        labels[4:20, 8:30, 6:26], labels[6:16, 10:22, 30:42], labels[8:14, 30:40, 10:20] = 1, 2, 3
-        ijkToRAS = np.array([[-1.5, 0, 0, 40], [0, -1.5, 0, 30], [0, 0, 2.5, -20], [0, 0, 0, 1]])
-        segmentation = segmentationFromArray(labels, ijkToRAS, "organs", ("liver", "spleen", "right kidney"))
+        segmentation, ijkToRAS = exampleSegmentation()
         before = slicer.mrmlScene.GetNumberOfNodes()
         task = logic.startSynthesis(segmentation, steps=2, seed=1, device="cpu")
         task.cancel()
         self.assertEqual(task.poll(), State.CANCELLED)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
         self.delayDisplay("Cancel leaves the scene unchanged")
-
         task = logic.startSynthesis(segmentation, steps=2, seed=1, device="cpu")
         self.assertEqual(waitFor(task), State.SUCCEEDED, task.process.errorMessage())
         output = logic.finishSynthesis(task)
         self.assertEqual(output.GetImageData().GetDimensions(), (48, 48, 24))
-        matrix = vtk.vtkMatrix4x4()
-        output.GetIJKToRASMatrix(matrix)
-        self.assertTrue(np.allclose(slicer.util.arrayFromVTKMatrix(matrix), ijkToRAS))
-        self.assertEqual(output.GetAttribute("CTSemanticSynth.Synthetic"), "true")
-        self.assertEqual(output.GetAttribute("CTSemanticSynth.Seed"), "1")
+        self.assertTrue((abs(nodeIJKToRAS(output) - ijkToRAS) < 1e-6).all())
+        self.assertEqual([output.GetAttribute(f"CTSemanticSynth.{k}") for k in ("Synthetic", "Seed")], ["true", "1"])
         self.delayDisplay("Synthetic CT on the segmentation's grid, with provenance")
