@@ -960,3 +960,15 @@ def test_review_shows_both_sides_in_one_window_blinded_or_not(scene, logic):
     with pytest.raises(ValueError, match="Lung window"):
         logic.showReview(old, segmentation, real, window="Lung")
     assert not logic.blinding.active
+
+
+def test_a_model_whose_class_set_changed_since_its_card_was_read_loads_nothing(scene, logic, tiny_model):
+    """The segments were mapped onto the class set of the card read earlier; a model folder replaced since then
+    (here: the card said anatomy, the model is a paper-set one) would give silently wrong classes: refused."""
+    segmentation = segmentationFromArray(np.pad(np.ones((4, 8, 8), np.int16), 2), np.diag([2.0, 2.0, 3.0, 1.0]),
+                                         "organs", ("liver",))
+    logic.modelConfigs[str(tiny_model)] = {"class_set": "anatomy"}
+    ids = node_ids(scene)
+    with pytest.raises(SynthesisError, match="class set is 'paper', but the segments were mapped onto 'anatomy'"):
+        logic.synthesize(segmentation, timeout=240, model=str(tiny_model), **FAST)
+    assert node_ids(scene) == ids and logic.modelConfigs == {}  # the card is read again on the next Apply
