@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .io import Volume
-from .labels import resolve_adapter
+from .labels import PAPER, ClassSet, resolve_adapter
 
 REGION_MARGIN_MM = 10.0
 """Default growth of the changed voxels: context the sampler repaints so the new anatomy meets the old smoothly."""
@@ -33,9 +33,11 @@ weights 0.5 and 1)."""
 INT16 = np.iinfo(np.int16)
 
 
-def organ_classes(segmentation: Volume, names: Mapping[int, str] | None, labels: str) -> np.ndarray:
-    """A label map's model classes (organs; other labels body tissue; no body outline added)."""
-    return resolve_adapter(labels, segmentation.array, names).classes(segmentation.array)[0]
+def organ_classes(segmentation: Volume, names: Mapping[int, str] | None, labels: str,
+                  classes: ClassSet = PAPER) -> np.ndarray:
+    """A label map's classes in ``classes``, the model's set (its structures; other labels body tissue; no body
+    outline added)."""
+    return resolve_adapter(labels, segmentation.array, names, classes).classes(segmentation.array)[0]
 
 
 def grow(mask: np.ndarray, spacing: tuple[float, ...], margin_mm: float) -> np.ndarray:

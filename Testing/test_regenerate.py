@@ -86,6 +86,21 @@ def test_region_from_two_segmentations_grows_in_mm():
         changed_region(previous, previous.copy(), (1.0, 1.0, 1.0))
 
 
+def test_what_changed_is_judged_in_the_models_class_set():
+    """A vertebra turned into a rib is no change for the paper set (body both times), one for the anatomy set."""
+    from CTSemanticSynthLib.labels import class_set, totalsegmentator_names
+
+    ids = {n: v for v, n in totalsegmentator_names(2).items()}
+    before = np.zeros((6, 6, 3), np.int16)
+    before[1:3, 1:3, 1], before[4, 4, 1] = ids["vertebrae_L3"], LIVER
+    after = np.where(before == ids["vertebrae_L3"], ids["rib_left_3"], before).astype(np.int16)
+    volumes = [Volume(a, np.eye(4)) for a in (before, after)]
+    anatomy = [organ_classes(v, None, "totalseg", class_set("anatomy")) for v in volumes]
+    assert np.array_equal(changed_region(*anatomy, (1.0, 1.0, 1.0), 0.0), before == ids["vertebrae_L3"])
+    with pytest.raises(InputError, match="nothing to regenerate"):
+        changed_region(*[organ_classes(v, None, "totalseg") for v in volumes], (1.0, 1.0, 1.0))
+
+
 def test_feather_fades_inside_the_border_only():
     region = np.zeros((12, 12, 6), bool)
     region[:6, 3:9, :] = True  # touches the volume's border along I and K

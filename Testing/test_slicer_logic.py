@@ -972,3 +972,23 @@ def test_a_model_whose_class_set_changed_since_its_card_was_read_loads_nothing(s
     with pytest.raises(SynthesisError, match="class set is 'paper', but the segments were mapped onto 'anatomy'"):
         logic.synthesize(segmentation, timeout=240, model=str(tiny_model), **FAST)
     assert node_ids(scene) == ids and logic.modelConfigs == {}  # the card is read again on the next Apply
+
+
+def test_regenerating_a_bone_with_an_anatomy_model(scene, tmp_path, tiny_anatomy_model):
+    """What changed is judged in the model's class set: a removed vertebra is a change for the anatomy model (for the
+    paper set it was body before and after), and the stored mapping's anatomy class names are read in that set."""
+    from CTSemanticSynthLib.regenerate import grow
+
+    logic = SynthesisLogic(environment={"OMP_NUM_THREADS": "1"}, tempRoot=str(tmp_path))
+    segmentation = load_segmentation(scene, names="extension")
+    ct = load_volume(scene, SAMPLE_CT, "case01 CT")
+    options = {"model": str(tiny_anatomy_model), "seed": 4, "referenceVolumeNode": ct, **FAST}
+    output = logic.synthesize(segmentation, timeout=300, **options)
+    before = slicer.util.arrayFromVolume(output).copy()
+    l3 = next(s for s in logic.segments(segmentation) if s.name == "L3 vertebra")
+    removed = slicer.util.arrayFromVolume(load_volume(scene, SAMPLE_SEG, "ids")) == l3.labelValue
+    segmentation.GetSegmentation().RemoveSegment(l3.segmentId)
+    assert logic.synthesize(segmentation, timeout=300, outputVolumeNode=output, regionMarginMm=3.0, **options) is output
+    after = slicer.util.arrayFromVolume(output)
+    region = grow(removed.transpose(2, 1, 0), (3.0, 3.0, 3.0), 3.0).transpose(2, 1, 0)
+    assert np.array_equal(after[~region], before[~region]) and (after[region] != before[region]).mean() > 0.5

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..checkpoint import LoadedModel
+    from ..labels import ClassSet
     from ..synthesis import SamplingOptions
 
 
@@ -85,8 +86,9 @@ def add_region_options(parser: argparse.ArgumentParser) -> None:
                        help=f"RePaint: times each stretch is sampled (default {DEFAULT_JUMP_N_SAMPLE}; 1: no jumps)")
 
 
-def check_region_options(args: argparse.Namespace) -> None:
-    """One-line errors for region options that do not go together (before any file is read)."""
+def check_region_options(args: argparse.Namespace, classes: ClassSet) -> None:
+    """One-line errors for region options that do not go together (before any file is read); a --previous-labels
+    mapping file names classes of ``classes``, the model's set."""
     from ..labels import check_convention
 
     if args.keep_ct is None:
@@ -108,7 +110,7 @@ def check_region_options(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise InputError(f"{option} {value} must be at least 1")
     if args.previous_labels is not None:
-        check_convention(args.previous_labels)
+        check_convention(args.previous_labels, classes)
 
 
 def sampling_setup(args: argparse.Namespace) -> tuple[torch.device, Path, SamplingOptions]:

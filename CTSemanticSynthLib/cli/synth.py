@@ -19,6 +19,7 @@ from .options import (add_region_options, add_sampling_options, check_region_opt
 
 if TYPE_CHECKING:
     from ..io import Volume
+    from ..labels import ClassSet
 
 EXAMPLES = """\
 examples:
@@ -83,11 +84,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--variance-map needs --samples 2 or more")
     # every option is checked before any volume or weight is read
     device, model_folder, options = sampling_setup(args)
+    model_classes = class_set(read_config(model_folder).get("class_set", "paper"))
     if args.seed + args.samples - 1 > MAX_SEED:
         raise InputError(f"--seed {args.seed} with --samples {args.samples} goes past the largest seed {MAX_SEED}")
     if args.progress_lines and sys.stdout is None:
         raise InputError("--progress-lines writes to stdout, which is closed")
-    check_region_options(args)
+    check_region_options(args, model_classes)
     if args.keep_ct is not None and read_config(model_folder).get("kind", "diffusion") != "diffusion":
         raise InputError(f"--keep-ct: the model in {model_folder} is a one-pass generator, which cannot regenerate "
                          "a region (it has no steps to hold the kept CT in); use a diffusion model")
@@ -113,9 +115,8 @@ def run(args: argparse.Namespace) -> int:
         reference = onto_grid(read_ct(args.reference_ct, name), seg, "image", name, note)
     keep = region = None
     if args.keep_ct is not None:
-        keep, region, region_record = _region(args, seg, names)
-    classes, report = prepare_classes(seg, names, args.labels, body, reference=reference,
-                                      classes=class_set(read_config(model_folder).get("class_set", "paper")))
+        keep, region, region_record = _region(args, seg, names, model_classes)
+    classes, report = prepare_classes(seg, names, args.labels, body, reference=reference, classes=model_classes)
     if report.unknown:
         print(f"ctsynth: warning: {report.unknown_message()}", file=sys.stderr)
     if not report.organs_present:
@@ -172,8 +173,10 @@ def _numbered(out: Path, sample: int) -> Path:
     return out.with_name(f"{out.name[: -len(suffix)]}_s{sample}{suffix}")
 
 
-def _region(args: argparse.Namespace, seg: Volume, names: dict[int, str]) -> tuple[Volume, Volume, dict[str, Any]]:
-    """(kept CT, region mask, the provenance of both) on ``seg``'s grid, from the region options."""
+def _region(args: argparse.Namespace, seg: Volume, names: dict[int, str],
+            classes: ClassSet) -> tuple[Volume, Volume, dict[str, Any]]:
+    """(kept CT, region mask, the provenance of both) on ``seg``'s grid, from the region options; what changed is
+    judged in ``classes``, the model's class set."""
     import numpy as np
 
     from ..grid import onto_grid
@@ -193,8 +196,8 @@ def _region(args: argparse.Namespace, seg: Volume, names: dict[int, str]) -> tup
     previous = onto_grid(previous, seg, "mask", f"--previous-seg {args.previous_seg}", note, resample=False)
     margin = REGION_MARGIN_MM if args.region_margin is None else args.region_margin
     labels = args.labels if args.previous_labels is None else args.previous_labels
-    changed = changed_region(organ_classes(previous, previous_names, labels), organ_classes(seg, names, args.labels),
-                             seg.spacing, margin)
+    changed = changed_region(organ_classes(previous, previous_names, labels, classes),
+                             organ_classes(seg, names, args.labels, classes), seg.spacing, margin)
     record.update(previous_segmentation=str(args.previous_seg), margin_mm=margin)
     return keep, Volume(changed.astype(np.uint8), seg.affine), record
 
