@@ -273,6 +273,7 @@ class CTSemanticSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 precision=p.precision, regionMarginMm=p.regionMargin if regenerate else None)
             self._startTask(task, _("Regenerating the edited region...") if regenerate else _("Synthesizing..."))
             self.ui.runSummaryLabel.text = ""
+            self.ui.modelInfoLabel.text = self.logic.modelSummary(self.logic.modelConfigs[self._modelSpec()])  # its card
 
     def onUndoRegeneration(self) -> None:
         self.logic.undoRegeneration(self._parameterNode.outputVolume)
