@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClassSet:
-    """A model's classes, read from ``label_tables/classes_<name>.json``: names, display names, colours, and the
-    source structure names (``members``, lower case, a trailing ``*`` matches any ending) each class stands for.
+    """A model's classes, read from ``label_tables/classes_<name>.json``: names, display names, the group each
+    belongs to in reports (organs first, then groups as in docs/anatomy.md), colours, and the source structure names
+    (``members``, lower case, a trailing ``*`` matches any ending) each class stands for.
 
     Every set starts with the paper's 17 classes at the same indices (background 0, AMOS organs 1..15, body 16),
     so AMOS ids and a paper-set class volume mean the same in every set.
@@ -33,6 +34,7 @@ class ClassSet:
     name: str
     classes: tuple[str, ...]
     display_names: tuple[str, ...]
+    groups: tuple[str, ...]
     colors: tuple[tuple[int, int, int], ...]
     members: Mapping[str, int]
 
@@ -70,7 +72,7 @@ def class_set(name: str = "paper") -> ClassSet:
     data = json.loads(table.read_text(encoding="utf-8"))
     entries = data["classes"]
     members = {m: i for i, e in enumerate(entries) for m in e.get("members", [])}
-    return ClassSet(name, tuple(e["name"] for e in entries), tuple(e["display"] for e in entries),
+    return ClassSet(name, *(tuple(e[key] for e in entries) for key in ("name", "display", "group")),
                     tuple(tuple(e["color"]) for e in entries), members)  # type: ignore[misc]
 
 
