@@ -1,4 +1,5 @@
-"""TotalSegmentator on a (synthetic) CT, its ``total`` labels mapped to the 15 AMOS organs, and Dice per organ.
+"""TotalSegmentator on a (synthetic) CT, its ``total`` labels mapped onto a model's class set (the paper's: the 15
+AMOS organs; the anatomy set: also bones, lungs, bowel, muscles, ...), and Dice per class.
 
 TotalSegmentator (``totalsegmentator==2.18.0`` with ``nnunetv2==2.6.0``, the ``[eval]`` extra) runs in a child
 process (``python -m CTSemanticSynthLib.totalseg IN OUT``) with its own error capture, so a crash or a hang never
@@ -31,7 +32,7 @@ import numpy as np
 
 from .errors import CTSynthError, InputError
 from .io import Volume, read_labelmap, write_volume
-from .labels import LabelAdapter, totalsegmentator_adapter
+from .labels import PAPER, ClassSet, LabelAdapter, totalsegmentator_adapter
 from .metrics.dice import dice_per_organ, mean_dice, voxel_counts
 
 logger = logging.getLogger(__name__)
@@ -162,14 +163,15 @@ def _last_lines(text: str, n: int = 2) -> str:
 
 
 def totalseg_organs(ts_labels: Volume | np.ndarray, adapter: LabelAdapter | None = None) -> np.ndarray:
-    """Model classes (organs; every other structure becomes body) of a TotalSegmentator v2 ``total`` label map."""
+    """Model classes of a TotalSegmentator v2 ``total`` label map, in the adapter's class set (default the paper's:
+    the organs; every structure the set has no class for becomes body)."""
     array = ts_labels.array if isinstance(ts_labels, Volume) else np.asarray(ts_labels)
     return (adapter or totalsegmentator_adapter(2)).classes(array)[0]
 
 
 @dataclass
 class TotalSegDice:
-    """Per-organ Dice of TotalSegmentator on the synthetic CT (and on the real CT: the ceiling) vs the input labels."""
+    """Per-class Dice of TotalSegmentator on the synthetic CT (and on the real CT: the ceiling) vs the input labels."""
 
     synthetic: dict[str, float]
     real: dict[str, float] | None = None
@@ -177,7 +179,7 @@ class TotalSegDice:
     mode: str = "fast"
     device: str = "cpu"
     predicted_synthetic: np.ndarray | None = field(default=None, repr=False)
-    """TotalSegmentator's organs on the synthetic CT as model classes (not part of ``to_dict``)."""
+    """TotalSegmentator's structures on the synthetic CT as model classes (not part of ``to_dict``)."""
 
     @property
     def mean_synthetic(self) -> float:
@@ -199,10 +201,12 @@ class TotalSegDice:
 
 def totalseg_dice(synthetic: Volume, reference_classes: Volume, real: Volume | None = None, *, fast: bool = True,
                   device: str = "auto", progress: Callable[[str], None] | None = None,
-                  timeout: float | None = None) -> TotalSegDice:
-    """Run TotalSegmentator on ``synthetic`` (and ``real``) and score its organs against ``reference_classes``.
+                  timeout: float | None = None, class_set: ClassSet = PAPER) -> TotalSegDice:
+    """Run TotalSegmentator on ``synthetic`` (and ``real``) and score its structures against ``reference_classes``.
 
-    ``reference_classes`` holds model classes (e.g. from ``synthesis.prepare_classes``) on the CT's grid.
+    ``reference_classes`` holds classes of ``class_set`` (e.g. from ``synthesis.prepare_classes``) on the CT's grid;
+    TotalSegmentator's structures are mapped onto the same set, and every class but background and body is scored
+    (for the paper's set: the 15 organs).
     """
     for name, vol in (("synthetic", synthetic), ("real", real)):
         if vol is not None and not vol.same_grid(reference_classes, atol=1e-3):
@@ -214,10 +218,12 @@ def totalseg_dice(synthetic: Volume, reference_classes: Volume, real: Volume | N
             continue
         if progress is not None:
             progress(f"TotalSegmentator on the {name} CT ({'fast' if fast else 'full'} mode)")
-        predictions[name] = totalseg_organs(run_totalsegmentator(vol, fast=fast, device=device, timeout=timeout))
-        scores[name] = dice_per_organ(predictions[name], reference_classes.array)
+        predictions[name] = totalseg_organs(run_totalsegmentator(vol, fast=fast, device=device, timeout=timeout),
+                                            totalsegmentator_adapter(2, class_set))
+        scores[name] = dice_per_organ(predictions[name], reference_classes.array, class_set.labelled, class_set)
     return TotalSegDice(synthetic=scores["synthetic"], real=scores.get("real"),
-                        reference_voxels=voxel_counts(reference_classes.array), mode="fast" if fast else "full",
+                        reference_voxels=voxel_counts(reference_classes.array, class_set.labelled, class_set),
+                        mode="fast" if fast else "full",
                         device=totalseg_device(device), predicted_synthetic=predictions["synthetic"])
 
 

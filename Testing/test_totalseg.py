@@ -138,3 +138,38 @@ def test_totalsegmentator_failure_is_reported_with_its_last_lines(tmp_path, monk
     with pytest.raises(CTSynthError, match="TotalSegmentator failed") as err:
         run_totalsegmentator(_case()[0], fast=True, device="cpu", log_path=tmp_path / "ts.log")
     assert "ts.log" in str(err.value) and (tmp_path / "ts.log").stat().st_size > 0
+
+
+def test_dice_in_the_anatomy_set_scores_totalsegmentators_bones_and_muscles(monkeypatch):
+    """TotalSegmentator's structures mapped onto the anatomy set (vertebra levels -> vertebrae, left/right ribs ->
+    ribs, ...): Dice for every class but background and body; in the paper set the same run scores the organs only."""
+    import CTSemanticSynthLib.totalseg as totalseg
+    from CTSemanticSynthLib.labels import class_set, totalsegmentator_names
+
+    anatomy = class_set("anatomy")
+    ts_id = {name: value for value, name in totalsegmentator_names(2).items()}
+    ct, _ = _case()
+    ref = np.zeros(ct.shape, np.uint8)
+    ref[8:28, 8:20, 6:18] = anatomy.classes.index("liver")
+    ref[4:12, 4:8, 4:8] = anatomy.classes.index("vertebrae")  # 128 voxels
+    ref[20:24, 26:30, 4:8] = anatomy.classes.index("ribs")  # 64 voxels
+    ref[0:2, 0:2, 0:2] = anatomy.body
+    found = np.zeros(ct.shape, np.int16)
+    found[8:28, 8:20, 6:18] = ts_id["liver"]
+    found[4:8, 4:8, 4:8] = ts_id["vertebrae_L1"]
+    found[8:12, 4:8, 4:8] = ts_id["vertebrae_L2"]  # two levels, one class: all 128 voxels
+    found[20:24, 26:30, 4:6] = ts_id["rib_left_3"]  # half the ribs
+    found[24:28, 26:30, 4:8] = ts_id["rib_right_4"]  # and 64 voxels beside them
+    found[0:2, 0:2, 0:2] = ts_id["spleen"]
+    monkeypatch.setattr(totalseg, "run_totalsegmentator", lambda volume, **kwargs: Volume(found, volume.affine))
+    result = totalseg_dice(ct, Volume(ref, ct.affine), fast=True, device="cpu", class_set=anatomy)
+    assert list(result.synthetic) == [anatomy.classes[c] for c in anatomy.labelled]  # body is not scored
+    assert result.synthetic["vertebrae"] == 1.0 and result.synthetic["liver"] == 1.0
+    assert result.synthetic["ribs"] == pytest.approx(2 * 32 / (96 + 64))
+    assert result.synthetic["spleen"] == 0.0 and np.isnan(result.synthetic["lung"])
+    assert result.reference_voxels["vertebrae"] == 128 and result.reference_voxels["ribs"] == 64
+    assert result.mean_synthetic == pytest.approx((1 + 1 + 0.4 + 0) / 4)
+    assert result.predicted_synthetic[5, 5, 5] == anatomy.classes.index("vertebrae")
+    paper = totalseg_dice(ct, Volume(np.where(ref > BODY, BODY, ref), ct.affine), fast=True, device="cpu")
+    assert list(paper.synthetic) == list(MODEL_CLASSES[1:BODY]) and paper.synthetic["liver"] == 1.0
+    assert paper.predicted_synthetic[5, 5, 5] == BODY  # the paper set has no vertebrae
