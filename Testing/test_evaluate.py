@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 
 from CTSemanticSynthLib.cli import main
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_volume
+from CTSemanticSynthLib.labels import MODEL_CLASSES, class_set as class_set_named
 from CTSemanticSynthLib.metrics import axial_unit_slices, psnr, ssim, to_model_slices
 from CTSemanticSynthLib.metrics.paper import PAPER_RESULTS
 from CTSemanticSynthLib.preprocess import AxialOrientation
@@ -64,6 +66,9 @@ def test_cli_report_table_and_json(capsys, tmp_path, noisy_synthetic):
     assert report["image"]["ssim"]["mean"] == pytest.approx(float(np.mean(ssim(a, b))))
     assert 15 < report["image"]["psnr"]["mean"] < 40 and 0 < report["image"]["ssim"]["mean"] < 1
     assert report["inputs"]["labels"] == "totalseg" and "totalseg" not in report
+    # the paper set's layout: the 15 organs (no body, no difference, no air means), headed 'organ', no group lines
+    assert list(report["voxels"]) == list(MODEL_CLASSES[1:16]) and "hu_difference" not in report
+    assert out.startswith("organ ") and "difference" not in out and "AMOS organs:" not in out
 
 
 def test_cli_fid_per_plane_with_a_stand_in_feature_extractor(capsys, tmp_path, monkeypatch):
@@ -135,6 +140,134 @@ def test_an_interrupt_after_the_report_went_in_names_it(capsys, tmp_path, noisy_
     assert err.endswith(f"ctsynth: interrupted after writing {tmp_path / 'r.json'} (complete); the run did not "
                         "finish\n"), err
     assert json.loads((tmp_path / "r.json").read_text())["inputs"]["labels"] == "totalseg"
+
+
+# --- ctsynth evaluate of an anatomy-set synthetic CT ---------------------------------------------------
+
+VERTEBRAE_OFFSET, LIVER_OFFSET, COLON_GAS_HU = 50, -30, -300
+
+
+def _members(class_name: str) -> np.ndarray:
+    """TotalSegmentator v2 ids of the anatomy class ``class_name`` (from its names, not through the adapter)."""
+    from CTSemanticSynthLib.labels import class_from_name, class_set, totalsegmentator_names
+
+    anatomy = class_set("anatomy")
+    return np.array([v for v, n in totalsegmentator_names(2).items()
+                     if class_from_name(n, anatomy) == anatomy.classes.index(class_name)])
+
+
+@pytest.fixture(scope="module")
+def anatomy_evaluation(tmp_path_factory) -> tuple[str, dict, list]:
+    """`ctsynth evaluate --real --totalseg --json` of a stand-in anatomy-model synthetic CT: the real CT within
+    -1024..2000 HU, +50 HU in the vertebrae, -30 HU in the liver, -300 HU where the colon holds gas, with a sidecar
+    naming the anatomy set and the full-range mapping. TotalSegmentator stands in: on the synthetic CT it finds the
+    input labels, on the real CT the same without the ribs. Returns (stdout, JSON report, TotalSegmentator's inputs)."""
+    import contextlib
+    import io
+
+    import CTSemanticSynthLib.totalseg as totalseg
+    from CTSemanticSynthLib.intensity import FULL_RANGE
+    from CTSemanticSynthLib.labels import class_set
+
+    folder = tmp_path_factory.mktemp("anatomy_eval")
+    ct, (seg, _) = read_image(SAMPLE_CT), read_labelmap(SAMPLE_SEG)
+    hu = np.clip(ct.array, -1024, 2000)
+    hu = np.where(np.isin(seg.array, _members("vertebrae")), hu + VERTEBRAE_OFFSET, hu)
+    hu = np.where(np.isin(seg.array, _members("liver")), hu + LIVER_OFFSET, hu)
+    hu = np.where(np.isin(seg.array, _members("colon")) & (ct.array < -500), COLON_GAS_HU, hu)
+    write_volume(Volume(hu.astype(np.int16), ct.affine), folder / "syn.nii.gz")
+    anatomy = class_set("anatomy")
+    (folder / "syn.json").write_text(json.dumps({"synthetic": True, "class_set": "anatomy",
+                                                 "classes": list(anatomy.classes), "intensity": FULL_RANGE.config()}))
+    no_ribs = np.where(np.isin(seg.array, _members("ribs")), 0, seg.array)
+    found, seen = [seg.array, no_ribs], []
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        patch.setattr(totalseg, "check_totalsegmentator", lambda fast=True, env=None: folder)
+        patch.setattr(totalseg, "run_totalsegmentator",
+                      lambda volume, **kwargs: seen.append(volume) or Volume(found[len(seen) - 1], volume.affine))
+        code = main(["evaluate", "--synthetic", str(folder / "syn.nii.gz"), "--seg", str(SAMPLE_SEG), "--real",
+                     str(SAMPLE_CT), "--labels", "totalseg", "--totalseg", "--json", str(folder / "r.json"),
+                     "--save-totalseg", str(folder / "ts.nii.gz")])
+    assert code == 0
+    return out.getvalue(), json.loads((folder / "r.json").read_text()), seen
+
+
+def test_an_anatomy_synthetic_is_scored_per_class_of_its_set_in_its_range(anatomy_evaluation):
+    """Every anatomy class present has its HU, synthetic vs real clipped to the recorded mapping, the difference, and
+    for lung/colon/small bowel the means where the real CT is air."""
+    _, report, _ = anatomy_evaluation
+    ct, (seg, names) = read_image(SAMPLE_CT), read_labelmap(SAMPLE_SEG)
+    present = {"liver", "spleen", "vertebrae", "ribs", "pelvis", "femur", "autochthon", "iliopsoas", "gluteus",
+               "colon", "small_bowel", "lung", "sternum_cartilage", "spinal_cord", "other_vessels", "body"}
+    assert present <= {name for name, n in report["voxels"].items() if n}
+    assert report["voxels"]["heart"] == 0 and report["hu_real"]["heart"]["mean"] is None  # absent: no mean
+    real = np.clip(ct.array.astype(np.float64), -1024, 2000)  # full range: femur and lung beyond the paper window
+    for name in ("femur", "lung", "ribs", "autochthon"):
+        mask = np.isin(seg.array, _members(name))
+        assert report["voxels"][name] == int(mask.sum())
+        assert report["hu_real"][name]["mean"] == pytest.approx(real[mask].mean(), abs=0.01)
+    assert report["hu_real"]["femur"]["mean"] > 240 and report["hu_real"]["lung"]["mean"] < -500
+    assert report["hu_difference"]["vertebrae"] == pytest.approx(VERTEBRAE_OFFSET, abs=0.05)
+    assert report["hu_difference"]["liver"] == pytest.approx(LIVER_OFFSET, abs=0.05)
+    assert abs(report["hu_difference"]["femur"]) < 0.05 and abs(report["hu_difference"]["body"]) < 0.05
+    body = prepare_classes(seg, names, "totalseg", classes=class_set_named("anatomy"))[0].array == 16
+    assert report["voxels"]["body"] == int(body.sum())  # fat and unlabelled tissue inside the outline
+    colon_air = np.isin(seg.array, _members("colon")) & (ct.array < -500)
+    assert report["hu_where_air"]["colon"] == pytest.approx({"voxels": int(colon_air.sum()),
+                                                             "real": float(real[colon_air].mean()),
+                                                             "synthetic": COLON_GAS_HU}, abs=0.01)
+    assert report["hu_where_air"]["colon"]["real"] < -500 and report["hu_where_air"]["lung"]["real"] < -500
+    assert set(report["hu_where_air"]) == {"lung", "small_bowel", "colon"}
+    assert report["synthetic_provenance"]["class_set"] == "anatomy"
+
+
+def test_totalsegmentator_dice_of_an_anatomy_synthetic_covers_its_classes(anatomy_evaluation, tmp_path):
+    """TotalSegmentator's structures are mapped onto the anatomy set: Dice for bones, muscles, bowel, lung, ...,
+    not for body; the saved label map holds anatomy class ids."""
+    out, report, seen = anatomy_evaluation
+    ts = report["totalseg"]
+    for name in ("liver", "vertebrae", "ribs", "femur", "gluteus", "colon", "lung", "spinal_cord"):
+        assert ts["synthetic"][name] == 1.0, name
+    assert ts["real"]["ribs"] == 0.0 and ts["real"]["vertebrae"] == 1.0  # the real CT's run found no ribs
+    assert ts["synthetic"]["heart"] is None and "body" not in ts["synthetic"]  # absent on both sides; body unscored
+    assert ts["mean_synthetic"] == 1.0 and ts["mean_real"] < 1.0
+    assert ts["reference_voxels"]["ribs"] == report["voxels"]["ribs"] > 0
+    assert "clipped to -1024..2000 HU (full_range)" in ts["intensity"] and len(seen) == 2
+    saved, _ = read_labelmap(Path(report["inputs"]["synthetic"]).with_name("ts.nii.gz"))
+    seg, _ = read_labelmap(SAMPLE_SEG)
+    vertebrae = class_set_named("anatomy").classes.index("vertebrae")
+    np.testing.assert_array_equal(saved.array == vertebrae, np.isin(seg.array, _members("vertebrae")))
+    assert re.search(r"^Ribs +\d+ .* 1\.000 +0\.000$", out, re.M), out
+
+
+def test_the_anatomy_table_lists_organs_then_the_groups_of_docs_anatomy(anatomy_evaluation):
+    out, report, _ = anatomy_evaluation
+    lines = out.splitlines()
+    assert lines[0].split() == ["class", "voxels", "HU", "real", "HU", "synthetic", "difference", "Dice", "syn",
+                                "Dice", "real"]
+    headings = [line for line in lines if line.endswith(":") and not line[0].isspace()]
+    assert headings[:7] == ["AMOS organs:", "Chest:", "Bowel:", "Bones:", "Brain and spinal cord:", "Muscles:",
+                            "Vessels, cysts, glands:"]
+    assert headings[7] == "Body: fat and unlabelled tissue:"
+    first = [line.split("  ")[0].strip() for line in lines]
+    order = ["Spleen", "Liver", "Prostate/uterus", "Lungs and airways", "Small bowel", "Colon", "Vertebrae", "Ribs",
+             "Femurs", "Spinal cord", "Autochthonous back muscles", "Gluteal muscles", "Other large vessels", "Body"]
+    assert [first.index(name) for name in order] == sorted(first.index(name) for name in order)
+    assert first.index("Body") < first.index("mean Dice")
+    assert re.search(rf"^Vertebrae +{report['voxels']['vertebrae']} .* \+50 ", out, re.M)
+    assert "Heart" not in out and "Esophagus" not in out  # absent classes are not listed
+    air = lines.index("mean HU where the real CT is air (below -500 HU):")
+    colon = report["hu_where_air"]["colon"]
+    assert lines[air + 1].split()[:4] == ["Lungs", "and", "airways", str(report["hu_where_air"]["lung"]["voxels"])]
+    assert lines[air + 3].split() == ["Colon", str(colon["voxels"]), f"{colon['real']:.0f}", "-300"]
+
+
+def test_a_provenance_naming_an_unknown_class_set_is_refused_in_one_line(capsys, tmp_path, noisy_synthetic):
+    (tmp_path / "syn.nii.gz").write_bytes(noisy_synthetic.read_bytes())
+    (tmp_path / "syn.json").write_text(json.dumps({"synthetic": True, "class_set": "organs-and-more"}))
+    code, out, err = evaluate(capsys, "--synthetic", tmp_path / "syn.nii.gz", "--seg", SAMPLE_SEG)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"the provenance of --synthetic ({tmp_path / 'syn.json'}): unknown class set 'organs-and-more'" in err
 
 
 
