@@ -8,7 +8,8 @@ anatomy set (``labels.class_set('anatomy')``): the organs, vertebrae, ribs, pelv
 (autochthon + iliopsoas + gluteus), colon, small bowel, lungs, and fat = the body class (tissue inside the body that no
 label covers). For each group and model: mean HU of the synthetic CT and of the real CT over all slices and over the
 held-out slices (every 8th axial slice, as ``training.prepare --holdout-every 8``), and for colon, small bowel and
-lung the mean over the voxels where the real CT is air (< -500 HU). "ceiling" is the real CT sent through the model's
+lung the mean over the voxels where the real CT is air (< -500 HU; ``evaluation.means_where_air``, as
+``ctsynth evaluate`` reports it for an anatomy-set synthetic CT). "ceiling" is the real CT sent through the model's
 grid and mapping and back (HU -> [0, 1] -> its slice size -> back): the best mean any model of that size and mapping
 can give. The real CT is taken as it is (full HU); for the
 demo model the real organ means clipped to its window are shown too. Also the stripe index
@@ -32,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from CTSemanticSynthLib.checkpoint import load_model  # noqa: E402
+from CTSemanticSynthLib.evaluation import AIR_BELOW_HU, means_where_air  # noqa: E402
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap, write_volume  # noqa: E402
 from CTSemanticSynthLib.labels import ORGANS, class_set  # noqa: E402
 from CTSemanticSynthLib.metrics.consistency import stripe_index  # noqa: E402
@@ -90,7 +92,6 @@ def main() -> None:
     held_out = orientation.from_stack(held)
     masks = {g: np.isin(groups_volume.array, [ANATOMY.classes.index(n) for n in members])
              for g, members in GROUPS.items()}
-    air = real.array < -500
     results, timing, ceilings = {}, [], {}
     for name in args.models.split(","):
         model = load_model(name)
@@ -127,13 +128,14 @@ def main() -> None:
             both = mask & held_out
             row.append(f"{_mean(volume[both]) - _mean(real_hu[both]):+.0f}")
         print("| " + " | ".join(row) + " |")
-    print("\nWhere the real CT is air (< -500 HU), mean HU:\n")
+    print(f"\nWhere the real CT is air (< {AIR_BELOW_HU:g} HU), mean HU:\n")
     print("| structure | voxels | real | " + " | ".join(results) + " |\n|---|---:|---:|" + "---:|" * len(results))
+    air = means_where_air({"real": real_hu, **{m: v for m, (v, _) in results.items()}}, real_hu, groups_volume.array,
+                          ANATOMY)
     for group in AIR_GROUPS:
-        mask = masks[group] & air
-        if mask.any():
-            print(f"| {group} | {int(mask.sum())} | {_mean(real_hu[mask]):.0f} | "
-                  + " | ".join(f"{_mean(v[mask]):.0f}" for v, _ in results.values()) + " |")
+        row = air.get(GROUPS[group][0])
+        if row is not None:
+            print(f"| {group} | {row['voxels']} | " + " | ".join(f"{row[k]:.0f}" for k in ("real", *results)) + " |")
     print("\nOrgans (15 AMOS) against the real CT clipped to each model's range (what it can reproduce):\n")
     print("| model | mean abs organ diff (HU) | max abs organ diff (HU) | organs within 20 HU |\n|---|---:|---:|---:|")
     for name, (volume, mapping) in results.items():
