@@ -270,6 +270,21 @@ def test_a_provenance_naming_an_unknown_class_set_is_refused_in_one_line(capsys,
     assert f"the provenance of --synthetic ({tmp_path / 'syn.json'}): unknown class set 'organs-and-more'" in err
 
 
+def test_a_json_mapping_is_checked_against_the_synthetics_class_set(capsys, tmp_path, noisy_synthetic):
+    """A mapping that names 'ribs' suits an anatomy synthetic and is refused for a paper one, before any volume is
+    read (here the existing --json is what stops the accepted one)."""
+    (tmp_path / "map.json").write_text(json.dumps({"5": "liver", "92": "ribs"}))
+    (tmp_path / "exists.json").write_text("{}")
+    (tmp_path / "syn.nii.gz").write_bytes(noisy_synthetic.read_bytes())
+    argv = ("--synthetic", tmp_path / "syn.nii.gz", "--seg", SAMPLE_SEG, "--labels", tmp_path / "map.json", "--json",
+            tmp_path / "exists.json")
+    code, _, err = evaluate(capsys, *argv)
+    assert code == 2 and "target 'ribs' for '92' is not a class of the 'paper' set" in err
+    (tmp_path / "syn.json").write_text(json.dumps({"synthetic": True, "class_set": "anatomy"}))
+    code, _, err = evaluate(capsys, *argv)
+    assert code == 2 and "ribs" not in err and "--overwrite" in err
+
+
 
 # --- training/holdout_check.py ------------------------------------------------------------------------
 
