@@ -210,7 +210,7 @@ def evaluate_files(synthetic: Path, seg: Path, real: Path | None = None, *, labe
                                  f"--synthetic {synthetic}", note)
     real_volume = None if real is None else onto_grid(read_ct(real, f"--real {real}"), segmentation, "image",
                                                       f"--real {real}", note)
-    classes, mapping = prepare_classes(segmentation, names, labels, classes=class_set)
+    classes, mapping = prepare_classes(segmentation, names, labels, reference=real_volume, classes=class_set)
     report = evaluate_case(synthetic_volume, classes, real_volume, totalseg=totalseg, fast=fast, fid=fid,
                            inception=inception, device=device, progress=progress, save_totalseg=save_totalseg,
                            overwrite=overwrite, intensity=intensity, class_set=class_set)

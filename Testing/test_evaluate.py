@@ -210,8 +210,11 @@ def test_an_anatomy_synthetic_is_scored_per_class_of_its_set_in_its_range(anatom
     assert report["hu_difference"]["vertebrae"] == pytest.approx(VERTEBRAE_OFFSET, abs=0.05)
     assert report["hu_difference"]["liver"] == pytest.approx(LIVER_OFFSET, abs=0.05)
     assert abs(report["hu_difference"]["femur"]) < 0.05 and abs(report["hu_difference"]["body"]) < 0.05
-    body = prepare_classes(seg, names, "totalseg", classes=class_set_named("anatomy"))[0].array == 16
-    assert report["voxels"]["body"] == int(body.sum())  # fat and unlabelled tissue inside the outline
+    anatomy = class_set_named("anatomy")
+    body = prepare_classes(seg, names, "totalseg", reference=ct, classes=anatomy)[0].array == 16
+    hull = prepare_classes(seg, names, "totalseg", classes=anatomy)[0].array == 16
+    assert report["voxels"]["body"] == int(body.sum()) != int(hull.sum())  # inside the real CT's outline, with --real
+    assert report["hu_real"]["body"]["mean"] == pytest.approx(real[body].mean(), abs=0.01)
     colon_air = np.isin(seg.array, _members("colon")) & (ct.array < -500)
     assert report["hu_where_air"]["colon"] == pytest.approx({"voxels": int(colon_air.sum()),
                                                              "real": float(real[colon_air].mean()),
