@@ -455,4 +455,4 @@ def test_slicer_panel_summarises_a_generator(generator_folder, monkeypatch):
     from CTSemanticSynthSlicerLib.logic import SynthesisLogic
 
     config = json.loads((generator_folder / CONFIG_NAME).read_text())
-    assert SynthesisLogic.modelSummary(config).startswith("tiny-pix2pix (pix2pix, 32x32), 16 classes")
+    assert SynthesisLogic.modelSummary(config).startswith("tiny-pix2pix (pix2pix, 32x32)\nclass set: paper (17 classes)")
