@@ -3,7 +3,6 @@ shown blinded, removed afterwards, and the summary table."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import vtk
@@ -15,7 +14,7 @@ from .nodes import loadClassLabelmap, loadVolumeFile, removeNodes
 from .reader_study import StudyCase, StudySummary
 from .regeneration import UNDO_ROLE
 from .review import setupReviewLayout, showWindow, windowPresets
-from .tasks import ATTRIBUTE_PREFIX, isSynthetic
+from .tasks import ATTRIBUTE_PREFIX, isSynthetic, provenanceOf
 
 
 class ReviewAndStudy:
@@ -25,8 +24,7 @@ class ReviewAndStudy:
         """The window presets a synthetic CT can be reviewed in beside the real CT: those inside the HU range of its
         model's intensity mapping (recorded in its provenance; the paper's window when none is recorded), so only
         the abdomen window for a paper-window model, and bone and lung windows too for a full-range one."""
-        text = syntheticVolumeNode.GetAttribute(ATTRIBUTE_PREFIX + "Provenance") if syntheticVolumeNode else None
-        return windowPresets(mapping_from_config(json.loads(text) if text else {}).hu_range)
+        return windowPresets(mapping_from_config(provenanceOf(syntheticVolumeNode)).hu_range)
 
     def _checkWindow(self, syntheticVolumeNode, window: str) -> None:
         allowed = self.reviewWindows(syntheticVolumeNode)

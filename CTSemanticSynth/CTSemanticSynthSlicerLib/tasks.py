@@ -3,6 +3,7 @@ temporary folder, and :class:`BackgroundTask`, which keeps what is needed to fin
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -22,6 +23,21 @@ CLI_MODULE = "CTSemanticSynthLib.cli"
 def isSynthetic(node) -> bool:
     """Whether ``node`` is a synthetic CT this module made (it carries the SYNTHETIC attribute)."""
     return node is not None and node.GetAttribute(ATTRIBUTE_PREFIX + "Synthetic") == "true"
+
+
+def provenanceOf(node) -> dict:
+    """The provenance record synthesis stored on a synthetic CT node (``ctsynth synth``'s sidecar: class set,
+    intensity mapping, ...); {} for None or a node without one. ValueError when the stored record is not readable."""
+    text = node.GetAttribute(ATTRIBUTE_PREFIX + "Provenance") if node is not None else None
+    if not text:
+        return {}
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise ValueError(f"the provenance stored on '{node.GetName()}' is not readable: make the synthetic CT again")
+    return record
 
 
 @dataclass
