@@ -383,6 +383,18 @@ def test_dice_table(scene):
     assert table.GetColumnDescription("Dice real CT (clipped like the synthetic)") == intensity
 
 
+def test_dice_table_lists_every_class_of_the_synthetics_set(scene):
+    """A report made in the anatomy set (its synthetic CT's provenance says so): every class with a Dice, the organs
+    first, then the others in the set's order, with the set's display names; the mean is the report's."""
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "dice")
+    dice = {"vertebrae": 0.6, "lung": 0.8, "liver": 0.9, "autochthon": None, "spleen": 0.7}
+    SynthesisLogic.fillDiceTable(table, {"synthetic_provenance": anatomy_provenance(),
+                                         "totalseg": {"synthetic": dice, "mean_synthetic": 0.75}})
+    rows = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
+    assert rows == ["Spleen", "Liver", "Lungs and airways", "Vertebrae", "Mean"] and table.GetColumnName(0) == "Class"
+    assert [float(table.GetCellText(r, 1)) for r in range(5)] == pytest.approx([0.7, 0.9, 0.8, 0.6, 0.75])
+
+
 def test_empty_segmentation_and_other_grid_are_refused_and_the_scene_is_unchanged(scene, logic, tmp_path):
     segmentation = load_segmentation(scene, names="totalseg")
     ct = load_volume(scene, SAMPLE_CT, "case01 CT")
@@ -545,8 +557,10 @@ def test_sampler_and_precision_reach_the_command(scene, tmp_path, sampler, preci
     task.cleanup()
 
 
-def test_finish_dice_loads_table_and_segmentation(scene, logic, tmp_path):
-    """finishDice with the files `ctsynth evaluate` is expected to write (see SynthesisLogic.diceCommand)."""
+@pytest.mark.parametrize("class_set", ["paper", "anatomy"])
+def test_finish_dice_loads_table_and_segmentation(scene, logic, tmp_path, class_set):
+    """finishDice with the files `ctsynth evaluate` is expected to write (see SynthesisLogic.diceCommand); the
+    TotalSegmentator segmentation is named in the report's class set (class 21: vertebrae in the anatomy set)."""
     from CTSemanticSynthLib.io import Volume, read_labelmap, write_volume
     from CTSemanticSynthSlicerLib.tasks import BackgroundTask
     from CTSemanticSynthSlicerLib.process import BackgroundProcess
@@ -555,9 +569,14 @@ def test_finish_dice_loads_table_and_segmentation(scene, logic, tmp_path):
     work = tmp_path / "dice"
     work.mkdir()
     seg, _ = read_labelmap(SAMPLE_SEG)
-    amos = np.where(seg.array == 5, 6, np.where(seg.array == 1, 1, 0)).astype(np.uint8)  # liver, spleen
+    second = 1 if class_set == "paper" else 21  # the spleen's voxels: spleen, or vertebrae in the anatomy set
+    amos = np.where(seg.array == 5, 6, np.where(seg.array == 1, second, 0)).astype(np.uint8)
     write_volume(Volume(amos, seg.affine), work / "totalseg_synthetic.nii.gz")
-    (work / "dice.json").write_text(json.dumps({"totalseg": {"synthetic": {"liver": 0.91, "spleen": 0.8}}}))
+    report = {"totalseg": {"synthetic": {"liver": 0.91, "spleen": 0.8}}}
+    if class_set == "anatomy":
+        report = {"synthetic_provenance": anatomy_provenance(), "totalseg": {"synthetic": {"liver": 0.91,
+                                                                                           "vertebrae": 0.8}}}
+    (work / "dice.json").write_text(json.dumps(report))
     process = BackgroundProcess([sys.executable, "-c", "print('PROGRESS 1/1')"]).start()
     task = BackgroundTask(process, work, "dice", inputs={"syntheticID": synthetic.GetID(), "json": work / "dice.json",
                                                           "totalseg": work / "totalseg_synthetic.nii.gz"})
@@ -566,7 +585,7 @@ def test_finish_dice_loads_table_and_segmentation(scene, logic, tmp_path):
     assert table.GetName() == "case01 synthetic CT Dice" and table.GetNumberOfRows() == 3
     names = sorted(segmentation.GetSegmentation().GetNthSegment(i).GetName()
                    for i in range(segmentation.GetSegmentation().GetNumberOfSegments()))
-    assert names == ["Liver", "Spleen"] and not work.exists()
+    assert names == (["Liver", "Spleen"] if class_set == "paper" else ["Liver", "Vertebrae"]) and not work.exists()
     assert {scene.GetNthNode(i).GetClassName() for i in range(scene.GetNumberOfNodes())} >= {"vtkMRMLTableNode"}
     assert not scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems()
 
@@ -614,19 +633,76 @@ def test_left_handed_oblique_grid_is_kept_voxel_for_voxel(scene, logic, tiny_mod
     assert (hu[:, 50:, 50:] == -1000).all()  # ... and the far corner, outside the body, is air
 
 
-def dice_case(scene):
-    """A 36 x 32 x 24 CT at 3 mm with a liver and a spleen segmented (TotalSegmentator's fast grid)."""
+def dice_case(scene, names=("liver", "spleen")):
+    """A 36 x 32 x 24 CT at 3 mm with a liver and a second structure (``names``) segmented (TotalSegmentator's fast
+    grid); the second is bone-bright (1200 HU)."""
     ct = np.full((24, 32, 36), -1000, dtype=np.int16)  # K, J, I
     ct[4:20, 6:26, 6:30] = 40
     labels = np.zeros(ct.shape, dtype=np.int16)
     labels[6:18, 8:20, 8:28] = 1
     labels[8:14, 21:25, 10:16] = 2
+    ct[labels == 2] = 1200
     ijk_to_ras = np.diag([-3.0, -3.0, 3.0, 1.0])
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case synthetic CT")
     slicer.util.updateVolumeFromArray(volume, ct)
     volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
-    segmentation = segmentationFromArray(labels, ijk_to_ras, "organs", ("liver", "spleen"))
+    segmentation = segmentationFromArray(labels, ijk_to_ras, "organs", names)
     return volume, segmentation, labels
+
+
+def anatomy_provenance() -> dict:
+    """What synthesis stores on a synthetic CT of a full-range anatomy-set model (the parts evaluate reads)."""
+    from CTSemanticSynthLib.intensity import FULL_RANGE
+    from CTSemanticSynthLib.labels import class_set
+
+    return {"synthetic": True, "model": "tiny-anatomy", "class_set": "anatomy",
+            "classes": list(class_set("anatomy").classes), "intensity": FULL_RANGE.config()}
+
+
+def test_dice_of_an_anatomy_synthetic_is_scored_in_its_class_set_and_mapping(scene, tmp_path):
+    """startDice hands `ctsynth evaluate` the synthetic CT's provenance beside it and the segments in its class set:
+    a vertebra stays 'vertebrae', and the real `ctsynth evaluate` scores the files in the anatomy set and the full
+    HU range. A CT without provenance is scored as before (paper set: the vertebra is body)."""
+    true = shutil.which("true")
+    if true is None:
+        pytest.skip("needs a 'true' executable to stand in for PythonSlicer")
+    synthetic, segmentation, _ = dice_case(scene, ("liver", "L3 vertebra"))
+    real = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "real")
+    real.Copy(synthetic)
+    logic = SynthesisLogic(pythonExecutable=true, tempRoot=str(tmp_path), keepFiles=True)
+
+    def dice_files(node) -> tuple[list[str], dict[str, str]]:
+        task = logic.startDice(node, segmentation, real)
+        task.wait(30)
+        args = [str(a) for a in task.process.args]
+        return args, json.loads(Path(args[args.index("--labels") + 1]).read_text())
+
+    args, mapping = dice_files(synthetic)  # no provenance: a paper-set, paper-window CT as before
+    assert sorted(mapping.values()) == ["body", "liver"]
+    assert not (Path(args[args.index("--synthetic") + 1]).parent / "synthetic.json").exists()
+
+    provenance = anatomy_provenance()
+    synthetic.SetAttribute(ATTRIBUTE_PREFIX + "Synthetic", "true")
+    synthetic.SetAttribute(ATTRIBUTE_PREFIX + "Provenance", json.dumps(provenance, sort_keys=True))
+    args, mapping = dice_files(synthetic)
+    assert sorted(mapping.values()) == ["liver", "vertebrae"]
+    option = lambda name: args[args.index(name) + 1]  # noqa: E731
+    assert json.loads((Path(option("--synthetic")).parent / "synthetic.json").read_text()) == provenance
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "CTSemanticSynthLib.cli", "evaluate", "--synthetic",
+                             option("--synthetic"), "--seg", option("--seg"), "--labels", option("--labels"),
+                             "--real", option("--real"), "--json", str(report)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scored = json.loads(report.read_text())
+    assert scored["hu_real_range"] == [-1024, 2000]  # the full range, not the paper's -160..240 HU
+    assert scored["voxels"]["vertebrae"] > 0 and scored["hu_real"]["vertebrae"]["mean"] == pytest.approx(1200)
+
+    synthetic.SetAttribute(ATTRIBUTE_PREFIX + "Provenance", "{cut short")
+    work = set(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="provenance stored on 'case synthetic CT' is not readable"):
+        logic.startDice(synthetic, segmentation, real)
+    assert set(tmp_path.iterdir()) == work  # nothing written, nothing started
 
 
 def test_dice_inputs_are_written_uncompressed_for_the_background_process(scene, tmp_path):

@@ -11,12 +11,14 @@ import numpy as np
 import vtk
 
 import slicer
-from CTSemanticSynthLib.labels import DISPLAY_NAMES, MODEL_CLASSES, normalize_name
+from CTSemanticSynthLib.evaluation import beyond_organs
+from CTSemanticSynthLib.labels import ClassSet, class_set, normalize_name
+from CTSemanticSynthLib.provenance import sidecar_path, write_record
 
 from .nodes import SynthesisError, loadClassLabelmap, placeBeside, writeVolume
 from .process import BackgroundProcess, State, pythonCommand
 from .segments import exportOrder, mappingJson
-from .tasks import ATTRIBUTE_PREFIX, CLI_MODULE, BackgroundTask
+from .tasks import ATTRIBUTE_PREFIX, CLI_MODULE, BackgroundTask, provenanceOf
 
 TOTALSEG_DOWNLOAD_MODULE = "totalsegmentator.bin.totalseg_download_weights"  # TotalSegmentator 2.x's own command
 WEIGHTS_MODULE = "CTSemanticSynthSlicerLib.weights"
@@ -33,16 +35,22 @@ class DiceEvaluation:
     def startDice(self, syntheticVolumeNode, segmentationNode, realVolumeNode=None, labels: str = "auto",
                   mappingFile: str | None = None, device: str = "auto", fast: bool = True) -> BackgroundTask:
         """Run TotalSegmentator on the synthetic CT (and the real one, as the ceiling) in the background and score
-        it against the input segmentation. Finish with :meth:`finishDice`."""
-        classes = self.classifySegments(segmentationNode, labels, mappingFile)
+        it against the input segmentation, in the class set and intensity mapping of the synthetic CT's model (its
+        provenance, written beside it for ``ctsynth evaluate``; the paper's without one). Finish with
+        :meth:`finishDice`."""
+        provenance = provenanceOf(syntheticVolumeNode)
+        classes = self.classifySegments(segmentationNode, labels, mappingFile,
+                                        classSet=str(provenance.get("class_set", "paper")))
         order = exportOrder(classes)
         workDir = self._workDir("dice")
         try:
             synthetic = workDir / "synthetic.nrrd"
             writeVolume(syntheticVolumeNode, synthetic)
+            if provenance:
+                write_record(provenance, sidecar_path(synthetic))
             seg = workDir / "labels.nrrd"
             self.exportLabelmap(segmentationNode, [s.segmentId for s, _ in order], syntheticVolumeNode, seg)
-            (workDir / "labels.json").write_text(mappingJson(order))
+            (workDir / "labels.json").write_text(mappingJson(order, classes.classSet))
             real = None
             if realVolumeNode is not None:
                 real = workDir / "real.nrrd"
@@ -91,7 +99,8 @@ class DiceEvaluation:
             self.fillDiceTable(tableNode, results)
             segNode = None
             if Path(task.inputs["totalseg"]).is_file():
-                segNode = loadClassLabelmap(Path(task.inputs["totalseg"]), f"{name} TotalSegmentator")
+                segNode = loadClassLabelmap(Path(task.inputs["totalseg"]), f"{name} TotalSegmentator",
+                                            self.reportClassSet(results))
                 if synthetic is not None:
                     placeBeside(segNode, synthetic)
             return tableNode, segNode
@@ -121,9 +130,15 @@ class DiceEvaluation:
             task.cleanup()
 
     @staticmethod
+    def reportClassSet(results: dict) -> ClassSet:
+        """The class set a ``ctsynth evaluate`` report was made in: its synthetic CT's provenance's (the paper's
+        when it records none)."""
+        return class_set(str((results.get("synthetic_provenance") or {}).get("class_set", "paper")))
+
+    @staticmethod
     def _diceColumns(results: dict) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
         """({column title: {class name: dice}}, {column title: mean}) from ``ctsynth evaluate --json``
-        (its "totalseg" part: {"synthetic": {organ: dice or null}, "real": ..., "mean_synthetic": ...})."""
+        (its "totalseg" part: {"synthetic": {class: dice or null}, "real": ..., "mean_synthetic": ...})."""
         results = results.get("totalseg", results)
         real = "Dice real CT (clipped like the synthetic)" if results.get("intensity") else "Dice real CT (unclipped)"
         columns, means = {}, {}
@@ -135,27 +150,30 @@ class DiceEvaluation:
                 if isinstance(results.get(f"mean_{key}"), (int, float)):
                     means[title] = float(results[f"mean_{key}"])
         if not columns:
-            raise SynthesisError("the Dice results file has no per-organ values")
+            raise SynthesisError("the Dice results file has no per-class values")
         return columns, means
 
     @classmethod
     def fillDiceTable(cls, tableNode, results: dict) -> None:
-        """Organ | Dice synthetic CT | [Dice real CT], one row per organ scored plus the mean; the real CT's column
-        title and description say how TotalSegmentator saw it."""
+        """Organ (or Class) | Dice synthetic CT | [Dice real CT]: one row per class scored, in the class set the
+        report was made in (its synthetic CT's provenance; the paper's without one): the organs first, then the
+        set's other classes in its order; then the mean. The real CT's column title and description say how
+        TotalSegmentator saw it."""
         columns, means = cls._diceColumns(results)
-        organs = [c for c in MODEL_CLASSES if any(c in col for col in columns.values())]
+        classSet = cls.reportClassSet(results)
+        rows = [c for c in classSet.labelled if any(classSet.classes[c] in col for col in columns.values())]
         wasModifying = tableNode.StartModify()
         tableNode.RemoveAllColumns()
         names = vtk.vtkStringArray()
-        names.SetName("Organ")
-        for organ in organs:
-            names.InsertNextValue(DISPLAY_NAMES[MODEL_CLASSES.index(organ)])
+        names.SetName("Class" if beyond_organs(classSet) else "Organ")
+        for c in rows:
+            names.InsertNextValue(classSet.display_names[c])
         names.InsertNextValue("Mean")
         tableNode.AddColumn(names)
         for title, values in columns.items():
             array = vtk.vtkDoubleArray()
             array.SetName(title)
-            scored = [values.get(organ, float("nan")) for organ in organs]
+            scored = [values.get(classSet.classes[c], float("nan")) for c in rows]
             for value in scored:
                 array.InsertNextValue(value)
             mean = means.get(title, float(np.nanmean(scored)) if np.isfinite(scored).any() else float("nan"))

@@ -11,7 +11,7 @@ import numpy as np
 import vtk
 
 import slicer
-from CTSemanticSynthLib.labels import COLORS, DISPLAY_NAMES, MODEL_CLASSES
+from CTSemanticSynthLib.labels import PAPER, ClassSet
 
 
 class SynthesisError(RuntimeError):
@@ -133,15 +133,16 @@ def placeBeside(node, original) -> None:
         shNode.CreateItem(parent, node)
 
 
-def loadClassLabelmap(path: Path, name: str):
-    """A segmentation node from a label map in model class ids, with the model's names and colours."""
+def loadClassLabelmap(path: Path, name: str, classes: ClassSet = PAPER):
+    """A segmentation node from a label map in class ids of ``classes`` (the model's set), with its names and
+    colours."""
     voxels, ijkToRAS = readArray(path)
     segNode = segmentationFromArray(voxels, ijkToRAS, slicer.mrmlScene.GenerateUniqueName(name))
     segmentation = segNode.GetSegmentation()
     for i in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(i)
         value = int(segment.GetLabelValue())
-        if 0 < value < len(MODEL_CLASSES):
-            segment.SetName(DISPLAY_NAMES[value])
-            segment.SetColor(*(c / 255.0 for c in COLORS[value]))
+        if 0 < value < len(classes.classes):
+            segment.SetName(classes.display_names[value])
+            segment.SetColor(*(c / 255.0 for c in classes.colors[value]))
     return segNode
