@@ -49,7 +49,7 @@ Turn a segmentation (every structure the model's class set knows: the 15 AMOS or
 into a <b>synthetic CT</b> with a conditional diffusion model, on the segmentation's exact grid. The result is marked
 SYNTHETIC and carries its provenance (model sha256, sampler, steps, seed) as node attributes. Review it side by side
 with the real CT in one window (blinded if wished), run a blinded reader study, and score it by running
-TotalSegmentator on it (Dice per organ). Needs 3D Slicer 5.10 or newer (Python 3.12) and the PyTorch extension.
+TotalSegmentator on it (Dice per class). Needs 3D Slicer 5.10 or newer (Python 3.12) and the PyTorch extension.
 See the <a href="https://github.com/ctsemanticsynth/CTSemanticSynth#3d-slicer-extension">documentation</a>.
 """)
         self.parent.acknowledgementText = _("""Method: Y. Zhuang et al., <i>Semantic Image Synthesis for Abdominal CT</i>,
