@@ -67,6 +67,18 @@ def test_chunks_give_the_whole_batch_output(monkeypatch, conditioning, cache_byt
     assert denoiser.evaluated == 14 and bool(denoiser.finite)
 
 
+def test_conditions_are_one_hot_over_the_networks_classes():
+    """A network trained on more classes than the paper's 17 (its config's ``num_classes``) gets masks that wide."""
+    torch.manual_seed(0)
+    network = randomise_zero_layers(UNetModel(**tiny_model_config("concat", image_size=16), num_classes=20)).eval()
+    classes, x, t = _inputs()
+    classes[0, :4] = 19
+    with torch.inference_mode():
+        out = VolumeDenoiser(network, "concat", classes, batch_size=3, device=CPU)(x, t)
+        expected = network(x, t, **condition_inputs(classes.long(), "concat", 20))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -244,6 +256,10 @@ def test_out_of_memory_halves_the_batch_and_retries_the_chunk(monkeypatch, caplo
 
 def test_out_of_memory_at_one_slice_is_raised():
     classes, x, t = _inputs(3)
+    one_at_a_time = _OutOfMemoryAbove(_network("concat"), limit=1)
+    with torch.inference_mode():
+        VolumeDenoiser(one_at_a_time, "concat", classes, batch_size=1, device=CPU)(x, t)
+    assert one_at_a_time.calls == [1, 1, 1]  # a batch size of 1 is taken as given
     failing = _OutOfMemoryAbove(_network("concat"), limit=0)
     denoiser = VolumeDenoiser(failing, "concat", classes, batch_size=2, device=CPU)
     with torch.inference_mode(), pytest.raises(torch.OutOfMemoryError):
