@@ -14,7 +14,7 @@ import torch
 from CTSemanticSynthLib import denoiser as denoiser_module
 from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.cli import main
-from CTSemanticSynthLib.denoiser import VolumeDenoiser, to_memory_format
+from CTSemanticSynthLib.denoiser import VolumeDenoiser, precision_autocast, to_memory_format
 from CTSemanticSynthLib.errors import Cancelled, CTSynthError
 from CTSemanticSynthLib.io import Volume, read_labelmap
 from CTSemanticSynthLib.models import UNetModel
@@ -132,6 +132,42 @@ def test_reduced_precision_takes_channels_last_on_the_cpu_only():
     assert to_memory_format(x, "fp32") is x
     on_gpu = x.to("meta")
     assert to_memory_format(on_gpu, "bf16") is on_gpu and to_memory_format(on_gpu, "fp16") is on_gpu
+
+
+class _Layouts(torch.nn.Module):
+    """A network that records whether the one-hot mask it is given is channels_last."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network, self.channels_last = network, []
+
+    def encode_condition(self, **kwargs):
+        return self.network.encode_condition(**kwargs)
+
+    def forward(self, x, t, **kwargs):
+        self.channels_last.append(kwargs["mask"].is_contiguous(memory_format=torch.channels_last))
+        return self.network(x, t, **kwargs)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_denoiser_feeds_channels_last_under_reduced_precision_on_the_cpu(precision):
+    """A 2.5D model's mask (its slice's and its neighbours' one-hot masks side by side) is built NCHW; a 2D model's
+    one-hot mask is channels_last already."""
+    classes, x, t = _inputs(4)
+    torch.manual_seed(0)
+    network = _Layouts(UNetModel(**tiny_model_config("concat", image_size=16), context_slices=1).eval())
+    with torch.inference_mode():
+        VolumeDenoiser(network, "concat", classes[:, None].repeat(1, 3, 1, 1), batch_size=2, device=CPU,
+                       precision=precision)(x, t)
+    assert network.channels_last == [precision == "bf16"] * 2
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])
+def test_precision_autocasts_to_its_own_dtype(precision, dtype):
+    """fp16 is not the CPU's default autocast dtype (bf16 is), nor bf16 CUDA's."""
+    with precision_autocast(CPU, precision):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
 
 
 def test_sample_slices_defaults_to_independent_noise_and_honours_the_agreement_threshold():
