@@ -1,6 +1,7 @@
 """End-to-end `ctsynth` runs on the bundled sample with a tiny model, and every bad input it must refuse."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -113,11 +114,13 @@ def _unknown(tmp_path: Path) -> Path:
     (_unknown, "label convention knows none of the label values (250): no organ the model knows"),
     (lambda tmp: one_bit_nifti(tmp, "bits.nii"), "its NIfTI header is not supported (data code 1 not supported)"),
 ])
-def test_bad_segmentations_give_one_line(capsys, tiny_model, tmp_path, make_seg, message):
+def test_bad_segmentations_give_one_line(capsys, caplog, tiny_model, tmp_path, make_seg, message):
     out = tmp_path / "syn.nii.gz"
     code, err = synth(capsys, tiny_model, out, seg=make_seg(tmp_path))
     assert code == 2
     assert err.startswith("ctsynth: error:") and message in err and err.count("\n") == 1
+    # pytest takes the log records off stderr; ctsynth prints each as one more line (nibabel's header ERROR, twice)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert "Traceback" not in err
     assert list(tmp_path.glob("syn*")) == [] and list(tmp_path.glob(".ctsynth-*")) == []
 

@@ -14,7 +14,7 @@ import torch
 from CTSemanticSynthLib import denoiser as denoiser_module
 from CTSemanticSynthLib.checkpoint import load_model
 from CTSemanticSynthLib.cli import main
-from CTSemanticSynthLib.denoiser import VolumeDenoiser, to_memory_format
+from CTSemanticSynthLib.denoiser import VolumeDenoiser, precision_autocast, to_memory_format
 from CTSemanticSynthLib.errors import Cancelled, CTSynthError
 from CTSemanticSynthLib.io import Volume, read_labelmap
 from CTSemanticSynthLib.models import UNetModel
@@ -65,6 +65,18 @@ def test_chunks_give_the_whole_batch_output(monkeypatch, conditioning, cache_byt
                                atol=1e-5)
     assert len(denoiser._conditions) == (3 if cache_bytes else 0)
     assert denoiser.evaluated == 14 and bool(denoiser.finite)
+
+
+def test_conditions_are_one_hot_over_the_networks_classes():
+    """A network trained on more classes than the paper's 17 (its config's ``num_classes``) gets masks that wide."""
+    torch.manual_seed(0)
+    network = randomise_zero_layers(UNetModel(**tiny_model_config("concat", image_size=16), num_classes=20)).eval()
+    classes, x, t = _inputs()
+    classes[0, :4] = 19
+    with torch.inference_mode():
+        out = VolumeDenoiser(network, "concat", classes, batch_size=3, device=CPU)(x, t)
+        expected = network(x, t, **condition_inputs(classes.long(), "concat", 20))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def _bytes(tensors) -> int:
@@ -120,6 +132,42 @@ def test_reduced_precision_takes_channels_last_on_the_cpu_only():
     assert to_memory_format(x, "fp32") is x
     on_gpu = x.to("meta")
     assert to_memory_format(on_gpu, "bf16") is on_gpu and to_memory_format(on_gpu, "fp16") is on_gpu
+
+
+class _Layouts(torch.nn.Module):
+    """A network that records whether the one-hot mask it is given is channels_last."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network, self.channels_last = network, []
+
+    def encode_condition(self, **kwargs):
+        return self.network.encode_condition(**kwargs)
+
+    def forward(self, x, t, **kwargs):
+        self.channels_last.append(kwargs["mask"].is_contiguous(memory_format=torch.channels_last))
+        return self.network(x, t, **kwargs)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_denoiser_feeds_channels_last_under_reduced_precision_on_the_cpu(precision):
+    """A 2.5D model's mask (its slice's and its neighbours' one-hot masks side by side) is built NCHW; a 2D model's
+    one-hot mask is channels_last already."""
+    classes, x, t = _inputs(4)
+    torch.manual_seed(0)
+    network = _Layouts(UNetModel(**tiny_model_config("concat", image_size=16), context_slices=1).eval())
+    with torch.inference_mode():
+        VolumeDenoiser(network, "concat", classes[:, None].repeat(1, 3, 1, 1), batch_size=2, device=CPU,
+                       precision=precision)(x, t)
+    assert network.channels_last == [precision == "bf16"] * 2
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])
+def test_precision_autocasts_to_its_own_dtype(precision, dtype):
+    """fp16 is not the CPU's default autocast dtype (bf16 is), nor bf16 CUDA's."""
+    with precision_autocast(CPU, precision):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
 
 
 def test_sample_slices_defaults_to_independent_noise_and_honours_the_agreement_threshold():
@@ -187,7 +235,7 @@ def test_cancel_is_polled_before_every_chunk_and_progress_counts_slices():
 
     denoiser = VolumeDenoiser(network, "concat", classes, batch_size=3, device=CPU, cancel=cancel,
                               progress=seen.append)
-    with torch.inference_mode(), pytest.raises(Cancelled):
+    with torch.inference_mode(), pytest.raises(Cancelled, match="^cancelled by the user; nothing was written$"):
         denoiser(x, t)
     assert seen == [3, 6] and denoiser.evaluated == 6
 
@@ -221,7 +269,9 @@ class _OutOfMemoryAbove(torch.nn.Module):
 
 
 @pytest.mark.parametrize("conditioning", ["concat", "mask_encoder"])
-def test_out_of_memory_halves_the_batch_and_retries_the_chunk(caplog, conditioning):
+def test_out_of_memory_halves_the_batch_and_retries_the_chunk(monkeypatch, caplog, conditioning):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))  # CUDA's cache only
     network = _network(conditioning)
     classes, x, t = _inputs()
     failing, sizes, seen = _OutOfMemoryAbove(network, limit=3), [], []
@@ -237,15 +287,53 @@ def test_out_of_memory_halves_the_batch_and_retries_the_chunk(caplog, conditioni
     assert seen == [3, 6, 7] and denoiser.evaluated == 7  # failed chunks are not counted
     assert set(denoiser._conditions) == {(0, 3), (3, 6), (6, 7)}
     assert [r.getMessage() for r in caplog.records] == ["out of memory on cpu with 7 slices at a time: retrying with 3"]
+    assert emptied == []
 
 
 def test_out_of_memory_at_one_slice_is_raised():
     classes, x, t = _inputs(3)
+    one_at_a_time = _OutOfMemoryAbove(_network("concat"), limit=1)
+    with torch.inference_mode():
+        VolumeDenoiser(one_at_a_time, "concat", classes, batch_size=1, device=CPU)(x, t)
+    assert one_at_a_time.calls == [1, 1, 1]  # a batch size of 1 is taken as given
     failing = _OutOfMemoryAbove(_network("concat"), limit=0)
     denoiser = VolumeDenoiser(failing, "concat", classes, batch_size=2, device=CPU)
     with torch.inference_mode(), pytest.raises(torch.OutOfMemoryError):
         denoiser(x, t)
     assert failing.calls == [2, 1] and denoiser.batch_size == 1
+
+
+class _Raising(torch.nn.Module):
+    """A network whose every call raises ``error``."""
+
+    def __init__(self, network: torch.nn.Module, error: Exception) -> None:
+        super().__init__()
+        self.network, self.error = network, error
+
+    def encode_condition(self, **kwargs):
+        return self.network.encode_condition(**kwargs)
+
+    def forward(self, x, t, **kwargs):
+        raise self.error
+
+
+def test_a_failed_compile_is_one_line_and_other_errors_pass_through():
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def inductor():
+        """A compiler backend's name."""
+
+    classes, x, t = _inputs(3)
+    failed = BackendCompilerFailed(inductor, RuntimeError("no C++ compiler"), None)
+    denoiser = VolumeDenoiser(_Raising(_network("concat"), failed), "concat", classes, device=CPU)
+    message = ("--compile: torch.compile failed (backend='inductor' raised:); it needs a working C++ compiler on the "
+               "CPU, Triton on CUDA: install one or run without --compile")
+    with torch.inference_mode(), pytest.raises(CTSynthError) as raised:
+        denoiser(x, t)
+    assert str(raised.value) == message
+    other = VolumeDenoiser(_Raising(_network("concat"), RuntimeError("boom")), "concat", classes, device=CPU)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="^boom$"):
+        other(x, t)
 
 
 def test_auto_batch_is_fixed_where_free_memory_is_unknown():
@@ -280,38 +368,85 @@ class _MemoryModel(torch.nn.Module):
         self.held += self.output * len(x)
         return self.network(x, t, **kwargs)
 
-    def reset_peak(self, device=None) -> None:  # torch.cuda.reset_peak_memory_stats: the probe's outputs are gone
+    def reset_peak(self) -> None:  # torch.cuda.reset_peak_memory_stats: the probe's outputs are gone
         self.peak, self.held = self.allocated, 0
+
+
+def _fake_cuda_memory(monkeypatch, network: _MemoryModel, free: int) -> list:
+    """``free_memory`` and torch.cuda's memory counters replaced by ``network``'s; returns the devices asked about."""
+    asked = []
+
+    def asking(value):
+        def counter(device):
+            asked.append(device)
+            return value()
+        return counter
+
+    monkeypatch.setattr(denoiser_module, "free_memory", asking(lambda: free))
+    monkeypatch.setattr(torch.cuda, "synchronize", asking(lambda: None))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", asking(network.reset_peak))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", asking(lambda: network.allocated))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", asking(lambda: network.peak))
+    return asked
+
+
+def _mib(n: float) -> float:
+    return n / 2**20
 
 
 @pytest.mark.parametrize("conditioning", ["concat", "mask_encoder"])
 @pytest.mark.parametrize("guidance", [0.0, 1.0])
-def test_auto_batch_plans_with_the_cost_of_one_more_slice(monkeypatch, conditioning, guidance):
-    """The CUDA planning rule with the memory counters replaced: a slice costs the difference of the 1- and the
-    2-slice probe (its activations, plus its first output under guidance, held during the second pass); the weight
-    copies are paid once. Free 600 MB -> (480 MB - 50 MB weights - condition cache - the volume's outputs, twice)
-    / cost, at most all slices."""
+def test_auto_batch_plans_with_the_cost_of_one_more_slice(monkeypatch, caplog, conditioning, guidance):
+    """The CUDA planning rule with the memory counters replaced, on a GPU stand-in ('meta': a probe made on the host
+    would fail): a slice costs the difference of the 1- and the 2-slice probe (its activations, plus its first output
+    under guidance, held during the second pass); the weight copies are paid once. Free 600 MB -> (480 MB - 50 MB
+    weights - condition cache - the volume's outputs, twice) / cost, at most all slices; the plan is logged."""
     free, weights, activations, output = 600_000_000, 50_000_000, 2_000_000, 1_000_000
-    network = _MemoryModel(_network(conditioning), weights, activations, output)
-    monkeypatch.setattr(denoiser_module, "free_memory", lambda device: free)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", network.reset_peak)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: network.allocated)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: network.peak)
-    classes = torch.randint(0, 17, (300, 16, 16), generator=torch.Generator().manual_seed(2)).to(torch.uint8)
-    denoiser = VolumeDenoiser(network, conditioning, classes, batch_size="auto", device=CPU, guidance=guidance)
-    with torch.inference_mode():
+    meta = torch.device("meta")
+    network = _MemoryModel(_network(conditioning), weights, activations, output).to(meta)
+    asked = _fake_cuda_memory(monkeypatch, network, free)
+    classes = torch.randint(0, 17, (1000, 16, 16), generator=torch.Generator().manual_seed(2)).to(torch.uint8)
+    denoiser = VolumeDenoiser(network, conditioning, classes, batch_size="auto", device=meta, guidance=guidance)
+    with torch.inference_mode(), caplog.at_level("INFO", logger="CTSemanticSynthLib.denoiser"):
         batch = denoiser.measured_batch_size()
-        inputs = condition_inputs(classes.long(), conditioning)
+        inputs = condition_inputs(classes.to(meta).long(), conditioning)
         features = network.encode_condition(**inputs)
     cache = _bytes(inputs.values()) + (0 if features is None else _bytes(features))
-    outputs = 2 * 300 * 2 * 16 * 16 * 4  # (eps, variance) float32 per slice: the chunks' and their join
+    outputs = 2 * 1000 * 2 * 16 * 16 * 4  # (eps, variance) float32 per slice: the chunks' and their join
     per_slice = activations + (output if guidance else 0)
     assert batch == int((free * denoiser_module.MEMORY_FRACTION - weights - cache - outputs) / per_slice) >= 1
     assert denoiser._conditions == {}  # the probes' conditions are not kept
-    denoiser.classes = classes[:30]
+    assert set(asked) == {meta}  # the counters of the denoiser's device, not the current one
+    assert [r.getMessage() for r in caplog.records] == [
+        f"batch size auto: {batch} of 1000 slices ({_mib(free):.0f} MiB free x 0.80; once {_mib(weights):.0f} MiB, "
+        f"per slice {_mib(per_slice):.1f} MiB, condition cache {_mib(cache):.0f} MiB, outputs {_mib(outputs):.0f} MiB)"]
+    denoiser.classes = denoiser.classes[:30]
     with torch.inference_mode():
         assert denoiser.measured_batch_size() == 30  # at most all slices
+
+
+@pytest.mark.parametrize("slices, free, activations, cache_limit", [
+    (1, 600_000_000, 2_000_000, None),  # one slice: one probe, one slice
+    (20, 60_000_000, 2_000_000, None),  # less free memory than the fixed cost: still one slice
+    (20, 600_000_000, 0, None),  # the 2-slice probe peaks no higher: it is charged half its peak a slice
+    (20, 70_352_400, 2_000_000, 0),  # conditions over the cache limit: none cached, none planned for
+])
+def test_auto_batch_plan_edge_cases(monkeypatch, slices, free, activations, cache_limit):
+    weights = 50_000_000
+    if cache_limit is not None:
+        monkeypatch.setattr(denoiser_module, "CONDITION_CACHE_BYTES", cache_limit)
+    network = _MemoryModel(_network("concat"), weights, activations, 0)
+    _fake_cuda_memory(monkeypatch, network, free)
+    classes, _, _ = _inputs(slices)
+    with torch.inference_mode():
+        batch = VolumeDenoiser(network, "concat", classes, batch_size="auto", device=CPU).measured_batch_size()
+    budget = free * denoiser_module.MEMORY_FRACTION - 2 * slices * 2 * 16 * 16 * 4  # less the outputs
+    if slices == 1 or budget < weights + activations:
+        assert batch == 1
+    elif activations == 0:
+        assert batch == int((budget - weights / 2) / (weights / 2)) == 18
+    else:  # no cache planned: 6.2 MB for slices (the 20 slices' conditions, were they cached, would leave 2)
+        assert batch == int((budget - weights) / activations) == 3
 
 
 @pytest.fixture(scope="module")

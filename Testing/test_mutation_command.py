@@ -46,12 +46,13 @@ def test_generated_config_replaces_the_checkouts_and_keeps_the_rest():
     at = original.index("[tool.pytest.ini_options]")
     with_old = original[:at] + old + original[at:]  # an old section between two others, as older commits have
     for text in (original, with_old):
-        config = tomllib.loads(with_mutmut_config(text, "CTSemanticSynthLib/preprocess.py"))
+        config = tomllib.loads(with_mutmut_config(text, "CTSemanticSynthLib/preprocess.py", timeout_multiplier=4.0))
         tests, keyword = selection_for("CTSemanticSynthLib/preprocess.py")
         assert config["tool"]["mutmut"] == {
             "source_paths": ["CTSemanticSynthLib"], "only_mutate": ["CTSemanticSynthLib/preprocess.py"],
             "also_copy": ["Testing/", "Resources/", "training/"],
-            "pytest_add_cli_args_test_selection": list(tests), "pytest_add_cli_args": ["-k", keyword]}
+            "pytest_add_cli_args_test_selection": list(tests), "pytest_add_cli_args": ["-k", keyword],
+            "timeout_multiplier": 4.0}
         assert {k: v for k, v in config.items() if k != "tool"} == {
             k: v for k, v in tomllib.loads(original).items() if k != "tool"}
         assert config["tool"]["pytest"] == tomllib.loads(original)["tool"]["pytest"]

@@ -92,9 +92,10 @@ def selection_for(file: str) -> tuple[tuple[str, ...], str]:
     raise SystemExit(f"mutation: no test selection for {file}: add a row to TESTS in benchmarks/mutation.py")
 
 
-def with_mutmut_config(pyproject: str, file: str) -> str:
+def with_mutmut_config(pyproject: str, file: str, timeout_multiplier: float = 15.0) -> str:
     """`pyproject` (the text of pyproject.toml) with its ``[tool.mutmut]`` section, if any, replaced by one that
-    mutates `file` alone with its test selection."""
+    mutates `file` alone with its test selection; a mutant times out after `timeout_multiplier` times (its tests'
+    measured duration + 1 s)."""
     tests, keyword = selection_for(file)
     kept = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", pyproject)
     settings = {  # JSON strings and lists of strings are valid TOML
@@ -103,6 +104,7 @@ def with_mutmut_config(pyproject: str, file: str) -> str:
         "also_copy": ["Testing/", "Resources/", "training/"],
         "pytest_add_cli_args_test_selection": list(tests),
         "pytest_add_cli_args": ["-k", keyword],
+        "timeout_multiplier": timeout_multiplier,
     }
     return kept.rstrip("\n") + "\n\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
 
@@ -192,6 +194,9 @@ def main() -> int:
                                      "(e.g. CTSemanticSynthLib/preprocess.py)")
     parser.add_argument("--rev", help="run on this commit's files (git archive) instead of the work tree")
     parser.add_argument("--max-children", type=int, default=1, help="parallel mutmut workers (default 1)")
+    parser.add_argument("--timeout-multiplier", type=float, default=15.0,
+                        help="a mutant times out after this many times its tests' clean duration + 1 s (mutmut's "
+                             "default 15; a mutant that loops forever costs that long)")
     parser.add_argument("--mutants", nargs="+", default=[], help="run only these mutant names or patterns")
     parser.add_argument("--scratch", type=Path, help="scratch folder to use or reuse (default: a new temporary one)")
     parser.add_argument("--out", type=Path, help="also write the summary here")
@@ -209,7 +214,7 @@ def main() -> int:
     if not (scratch / file).is_file():
         raise SystemExit(f"mutation: {file} is not a file of {'commit ' + args.rev if args.rev else 'the checkout'}")
     pyproject = scratch / "pyproject.toml"
-    pyproject.write_text(with_mutmut_config(pyproject.read_text(encoding="utf-8"), file), encoding="utf-8")
+    pyproject.write_text(with_mutmut_config(pyproject.read_text(encoding="utf-8"), file, args.timeout_multiplier), encoding="utf-8")
 
     # mutmut puts its mutated copy first on sys.path itself; a PYTHONPATH (even to that copy) breaks its test runs
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}

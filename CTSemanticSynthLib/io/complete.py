@@ -3,6 +3,7 @@ voxels. nibabel is imported only here, inside the functions that look at NIfTI f
 
 from __future__ import annotations
 
+import logging
 import zlib
 from pathlib import Path
 
@@ -18,9 +19,7 @@ def _refuse_nonfinite(path: Path, array: np.ndarray) -> None:
     """InputError for NaN/inf voxels. ITK's NIfTI reader silently turns them into 0, so NIfTI files are
     checked on disk with nibabel."""
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        import nibabel as nib  # NIfTI only, so that the rest of io runs without nibabel
-
-        img = nib.load(str(path))
+        img = _load_nifti(path)
         bad = (int(np.count_nonzero(~np.isfinite(np.asanyarray(img.dataobj))))
                if np.issubdtype(img.get_data_dtype(), np.floating) else 0)
     else:
@@ -64,13 +63,34 @@ def _nifti_data_end(path: Path) -> int:
     import nibabel as nib  # NIfTI only, so that the rest of io runs without nibabel
 
     try:
-        image = nib.load(str(path))  # reads the header only
+        image = _load_nifti(path)  # reads the header only
     except nib.filebasedimages.ImageFileError as exc:
         raise ValueError(str(exc)) from None
     except nib.spatialimages.HeaderDataError as exc:  # e.g. datatype 1 (1 bit a voxel), which ITK cannot read either
         raise InputError(f"cannot read {path}: its NIfTI header is not supported ({exc}); save it again with a "
                          "standard voxel type (uint8 or int16 for a label map)") from None
     return int(image.dataobj.offset) + int(np.prod(image.shape)) * image.get_data_dtype().itemsize
+
+
+def _load_nifti(path: Path):  # -> nibabel's image (nibabel is imported here only)
+    """nibabel's image of a NIfTI file, read without nibabel's log record of a header problem it raises.
+
+    nibabel logs such a problem at ERROR before raising it, both to the root logger (``ctsynth: ERROR: ...``) and to
+    a stderr handler of its own, bound to the ``sys.stderr`` of the moment nibabel was imported (a closed stream
+    there prints a "--- Logging error ---" traceback); the caller turns the exception into one message.
+    """
+    import nibabel as nib  # NIfTI only, so that the rest of io runs without nibabel
+
+    logger = logging.getLogger("nibabel.global")
+    logger.addFilter(_below_error)
+    try:
+        return nib.load(str(path))
+    finally:
+        logger.removeFilter(_below_error)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def _data_section(path: Path) -> tuple[Path | None, int, int | None]:
