@@ -47,7 +47,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -m ''
 
 # Mutation testing of one library file (docs/testing.md), e.g. make mutation FILE=CTSemanticSynthLib/preprocess.py;
-# MUTATION_ARGS passes more options to benchmarks/mutation.py (--rev, --mutants, --max-children, --out).
+# MUTATION_ARGS passes more options to benchmarks/mutation.py (--rev, --mutants, --max-children, --timeout-multiplier, --out).
 mutation: $(STAMP)
 	$(if $(FILE),,$(error name the file: make mutation FILE=CTSemanticSynthLib/preprocess.py))
 	$(PY) -c 'import mutmut' 2>/dev/null || $(PY) -m pip install --quiet -c constraints.txt -e '.[mutation]'
