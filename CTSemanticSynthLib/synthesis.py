@@ -1,7 +1,8 @@
 """Segmentation volume in, synthetic CT volume (HU, int16, same grid) out: batched slice-wise diffusion sampling.
 
-Only slices that contain body or organs are sampled; voxels of the background class are air (-1000 HU). Sampled
-intensities live in the L40/W400 window, so the output lies in -160..240 HU inside the body (see README).
+Only slices that contain body or organs are sampled; background voxels are air (-1000 HU). Samples live in the
+model's intensity mapping (:mod:`.intensity`: the paper's -160..240 HU window or a full range) and are resized back
+to the segmentation's grid, the class boundaries optionally restored (:mod:`.partial_volume`).
 """
 
 from __future__ import annotations
