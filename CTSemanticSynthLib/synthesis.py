@@ -303,7 +303,7 @@ def synthesize(
     for part in _parts(active):
         low = sample[first : first + len(part)]
         full = model.intensity.to_hu(resize.from_model(low, labels=False).numpy()) if restore is None else \
-            restore(stack[part], low)
+            restore(stack[part], first)
         hu_stack[part] = np.where(stack[part] == BACKGROUND, AIR_HU, np.rint(full))
         first += len(part)
     volume = Volume(hu, classes.affine)
@@ -321,17 +321,17 @@ def synthesize(
 
 
 def _boundary_restorer(stack: np.ndarray, active: np.ndarray, sample: torch.Tensor, resize: PlaneResize,
-                       model: LoadedModel) -> Callable[[np.ndarray, torch.Tensor], np.ndarray]:
-    """(classes, model-size [0, 1] slices) -> full-resolution HU with the class boundaries restored, its class values
-    estimated from all sampled slices (:mod:`.partial_volume`)."""
+                       model: LoadedModel) -> Callable[[np.ndarray, int], np.ndarray]:
+    """(a part's classes, its first row in ``sample``) -> HU, boundaries restored (:mod:`.partial_volume`)."""
     mapping = model.intensity
+    sample_hu = torch.from_numpy(mapping.to_hu(sample.numpy()))  # model-size slices: small
     estimate, first = ClassValues(len(model.class_set.classes), resize), 0
     for part in _parts(active):
-        estimate.add(stack[part], torch.from_numpy(mapping.to_hu(sample[first : first + len(part)].numpy())))
+        estimate.add(stack[part], sample_hu[first : first + len(part)])
         first += len(part)
     values = estimate.solve(mapping.hu_range)
-    return lambda classes, low: restore_boundaries(classes, torch.from_numpy(mapping.to_hu(low.numpy())), resize,
-                                                   values, mapping.hu_range)
+    return lambda classes, start: restore_boundaries(classes, sample_hu[start : start + len(classes)], resize, values,
+                                                     mapping.hu_range)
 
 
 def _jumps(num_steps: int, length: int | None, n_sample: int | None) -> Jumps:
