@@ -13,8 +13,9 @@ adds back what the down/up resize removes from the piecewise-constant class imag
 
 which is zero inside a class away from its boundary (the model's texture is kept as it is) and restores the step at
 each boundary. Mixing is linear in HU (attenuation), so both steps work in HU; ``down``/``up`` are exactly the
-model's resize (:class:`~.preprocess.PlaneResize`). What it cannot restore is structure inside a class that the
-model's grid never resolved (a femur's cortical rim brighter than its marrow): see docs/anatomy.md for measurements.
+model's resize in HU (:func:`~.preprocess.hu_to_model`, as training prepares its slices). What it cannot restore is
+structure inside a class that the model's grid never resolved (a femur's cortical rim brighter than its marrow): see
+docs/anatomy.md for measurements.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .preprocess import PlaneResize
+from .preprocess import PlaneResize, hu_from_model, hu_to_model
 
 RIDGE = 0.01
 """Weight pulling each class value towards its fraction-weighted mean: keeps classes of a few mixed pixels stable."""
@@ -61,5 +62,5 @@ def restore_boundaries(classes: np.ndarray, low_hu: torch.Tensor, resize: PlaneR
     """Full-resolution HU slices (float32): ``up(low_hu)`` plus the boundary detail of the template
     ``values[classes]``, clipped to ``hu_range``."""
     template = torch.from_numpy(values.astype(np.float32)[classes])
-    detail = template - resize.from_model(resize.to_model(template, labels=False), labels=False)
-    return (resize.from_model(low_hu, labels=False) + detail).clamp(*hu_range).numpy()
+    detail = template - hu_from_model(resize, hu_to_model(resize, template, hu_range), hu_range)
+    return (hu_from_model(resize, low_hu, hu_range) + detail).clamp(*hu_range).numpy()

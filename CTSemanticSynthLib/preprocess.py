@@ -103,6 +103,21 @@ class PlaneResize:
         return out.to(slices.dtype) if labels else out
 
 
+def hu_to_model(resize: PlaneResize, hu: torch.Tensor, hu_range: tuple[float, float]) -> torch.Tensor:
+    """Full-resolution HU slices (N, H, W) -> model-size HU slices, clipped to ``hu_range`` and padded with its lowest
+    value. Images are resized in HU because partial volume mixes attenuation linearly: a coarse pixel on a bone or air
+    boundary holds the HU mean of what it covers. Resized after a companding mapping, the mean of cortical bone and
+    marrow would map back far below it (and bowel gas next to its wall far above)."""
+    low, high = hu_range
+    return resize.to_model(hu.float().clamp(low, high) - low, labels=False) + low
+
+
+def hu_from_model(resize: PlaneResize, hu: torch.Tensor, hu_range: tuple[float, float]) -> torch.Tensor:
+    """Model-size HU slices -> full-resolution HU slices clipped to ``hu_range``: the inverse of :func:`hu_to_model`."""
+    low, high = hu_range
+    return (resize.from_model(hu.float() - low, labels=False) + low).clamp(low, high)
+
+
 def _per_slice(mask: np.ndarray, fn) -> np.ndarray:
     return np.stack([fn(s) if s.any() else s for s in mask]) if mask.size else mask
 

@@ -37,6 +37,8 @@ from .preprocess import (
     body_mask_from_ct,
     body_mask_from_labels,
     condition_inputs,
+    hu_from_model,
+    hu_to_model,
     network_classes,
     one_hot,
 )
@@ -302,8 +304,8 @@ def synthesize(
     hu_stack, first = orientation.to_stack(hu), 0                 # by part: no full-volume float temporaries
     for part in _parts(active):
         low = sample[first : first + len(part)]
-        full = model.intensity.to_hu(resize.from_model(low, labels=False).numpy()) if restore is None else \
-            restore(stack[part], first)
+        full = restore(stack[part], first) if restore is not None else hu_from_model(
+            resize, torch.from_numpy(model.intensity.to_hu(low.numpy())), model.intensity.hu_range).numpy()
         hu_stack[part] = np.where(stack[part] == BACKGROUND, AIR_HU, np.rint(full))
         first += len(part)
     volume = Volume(hu, classes.affine)
@@ -343,10 +345,11 @@ def _jumps(num_steps: int, length: int | None, n_sample: int | None) -> Jumps:
 
 def _inpainting(edit: RegionEdit, orientation: AxialOrientation, resize: PlaneResize, active: np.ndarray,
                 jumps: Jumps, intensity: IntensityMapping = PAPER_WINDOW) -> Inpainting:
-    """The kept CT (mapped by the model's ``intensity``, in [-1, 1]) and the region (1 where any of it falls in a pixel) of the ``active``
-    slices on the model's grid."""
+    """The kept CT (resized in HU, mapped by the model's ``intensity``, in [-1, 1]) and the region (1 where any of it
+    falls in a pixel) of the ``active`` slices on the model's grid."""
     keep, region = orientation.to_stack(edit.keep), orientation.to_stack(edit.region)
-    known = torch.cat([resize.to_model(torch.from_numpy(intensity.to_unit(keep[part])), labels=False) for part in _parts(active)])
+    known = torch.cat([torch.from_numpy(intensity.to_unit(hu_to_model(
+        resize, torch.from_numpy(keep[part].astype(np.float32)), intensity.hu_range).numpy())) for part in _parts(active)])
     unknown = torch.cat([resize.to_model(torch.from_numpy(region[part].astype(np.float32)), labels=False) > 0
                          for part in _parts(active)])
     return Inpainting(known[:, None] * 2 - 1, unknown[:, None].float(), jumps)

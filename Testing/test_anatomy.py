@@ -313,3 +313,42 @@ def test_gan_baselines_refuse_an_anatomy_cache(tmp_path, capsys):
                            "--device", "cpu"]) == 2
     assert "the GAN baselines train on the paper's classes only" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_prepare_resizes_the_ct_in_hu_before_the_mapping(tmp_path, capsys):
+    """The full-range cache holds the HU mean of what each model pixel covers: four 2-voxel cortical bars (1500 HU)
+    and gas pockets (-1000 HU) in soft tissue keep the slice's mean attenuation, 123 HU (resized after the
+    companding, it falls to 57 HU)."""
+    import nibabel as nib
+
+    from training import prepare
+
+    hu = np.full((90, 90, 3), 40, np.int16)
+    for col in (20, 35, 50, 65):
+        hu[15:75, col : col + 2] = 1500
+        hu[col : col + 3, 80:82] = -1000
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[30:60, 30:60] = 6  # AMOS liver
+    for folder, data in (("ct", hu), ("seg", labels)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / folder / "case.nii.gz")
+    assert prepare.main(["--images", str(tmp_path / "ct"), "--labels", str(tmp_path / "seg"), "--out",
+                         str(tmp_path / "cache"), "--size", "30", "--workers", "1", "--convention", "amos",
+                         "--intensity", "full_range"]) == 0
+    images = np.load(tmp_path / "cache" / "cases" / "case" / "images.npy").astype(np.float32)
+    assert images.shape == (3, 30, 30)
+    np.testing.assert_allclose(FULL_RANGE.to_hu(images).mean(axis=(1, 2)), hu.mean(axis=(0, 1)), atol=2.0)
+    # a full-range cache from before (resized after the mapping) is neither extended nor trained on
+    meta = tmp_path / "cache" / "cache.json"
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "resized_in"}))
+    capsys.readouterr()
+    assert prepare.main(["--images", str(tmp_path / "ct"), "--labels", str(tmp_path / "seg"), "--out",
+                         str(tmp_path / "cache"), "--size", "30", "--workers", "1", "--convention", "amos",
+                         "--intensity", "full_range"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resized_in 'model units', not 'hu'" in err, err
+    from training.dataset import SliceCache
+
+    with pytest.raises(InputError, match="prepared by an earlier version .* prepare it again"):
+        SliceCache(tmp_path / "cache", "train")

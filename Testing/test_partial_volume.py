@@ -11,12 +11,12 @@ from CTSemanticSynthLib.errors import CTSynthError
 from CTSemanticSynthLib.io import Volume
 from CTSemanticSynthLib.labels import BACKGROUND, BODY
 from CTSemanticSynthLib.partial_volume import ClassValues, restore_boundaries
-from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize
+from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize, hu_to_model
 from CTSemanticSynthLib.synthesis import SamplingOptions, preset_options, synthesize
 
-from conftest import make_model_folder
+from conftest import make_anatomy_model_folder, make_model_folder
 
-LIVER, AORTA = 6, 8
+LIVER, AORTA, RIBS = 6, 8, 22
 HU = {BACKGROUND: -1000.0, BODY: -100.0, LIVER: 60.0, AORTA: 230.0}
 HU_RANGE = (-1024.0, 2000.0)
 
@@ -88,11 +88,12 @@ def test_a_class_seen_in_a_few_mixed_pixels_stays_finite():
 
 
 def _fake_sampler(truth_hu: np.ndarray, resize: PlaneResize, mapping):
-    """sample_slices stand-in: the model output is the true image on the model's grid (a perfect model)."""
+    """sample_slices stand-in: the model output is the true image on the model's grid as training prepares it (a
+    perfect model)."""
     def sample(network, conditioning, sampler, small, active, **kwargs):
         kwargs["on_batch_size"](len(active))
-        unit = torch.from_numpy(mapping.to_unit(truth_hu[active]).astype(np.float32))
-        return resize.to_model(unit, labels=False).clamp(0, 1)
+        low_hu = hu_to_model(resize, torch.from_numpy(truth_hu[active]), mapping.hu_range)
+        return torch.from_numpy(mapping.to_unit(low_hu.numpy()))
     return sample
 
 
@@ -117,6 +118,32 @@ def test_synthesize_restores_the_boundaries_when_asked_and_records_it(tiny_model
         assert (out[classes == BACKGROUND] == -1000).all()
     else:
         assert out[bar].mean() < 130
+
+
+
+@pytest.mark.parametrize("correct", [False, True])
+def test_a_full_range_output_keeps_the_attenuation_of_a_thin_bone(tmp_path, monkeypatch, correct):
+    """A full-range model's output is upsampled in HU: around a 2-voxel rib (1200 HU) the mean attenuation is the
+    real one with or without the correction (upsampled after the companding it would come out 100s of HU low), and
+    the correction brings the rib itself back to its value."""
+    import CTSemanticSynthLib.synthesis as synthesis
+
+    classes = _phantom(slices=2)
+    classes[classes == AORTA] = RIBS
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    orientation = AxialOrientation.from_affine(affine)
+    model = load_model(make_anatomy_model_folder(tmp_path / "anatomy"))  # 32 px, -1024..2000 HU
+    resize = PlaneResize(90, 90, model.image_size)
+    truth = _template(classes)
+    truth[classes == RIBS] = 1200.0
+    monkeypatch.setattr(synthesis, "sample_slices", _fake_sampler(truth, resize, model.intensity))
+    result = synthesize(Volume(orientation.from_stack(classes), affine), model,
+                        SamplingOptions(steps=2, boundary_correction=correct), device="cpu")
+    out = orientation.to_stack(result.volume.array).astype(np.float32)
+    around = (slice(None), slice(50, 80), slice(52, 70))  # the rib and the body tissue its blur reaches
+    assert out[around].mean() == pytest.approx(truth[around].mean(), abs=8)
+    rib = classes == RIBS
+    assert (out[rib].mean() == pytest.approx(1200, abs=30)) if correct else (out[rib].mean() < 700)
 
 
 def test_presets_carry_boundary_correction_and_the_flag_overrides(tmp_path):

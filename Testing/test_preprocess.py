@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from CTSemanticSynthLib.intensity import FULL_RANGE
 from CTSemanticSynthLib.labels import BODY
 from CTSemanticSynthLib.preprocess import (
     AxialOrientation,
@@ -16,6 +17,8 @@ from CTSemanticSynthLib.preprocess import (
     body_mask_from_labels,
     condition_inputs,
     drop_condition,
+    hu_from_model,
+    hu_to_model,
     hu_to_unit,
     one_hot,
     semantic_edges,
@@ -32,6 +35,32 @@ def test_window_and_exact_inverse():
     np.testing.assert_array_equal(unit_to_hu(np.array([-0.5, 1.5])), [-160, 240])  # clipped to the window first
     assert hu_to_unit(hu.astype(np.int16)).dtype == np.float32  # float32 for any input: volumes are large
     assert unit_to_hu(np.array([0.5])).dtype == np.float32
+
+
+
+def test_images_are_resized_in_hu_so_a_coarse_pixel_holds_the_mean_attenuation():
+    """A 2-voxel cortical bar (1500 HU) and a gas pocket in soft tissue, on a non-square slice: the model-size slice
+    holds the HU mean of what each pixel covers (resized after the full-range companding, the bar's neighbourhood
+    would come out 100s of HU low), the padding is the range's lowest HU (air), and a flat slice comes back as it
+    was away from the padding."""
+    hu = np.full((1, 90, 60), 40.0, np.float32)
+    hu[0, 30:60, 29:31] = 1500.0
+    hu[0, 70:80, 10:12] = -1000.0
+    hu[0, 0, 0] = 2500.0  # metal: clipped to the range first
+    resize = PlaneResize(90, 60, 30)  # 3x coarser, 5 pixels of padding left and right
+    low = hu_to_model(resize, torch.from_numpy(hu), FULL_RANGE.hu_range)[0].numpy()
+    np.testing.assert_allclose(low[:, :4], -1024.0, atol=0.5)
+    clipped = np.clip(hu[0], -1024, 2000)
+    assert low[8:22, 12:18].mean() == pytest.approx(clipped[24:66, 21:39].mean(), abs=2.0)  # around the bar
+    assert low[21:29, 6:11].mean() == pytest.approx(clipped[63:87, 3:18].mean(), abs=2.0)  # around the gas
+    assert low[8:22, 14:16].max() > 500  # a pixel half bone is far brighter than soft tissue
+    flat = torch.full((2, 90, 60), -300.0)
+    back = hu_from_model(resize, hu_to_model(resize, flat, FULL_RANGE.hu_range), FULL_RANGE.hu_range)
+    assert back.shape == (2, 90, 60)
+    np.testing.assert_allclose(back[:, :, 6:-6].numpy(), -300.0, atol=0.1)  # the edges mix with the padding's air
+    spread = hu_from_model(resize, torch.from_numpy(low[None]), FULL_RANGE.hu_range).numpy()
+    assert spread.min() >= -1024 and spread.max() <= 2000
+    assert spread[0, 24:66, 21:39].mean() == pytest.approx(clipped[24:66, 21:39].mean(), abs=3.0)
 
 
 def _affine(perm, signs, spacing=(1.0, 2.0, 3.0)):

@@ -351,3 +351,22 @@ def test_inpainting_holds_the_kept_ct_in_model_units_and_every_pixel_the_region_
     torch.testing.assert_close(known[:, :15, 1:31], torch.zeros((3, 15, 30)), atol=0.02, rtol=0)  # and the edges
     unknown = inpaint.unknown[:, 0]
     assert unknown[1, 20, 10] == 1 and unknown.sum() <= 4 and unknown[[0, 2]].sum() == 0
+
+
+def test_inpainting_resizes_a_full_range_kept_ct_in_hu():
+    """With a companding mapping the kept CT is resized in HU, as training prepares its slices: a fine checkerboard of
+    cortical bone and soft tissue becomes its HU mean (770 HU), not the mean of their model units (~120 HU)."""
+    from CTSemanticSynthLib.intensity import FULL_RANGE
+    from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize
+    from CTSemanticSynthLib.synthesis import _inpainting
+
+    orientation = AxialOrientation.from_affine(np.eye(4))
+    keep_stack = np.where(np.add.outer(np.arange(64), np.arange(64)) % 2 == 0, 1500, 40)[None].repeat(2, 0)
+    keep = orientation.from_stack(keep_stack.astype(np.int16))
+    region = orientation.from_stack(np.zeros((2, 64, 64), bool))
+    region[0, 0, 0] = True
+    edit = RegionEdit.checked(Volume(np.ones(keep.shape, np.uint8), np.eye(4)), Volume(keep, np.eye(4)),
+                              Volume(region, np.eye(4)))
+    inpaint = _inpainting(edit, orientation, PlaneResize(64, 64, 32), np.arange(2), Jumps(), FULL_RANGE)
+    known_hu = FULL_RANGE.to_hu((inpaint.known[:, 0, 2:-2, 2:-2].numpy() + 1) / 2)
+    np.testing.assert_allclose(known_hu, 770.0, atol=5.0)

@@ -30,6 +30,9 @@ class SliceCache:
         if self.meta.get("classes") != list(self.class_set.classes):
             raise InputError(f"{root} was prepared for other classes; prepare it again with this version")
         self.intensity: IntensityMapping = mapping_from_config(self.meta)
+        if not self.intensity.is_window and self.meta.get("resized_in") != "hu":
+            raise InputError(f"{root} was prepared by an earlier version (its full-range images were resized after the "
+                             "intensity mapping): prepare it again with this version")
         self.image_size = int(self.meta["image_size"])
         self._images: dict[str, np.ndarray] = {}
         self._classes: dict[str, np.ndarray] = {}

@@ -34,7 +34,7 @@ from CTSemanticSynthLib.io import atomic_folder, atomic_outputs, read_ct, read_l
 from CTSemanticSynthLib.intensity import MAPPINGS, named_mapping
 from CTSemanticSynthLib.labels import CLASS_SETS, class_set, check_convention, resolve_adapter
 from CTSemanticSynthLib.parsing import OneLineParser
-from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize, add_body_class, body_mask_from_ct
+from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize, add_body_class, body_mask_from_ct, hu_to_model
 from CTSemanticSynthLib.progress import ProgressDisplay
 
 logger = logging.getLogger("training.prepare")
@@ -97,8 +97,8 @@ def paired_cases(images: Path, labels: Path, split: str) -> list[Case]:
 
 def prepare_case(case: Case, out: Path, size: int, convention: str, classes: str = "paper",
                  intensity: str = "paper_window") -> dict:
-    """Map the HU to [0, 1] (``intensity``) and the labels to ``classes``, add the body class, reorient and resize
-    one case; write its arrays atomically."""
+    """Map the labels to ``classes``, add the body class, reorient, resize (the CT in HU) and map the HU to [0, 1]
+    (``intensity``) for one case; write its arrays atomically."""
     ct = read_ct(case.image, f"CT {case.image}")
     seg, names = read_labelmap(case.labels)
     if not ct.same_grid(seg, atol=1e-3):
@@ -111,8 +111,9 @@ def prepare_case(case: Case, out: Path, size: int, convention: str, classes: str
     hu = orientation.to_stack(ct.array)
     cls = add_body_class(orientation.to_stack(mapped), body_mask_from_ct(hu))
     resize = PlaneResize(hu.shape[1], hu.shape[2], size)
-    unit = named_mapping(intensity).to_unit(hu)
-    images = resize.to_model(torch.from_numpy(unit), labels=False).clamp(0, 1).numpy().astype(np.float16)
+    mapping = named_mapping(intensity)
+    low_hu = hu_to_model(resize, torch.from_numpy(hu.astype(np.float32)), mapping.hu_range).numpy()
+    images = mapping.to_unit(low_hu).astype(np.float16)
     small = resize.to_model(torch.from_numpy(cls.astype(np.int64)), labels=True).numpy().astype(np.uint8)
     with atomic_folder(out / "cases" / case.case_id) as tmp:
         np.save(tmp / "images.npy", images)
@@ -145,6 +146,11 @@ def write_manifest(out: Path, infos: list[dict], holdout_every: int) -> int:
     return rows
 
 
+RESIZED_IN = "hu"
+"""Cache images are resized in HU, then mapped (``preprocess.hu_to_model``). Caches from before resized the mapped
+images: the same for a window, not for a companding mapping, so a full-range one is refused."""
+
+
 def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers: int, holdout_every: int,
             classes: str = "paper", intensity: str = "paper_window") -> dict:
     """Prepare every case not already in the cache (in parallel); returns the cache summary."""
@@ -155,8 +161,9 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
         settings.setdefault("class_set", "paper")  # caches from before class sets and mappings
         settings.setdefault("intensity", {"name": "paper_window"})
         settings["intensity"] = settings["intensity"]["name"]
+        settings.setdefault("resized_in", "hu" if settings["intensity"] == "paper_window" else "model units")
         for key, value in (("image_size", size), ("label_convention", convention), ("class_set", classes),
-                           ("intensity", intensity)):
+                           ("intensity", intensity), ("resized_in", RESIZED_IN)):
             if settings.get(key) != value:
                 raise InputError(f"{out} was prepared with {key} {settings.get(key)!r}, not {value!r}: "
                                  "use another --out (or delete it to start over)")
@@ -182,7 +189,7 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
             display.update(len(done) + len(failed))
     slices = write_manifest(out, done, holdout_every)
     summary = {"format": "ctsynth-slice-cache", "library_version": __version__, "image_size": size,
-               "intensity": mapping.config(), "class_set": classes, "classes": list(class_set(classes).classes),
+               "resized_in": RESIZED_IN, "intensity": mapping.config(), "class_set": classes, "classes": list(class_set(classes).classes),
                "label_convention": convention, "holdout_every": holdout_every, "cases": len(done),
                "slices": slices, "skipped": failed}
     write_bytes(out / "cache.json", (json.dumps(summary, indent=2) + "\n").encode(), overwrite=True)
