@@ -10,7 +10,7 @@ label covers). For each group and model: mean HU of the synthetic CT and of the 
 held-out slices (every 8th axial slice, as ``training.prepare --holdout-every 8``), and for colon, small bowel and
 lung the mean over the voxels where the real CT is air (< -500 HU; ``evaluation.means_where_air``, as
 ``ctsynth evaluate`` reports it for an anatomy-set synthetic CT). "ceiling" is the real CT sent through the model's
-grid and mapping and back (HU -> [0, 1] -> its slice size -> back): the best mean any model of that size and mapping
+grid and mapping and back (HU -> its slice size -> [0, 1] -> back): the best mean any model of that size and mapping
 can give. The real CT is taken as it is (full HU); for the
 demo model the real organ means clipped to its window are shown too. Also the stripe index
 (``metrics.consistency``, 1.0 = as the real CT) and wall/CPU seconds per volume. Prints markdown; ``--out`` keeps the
@@ -39,7 +39,7 @@ from CTSemanticSynthLib.labels import ORGANS, class_set  # noqa: E402
 from CTSemanticSynthLib.metrics.consistency import stripe_index  # noqa: E402
 from CTSemanticSynthLib.parsing import boolean  # noqa: E402
 from CTSemanticSynthLib.partial_volume import ClassValues, restore_boundaries  # noqa: E402
-from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize  # noqa: E402
+from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize, hu_from_model, hu_to_model  # noqa: E402
 from CTSemanticSynthLib.synthesis import prepare_classes, preset_options, synthesize  # noqa: E402
 
 SAMPLE = REPO / "Resources" / "sample"
@@ -59,16 +59,16 @@ def _mean(values: np.ndarray) -> float:
 
 
 def ceiling(real: Volume, classes: Volume, model, correct: bool) -> np.ndarray:
-    """The real CT through the model's mapping and slice size and back, in HU (the file's voxel order), with the
-    boundary correction when ``correct`` (as synthesize does it, its class values estimated from the real CT)."""
+    """The real CT through the model's slice size (resized in HU, as training prepares it) and mapping and back, in
+    HU (the file's voxel order), with the boundary correction when ``correct`` (as synthesize does it, its class
+    values estimated from the real CT)."""
     orientation = AxialOrientation.from_affine(real.affine)
-    stack, mapping = orientation.to_stack(real.array), model.intensity
+    stack, mapping = orientation.to_stack(real.array).astype(np.float32), model.intensity
     resize = PlaneResize(stack.shape[1], stack.shape[2], model.image_size)
-    low = resize.to_model(torch.from_numpy(mapping.to_unit(stack)), labels=False).clamp(0, 1)
+    low_hu = hu_to_model(resize, torch.from_numpy(stack), mapping.hu_range)
     if not correct:
-        return orientation.from_stack(mapping.to_hu(resize.from_model(low, labels=False).numpy()))
+        return orientation.from_stack(hu_from_model(resize, low_hu, mapping.hu_range).numpy())
     class_stack = orientation.to_stack(classes.array)
-    low_hu = torch.from_numpy(mapping.to_hu(low.numpy()))
     estimate = ClassValues(len(model.class_set.classes), resize)
     estimate.add(class_stack, low_hu)
     values = estimate.solve(mapping.hu_range)

@@ -27,7 +27,7 @@ from CTSemanticSynthLib.intensity import named_mapping  # noqa: E402
 from CTSemanticSynthLib.io import Volume, read_image, read_labelmap  # noqa: E402
 from CTSemanticSynthLib.labels import class_set  # noqa: E402
 from CTSemanticSynthLib.partial_volume import ClassValues, restore_boundaries  # noqa: E402
-from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize  # noqa: E402
+from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize, hu_from_model, hu_to_model  # noqa: E402
 from CTSemanticSynthLib.synthesis import RESIZE_CHUNK, prepare_classes  # noqa: E402
 
 SAMPLE = REPO / "Resources" / "sample"
@@ -48,8 +48,7 @@ def main() -> None:
     real = orientation.to_stack(upsample(ct.array.astype(np.float32), shape, False))
     resize = PlaneResize(stack.shape[1], stack.shape[2], args.size)
     parts = [np.arange(i, min(i + RESIZE_CHUNK, len(stack))) for i in range(0, len(stack), RESIZE_CHUNK)]
-    low = [torch.from_numpy(mapping.to_hu(resize.to_model(torch.from_numpy(mapping.to_unit(real[p])), labels=False)
-                                          .clamp(0, 1).numpy())) for p in parts]
+    low = [hu_to_model(resize, torch.from_numpy(real[p]), mapping.hu_range) for p in parts]
     rows = []
 
     def timed(label: str, run) -> None:
@@ -58,7 +57,7 @@ def main() -> None:
         rows.append((label, time.perf_counter() - tic, time.process_time() - cpu))
 
     timed("plain upsampling (what the correction replaces)",
-          lambda: [resize.from_model(low_p, labels=False) for low_p in low])
+          lambda: [hu_from_model(resize, low_p, mapping.hu_range) for low_p in low])
     estimate = ClassValues(len(anatomy.classes), resize)
     timed("class values (GTM)", lambda: [estimate.add(stack[p], low_p) for p, low_p in zip(parts, low)])
     values = estimate.solve(mapping.hu_range)
