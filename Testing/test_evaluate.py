@@ -527,6 +527,62 @@ def test_training_evaluate_scores_an_anatomy_model_in_its_classes_and_mapping(tm
     assert figure_ok(out / "figure.png")
 
 
+def test_training_evaluate_scores_totalsegmentator_dice_in_every_class_of_an_anatomy_cache(
+        tmp_path, anatomy_cache, monkeypatch):
+    """TotalSegmentator stands in: on the real CT it finds the case's own labels, on the synthetic CT the same
+    without the ribs. Every anatomy class is scored, for the model and the ceiling (results.json and a results.md
+    table), the paper's mean stays over its 14 organs; a per-case score file of the 15 organs only (written by an
+    earlier version) is scored again, a current one is reused."""
+    import CTSemanticSynthLib.totalseg as totalseg
+    import training.evaluate as evaluate
+
+    seg, _ = read_labelmap(SAMPLE_SEG)
+    no_ribs = np.where(np.isin(seg.array, _members("ribs")), 0, seg.array)
+    calls = []
+
+    def fake_run(volume, **kwargs):
+        calls.append(kwargs)
+        return Volume(seg.array if len(calls) == 1 else no_ribs, volume.affine)
+
+    monkeypatch.setattr(evaluate, "check_totalsegmentator", lambda fast=True: tmp_path)
+    monkeypatch.setattr(totalseg, "run_totalsegmentator", fake_run)
+    model = make_anatomy_model_folder(tmp_path / "anatomy")
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for folder, source in ((images, SAMPLE_CT), (labels, SAMPLE_SEG)):
+        folder.mkdir()
+        os.symlink(source, folder / "sample.nii.gz")
+    out = tmp_path / "eval"
+    argv = ["--no-fid", "--volumes-images", images, "--volumes-labels", labels, "--convention", "totalseg",
+            "--totalseg", "--figure-rows", "1"]
+    assert _run_evaluate(out, model, anatomy_cache, *argv) == 0
+    assert len(calls) == 2
+    results = json.loads((out / "results.json").read_text())
+    dice, ceiling = results["models"][0]["dice"], results["totalseg_real_ceiling"]
+    anatomy = class_set_named("anatomy")
+    assert set(dice) == set(ceiling) == {anatomy.classes[c] for c in anatomy.labelled}
+    assert ceiling["ribs"] == ceiling["vertebrae"] == ceiling["lung"] == ceiling["autochthon"] == 1.0
+    assert dice["ribs"] == 0.0 and dice["vertebrae"] == dice["lung"] == dice["iliopsoas"] == 1.0
+    model_result = results["models"][0]
+    assert model_result["dice_mean"] == 1.0  # the paper's 14 organs: found alike on both CTs
+    assert model_result["dice_mean_all"] == pytest.approx(1 - 1 / sum(v is not None for v in dice.values()))
+    md = (out / "results.md").read_text()
+    table = md.split("## Dice per class beyond the paper's organs (%)")[1].split("## Published")[0]
+    assert "| Class | tiny | real CT (ceiling) |" in table
+    assert "| ribs | 0.0 | 100.0 |" in table and "| vertebrae | 100.0 | 100.0 |" in table
+    assert f"| mean, all classes | {100 * model_result['dice_mean_all']:.1f} | 100.0 |" in table
+
+    real_scores = out / "volumes" / "real" / "sample.totalseg-fast.json"
+    assert _run_evaluate(out, model, anatomy_cache, *argv) == 0
+    assert len(calls) == 2  # the score files of this set are reused
+    old = {o: 0.5 for o in MODEL_CLASSES[1:16]}  # an earlier version's file: the 15 organs only
+    real_scores.write_text(json.dumps(old))
+    calls.clear()
+    assert _run_evaluate(out, model, anatomy_cache, *argv) == 0
+    assert len(calls) == 1
+    assert json.loads((out / "results.json").read_text())["totalseg_real_ceiling"]["liver"] == 1.0
+    assert json.loads(real_scores.read_text())["ribs"] == 1.0
+
+
 def figure_ok(path: Path) -> bool:
     """figure.png is a PNG, or absent where matplotlib is not installed."""
     try:

@@ -19,9 +19,10 @@ slice's own case and sampled with it (up to 2 x 4 more slices per slice with ``-
 mapping (L40/W400 for the paper's models; the cache must hold the model's class set and mapping): PSNR and SSIM per
 slice, FID/KID over the Inception features of the sets.
 Volumes (optional): CT/label pairs are synthesized whole (cached as NIfTI under ``OUT/volumes/``), scored with
-TotalSegmentator (Dice per organ; on the real CT too, the ceiling), with FID per plane (and the gap between planes)
-and with the stripe index (slice-to-slice consistency, 1.0 = like the real CT; mean over the cases), both in the
-model's mapping; their classes are the model's set, the body taken from the CT.
+TotalSegmentator (Dice per labelled class of the model's set, ``dice_mean`` over the paper's 14 organs and, for a
+set beyond the paper's, ``dice_mean_all`` over all its classes; on the real CT too, the ceiling), with FID per plane
+(and the gap between planes) and with the stripe index (slice-to-slice consistency, 1.0 = like the real CT; mean over
+the cases), both in the model's mapping; their classes are the model's set, the body taken from the CT.
 Writes ``OUT/results.{md,csv,json}`` (the paper's numbers in adjacent columns; replaced on each run) and
 ``OUT/figure.png`` (mask | real | each model, and per-organ Dice bars) when matplotlib is installed.
 """
@@ -51,8 +52,7 @@ from CTSemanticSynthLib.io import (Volume, atomic_outputs, read_ct, read_image, 
                                    write_volume)
 from CTSemanticSynthLib.intensity import IntensityMapping
 from CTSemanticSynthLib.labels import ClassSet
-from CTSemanticSynthLib.metrics import (InceptionFeatures, dice_per_organ, fid, kid, mean_dice, psnr, ssim, summarize,
-                                        to_model_slices)
+from CTSemanticSynthLib.metrics import InceptionFeatures, fid, kid, mean_dice, psnr, ssim, summarize, to_model_slices
 from CTSemanticSynthLib.metrics.consistency import plane_fid_gap, stripe_index
 from CTSemanticSynthLib.metrics.paper import PAPER_ORGANS, csv_rows, to_csv, to_markdown
 from CTSemanticSynthLib.metrics.planes import PLANES, plane_slices
@@ -60,7 +60,7 @@ from CTSemanticSynthLib.preprocess import AxialOrientation, body_mask_from_ct
 from CTSemanticSynthLib.progress import ProgressDisplay
 from CTSemanticSynthLib.slice_context import network_context
 from CTSemanticSynthLib.synthesis import SamplingOptions, prepare_classes, preset_options, synthesize
-from CTSemanticSynthLib.totalseg import check_totalsegmentator, run_totalsegmentator, totalseg_organs
+from CTSemanticSynthLib.totalseg import check_totalsegmentator, totalseg_dice
 
 from .dataset import SliceCache
 from .prepare import paired_cases
@@ -240,11 +240,17 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
     ceiling: list[dict[str, float]] = []
     feats: dict[str, dict[str, list]] = {n: {p: [] for p in PLANES} for n in ["real", *dice]}
 
+    scored = {cache.class_set.classes[c] for c in cache.class_set.labelled}
+
     def ts_scores(path: Path, ct: Volume, classes: Volume) -> dict[str, float]:
+        """Dice of every labelled class of the cache's set, kept in ``path``; a file that scored other classes (the
+        15 organs of an earlier version, another set) is scored again."""
         if path.is_file():
-            return {k: (math.nan if v is None else v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
-        organs = totalseg_organs(run_totalsegmentator(ct, fast=not args.totalseg_full, device=args.device))
-        scores = dice_per_organ(organs, classes.array)
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if set(saved) == scored:
+                return {k: (math.nan if v is None else v) for k, v in saved.items()}
+        scores = totalseg_dice(ct, classes, fast=not args.totalseg_full, device=args.device,
+                               class_set=cache.class_set).synthetic
         write_bytes(path, json.dumps(json_safe(scores)).encode(), overwrite=True)
         return scores
 
@@ -290,6 +296,8 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
         if args.totalseg and cases:
             r["dice"] = organ_means(dice[e.name])
             r["dice_mean"] = mean_dice({o: r["dice"][o] for o in PAPER_ORGANS})
+            if cache.class_set.name != "paper":
+                r["dice_mean_all"] = mean_dice(r["dice"])
         if extractor is not None:
             r["fid_per_plane"] = {p: fid(np.concatenate(feats["real"][p]), np.concatenate(feats[e.name][p]))
                                   for p in PLANES}

@@ -12,6 +12,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..labels import PAPER
+from .dice import mean_dice
+
 PAPER_ORGANS: tuple[str, ...] = (
     "spleen", "liver", "kidney_left", "kidney_right", "pancreas", "stomach", "aorta", "gallbladder", "esophagus",
     "adrenal_gland_right", "adrenal_gland_left", "duodenum", "inferior_vena_cava", "urinary_bladder",
@@ -103,11 +106,27 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
     return lines + ["| " + " | ".join(c or "-" for c in row) + " |" for row in rows]
 
 
+def _other_classes_table(measured: Sequence[Mapping[str, Any]], ceiling: Mapping[str, float] | None) -> list[str]:
+    """Markdown lines: Dice (%) of every scored class outside Table 2's columns, a row per class and a column per
+    model (and the real CT), with the mean over all scored classes; none when the scores hold only the paper's
+    classes."""
+    scores = {str(m["name"]): m["dice"] for m in measured if m.get("dice")}
+    if ceiling:
+        scores["real CT (ceiling)"] = ceiling
+    others = list(dict.fromkeys(c for d in scores.values() for c in d if c not in PAPER_ORGANS))
+    if all(c in PAPER.classes for c in others):
+        return []
+    body = [[c] + [_num(_pct(d.get(c)), 1) for d in scores.values()] for c in others]
+    body.append(["mean, all classes"] + [_num(_pct(mean_dice(d)), 1) for d in scores.values()])
+    return ["", "## Dice per class beyond the paper's organs (%)", ""] + _md_table(["Class", *scores], body)
+
+
 def to_markdown(measured: Sequence[Mapping[str, Any]], ceiling: Mapping[str, float] | None = None,
                 notes: Sequence[str] = ()) -> str:
     """results.md: measured metrics beside the paper's, per-organ Dice, and the paper's Table 2 for reference.
 
-    ``ceiling`` is TotalSegmentator's Dice on the real CTs ({organ: fraction}), when it was measured.
+    ``ceiling`` is TotalSegmentator's Dice on the real CTs ({organ: fraction}), when it was measured. Scores of a
+    class set beyond the paper's (e.g. the anatomy set's bones, lungs, muscles) get a table of their own.
     """
     rows = csv_rows(measured)
     mine = [r for r in rows if r["source"] == "measured"]
@@ -130,6 +149,7 @@ def to_markdown(measured: Sequence[Mapping[str, Any]], ceiling: Mapping[str, flo
         if ceiling:
             body.append(["real CT (ceiling)"] + [_num(_pct(ceiling.get(o)), 1) for o in PAPER_ORGANS])
         lines += _md_table(["Model", *PAPER_ORGANS], body)
+    lines += _other_classes_table(measured, ceiling)
     lines += ["", "## Published (Table 2)", ""]
     lines += _md_table(["Method", "FID", "PSNR", "SSIM", *PAPER_ORGANS],
                        [[m, _num(p["fid"], 2), _num(p["psnr"], 2), _num(p["ssim"], 3),
