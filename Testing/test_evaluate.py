@@ -583,6 +583,22 @@ def test_training_evaluate_scores_totalsegmentator_dice_in_every_class_of_an_ana
     assert json.loads(real_scores.read_text())["ribs"] == 1.0
 
 
+def test_results_md_adds_a_table_for_classes_beyond_the_paper_and_keeps_the_paper_tables():
+    from CTSemanticSynthLib.metrics.paper import to_markdown
+
+    organs = {name: 0.5 for name in MODEL_CLASSES[1:16]}  # the paper's set: 15 organs (prostate/uterus not in Table 2)
+    paper_md = to_markdown([{"name": "m", "conditioning": "concat", "dice": organs}], organs)
+    assert "beyond the paper's organs" not in paper_md
+    anatomy = {**organs, "ribs": 0.25, "femur": math.nan}
+    md = to_markdown([{"name": "m", "conditioning": "concat", "dice": anatomy}], {**organs, "ribs": 1.0, "femur": 1.0})
+    head, table = md.split("## Dice per class beyond the paper's organs (%)")
+    table, tail = table.split("\n## Published")
+    assert paper_md == head + "## Published" + tail  # the paper's tables unchanged
+    assert table.splitlines()[2:] == ["| Class | m | real CT (ceiling) |", "|---|---|---|",
+                                      "| prostate_uterus | 50.0 | 50.0 |", "| ribs | 25.0 | 100.0 |",
+                                      "| femur | - | 100.0 |", "| mean, all classes | 48.4 | 55.9 |"]
+
+
 def figure_ok(path: Path) -> bool:
     """figure.png is a PNG, or absent where matplotlib is not installed."""
     try:
