@@ -121,11 +121,13 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
                   fast: bool = True, fid: bool = False, inception: Path | None = None, device: str = "auto",
                   progress: Progress | None = None, save_totalseg: Path | None = None,
                   overwrite: bool = False, intensity: IntensityMapping = PAPER_WINDOW,
-                  class_set: ClassSet = PAPER) -> dict[str, Any]:
+                  class_set: ClassSet = PAPER, dice_classes: Iterable[int] | None = None) -> dict[str, Any]:
     """All metrics for one case; ``classes`` holds classes of ``class_set`` (body included) on the CT grid.
 
-    ``save_totalseg`` writes TotalSegmentator's structures on the synthetic CT there (with ``totalseg``). The real
-    CT's HU are taken within ``intensity``'s range (the model's mapping: no synthetic value can leave it).
+    ``dice_classes`` are the classes TotalSegmentator's Dice scores (the labels' ``MappingReport.expressible``;
+    default every labelled class). ``save_totalseg`` writes TotalSegmentator's structures on the synthetic CT there
+    (with ``totalseg``). The real CT's HU are taken within ``intensity``'s range (the model's mapping: no synthetic
+    value can leave it).
     """
     from .metrics.consistency import plane_fid_gap, stripe_index
     from .metrics.image import SLICE_SIZE, axial_unit_slices, psnr, ssim, summarize
@@ -176,7 +178,7 @@ def evaluate_case(synthetic: Volume, classes: Volume, real: Volume | None = None
         real_shown = None if real is None else Volume(like_synthetic(real.array, classes.array, intensity),
                                                       real.affine)
         scores = totalseg_dice(synthetic, classes, real_shown, fast=fast, device=device, progress=progress,
-                               class_set=class_set)
+                               class_set=class_set, classes=dice_classes)
         report["totalseg"] = {**scores.to_dict(), "intensity": totalseg_intensity(intensity)}
         if save_totalseg is not None and scores.predicted_synthetic is not None:
             from .io import write_volume
@@ -213,7 +215,8 @@ def evaluate_files(synthetic: Path, seg: Path, real: Path | None = None, *, labe
     classes, mapping = prepare_classes(segmentation, names, labels, reference=real_volume, classes=class_set)
     report = evaluate_case(synthetic_volume, classes, real_volume, totalseg=totalseg, fast=fast, fid=fid,
                            inception=inception, device=device, progress=progress, save_totalseg=save_totalseg,
-                           overwrite=overwrite, intensity=intensity, class_set=class_set)
+                           overwrite=overwrite, intensity=intensity, class_set=class_set,
+                           dice_classes=mapping.expressible)
     report["inputs"] = {"synthetic": str(synthetic), "segmentation": str(seg),
                         "real": None if real is None else str(real), "labels": mapping.adapter,
                         "unknown_labels": {str(k): v for k, v in mapping.unknown.items()}}

@@ -173,6 +173,14 @@ class LabelAdapter:
     outline_values: frozenset[int] = frozenset()
     class_set: ClassSet = PAPER
 
+    @property
+    def expressible(self) -> tuple[int, ...]:
+        """The labelled classes of the set that labels in this convention can hold, the ones Dice scores: the 15
+        organs (every convention names them) and each class a source value maps to. AMOS labels hold no ribs, so
+        TotalSegmentator's ribs on a CT can never match them."""
+        held = set(self.table.values()) | set(ORGANS)
+        return tuple(c for c in self.class_set.labelled if c in held)
+
     def classes(self, labels: np.ndarray) -> tuple[np.ndarray, MappingReport]:
         """Map a label array to model classes (uint8); unknown non-zero values become BODY and are reported.
 
@@ -193,6 +201,7 @@ class LabelAdapter:
             organs_present=tuple(self.class_set.classes[c] for c in present),
             unknown=unknown,
             has_outline=bool(self.outline_values & set(values.tolist())),
+            expressible=self.expressible,
         )
         if unknown:
             logger.info(report.unknown_message())
@@ -232,6 +241,8 @@ class MappingReport:
     has_outline: bool = False
     body_source: str = ""
     """Where the body outline came from (set by ``synthesis.prepare_classes``)."""
+    expressible: tuple[int, ...] | None = None
+    """The adapter's :attr:`LabelAdapter.expressible` classes (None: every labelled class)."""
 
     def unknown_message(self) -> str:
         """One line naming each unknown value and its voxel count, or '' when there were none."""

@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,8 @@ class TotalSegDice:
     reference_voxels: dict[str, int] = field(default_factory=dict)
     mode: str = "fast"
     device: str = "cpu"
+    not_expressible: tuple[str, ...] = ()
+    """Labelled classes of the set left out: the input labels' convention cannot hold them."""
     predicted_synthetic: np.ndarray | None = field(default=None, repr=False)
     """TotalSegmentator's structures on the synthetic CT as model classes (not part of ``to_dict``)."""
 
@@ -196,18 +198,22 @@ class TotalSegDice:
         means = {"mean_synthetic": self.mean_synthetic, "mean_real": self.mean_real}
         return {"mode": self.mode, "device": self.device, "synthetic": clean(self.synthetic), "real": clean(self.real),
                 "reference_voxels": self.reference_voxels, **{k: (None if math.isnan(v) else v) for k, v in means.items()},
-                "mean_excludes": "organs absent from both the input labels and the prediction"}
+                "mean_excludes": "organs absent from both the input labels and the prediction",
+                "not_expressible": list(self.not_expressible)}
 
 
 def totalseg_dice(synthetic: Volume, reference_classes: Volume, real: Volume | None = None, *, fast: bool = True,
                   device: str = "auto", progress: Callable[[str], None] | None = None,
-                  timeout: float | None = None, class_set: ClassSet = PAPER) -> TotalSegDice:
+                  timeout: float | None = None, class_set: ClassSet = PAPER,
+                  classes: Iterable[int] | None = None) -> TotalSegDice:
     """Run TotalSegmentator on ``synthetic`` (and ``real``) and score its structures against ``reference_classes``.
 
     ``reference_classes`` holds classes of ``class_set`` (e.g. from ``synthesis.prepare_classes``) on the CT's grid;
-    TotalSegmentator's structures are mapped onto the same set, and every class but background and body is scored
-    (for the paper's set: the 15 organs).
+    TotalSegmentator's structures are mapped onto the same set, and ``classes`` are scored: by default every class
+    but background and body (for the paper's set: the 15 organs); give the labels' :attr:`.LabelAdapter.expressible`
+    (``MappingReport.expressible``) so that a class their convention cannot hold is left out, not scored 0.
     """
+    scored = class_set.labelled if classes is None else tuple(c for c in class_set.labelled if c in set(classes))
     for name, vol in (("synthetic", synthetic), ("real", real)):
         if vol is not None and not vol.same_grid(reference_classes, atol=1e-3):
             raise InputError(f"the {name} CT is not on the segmentation's grid")
@@ -220,11 +226,12 @@ def totalseg_dice(synthetic: Volume, reference_classes: Volume, real: Volume | N
             progress(f"TotalSegmentator on the {name} CT ({'fast' if fast else 'full'} mode)")
         predictions[name] = totalseg_organs(run_totalsegmentator(vol, fast=fast, device=device, timeout=timeout),
                                             totalsegmentator_adapter(2, class_set))
-        scores[name] = dice_per_organ(predictions[name], reference_classes.array, class_set.labelled, class_set)
+        scores[name] = dice_per_organ(predictions[name], reference_classes.array, scored, class_set)
     return TotalSegDice(synthetic=scores["synthetic"], real=scores.get("real"),
-                        reference_voxels=voxel_counts(reference_classes.array, class_set.labelled, class_set),
-                        mode="fast" if fast else "full",
-                        device=totalseg_device(device), predicted_synthetic=predictions["synthetic"])
+                        reference_voxels=voxel_counts(reference_classes.array, scored, class_set),
+                        mode="fast" if fast else "full", device=totalseg_device(device),
+                        not_expressible=tuple(class_set.classes[c] for c in class_set.labelled if c not in scored),
+                        predicted_synthetic=predictions["synthetic"])
 
 
 def _worker(argv: list[str] | None = None) -> int:

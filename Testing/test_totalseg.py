@@ -173,3 +173,40 @@ def test_dice_in_the_anatomy_set_scores_totalsegmentators_bones_and_muscles(monk
     paper = totalseg_dice(ct, Volume(np.where(ref > BODY, BODY, ref), ct.affine), fast=True, device="cpu")
     assert list(paper.synthetic) == list(MODEL_CLASSES[1:BODY]) and paper.synthetic["liver"] == 1.0
     assert paper.predicted_synthetic[5, 5, 5] == BODY  # the paper set has no vertebrae
+
+
+def test_dice_leaves_out_the_classes_the_labels_convention_cannot_hold(monkeypatch):
+    """AMOS labels hold only the 15 organs: scored in the anatomy set, TotalSegmentator's vertebrae, ribs and lungs
+    are left out and named (not scored 0 against labels that can never hold them); the organs are kept, a spleen
+    TotalSegmentator found where the labels have none still scores 0. TotalSegmentator labels hold every class."""
+    import CTSemanticSynthLib.totalseg as totalseg
+    from CTSemanticSynthLib.labels import PAPER, amos_adapter, class_set, totalsegmentator_adapter, \
+        totalsegmentator_names
+
+    anatomy = class_set("anatomy")
+    ts_id = {name: value for value, name in totalsegmentator_names(2).items()}
+    ct, _ = _case()
+    amos = np.zeros(ct.shape, np.uint8)
+    amos[8:28, 8:20, 6:18] = MODEL_CLASSES.index("liver")
+    reference, mapping = amos_adapter(anatomy).classes(amos)
+    reference[0:12, 0:8, 0:8] = anatomy.body  # vertebrae, ribs and a spleen are body tissue in AMOS labels
+    found = np.zeros(ct.shape, np.int16)
+    found[8:28, 8:20, 6:18] = ts_id["liver"]
+    found[4:8, 4:8, 4:8] = ts_id["vertebrae_L1"]
+    found[0:4, 0:4, 0:4] = ts_id["rib_left_3"]
+    found[8:12, 0:4, 0:4] = ts_id["spleen"]
+    found[30:34, 0:4, 0:4] = ts_id["lung_upper_lobe_left"]
+    monkeypatch.setattr(totalseg, "run_totalsegmentator", lambda volume, **kwargs: Volume(found, volume.affine))
+    result = totalseg_dice(ct, Volume(reference, ct.affine), fast=True, device="cpu", class_set=anatomy,
+                           classes=mapping.expressible)
+    assert list(result.synthetic) == list(MODEL_CLASSES[1:BODY])  # the 15 organs, in order
+    assert result.synthetic["liver"] == 1.0 and result.synthetic["spleen"] == 0.0
+    assert result.mean_synthetic == 0.5  # not dragged down by vertebrae, ribs and lung at 0
+    assert {"vertebrae", "ribs", "lung", "autochthon"} <= set(result.not_expressible)
+    assert set(result.not_expressible) | set(result.synthetic) == {anatomy.classes[c] for c in anatomy.labelled}
+    assert result.to_dict()["not_expressible"] == list(result.not_expressible)
+    assert "ribs" not in result.reference_voxels
+    assert totalsegmentator_adapter(2, anatomy).expressible == anatomy.labelled
+    assert amos_adapter().expressible == totalsegmentator_adapter(1).expressible == PAPER.labelled
+    everything = totalseg_dice(ct, Volume(reference, ct.affine), fast=True, device="cpu", class_set=anatomy)
+    assert everything.synthetic["ribs"] == 0.0 and everything.not_expressible == ()  # the default: every class

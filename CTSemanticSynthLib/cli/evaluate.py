@@ -101,6 +101,8 @@ def format_report(report: dict[str, Any], class_set: ClassSet = PAPER) -> str:
                      f"{score(ts, 'mean_synthetic'):>9s} {score(ts, 'mean_real'):>9s}")
         lines.append(f"TotalSegmentator 'total' ({ts['mode']} mode, device {ts['device']}); "
                      "the real-CT column is the ceiling")
+        if ts.get("not_expressible"):
+            lines.append(f"not scored (the labels' convention cannot hold them): {', '.join(ts['not_expressible'])}")
     if report.get("hu_real"):
         low, high = report.get("hu_real_range", (-160, 240))
         what = "organ" if difference is None else "class, difference = synthetic - real"
