@@ -241,6 +241,36 @@ def test_totalsegmentator_dice_of_an_anatomy_synthetic_covers_its_classes(anatom
     vertebrae = class_set_named("anatomy").classes.index("vertebrae")
     np.testing.assert_array_equal(saved.array == vertebrae, np.isin(seg.array, _members("vertebrae")))
     assert re.search(r"^Ribs +\d+ .* 1\.000 +0\.000$", out, re.M), out
+    assert ts["not_expressible"] == [] and "not scored" not in out  # TotalSegmentator labels hold every class
+
+
+def test_totalsegmentator_dice_against_amos_labels_leaves_out_what_they_cannot_hold(anatomy_evaluation, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """The anatomy synthetic scored against AMOS labels (the 15 organs; all else is body): TotalSegmentator's bones,
+    lungs and muscles are left out, named in the JSON and in one line of the text, not scored 0; the organs keep
+    their Dice."""
+    import CTSemanticSynthLib.totalseg as totalseg
+    from CTSemanticSynthLib.labels import totalsegmentator_adapter
+
+    _, tseg_report, _ = anatomy_evaluation
+    seg, _ = read_labelmap(SAMPLE_SEG)
+    organs = totalsegmentator_adapter(2).classes(seg.array)[0]  # the paper set's classes are AMOS ids
+    write_volume(Volume(np.where(organs < 16, organs, 0).astype(np.uint8), seg.affine), tmp_path / "amos.nii.gz")
+    monkeypatch.setattr(totalseg, "check_totalsegmentator", lambda fast=True, env=None: tmp_path)
+    monkeypatch.setattr(totalseg, "run_totalsegmentator", lambda volume, **kwargs: Volume(seg.array, volume.affine))
+    code, out, _ = evaluate(capsys, "--synthetic", tseg_report["inputs"]["synthetic"], "--seg",
+                            tmp_path / "amos.nii.gz", "--labels", "amos", "--totalseg", "--json", tmp_path / "r.json")
+    assert code == 0
+    ts = json.loads((tmp_path / "r.json").read_text())["totalseg"]
+    anatomy = class_set_named("anatomy")
+    assert list(ts["synthetic"]) == list(MODEL_CLASSES[1:16])  # the 15 organs only
+    assert ts["synthetic"]["liver"] == ts["synthetic"]["spleen"] == 1.0 and ts["mean_synthetic"] == 1.0
+    assert {"ribs", "vertebrae", "lung", "femur", "autochthon"} <= set(ts["not_expressible"])
+    assert set(ts["not_expressible"]) | set(ts["synthetic"]) == {anatomy.classes[c] for c in anatomy.labelled}
+    assert tseg_report["totalseg"]["synthetic"]["ribs"] == 1.0  # TotalSegmentator labels: ribs scored
+    note = [line for line in out.splitlines() if line.startswith("not scored")]
+    assert len(note) == 1 and "ribs" in note[0] and "vertebrae" in note[0], out
+    assert not re.search(r"^Ribs ", out, re.M)  # no row of a class that is neither labelled nor scored
 
 
 def test_the_anatomy_table_lists_organs_then_the_groups_of_docs_anatomy(anatomy_evaluation):
@@ -520,7 +550,7 @@ def test_training_evaluate_scores_an_anatomy_model_in_its_classes_and_mapping(tm
     assert air > 0.005
     results = json.loads((out / "results.json").read_text())["models"][0]
     ct, (seg, names) = read_image(SAMPLE_CT), read_labelmap(SAMPLE_SEG)
-    volume_classes = evaluate._case_classes(ct, seg, names, "totalseg", class_set("anatomy"))
+    volume_classes = evaluate._case_classes(ct, seg, names, "totalseg", class_set("anatomy"))[0]
     (volume_dir,) = (out / "volumes").glob("tiny-*")
     syn = read_image(volume_dir / "sample.nii.gz")
     assert results["stripe_index"] == pytest.approx(stripe_index(syn, ct, volume_classes, FULL_RANGE)["stripe_index"])
@@ -581,6 +611,58 @@ def test_training_evaluate_scores_totalsegmentator_dice_in_every_class_of_an_ana
     assert len(calls) == 1
     assert json.loads((out / "results.json").read_text())["totalseg_real_ceiling"]["liver"] == 1.0
     assert json.loads(real_scores.read_text())["ribs"] == 1.0
+
+
+def test_training_evaluate_leaves_out_of_dice_the_classes_amos_labels_cannot_hold(tmp_path, anatomy_cache,
+                                                                                   monkeypatch):
+    """An anatomy cache evaluated against AMOS labels (--convention amos): TotalSegmentator finds bones, lungs and
+    muscles on both CTs, but the labels can never hold them, so Dice scores the organs only (model and ceiling),
+    dice_mean_all is their mean, and results.json's settings and results.md's notes name the classes left out once;
+    a per-case score file of every anatomy class (an earlier version's, ribs at 0) is scored again."""
+    import CTSemanticSynthLib.totalseg as totalseg
+    import training.evaluate as evaluate
+    from CTSemanticSynthLib.labels import totalsegmentator_adapter
+
+    seg, _ = read_labelmap(SAMPLE_SEG)
+    calls = []
+    monkeypatch.setattr(evaluate, "check_totalsegmentator", lambda fast=True: tmp_path)
+    monkeypatch.setattr(totalseg, "run_totalsegmentator",
+                        lambda volume, **kwargs: calls.append(kwargs) or Volume(seg.array, volume.affine))
+    model = make_anatomy_model_folder(tmp_path / "anatomy")
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    os.symlink(SAMPLE_CT, images / "sample.nii.gz")
+    organs = totalsegmentator_adapter(2).classes(seg.array)[0]  # the paper set's classes are AMOS ids
+    write_volume(Volume(np.where(organs < 16, organs, 0).astype(np.uint8), seg.affine), labels / "sample.nii.gz")
+    out = tmp_path / "eval"
+    argv = ["--no-fid", "--volumes-images", images, "--volumes-labels", labels, "--convention", "amos",
+            "--totalseg", "--figure-rows", "1"]
+    assert _run_evaluate(out, model, anatomy_cache, *argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    dice, ceiling = results["models"][0]["dice"], results["totalseg_real_ceiling"]
+    assert list(dice) == list(ceiling) == list(MODEL_CLASSES[1:16])  # ribs, vertebrae, lung: left out, not 0
+    assert results["models"][0]["dice_mean_all"] == results["models"][0]["dice_mean"] == 1.0
+    left_out = results["settings"]["dice_not_expressible"]
+    assert "ribs, " in left_out and "vertebrae" in left_out and "--convention amos" in left_out
+    md = (out / "results.md").read_text()
+    assert md.count("dice_not_expressible: ") == 1 and "| ribs |" not in md
+    real_scores = out / "volumes" / "real" / "sample.totalseg-fast.json"
+    anatomy = class_set_named("anatomy")
+    real_scores.write_text(json.dumps({anatomy.classes[c]: 0.0 for c in anatomy.labelled}))
+    calls.clear()
+    assert _run_evaluate(out, model, anatomy_cache, *argv) == 0
+    assert len(calls) == 1 and set(json.loads(real_scores.read_text())) == set(MODEL_CLASSES[1:16])
+
+
+def test_dice_means_average_each_class_over_the_cases_that_scored_it():
+    """A case whose labels cannot hold ribs has no ribs score: the mean is over the other cases; a NaN (absent on
+    both sides) is left out; a class no case scored as a number is NaN."""
+    from training.evaluate import dice_means
+
+    means = dice_means([{"liver": 0.5, "heart": math.nan}, {"liver": 1.0, "heart": math.nan, "ribs": 0.25},
+                        {"liver": math.nan, "ribs": 0.75}])
+    assert list(means) == ["liver", "heart", "ribs"]
+    assert means["liver"] == 0.75 and means["ribs"] == 0.5 and math.isnan(means["heart"])
 
 
 def test_results_md_adds_a_table_for_classes_beyond_the_paper_and_keeps_the_paper_tables():

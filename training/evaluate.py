@@ -19,8 +19,9 @@ slice's own case and sampled with it (up to 2 x 4 more slices per slice with ``-
 mapping (L40/W400 for the paper's models; the cache must hold the model's class set and mapping): PSNR and SSIM per
 slice, FID/KID over the Inception features of the sets.
 Volumes (optional): CT/label pairs are synthesized whole (cached as NIfTI under ``OUT/volumes/``), scored with
-TotalSegmentator (Dice per labelled class of the model's set, ``dice_mean`` over the paper's 14 organs and, for a
-set beyond the paper's, ``dice_mean_all`` over all its classes; on the real CT too, the ceiling), with FID per plane
+TotalSegmentator (Dice per labelled class of the model's set that the --convention can hold: AMOS labels hold
+no ribs, so those are left out and named in the notes; ``dice_mean`` over the paper's 14 organs and, for a set beyond
+the paper's, ``dice_mean_all`` over all its scored classes; on the real CT too, the ceiling), with FID per plane
 (and the gap between planes) and with the stripe index (slice-to-slice consistency, 1.0 = like the real CT; mean over
 the cases), both in the model's mapping; their classes are the model's set, the body taken from the CT.
 Writes ``OUT/results.{md,csv,json}`` (the paper's numbers in adjacent columns; replaced on each run) and
@@ -51,7 +52,7 @@ from CTSemanticSynthLib.evaluation import json_safe
 from CTSemanticSynthLib.io import (Volume, atomic_outputs, read_ct, read_image, read_labelmap, write_bytes,
                                    write_volume)
 from CTSemanticSynthLib.intensity import IntensityMapping
-from CTSemanticSynthLib.labels import ClassSet
+from CTSemanticSynthLib.labels import ClassSet, MappingReport
 from CTSemanticSynthLib.metrics import InceptionFeatures, fid, kid, mean_dice, psnr, ssim, summarize, to_model_slices
 from CTSemanticSynthLib.metrics.consistency import plane_fid_gap, stripe_index
 from CTSemanticSynthLib.metrics.paper import PAPER_ORGANS, csv_rows, to_csv, to_markdown
@@ -208,11 +209,13 @@ def slice_metrics(entries: list[Entry], cache: SliceCache, rows: np.ndarray, chu
     return results
 
 
-def _case_classes(ct: Volume, seg: Volume, names: dict[int, str], convention: str, classes: ClassSet) -> Volume:
-    """Classes of ``classes`` with the body from the CT (threshold + morphology), as training.prepare makes them."""
+def _case_classes(ct: Volume, seg: Volume, names: dict[int, str], convention: str,
+                  classes: ClassSet) -> tuple[Volume, MappingReport]:
+    """Classes of ``classes`` with the body from the CT (threshold + morphology), as training.prepare makes them,
+    and the mapping's report."""
     orientation = AxialOrientation.from_affine(ct.affine)
     body = orientation.from_stack(body_mask_from_ct(orientation.to_stack(ct.array)))
-    return prepare_classes(seg, names, convention, Volume(body.astype(np.uint8), seg.affine), classes=classes)[0]
+    return prepare_classes(seg, names, convention, Volume(body.astype(np.uint8), seg.affine), classes=classes)
 
 
 def _plane_features(extractor: InceptionFeatures, ct: Volume, mask: Volume, folder: Path, stem: str,
@@ -224,11 +227,22 @@ def _plane_features(extractor: InceptionFeatures, ct: Volume, mask: Volume, fold
                        lambda p=p: extractor(plane_slices(ct, p, mask=mask, intensity=intensity))) for p in PLANES}
 
 
+def dice_means(scores: list[dict[str, float]]) -> dict[str, float]:
+    """Mean Dice per class over the cases that scored it (NaN: absent from both sides; a class a case's labels cannot
+    hold is not in its scores), classes in first-scored order."""
+    out = {}
+    for name in dict.fromkeys(name for case in scores for name in case):
+        values = [case[name] for case in scores if name in case and not math.isnan(case[name])]
+        out[name] = float(np.mean(values)) if values else math.nan
+    return out
+
+
 def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: torch.device,
-                     extractor: InceptionFeatures | None, cache: SliceCache) -> tuple[dict[str, dict[str, Any]],
-                                                                                   dict[str, float] | None]:
-    """Synthesize each case with each model (classes of the cache's set, the models' own); TotalSegmentator Dice,
-    the stripe index and FID per plane in the cache's intensity mapping. Returns (per model, ceiling)."""
+                     extractor: InceptionFeatures | None, cache: SliceCache
+                     ) -> tuple[dict[str, dict[str, Any]], dict[str, float] | None, list[str]]:
+    """Synthesize each case with each model (classes of the cache's set, the models' own); TotalSegmentator Dice
+    (of the classes the labels' convention can hold), the stripe index and FID per plane in the cache's intensity
+    mapping. Returns (per model, ceiling, the classes Dice left out of some case)."""
     cases = paired_cases(args.volumes_images, args.volumes_labels, "test")
     if args.totalseg:
         check_totalsegmentator(fast=not args.totalseg_full)
@@ -239,18 +253,20 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
     stripes: dict[str, list[float]] = {e.name: [] for e in entries}
     ceiling: list[dict[str, float]] = []
     feats: dict[str, dict[str, list]] = {n: {p: [] for p in PLANES} for n in ["real", *dice]}
+    left_out: dict[str, None] = {}
 
-    scored = {cache.class_set.classes[c] for c in cache.class_set.labelled}
-
-    def ts_scores(path: Path, ct: Volume, classes: Volume) -> dict[str, float]:
-        """Dice of every labelled class of the cache's set, kept in ``path``; a file that scored other classes (the
-        15 organs of an earlier version, another set) is scored again."""
+    def ts_scores(path: Path, ct: Volume, classes: Volume, mapping: MappingReport) -> dict[str, float]:
+        """Dice of the labelled classes of the cache's set that the labels can hold, kept in ``path``; a file that
+        scored other classes (an earlier version's, another set's) is scored again."""
+        labelled = cache.class_set.labelled
+        expressible = labelled if mapping.expressible is None else mapping.expressible
+        left_out.update((cache.class_set.classes[c], None) for c in labelled if c not in expressible)
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if set(saved) == scored:
+            if set(saved) == {cache.class_set.classes[c] for c in expressible}:
                 return {k: (math.nan if v is None else v) for k, v in saved.items()}
         scores = totalseg_dice(ct, classes, fast=not args.totalseg_full, device=args.device,
-                               class_set=cache.class_set).synthetic
+                               class_set=cache.class_set, classes=expressible).synthetic
         write_bytes(path, json.dumps(json_safe(scores)).encode(), overwrite=True)
         return scores
 
@@ -261,9 +277,9 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
             ct, (seg, names) = read_ct(case.image, f"CT {case.image}"), read_labelmap(case.labels)
             if not ct.same_grid(seg, atol=1e-3):
                 raise InputError(f"{case.labels} is not on the grid of {case.image}")
-            classes = _case_classes(ct, seg, names, args.convention, cache.class_set)
+            classes, mapping = _case_classes(ct, seg, names, args.convention, cache.class_set)
             if args.totalseg:
-                ceiling.append(ts_scores(real_dir / f"{case.case_id}.totalseg-{mode}.json", ct, classes))
+                ceiling.append(ts_scores(real_dir / f"{case.case_id}.totalseg-{mode}.json", ct, classes, mapping))
             if extractor is not None:
                 for p, f in _plane_features(extractor, ct, classes, real_dir, case.case_id, intensity).items():
                     feats["real"][p].append(f)
@@ -278,23 +294,19 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
                 syn = read_image(path)
                 stripes[e.name].append(stripe_index(syn, ct, classes, intensity)["stripe_index"])
                 if args.totalseg:
-                    dice[e.name].append(ts_scores(folder / f"{case.case_id}.totalseg-{mode}.json", syn, classes))
+                    dice[e.name].append(ts_scores(folder / f"{case.case_id}.totalseg-{mode}.json", syn, classes,
+                                                  mapping))
                 if extractor is not None:
                     for p, f in _plane_features(extractor, syn, classes, folder, case.case_id, intensity).items():
                         feats[e.name][p].append(f)
             overall.update(done)
-
-    def organ_means(scores: list[dict[str, float]]) -> dict[str, float]:
-        with np.errstate(all="ignore"):
-            return {o: float(np.nanmean([s[o] for s in scores])) if any(not math.isnan(s[o]) for s in scores)
-                    else math.nan for o in scores[0]}
 
     results: dict[str, dict[str, Any]] = {}
     for e in entries:
         r: dict[str, Any] = {"n_volumes": len(cases), "stripe_index": float(np.nanmean(stripes[e.name]))
                              if any(math.isfinite(v) for v in stripes[e.name]) else math.nan}
         if args.totalseg and cases:
-            r["dice"] = organ_means(dice[e.name])
+            r["dice"] = dice_means(dice[e.name])
             r["dice_mean"] = mean_dice({o: r["dice"][o] for o in PAPER_ORGANS})
             if cache.class_set.name != "paper":
                 r["dice_mean_all"] = mean_dice(r["dice"])
@@ -303,7 +315,7 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
                                   for p in PLANES}
             r["fid_plane_gap"] = plane_fid_gap(r["fid_per_plane"])
         results[e.name] = r
-    return results, (organ_means(ceiling) if ceiling else None)
+    return results, (dice_means(ceiling) if ceiling else None), list(left_out)
 
 
 def write_figure(path: Path, cache: SliceCache, rows: np.ndarray, entries: list[Entry], chunk: int,
@@ -419,9 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         extractor = None if args.no_fid else InceptionFeatures(args.inception, device=device)
         sample_all(entries, cache, rows, args.batch_size, device)
         results = slice_metrics(entries, cache, rows, args.batch_size, args.out, extractor)
-        ceiling = None
+        ceiling, left_out = None, []
         if args.volumes_images is not None:
-            volume_results, ceiling = evaluate_volumes(entries, args, device, extractor, cache)
+            volume_results, ceiling, left_out = evaluate_volumes(entries, args, device, extractor, cache)
             for name, r in volume_results.items():
                 results[name].update(r)
         measured = [{"name": e.name, "kind": e.model.kind, "conditioning": e.model.conditioning,
@@ -431,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                     "preset": args.preset, "device": str(device), "library_version": __version__,
                     "inception": None if extractor is None else {"path": str(extractor.path), "sha1": extractor.sha1},
                     "totalseg": ("full" if args.totalseg_full else "fast") if args.totalseg else None}
+        if left_out:
+            settings["dice_not_expressible"] = (f"{', '.join(left_out)} (not scored: the --convention "
+                                                f"{args.convention} labels cannot hold them)")
         notes = [f"{k}: {v}" for k, v in settings.items()]
         notes.append("FID/KID from few slices are biased upward; compare only runs with the same slice count")
         for m in measured:
