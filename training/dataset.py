@@ -15,6 +15,16 @@ from CTSemanticSynthLib.labels import BACKGROUND, ClassSet, class_set
 from CTSemanticSynthLib.slice_context import context_offsets
 
 
+RESIZED_IN = "hu"
+"""How cache images are resized, recorded in cache.json: in HU, then mapped (``preprocess.hu_to_model``)."""
+
+
+def cache_resized_in(meta: dict) -> str:
+    """A cache's ``resized_in``. Caches from before resized the mapped images ("model units"): the same as in HU for a
+    window, not for a companding mapping."""
+    return meta.get("resized_in") or ("hu" if mapping_from_config(meta).is_window else "model units")
+
+
 class SliceCache:
     """The slices of one split: ``batch(indices)`` -> (images [B,1,S,S] in [-1,1], classes [B,S,S] long).
 
@@ -30,7 +40,7 @@ class SliceCache:
         if self.meta.get("classes") != list(self.class_set.classes):
             raise InputError(f"{root} was prepared for other classes; prepare it again with this version")
         self.intensity: IntensityMapping = mapping_from_config(self.meta)
-        if not self.intensity.is_window and self.meta.get("resized_in") != "hu":
+        if cache_resized_in(self.meta) != RESIZED_IN:
             raise InputError(f"{root} was prepared by an earlier version (its full-range images were resized after the "
                              "intensity mapping): prepare it again with this version")
         self.image_size = int(self.meta["image_size"])

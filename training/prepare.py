@@ -34,8 +34,11 @@ from CTSemanticSynthLib.io import atomic_folder, atomic_outputs, read_ct, read_l
 from CTSemanticSynthLib.intensity import MAPPINGS, named_mapping
 from CTSemanticSynthLib.labels import CLASS_SETS, class_set, check_convention, resolve_adapter
 from CTSemanticSynthLib.parsing import OneLineParser
-from CTSemanticSynthLib.preprocess import AxialOrientation, PlaneResize, add_body_class, body_mask_from_ct, hu_to_model
+from CTSemanticSynthLib.preprocess import (AxialOrientation, PlaneResize, add_body_class, body_mask_from_ct,
+                                          hu_to_model)
 from CTSemanticSynthLib.progress import ProgressDisplay
+
+from .dataset import RESIZED_IN, cache_resized_in
 
 logger = logging.getLogger("training.prepare")
 AMOS_MAX_CT_ID = 500
@@ -146,11 +149,6 @@ def write_manifest(out: Path, infos: list[dict], holdout_every: int) -> int:
     return rows
 
 
-RESIZED_IN = "hu"
-"""Cache images are resized in HU, then mapped (``preprocess.hu_to_model``). Caches from before resized the mapped
-images: the same for a window, not for a companding mapping, so a full-range one is refused."""
-
-
 def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers: int, holdout_every: int,
             classes: str = "paper", intensity: str = "paper_window") -> dict:
     """Prepare every case not already in the cache (in parallel); returns the cache summary."""
@@ -158,10 +156,10 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
     mapping = named_mapping(intensity)
     if previous.is_file():
         settings = json.loads(previous.read_text(encoding="utf-8"))
+        settings["resized_in"] = cache_resized_in(settings)
         settings.setdefault("class_set", "paper")  # caches from before class sets and mappings
         settings.setdefault("intensity", {"name": "paper_window"})
         settings["intensity"] = settings["intensity"]["name"]
-        settings.setdefault("resized_in", "hu" if settings["intensity"] == "paper_window" else "model units")
         for key, value in (("image_size", size), ("label_convention", convention), ("class_set", classes),
                            ("intensity", intensity), ("resized_in", RESIZED_IN)):
             if settings.get(key) != value:
@@ -189,7 +187,8 @@ def prepare(cases: list[Case], out: Path, *, size: int, convention: str, workers
             display.update(len(done) + len(failed))
     slices = write_manifest(out, done, holdout_every)
     summary = {"format": "ctsynth-slice-cache", "library_version": __version__, "image_size": size,
-               "resized_in": RESIZED_IN, "intensity": mapping.config(), "class_set": classes, "classes": list(class_set(classes).classes),
+               "resized_in": RESIZED_IN, "intensity": mapping.config(), "class_set": classes,
+               "classes": list(class_set(classes).classes),
                "label_convention": convention, "holdout_every": holdout_every, "cases": len(done),
                "slices": slices, "skipped": failed}
     write_bytes(out / "cache.json", (json.dumps(summary, indent=2) + "\n").encode(), overwrite=True)
