@@ -343,6 +343,16 @@ def test_signal_during_the_renames_waits_until_all_are_in_place(tmp_path, monkey
 RENAMES = 2 * len(OLD)  # each old output moved aside, then its new version moved in
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler during the test, as in a terminal: a shell's background job starts with SIGINT
+    ignored, and then a raised SIGINT is (rightly) ignored too."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("python_sigint")
 @pytest.mark.parametrize("at", range(RENAMES))
 @pytest.mark.parametrize("how", ["signal", "raise"])
 def test_the_commit_log_says_what_is_on_disk_after_an_interrupt_at_any_rename(tmp_path, monkeypatch, at, how):
@@ -383,6 +393,7 @@ def small_seg(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.usefixtures("python_sigint")
 @pytest.mark.parametrize("where", [*(f"rename {k}" for k in range(RENAMES)), "folder flush"])
 @pytest.mark.parametrize("how", ["signal", "raise"])
 def test_synth_interrupted_while_its_outputs_go_in_says_what_is_on_disk(capsys, monkeypatch, tmp_path, tiny_model,
