@@ -237,12 +237,12 @@ class MappingReport:
 
     adapter: str
     organs_present: tuple[str, ...]
+    expressible: tuple[int, ...]
+    """The adapter's :attr:`LabelAdapter.expressible` classes."""
     unknown: dict[int, int] = field(default_factory=dict)
     has_outline: bool = False
     body_source: str = ""
     """Where the body outline came from (set by ``synthesis.prepare_classes``)."""
-    expressible: tuple[int, ...] | None = None
-    """The adapter's :attr:`LabelAdapter.expressible` classes (None: every labelled class)."""
 
     def unknown_message(self) -> str:
         """One line naming each unknown value and its voxel count, or '' when there were none."""

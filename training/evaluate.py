@@ -258,9 +258,8 @@ def evaluate_volumes(entries: list[Entry], args: argparse.Namespace, device: tor
     def ts_scores(path: Path, ct: Volume, classes: Volume, mapping: MappingReport) -> dict[str, float]:
         """Dice of the labelled classes of the cache's set that the labels can hold, kept in ``path``; a file that
         scored other classes (an earlier version's, another set's) is scored again."""
-        labelled = cache.class_set.labelled
-        expressible = labelled if mapping.expressible is None else mapping.expressible
-        left_out.update((cache.class_set.classes[c], None) for c in labelled if c not in expressible)
+        expressible = mapping.expressible
+        left_out.update((cache.class_set.classes[c], None) for c in cache.class_set.labelled if c not in expressible)
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
             if set(saved) == {cache.class_set.classes[c] for c in expressible}:
